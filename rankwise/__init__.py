@@ -1,0 +1,14 @@
+"""rankwise: compress trained PyTorch networks by finding the low-rank structure inside them."""
+
+from rankwise.layers import ProjectedConv, ProjectedLayer, ProjectedLinear
+from rankwise.learnables import count_learnables
+from rankwise.pca import NeuronPCA, NonFiniteActivationError, ThinDataWarning
+from rankwise.projection import (LayerProjection, ProjectionInfo, compress_network_using_projection,
+                                 unpack_projected_layers)
+
+__all__ = [
+    "NeuronPCA", "compress_network_using_projection", "unpack_projected_layers",
+    "ProjectedLayer", "ProjectedLinear", "ProjectedConv", "count_learnables",
+    "ProjectionInfo", "LayerProjection", "ThinDataWarning", "NonFiniteActivationError",
+]
+__version__ = "0.1.0"

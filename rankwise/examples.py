@@ -1,0 +1,250 @@
+"""Small example networks trained on real data, for the demo, the benchmarks and the docs.
+
+Two MNIST classifiers are defined here: a convolutional network (`mnist_cnn`, about 822k
+learnables, most of them in its first fully connected layer) and a multilayer perceptron
+(`mnist_mlp`). `pretrained_mnist` trains either one once with a fixed seed and keeps its
+weights in the user's cache folder, so later calls load them in a fraction of a second.
+"""
+
+import os
+import pathlib
+import tempfile
+import time
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from rankwise.datasets import load_mnist
+
+PRETRAINED_RECIPES = {
+    "cnn": {"epochs": 2, "lr": 1e-3, "batch_size": 128, "seed": 0, "max_steps": None},
+    "mlp": {"epochs": 2, "lr": 1e-3, "batch_size": 128, "seed": 0, "max_steps": None},
+}
+"""Training settings of each pretrained network (Adam on the 60 000 MNIST training images)."""
+
+RECIPE_VERSION = 1
+"""Part of the cache file names: bump it when a recipe or an architecture changes."""
+
+
+def mnist_cnn():
+    """Build the (untrained) example convolutional network for MNIST.
+
+    Two 5x5 convolutions (16 and 32 channels, ``padding=2``), each followed by a ReLU and a
+    2x2 max-pooling, then two fully connected layers 1568 -> 512 -> 10. It has 821 706
+    learnables, 803 328 of them in the first fully connected layer.
+
+    Returns
+    -------
+    torch.nn.Sequential
+        Maps ``(N, 1, 28, 28)`` images to ``(N, 10)`` logits.
+    """
+    return nn.Sequential(
+        nn.Conv2d(1, 16, kernel_size=5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, kernel_size=5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 7 * 7, 512),
+        nn.ReLU(),
+        nn.Linear(512, 10),
+    )
+
+
+def mnist_mlp():
+    """Build the (untrained) example multilayer perceptron for MNIST.
+
+    Fully connected layers 784 -> 512 -> 256 -> 10 with ReLUs in between; 535 818 learnables.
+
+    Returns
+    -------
+    torch.nn.Sequential
+        Maps ``(N, 1, 28, 28)`` images to ``(N, 10)`` logits.
+    """
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(28 * 28, 512),
+        nn.ReLU(),
+        nn.Linear(512, 256),
+        nn.ReLU(),
+        nn.Linear(256, 10),
+    )
+
+
+EXAMPLE_MODELS = {"cnn": mnist_cnn, "mlp": mnist_mlp}
+
+
+@torch.no_grad()
+def accuracy(model, images, labels, batch_size=1000):
+    """Fraction of `images` that `model` classifies as `labels`.
+
+    The model is evaluated in eval mode, batch by batch, and put back in the mode it was in.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Classifier returning ``(N, classes)`` logits.
+    images : torch.Tensor
+        Inputs, first dimension N.
+    labels : torch.Tensor
+        ``(N,)`` integer class labels.
+    batch_size : int, default 1000
+        Images per forward pass.
+
+    Returns
+    -------
+    float
+        Accuracy in [0, 1].
+    """
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for start in range(0, len(images), batch_size):
+        logits = model(images[start:start + batch_size])
+        correct += (logits.argmax(dim=1) == labels[start:start + batch_size]).sum().item()
+    model.train(was_training)
+    return correct / len(images)
+
+
+def train_classifier(model, images, labels, epochs, lr=1e-3, batch_size=128, seed=0,
+                     max_steps=None, progress=True):
+    """Train a classifier in place with Adam on the cross-entropy loss.
+
+    Each epoch visits the images once in an order drawn from a generator seeded with
+    ``seed + epoch``, so the run is reproducible for a given initialisation.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Classifier returning ``(N, classes)`` logits; trained in place.
+    images, labels : torch.Tensor
+        Training inputs and ``(N,)`` integer labels.
+    epochs : int
+        Passes over the training set.
+    lr : float, default 1e-3
+        Adam learning rate.
+    batch_size : int, default 128
+        Images per optimisation step.
+    seed : int, default 0
+        Seed of the shuffling order.
+    max_steps : int, optional
+        Stop after this many optimisation steps (a smoke-test budget); no limit by default.
+    progress : bool, default True
+        Show a tqdm progress bar with the running loss.
+
+    Returns
+    -------
+    torch.nn.Module
+        `model`, trained, in eval mode.
+    """
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+    steps_per_epoch = -(-len(images) // batch_size)
+    total = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
+    model.train()
+    with tqdm(total=total, desc="training", unit="batch", disable=not progress) as bar:
+        for epoch in range(epochs):
+            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + epoch))
+            for batch in order.split(batch_size):
+                if bar.n >= total:
+                    break
+                loss = nn.functional.cross_entropy(model(images[batch]), labels[batch])
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+                bar.update()
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}", refresh=False)
+    return model.eval()
+
+
+def cache_dir():
+    """Folder where rankwise keeps trained example weights.
+
+    ``$RANKWISE_CACHE`` if set, else ``$XDG_CACHE_HOME/rankwise``, else ``~/.cache/rankwise``.
+    The folder is not created here.
+
+    Returns
+    -------
+    pathlib.Path
+    """
+    if os.environ.get("RANKWISE_CACHE"):
+        return pathlib.Path(os.environ["RANKWISE_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return pathlib.Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "rankwise"
+    return pathlib.Path.home() / ".cache" / "rankwise"
+
+
+def pretrained_path(name):
+    """Cache file of the pretrained example network `name` (see `pretrained_mnist`)."""
+    return cache_dir() / f"mnist_{name}_v{RECIPE_VERSION}.pt"
+
+
+def pretrained_mnist(name, verbose=True):
+    """An example MNIST network, trained once and then loaded from the cache.
+
+    The first call builds the network with ``torch.manual_seed(recipe["seed"])``, trains it
+    with `train_classifier` on the 60 000 training images using ``PRETRAINED_RECIPES[name]``
+    (2 epochs of Adam; tens of seconds on 2 CPU cores) and writes its ``state_dict`` to
+    `pretrained_path` atomically. Later calls load that file with ``weights_only=True``.
+
+    Parameters
+    ----------
+    name : {"cnn", "mlp"}
+        Which network: `mnist_cnn` or `mnist_mlp`.
+    verbose : bool, default True
+        Report training (progress bar, time, test accuracy) or loading.
+
+    Returns
+    -------
+    torch.nn.Sequential
+        The trained network on the CPU, in eval mode.
+
+    Raises
+    ------
+    ValueError
+        If `name` is not a known example network.
+    """
+    if name not in EXAMPLE_MODELS:
+        raise ValueError(f"unknown example network {name!r}; choose one of {sorted(EXAMPLE_MODELS)}")
+    path = pretrained_path(name)
+    if path.is_file():
+        model = EXAMPLE_MODELS[name]()
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        if verbose:
+            print(f"loaded pretrained MNIST {name} from {path}")
+        return model.eval()
+    with torch.random.fork_rng(devices=[]):
+        model = _train_pretrained(name, verbose)
+    _save_atomically(model.state_dict(), path)
+    return model
+
+
+def _train_pretrained(name, verbose):
+    """Build network `name` from its seeded initialisation and train it with its recipe."""
+    recipe = PRETRAINED_RECIPES[name]
+    torch.manual_seed(recipe["seed"])
+    model = EXAMPLE_MODELS[name]()
+    images, labels = load_mnist("train")
+    start = time.perf_counter()
+    train_classifier(model, images, labels, recipe["epochs"], lr=recipe["lr"],
+                     batch_size=recipe["batch_size"], seed=recipe["seed"],
+                     max_steps=recipe["max_steps"], progress=verbose)
+    if verbose:
+        seconds = time.perf_counter() - start
+        test_accuracy = accuracy(model, *load_mnist("test"))
+        print(f"trained MNIST {name} in {seconds:.1f} s: test accuracy {test_accuracy:.2%}")
+    return model
+
+
+def _save_atomically(state_dict, path):
+    """Write `state_dict` to `path` through a temporary file in the same folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save(state_dict, stream)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise

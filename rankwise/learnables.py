@@ -1,0 +1,56 @@
+"""Counting learnables: of a model, and of a layer in dense or factored form.
+
+One rank convention everywhere: ``rank_in`` is the width of the input projection
+(``None`` when the input side is not projected) and ``rank_out`` the width of the
+output projection (``None`` when the output side is not projected).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def count_learnables(model: nn.Module) -> int:
+    """Number of learnable scalars of ``model``.
+
+    Parameters that require gradients are counted once each, even when a module is
+    shared between several places of the model.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+
+    Returns
+    -------
+    int
+    """
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def dense_learnables(in_channels: int, out_channels: int, kernel_numel: int, bias: bool) -> int:
+    """Learnables of a dense layer ``W`` of shape ``(out, in, *kernel)`` and optional bias."""
+    return in_channels * kernel_numel * out_channels + (out_channels if bias else 0)
+
+
+def factored_learnables(in_channels, out_channels, kernel_numel, rank_in=None, rank_out=None):
+    """Learnables of a projected layer ``in -> rank_in -> rank_out -> out``.
+
+    The factored layer is, in order:
+
+    - an input projection ``Q^T`` (``rank_in x in``, no bias) when ``rank_in`` is given;
+    - a core with the original kernel, ``a -> c`` channels and a bias, where
+      ``a = rank_in or in`` and ``c = rank_out or out``;
+    - an output projection ``P`` (``out x rank_out``) with bias ``mu_y`` when ``rank_out``
+      is given.
+
+    So ``L = in r_in + a k c + c + out r_out + out``, the first and last two terms present
+    only with their projection. Works elementwise on numpy arrays of ranks.
+    """
+    core_in = in_channels if rank_in is None else rank_in
+    core_out = out_channels if rank_out is None else rank_out
+    total = core_in * kernel_numel * core_out + core_out
+    if rank_in is not None:
+        total = total + in_channels * rank_in
+    if rank_out is not None:
+        total = total + rank_out * out_channels + out_channels
+    return total

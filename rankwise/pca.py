@@ -1,0 +1,472 @@
+"""NeuronPCA: streaming activation statistics of a network's layers and their principal components.
+
+For every projectable layer, one calibration pass accumulates, in float64, the moments of
+its input ``x`` and output ``y`` rows (``count n``, ``sum s = sum_t x_t``, and
+``outer S = sum_t x_t x_t^T``), where a row is one channel vector: one sample of a
+``Linear`` (all leading dimensions of an ``(N, T, D)`` input pooled) or one spatial
+position of a convolution. Memory is ``O(d^2)`` per layer whatever the amount of data, and
+moments of shards of the data simply add up (``merge``).
+
+For a ``Linear`` layer only the input moments are accumulated: those of ``y = W x + b``
+follow exactly, ``s_y = W s_x + n b`` and
+``S_y = W S_x W^T + W s_x b^T + b s_x^T W^T + n b b^T``.
+
+The covariance ``C = S / n - mu mu^T`` (``mu = s / n``) is then eigen-decomposed once per
+layer and side. With thin data (``n`` not much larger than the width ``d``) the sample
+covariance is rank-deficient and a projection would delete every direction the data did
+not show, so the covariance is shrunk toward the spectrum the weights alone imply::
+
+    C_reg = (1 - alpha) C + alpha tr(C) / tr(G) G,       alpha = d / (n + d)  ("auto")
+
+with ``G = W W^T`` on the output side (``W`` matricised as ``(out, in * kernel)``) and
+``G = sum_k W_k^T W_k`` on the input side. As ``n / d`` shrinks, the principal directions
+tend to the singular vectors of ``W``: projection degrades toward data-free truncated SVD.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from rankwise.learnables import count_learnables
+from rankwise.targets import layer_kind, select_layers
+
+SIDES = ("input", "output")
+VERBOSITY_LEVELS = ("off", "summary", "steps", "iterations")
+FORMAT_VERSION = 1
+
+
+class ThinDataWarning(UserWarning):
+    """A layer saw fewer observations than its width: its statistics are regularised."""
+
+
+class NonFiniteActivationError(ValueError):
+    """A layer produced NaN or Inf activations during calibration."""
+
+
+@dataclass
+class Moments:
+    """Streaming moments of rows ``x_t`` in ``R^d``: ``count``, ``sum`` and ``outer``.
+
+    ``count = n``, ``sum = sum_t x_t`` and ``outer = sum_t x_t x_t^T``, all float64 tensors,
+    so that moments of disjoint data add up.
+    """
+
+    count: torch.Tensor
+    sum: torch.Tensor
+    outer: torch.Tensor
+
+    @classmethod
+    def zeros(cls, dim: int, device=None) -> "Moments":
+        """Moments of no data in dimension ``dim``."""
+        z = dict(dtype=torch.float64, device=device)
+        return cls(torch.zeros((), **z), torch.zeros(dim, **z), torch.zeros(dim, dim, **z))
+
+    def update(self, rows: torch.Tensor) -> None:
+        """Add the rows of a ``(m, d)`` tensor.
+
+        The ``d x d`` product ``rows^T rows`` of one batch runs in the rows' precision (at
+        least float32) for speed; it is accumulated across batches in float64.
+
+        Raises
+        ------
+        NonFiniteActivationError
+            When the rows hold NaN or Inf.
+        """
+        batch_sum = rows.sum(0, dtype=torch.float64)
+        if not torch.isfinite(batch_sum).all():
+            raise NonFiniteActivationError("NaN or Inf values")
+        compute = rows if rows.dtype in (torch.float32, torch.float64) else rows.float()
+        self.count += rows.shape[0]
+        self.sum += batch_sum
+        self.outer += (compute.T @ compute).to(torch.float64)
+
+    def __add__(self, other: "Moments") -> "Moments":
+        return Moments(self.count + other.count, self.sum + other.sum, self.outer + other.outer)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """``mu = sum / count``."""
+        return self.sum / self.count
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        """Population covariance ``outer / n - mu mu^T``, symmetrised."""
+        mu = self.mean
+        cov = self.outer / self.count - torch.outer(mu, mu)
+        return (cov + cov.T) / 2
+
+    def affine(self, weight: torch.Tensor, bias: torch.Tensor | None) -> "Moments":
+        """Exact moments of ``y_t = W x_t + b`` from the moments of ``x_t``."""
+        w = weight.to(torch.float64)
+        s, outer = w @ self.sum, w @ self.outer @ w.T
+        if bias is not None:
+            b = bias.to(torch.float64)
+            ws_b = torch.outer(w @ self.sum, b)
+            outer = outer + ws_b + ws_b.T + self.count * torch.outer(b, b)
+            s = s + self.count * b
+        return Moments(self.count.clone(), s, outer)
+
+
+@dataclass
+class LayerStatistics:
+    """What NeuronPCA knows about one layer: its shape, both sides' moments, weight Grams.
+
+    ``weight_gram_input = sum_k W_k^T W_k`` (``in x in``, summed over kernel positions) and
+    ``weight_gram_output = W W^T`` (``out x out``, ``W`` as ``(out, in * kernel)``) are the
+    data-free priors of the regularisation and let the input side be judged in the output
+    space: ``|W q|^2 = q^T weight_gram_input q``.
+    """
+
+    kind: str
+    in_channels: int
+    out_channels: int
+    kernel_numel: int
+    bias: bool
+    input: Moments
+    output: Moments
+    weight_gram_input: torch.Tensor
+    weight_gram_output: torch.Tensor
+
+    @classmethod
+    def for_layer(cls, layer: nn.Module) -> "LayerStatistics":
+        w = layer.weight.detach().to(torch.float64)
+        out_c, in_c = w.shape[:2]
+        per_position = w.reshape(out_c, in_c, -1).permute(2, 0, 1)  # (kernel, out, in)
+        return cls(layer_kind(layer), in_c, out_c, per_position.shape[0], layer.bias is not None,
+                   Moments.zeros(in_c, w.device), Moments.zeros(out_c, w.device),
+                   torch.einsum("koi,koj->ij", per_position, per_position),
+                   w.reshape(out_c, -1) @ w.reshape(out_c, -1).T)
+
+    def moments(self, side: str) -> Moments:
+        return self.input if side == "input" else self.output
+
+    def weight_gram(self, side: str) -> torch.Tensor:
+        return self.weight_gram_input if side == "input" else self.weight_gram_output
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """Principal components of one side of one layer.
+
+    Attributes
+    ----------
+    eigenvalues : torch.Tensor
+        ``(d,)`` float64, descending, of the regularised covariance.
+    eigenvectors : torch.Tensor
+        ``(d, d)`` float64, column ``j`` belongs to ``eigenvalues[j]``.
+    mean : torch.Tensor
+        ``(d,)`` float64 mean of the activations.
+    regularization : float
+        The shrinkage ``alpha`` used.
+    """
+
+    eigenvalues: torch.Tensor
+    eigenvectors: torch.Tensor
+    mean: torch.Tensor
+    regularization: float
+
+
+class NeuronPCA:
+    """Principal component analysis of the activations of every projectable layer.
+
+    PyTorch counterpart of MATLAB's ``neuronPCA``. One calibration pass over ``data`` with
+    forward hooks on every ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d``
+    (or those named in ``layer_names``) accumulates the moments of each layer's input and
+    output; the eigen-decomposition is done once, on first use. See the module docstring
+    for the mathematics.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The trained network. It runs in eval mode under ``torch.no_grad()``; its training
+        flag is restored afterwards and it is not otherwise changed.
+    data : iterable or torch.Tensor
+        Batches: a ``DataLoader``, a list of tensors, ... A tensor batch is the input; a
+        tuple or list is ``(inputs, targets...)``; a dict is passed as keyword arguments. A
+        single tensor ``data`` is one batch.
+    layer_names : str or list of str, optional
+        Qualified names of the layers to analyse; all projectable layers when ``None``.
+    verbosity : {"off", "summary", "steps", "iterations"}
+        ``"off"`` prints nothing and shows no progress bar.
+    forward_fn : callable, optional
+        ``forward_fn(model, batch)`` runs one batch, for anything the rules above miss.
+    max_batches : int, optional
+        Stop after this many batches.
+    regularization : "auto" or float
+        Shrinkage ``alpha`` in ``[0, 1]`` toward the weights' spectrum, or ``"auto"`` for
+        ``alpha = d / (n + d)`` per layer and side.
+
+    Attributes
+    ----------
+    layer_names : list of str
+        Layers analysed, in model order.
+    num_batches : int
+        Batches seen.
+    """
+
+    def __init__(self, model: nn.Module, data, layer_names=None, verbosity: str = "summary",
+                 forward_fn=None, max_batches: int | None = None, regularization="auto"):
+        check_verbosity(verbosity)
+        _check_regularization(regularization)
+        if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
+            raise ValueError(f"max_batches: expected a positive integer or None, got {max_batches!r}.")
+        layers = select_layers(model, layer_names)
+        self._init_state({name: LayerStatistics.for_layer(m) for name, m in layers.items()},
+                         count_learnables(model), regularization)
+        start = time.perf_counter()
+        self.num_batches = _calibrate(model, data, layers, self._stats, forward_fn, max_batches,
+                                      show_progress=verbosity != "off")
+        for name, layer in layers.items():
+            if self._stats[name].kind == "linear":
+                self._stats[name].output = self._stats[name].input.affine(layer.weight.detach(),
+                                                                         _detached(layer.bias))
+        self._check_observations()
+        if verbosity != "off":
+            print(f"NeuronPCA: {len(self.layer_names)} layers, {self.num_batches} batches, "
+                  f"{time.perf_counter() - start:.1f} s")
+
+    def _init_state(self, stats: dict, network_learnables: int, regularization, num_batches=0):
+        self._stats = stats
+        self.network_learnables = network_learnables
+        self._regularization = regularization
+        self.num_batches = num_batches
+        self._spectra = {}
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self._stats)
+
+    @property
+    def regularization(self):
+        """The shrinkage setting: ``"auto"`` or a float in ``[0, 1]``."""
+        return self._regularization
+
+    def statistics(self, name: str) -> LayerStatistics:
+        """Moments and weight Grams of layer ``name``."""
+        if name not in self._stats:
+            raise KeyError(f"{name!r} was not analysed. Analysed layers: {', '.join(self._stats)}.")
+        return self._stats[name]
+
+    def spectrum(self, name: str, side: str = "output") -> Spectrum:
+        """Eigenvalues (descending) and eigenvectors of the regularised covariance.
+
+        Parameters
+        ----------
+        name : str
+            An analysed layer.
+        side : {"input", "output"}
+        """
+        if side not in SIDES:
+            raise ValueError(f"side: expected 'input' or 'output', got {side!r}.")
+        key = (name, side)
+        if key not in self._spectra:
+            self._spectra[key] = _decompose(self.statistics(name), side, self._regularization)
+        return self._spectra[key]
+
+    @property
+    def learnables_reduction_range(self) -> tuple[float, float]:
+        """``(min, max)`` fraction of the network's learnables that projection can remove.
+
+        ``min`` is what goes without losing any variance, ``max`` what goes with every
+        analysed layer at its smallest useful factored form.
+        """
+        from rankwise.ranks import reduction_range  # decisions live downstream of statistics
+
+        return reduction_range(self)
+
+    def merge(self, other: "NeuronPCA") -> "NeuronPCA":
+        """Statistics of the union of both calibration sets (moments add up).
+
+        Both must cover the same layers with the same shapes.
+        """
+        if self.layer_names != other.layer_names:
+            raise ValueError("merge: both NeuronPCA must analyse the same layers, in the same order.")
+        merged = {}
+        for name, mine in self._stats.items():
+            theirs = other._stats[name]
+            if (mine.in_channels, mine.out_channels) != (theirs.in_channels, theirs.out_channels):
+                raise ValueError(f"merge: layer {name!r} has different shapes in the two NeuronPCA.")
+            merged[name] = LayerStatistics(**{**vars(mine), "input": mine.input + theirs.input,
+                                              "output": mine.output + theirs.output})
+        result = NeuronPCA.__new__(NeuronPCA)
+        result._init_state(merged, self.network_learnables, self._regularization,
+                           self.num_batches + other.num_batches)
+        return result
+
+    def save(self, path) -> None:
+        """Write the statistics to ``path`` (plain tensors; load with :meth:`load`)."""
+        layers = {name: {f.name: _plain(getattr(s, f.name)) for f in fields(s)}
+                  for name, s in self._stats.items()}
+        torch.save({"format_version": FORMAT_VERSION, "layers": layers,
+                    "network_learnables": self.network_learnables,
+                    "regularization": self._regularization, "num_batches": self.num_batches}, path)
+
+    @classmethod
+    def load(cls, path) -> "NeuronPCA":
+        """Read statistics written by :meth:`save` (no arbitrary code is unpickled)."""
+        state = torch.load(path, weights_only=True, map_location="cpu")
+        if state.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path}: not a NeuronPCA file of format version {FORMAT_VERSION}.")
+        stats = {name: LayerStatistics(**{**d, "input": Moments(**d["input"]),
+                                          "output": Moments(**d["output"])})
+                 for name, d in state["layers"].items()}
+        npca = cls.__new__(cls)
+        npca._init_state(stats, state["network_learnables"], state["regularization"],
+                         state["num_batches"])
+        return npca
+
+    def __repr__(self) -> str:
+        return f"NeuronPCA({len(self._stats)} layers, {self.num_batches} batches)"
+
+    def _check_observations(self) -> None:
+        for name, stats in self._stats.items():
+            count = int(stats.input.count)
+            if count < 2:
+                raise ValueError(f"data: layer {name!r} saw {count} observation(s); at least 2 are "
+                                 "needed for a covariance. Pass more or larger batches.")
+            width = max(stats.in_channels, stats.out_channels)
+            if count < width:
+                warnings.warn(f"layer {name!r} saw {count} observations for a width of {width}: its "
+                              "covariance is rank-deficient and is regularised toward the spectrum "
+                              "of its weights. More calibration data gives better projections.",
+                              ThinDataWarning, stacklevel=3)
+
+
+def check_verbosity(verbosity: str) -> None:
+    """Raise a clear error for a verbosity level that does not exist."""
+    if verbosity not in VERBOSITY_LEVELS:
+        raise ValueError(f"verbosity: expected one of {', '.join(map(repr, VERBOSITY_LEVELS))}, "
+                         f"got {verbosity!r}.")
+
+
+def _check_regularization(regularization) -> None:
+    if regularization == "auto":
+        return
+    if isinstance(regularization, bool) or not isinstance(regularization, int | float) \
+            or not 0.0 <= regularization <= 1.0:
+        raise ValueError(f"regularization: expected 'auto' or a float in [0, 1], got {regularization!r}.")
+
+
+def _detached(tensor):
+    return None if tensor is None else tensor.detach()
+
+
+def _plain(value):
+    return {f.name: getattr(value, f.name) for f in fields(value)} if isinstance(value, Moments) else value
+
+
+def _decompose(stats: LayerStatistics, side: str, regularization) -> Spectrum:
+    moments = stats.moments(side)
+    cov = moments.covariance
+    dim = cov.shape[0]
+    alpha = dim / (float(moments.count) + dim) if regularization == "auto" else float(regularization)
+    if alpha > 0:
+        prior = stats.weight_gram(side)
+        if float(prior.trace()) <= 0:
+            prior = torch.eye(dim, dtype=cov.dtype, device=cov.device)
+        cov = (1 - alpha) * cov + alpha * (cov.trace() / prior.trace()) * prior
+    eigenvalues, eigenvectors = torch.linalg.eigh(cov)
+    return Spectrum(eigenvalues.flip(0).clamp_min(0), eigenvectors.flip(1), moments.mean, alpha)
+
+
+# Calibration pass ---------------------------------------------------------------------------
+
+def _calibrate(model, data, layers, stats, forward_fn, max_batches, show_progress) -> int:
+    """Run the batches through ``model`` with hooks filling ``stats``; return the batch count."""
+    forward_fn = forward_fn or default_forward
+    batches = [data] if isinstance(data, torch.Tensor) else data
+    total = _length(batches)
+    if max_batches is not None:
+        total = max_batches if total is None else min(total, max_batches)
+    device = next(model.parameters()).device
+    handles = [layer.register_forward_hook(_hook(name, layer, stats[name]), with_kwargs=True)
+               for name, layer in layers.items()]
+    was_training = model.training
+    model.eval()
+    count = 0
+    try:
+        with torch.no_grad():
+            for count, batch in enumerate(tqdm(batches, total=total, desc="NeuronPCA",
+                                               disable=not show_progress), start=1):
+                _run_batch(model, move_to(batch, device), forward_fn, count - 1)
+                if max_batches is not None and count >= max_batches:
+                    break
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("data: the iterable yielded no batch. Pass a DataLoader or a list of "
+                         "tensors holding representative inputs.")
+    return count
+
+
+def default_forward(model: nn.Module, batch):
+    """Run one batch: a tensor is the input, a tuple/list starts with it, a dict is kwargs."""
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, tuple | list) and batch:
+        return model(batch[0])
+    if isinstance(batch, dict):
+        return model(**batch)
+    raise TypeError(f"a batch of type {type(batch).__name__} cannot be passed to the model; "
+                    "pass forward_fn=lambda model, batch: ... to say how.")
+
+
+def move_to(batch, device):
+    """``batch`` with every tensor in it moved to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, tuple | list):
+        return type(batch)(move_to(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _run_batch(model, batch, forward_fn, index: int) -> None:
+    try:
+        forward_fn(model, batch)
+    except NonFiniteActivationError as error:
+        raise NonFiniteActivationError(f"data: batch {index}: {error}") from None
+    except Exception as error:
+        raise ValueError(f"data: the model rejected batch {index} "
+                         f"({type(error).__name__}: {error}). Check that the batches are inputs the "
+                         "model accepts, or pass forward_fn.") from error
+
+
+def _length(data) -> int | None:
+    try:
+        return len(data)
+    except TypeError:
+        return None
+
+
+def _hook(name: str, layer: nn.Module, stats: LayerStatistics):
+    spatial_dims = layer.weight.dim() - 2
+
+    def channel_rows(t: torch.Tensor) -> torch.Tensor:
+        if stats.kind == "linear":
+            return t.reshape(-1, t.shape[-1])
+        channel_dim = 1 if t.dim() == spatial_dims + 2 else 0  # batched or unbatched
+        return t.movedim(channel_dim, -1).reshape(-1, t.shape[channel_dim])
+
+    def update(side: str, t: torch.Tensor) -> None:
+        try:
+            stats.moments(side).update(channel_rows(t.detach()))
+        except NonFiniteActivationError:
+            raise NonFiniteActivationError(f"layer {name!r} has NaN or Inf in its {side} activations; "
+                                           "check the data and the model's weights.") from None
+
+    def hook(module, args, kwargs, output):
+        update("input", args[0] if args else next(iter(kwargs.values())))
+        if stats.kind != "linear":
+            update("output", output)
+
+    return hook

@@ -1,0 +1,98 @@
+"""Which layers of a model can be projected, found by their qualified names.
+
+Layer replacement is driven by names, as in peft: ``layer_names`` lists qualified module
+names (``"features.0"``, ``"classifier"``); ``None`` means every projectable layer.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from rankwise.layers.base import ProjectedLayer
+
+PROJECTABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def layer_kind(module: nn.Module) -> str:
+    """Short name of a projectable layer type: ``"linear"``, ``"conv1d"``, ... ."""
+    return next(t.__name__.lower() for t in PROJECTABLE_TYPES if isinstance(module, t))
+
+
+def why_not_projectable(module: nn.Module) -> str | None:
+    """The reason ``module`` cannot be projected, or ``None`` when it can.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+
+    Returns
+    -------
+    str or None
+    """
+    if isinstance(module, ProjectedLayer):
+        return "it is already projected"
+    if not isinstance(module, PROJECTABLE_TYPES):
+        return (f"{type(module).__name__} layers are not supported "
+                "(supported: Linear, Conv1d, Conv2d, Conv3d)")
+    if isinstance(module.weight, nn.parameter.UninitializedParameter):
+        return "it is a lazy layer that has not been initialised yet (run one forward pass first)"
+    if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d) and module.groups != 1:
+        return (f"it is a grouped convolution (groups={module.groups}); "
+                "grouped and depthwise convolutions stay dense")
+    return None
+
+
+def projectable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every projectable layer of ``model``, by qualified name, in model order.
+
+    Layers inside an existing :class:`ProjectedLayer` are not listed.
+    """
+    inside_projected = set()
+    layers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, ProjectedLayer):
+            inside_projected.update(id(m) for m in module.modules())
+        if id(module) not in inside_projected and why_not_projectable(module) is None:
+            layers[name] = module
+    return layers
+
+
+def select_layers(model: nn.Module, layer_names=None) -> dict[str, nn.Module]:
+    """The layers named by ``layer_names`` (all projectable layers when ``None``).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    layer_names : str or iterable of str, optional
+        Qualified module names as given by ``model.named_modules()``.
+
+    Returns
+    -------
+    dict of str to torch.nn.Module
+        In model order.
+
+    Raises
+    ------
+    ValueError
+        When a name does not exist (the valid names are listed), is not projectable (the
+        reason is given), or when no layer is left to project.
+    """
+    available = projectable_layers(model)
+    if layer_names is None:
+        if not available:
+            raise ValueError("model: it has no projectable layer (Linear, Conv1d, Conv2d, Conv3d).")
+        return available
+    requested = [layer_names] if isinstance(layer_names, str) else list(layer_names)
+    if not requested:
+        raise ValueError("layer_names: the list is empty; pass None to project every layer.")
+    modules = dict(model.named_modules())
+    for name in requested:
+        if name not in modules:
+            raise ValueError(f"layer_names: {name!r} is not a layer of the model. "
+                             f"Projectable layers: {', '.join(available) or 'none'}.")
+        reason = why_not_projectable(modules[name]) if name not in available else None
+        if name not in available:
+            raise ValueError(f"layer_names: {name!r} cannot be projected: "
+                             f"{reason or 'it lies inside a projected layer'}.")
+    wanted = set(requested)
+    return {name: module for name, module in available.items() if name in wanted}
