@@ -14,13 +14,16 @@ follow exactly, ``s_y = W s_x + n b`` and
 The covariance ``C = S / n - mu mu^T`` (``mu = s / n``) is then eigen-decomposed once per
 layer and side. With thin data (``n`` not much larger than the width ``d``) the sample
 covariance is rank-deficient and a projection would delete every direction the data did
-not show, so the covariance is shrunk toward the spectrum the weights alone imply::
+not show, so both sides are shrunk toward what isotropic inputs of the same power would
+give::
 
-    C_reg = (1 - alpha) C + alpha tr(C) / tr(G) G,       alpha = d / (n + d)  ("auto")
+    C_x,reg = (1 - alpha) C_x + alpha s I,          s = tr(C_x) / d_in
+    C_y,reg = (1 - alpha) C_y + alpha s W W^T,      alpha = d / (n + d)  ("auto")
 
-with ``G = W W^T`` on the output side (``W`` matricised as ``(out, in * kernel)``) and
-``G = sum_k W_k^T W_k`` on the input side. As ``n / d`` shrinks, the principal directions
-tend to the singular vectors of ``W``: projection degrades toward data-free truncated SVD.
+with ``W`` matricised as ``(out, in * kernel)`` and ``d = max(d_in, d_out)``. For a ``Linear``
+layer ``C_y,reg = W C_x,reg W^T`` exactly, so both sides stay consistent. As ``n / d``
+shrinks, the output principal directions tend to the left singular vectors of ``W``:
+projection degrades toward data-free truncated SVD instead of collapsing.
 """
 
 from __future__ import annotations
@@ -117,10 +120,10 @@ class Moments:
 class LayerStatistics:
     """What NeuronPCA knows about one layer: its shape, both sides' moments, weight Grams.
 
-    ``weight_gram_input = sum_k W_k^T W_k`` (``in x in``, summed over kernel positions) and
-    ``weight_gram_output = W W^T`` (``out x out``, ``W`` as ``(out, in * kernel)``) are the
-    data-free priors of the regularisation and let the input side be judged in the output
-    space: ``|W q|^2 = q^T weight_gram_input q``.
+    ``weight_gram_input = sum_k W_k^T W_k`` (``in x in``, summed over kernel positions) lets
+    the input side be judged in the output space, ``|W q|^2 = q^T weight_gram_input q``;
+    ``weight_gram_output = W W^T`` (``out x out``, ``W`` as ``(out, in * kernel)``) is the
+    output covariance that isotropic unit inputs would give, the regularisation's prior.
     """
 
     kind: str
@@ -200,7 +203,7 @@ class NeuronPCA:
         Stop after this many batches.
     regularization : "auto" or float
         Shrinkage ``alpha`` in ``[0, 1]`` toward the weights' spectrum, or ``"auto"`` for
-        ``alpha = d / (n + d)`` per layer and side.
+        ``alpha = d / (n + d)`` per layer (``n`` observations, ``d`` its larger width).
 
     Attributes
     ----------
@@ -364,13 +367,13 @@ def _plain(value):
 def _decompose(stats: LayerStatistics, side: str, regularization) -> Spectrum:
     moments = stats.moments(side)
     cov = moments.covariance
-    dim = cov.shape[0]
-    alpha = dim / (float(moments.count) + dim) if regularization == "auto" else float(regularization)
+    width = max(stats.in_channels, stats.out_channels)
+    alpha = width / (float(moments.count) + width) if regularization == "auto" else float(regularization)
     if alpha > 0:
-        prior = stats.weight_gram(side)
-        if float(prior.trace()) <= 0:
-            prior = torch.eye(dim, dtype=cov.dtype, device=cov.device)
-        cov = (1 - alpha) * cov + alpha * (cov.trace() / prior.trace()) * prior
+        power = stats.input.covariance.trace() / stats.in_channels
+        prior = (torch.eye(len(cov), dtype=cov.dtype, device=cov.device) if side == "input"
+                 else stats.weight_gram_output)
+        cov = (1 - alpha) * cov + alpha * power * prior
     eigenvalues, eigenvectors = torch.linalg.eigh(cov)
     return Spectrum(eigenvalues.flip(0).clamp_min(0), eigenvectors.flip(1), moments.mean, alpha)
 

@@ -1,0 +1,73 @@
+"""Shared fixtures: a table of tiny models (as in peft's tests) and calibration data."""
+
+import pytest
+import torch
+from torch import nn
+
+
+def tiny_mlp():
+    return nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 16), nn.Tanh(), nn.Linear(16, 5))
+
+
+def tiny_cnn():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 12, 3, stride=2),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(12 * 3 * 3, 10))
+
+
+class SequenceModel(nn.Module):
+    """Linear layers applied over (N, T, D) sequences, then a Conv1d over time."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(6, 10)
+        self.mix = nn.Conv1d(10, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.embed(x))                    # (N, T, 10)
+        h = torch.relu(self.mix(h.transpose(1, 2)))      # (N, 8, T)
+        return self.head(h.transpose(1, 2))              # (N, T, 4)
+
+
+# name -> (factory, input shape of one batch)
+TINY_MODELS = {
+    "mlp": (tiny_mlp, (32, 12)),
+    "cnn": (tiny_cnn, (32, 3, 8, 8)),
+    "sequence": (SequenceModel, (8, 7, 6)),
+}
+
+
+def make_batches(shape, count=6, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=generator) for _ in range(count)]
+
+
+@pytest.fixture(params=sorted(TINY_MODELS))
+def model_and_data(request):
+    torch.manual_seed(0)
+    factory, shape = TINY_MODELS[request.param]
+    return factory().eval(), make_batches(shape)
+
+
+def low_rank_linear(in_features, out_features, rank, seed=0):
+    """A Linear layer whose weight has exactly the given rank."""
+    generator = torch.Generator().manual_seed(seed)
+    layer = nn.Linear(in_features, out_features)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(out_features, rank, generator=generator)
+                           @ torch.randn(rank, in_features, generator=generator) / rank)
+    return layer
+
+
+def state_of(model):
+    """A deep snapshot of a model: structure and every tensor of its state."""
+    return repr(model), {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_unchanged(model, snapshot):
+    structure, state = snapshot
+    assert repr(model) == structure
+    current = model.state_dict()
+    assert current.keys() == state.keys()
+    for key, value in state.items():
+        torch.testing.assert_close(current[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
