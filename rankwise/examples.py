@@ -6,6 +6,8 @@ learnables, most of them in its first fully connected layer) and a multilayer pe
 weights in the user's cache folder, so later calls load them in a fraction of a second.
 """
 
+import itertools
+import math
 import os
 import pathlib
 import tempfile
@@ -18,10 +20,11 @@ from tqdm.auto import tqdm
 from rankwise.datasets import load_mnist
 
 PRETRAINED_RECIPES = {
-    "cnn": {"epochs": 2, "lr": 1e-3, "batch_size": 128, "seed": 0, "max_steps": None},
-    "mlp": {"epochs": 2, "lr": 1e-3, "batch_size": 128, "seed": 0, "max_steps": None},
+    "cnn": {"epochs": 3, "lr": 1e-3, "batch_size": 128, "seed": 0, "max_steps": None},
+    "mlp": {"epochs": 3, "lr": 1e-3, "batch_size": 128, "seed": 0, "max_steps": None},
 }
-"""Training settings of each pretrained network (Adam on the 60 000 MNIST training images)."""
+"""Training settings of each pretrained network: Adam with a cosine learning-rate decay on the
+60 000 MNIST training images; about 30 s (CNN) and 4 s (MLP) on 2 CPU cores."""
 
 RECIPE_VERSION = 1
 """Part of the cache file names: bump it when a recipe or an architecture changes."""
@@ -109,11 +112,12 @@ def accuracy(model, images, labels, batch_size=1000):
 
 
 def train_classifier(model, images, labels, epochs, lr=1e-3, batch_size=128, seed=0,
-                     max_steps=None, progress=True):
+                     schedule="cosine", max_steps=None, progress=True):
     """Train a classifier in place with Adam on the cross-entropy loss.
 
     Each epoch visits the images once in an order drawn from a generator seeded with
-    ``seed + epoch``, so the run is reproducible for a given initialisation.
+    ``seed + epoch``, so the run is reproducible for a given initialisation. With the cosine
+    schedule the learning rate at step t of T is ``lr * (1 + cos(pi t / T)) / 2``.
 
     Parameters
     ----------
@@ -129,33 +133,47 @@ def train_classifier(model, images, labels, epochs, lr=1e-3, batch_size=128, see
         Images per optimisation step.
     seed : int, default 0
         Seed of the shuffling order.
+    schedule : {"cosine", "constant"}, default "cosine"
+        Learning-rate schedule over the whole run.
     max_steps : int, optional
         Stop after this many optimisation steps (a smoke-test budget); no limit by default.
     progress : bool, default True
-        Show a tqdm progress bar with the running loss.
+        Show a tqdm progress bar.
 
     Returns
     -------
     torch.nn.Module
         `model`, trained, in eval mode.
     """
-    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"unknown schedule {schedule!r}; use 'cosine' or 'constant'")
     steps_per_epoch = -(-len(images) // batch_size)
     total = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, _lr_factor(schedule, total))
     model.train()
-    with tqdm(total=total, desc="training", unit="batch", disable=not progress) as bar:
-        for epoch in range(epochs):
-            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + epoch))
-            for batch in order.split(batch_size):
-                if bar.n >= total:
-                    break
-                loss = nn.functional.cross_entropy(model(images[batch]), labels[batch])
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
-                bar.update()
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}", refresh=False)
+    steps = itertools.islice(_shuffled_batches(len(images), batch_size, epochs, seed), total)
+    for batch in tqdm(steps, total=total, desc="training", unit="batch", disable=not progress):
+        loss = nn.functional.cross_entropy(model(images[batch]), labels[batch])
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        scheduler.step()
     return model.eval()
+
+
+def _shuffled_batches(count, batch_size, epochs, seed):
+    """Yield the indices of every batch of every epoch, reshuffled each epoch."""
+    for epoch in range(epochs):
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(seed + epoch))
+        yield from order.split(batch_size)
+
+
+def _lr_factor(schedule, total_steps):
+    """Multiplier of the base learning rate at each step, for `torch.optim.lr_scheduler.LambdaLR`."""
+    if schedule == "constant":
+        return lambda step: 1.0
+    return lambda step: 0.5 * (1.0 + math.cos(math.pi * step / max(total_steps, 1)))
 
 
 def cache_dir():
@@ -185,7 +203,7 @@ def pretrained_mnist(name, verbose=True):
 
     The first call builds the network with ``torch.manual_seed(recipe["seed"])``, trains it
     with `train_classifier` on the 60 000 training images using ``PRETRAINED_RECIPES[name]``
-    (2 epochs of Adam; tens of seconds on 2 CPU cores) and writes its ``state_dict`` to
+    (3 epochs of Adam with a cosine decay; about 30 s for the CNN on 2 CPU cores) and writes its ``state_dict`` to
     `pretrained_path` atomically. Later calls load that file with ``weights_only=True``.
 
     Parameters
