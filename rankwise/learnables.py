@@ -38,19 +38,16 @@ def factored_learnables(in_channels, out_channels, kernel_numel, rank_in=None, r
     The factored layer is, in order:
 
     - an input projection ``Q^T`` (``rank_in x in``, no bias) when ``rank_in`` is given;
-    - a core with the original kernel, ``a -> c`` channels and a bias, where
-      ``a = rank_in or in`` and ``c = rank_out or out``;
-    - an output projection ``P`` (``out x rank_out``) with bias ``mu_y`` when ``rank_out``
-      is given.
+    - a core with the original kernel, ``a -> c`` channels, where ``a = rank_in or in`` and
+      ``c = rank_out or out``, with a bias only when there is no output projection;
+    - an output projection ``P`` (``out x rank_out``) with a bias when ``rank_out`` is given.
 
-    So ``L = in r_in + a k c + c + out r_out + out``, the first and last two terms present
-    only with their projection. Works elementwise on numpy arrays of ranks.
+    So ``L = in r_in + a k c + out (r_out + 1)`` with an output projection and
+    ``L = in r_in + a k c + c`` without, the first term present only with an input projection.
+    Works elementwise on numpy arrays of ranks.
     """
     core_in = in_channels if rank_in is None else rank_in
-    core_out = out_channels if rank_out is None else rank_out
-    total = core_in * kernel_numel * core_out + core_out
+    total = core_in * kernel_numel * (out_channels if rank_out is None else rank_out)
     if rank_in is not None:
         total = total + in_channels * rank_in
-    if rank_out is not None:
-        total = total + rank_out * out_channels + out_channels
-    return total
+    return total + (out_channels if rank_out is None else out_channels * (rank_out + 1))

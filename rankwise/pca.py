@@ -1,15 +1,18 @@
 """NeuronPCA: streaming activation statistics of a network's layers and their principal components.
 
 For every projectable layer, one calibration pass accumulates, in float64, the moments of
-its input ``x`` and output ``y`` rows (``count n``, ``sum s = sum_t x_t``, and
+its activation rows (``count n``, ``sum s = sum_t x_t``, ``square_sum = sum_t |x_t|^2`` and
 ``outer S = sum_t x_t x_t^T``), where a row is one channel vector: one sample of a
 ``Linear`` (all leading dimensions of an ``(N, T, D)`` input pooled) or one spatial
 position of a convolution. Memory is ``O(d^2)`` per layer whatever the amount of data, and
 moments of shards of the data simply add up (``merge``).
 
-For a ``Linear`` layer only the input moments are accumulated: those of ``y = W x + b``
-follow exactly, ``s_y = W s_x + n b`` and
-``S_y = W S_x W^T + W s_x b^T + b s_x^T W^T + n b b^T``.
+Convolutions get both sides' full moments. A ``Linear`` layer gets the full moments of its
+output and only ``count``, ``sum`` and ``square_sum`` of its input: for ``y = W x + b`` the
+output projection ``P P^T`` with ``P`` the top eigenvectors of ``W C_x W^T = C_y`` is the
+best rank-``r`` approximation of the layer on the data (reduced-rank regression), and input
+or both-sides projection at the same rank costs the same learnables, so they never win and
+their ``n d_in^2`` statistics are not worth computing.
 
 The covariance ``C = S / n - mu mu^T`` (``mu = s / n``) is then eigen-decomposed once per
 layer and side. With thin data (``n`` not much larger than the width ``d``) the sample
@@ -54,43 +57,54 @@ class NonFiniteActivationError(ValueError):
 
 @dataclass
 class Moments:
-    """Streaming moments of rows ``x_t`` in ``R^d``: ``count``, ``sum`` and ``outer``.
+    """Streaming moments of rows ``x_t`` in ``R^d``.
 
-    ``count = n``, ``sum = sum_t x_t`` and ``outer = sum_t x_t x_t^T``, all float64 tensors,
-    so that moments of disjoint data add up.
+    ``count = n``, ``sum = sum_t x_t``, ``square_sum = sum_t |x_t|^2`` and, unless the side
+    tracks only its power, ``outer = sum_t x_t x_t^T``; all float64 tensors, so that
+    moments of disjoint data add up.
     """
 
     count: torch.Tensor
     sum: torch.Tensor
-    outer: torch.Tensor
+    square_sum: torch.Tensor
+    outer: torch.Tensor | None
 
     @classmethod
-    def zeros(cls, dim: int, device=None) -> "Moments":
-        """Moments of no data in dimension ``dim``."""
+    def zeros(cls, dim: int, device=None, outer: bool = True) -> "Moments":
+        """Moments of no data in dimension ``dim``; ``outer=False`` tracks no ``outer``."""
         z = dict(dtype=torch.float64, device=device)
-        return cls(torch.zeros((), **z), torch.zeros(dim, **z), torch.zeros(dim, dim, **z))
+        return cls(torch.zeros((), **z), torch.zeros(dim, **z), torch.zeros((), **z),
+                   torch.zeros(dim, dim, **z) if outer else None)
 
     def update(self, rows: torch.Tensor) -> None:
         """Add the rows of a ``(m, d)`` tensor.
 
-        The ``d x d`` product ``rows^T rows`` of one batch runs in the rows' precision (at
-        least float32) for speed; it is accumulated across batches in float64.
+        The sums of one batch (its ``d x d`` product ``rows^T rows`` included) run in the
+        rows' precision (at least float32) for speed; they are accumulated across batches in
+        float64.
 
         Raises
         ------
         NonFiniteActivationError
             When the rows hold NaN or Inf.
         """
-        batch_sum = rows.sum(0, dtype=torch.float64)
+        compute = rows if rows.dtype in (torch.float32, torch.float64) else rows.float()
+        batch_sum = compute.sum(0).to(torch.float64)
         if not torch.isfinite(batch_sum).all():
             raise NonFiniteActivationError("NaN or Inf values")
-        compute = rows if rows.dtype in (torch.float32, torch.float64) else rows.float()
         self.count += rows.shape[0]
         self.sum += batch_sum
-        self.outer += (compute.T @ compute).to(torch.float64)
+        if self.outer is None:
+            self.square_sum += compute.square().sum().to(torch.float64)
+        else:
+            gram = (compute.T @ compute).to(torch.float64)
+            self.outer += gram
+            self.square_sum += gram.trace()
 
     def __add__(self, other: "Moments") -> "Moments":
-        return Moments(self.count + other.count, self.sum + other.sum, self.outer + other.outer)
+        outer = None if self.outer is None else self.outer + other.outer
+        return Moments(self.count + other.count, self.sum + other.sum,
+                       self.square_sum + other.square_sum, outer)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -98,30 +112,28 @@ class Moments:
         return self.sum / self.count
 
     @property
+    def power(self) -> torch.Tensor:
+        """Mean variance per channel, ``tr(C) / d = (square_sum / n - |mu|^2) / d``."""
+        return (self.square_sum / self.count - self.mean.square().sum()) / len(self.sum)
+
+    @property
     def covariance(self) -> torch.Tensor:
         """Population covariance ``outer / n - mu mu^T``, symmetrised."""
+        if self.outer is None:
+            raise ValueError("these moments track no outer products (the input side of a Linear "
+                             "layer): only the output side has a covariance.")
         mu = self.mean
         cov = self.outer / self.count - torch.outer(mu, mu)
         return (cov + cov.T) / 2
-
-    def affine(self, weight: torch.Tensor, bias: torch.Tensor | None) -> "Moments":
-        """Exact moments of ``y_t = W x_t + b`` from the moments of ``x_t``."""
-        w = weight.to(torch.float64)
-        s, outer = w @ self.sum, w @ self.outer @ w.T
-        if bias is not None:
-            b = bias.to(torch.float64)
-            ws_b = torch.outer(w @ self.sum, b)
-            outer = outer + ws_b + ws_b.T + self.count * torch.outer(b, b)
-            s = s + self.count * b
-        return Moments(self.count.clone(), s, outer)
 
 
 @dataclass
 class LayerStatistics:
     """What NeuronPCA knows about one layer: its shape, both sides' moments, weight Grams.
 
-    ``weight_gram_input = sum_k W_k^T W_k`` (``in x in``, summed over kernel positions) lets
-    the input side be judged in the output space, ``|W q|^2 = q^T weight_gram_input q``;
+    ``weight_gram_input = sum_k W_k^T W_k`` (``in x in``, summed over kernel positions; ``None``
+    for a ``Linear`` layer, whose input side is not analysed) lets the input side be judged in
+    the output space, ``|W q|^2 = q^T weight_gram_input q``;
     ``weight_gram_output = W W^T`` (``out x out``, ``W`` as ``(out, in * kernel)``) is the
     output covariance that isotropic unit inputs would give, the regularisation's prior.
     """
@@ -133,24 +145,23 @@ class LayerStatistics:
     bias: bool
     input: Moments
     output: Moments
-    weight_gram_input: torch.Tensor
+    weight_gram_input: torch.Tensor | None
     weight_gram_output: torch.Tensor
 
     @classmethod
     def for_layer(cls, layer: nn.Module) -> "LayerStatistics":
-        w = layer.weight.detach().to(torch.float64)
+        w = layer.weight.detach()
         out_c, in_c = w.shape[:2]
+        linear = isinstance(layer, nn.Linear)
         per_position = w.reshape(out_c, in_c, -1).permute(2, 0, 1)  # (kernel, out, in)
+        gram_input = None if linear else torch.einsum("koi,koj->ij", per_position, per_position)
+        gram_output = w.reshape(out_c, -1) @ w.reshape(out_c, -1).T
         return cls(layer_kind(layer), in_c, out_c, per_position.shape[0], layer.bias is not None,
-                   Moments.zeros(in_c, w.device), Moments.zeros(out_c, w.device),
-                   torch.einsum("koi,koj->ij", per_position, per_position),
-                   w.reshape(out_c, -1) @ w.reshape(out_c, -1).T)
+                   Moments.zeros(in_c, w.device, outer=not linear), Moments.zeros(out_c, w.device),
+                   None if linear else gram_input.to(torch.float64), gram_output.to(torch.float64))
 
     def moments(self, side: str) -> Moments:
         return self.input if side == "input" else self.output
-
-    def weight_gram(self, side: str) -> torch.Tensor:
-        return self.weight_gram_input if side == "input" else self.weight_gram_output
 
 
 @dataclass(frozen=True)
@@ -225,10 +236,6 @@ class NeuronPCA:
         start = time.perf_counter()
         self.num_batches = _calibrate(model, data, layers, self._stats, forward_fn, max_batches,
                                       show_progress=verbosity != "off")
-        for name, layer in layers.items():
-            if self._stats[name].kind == "linear":
-                self._stats[name].output = self._stats[name].input.affine(layer.weight.detach(),
-                                                                         _detached(layer.bias))
         self._check_observations()
         if verbosity != "off":
             print(f"NeuronPCA: {len(self.layer_names)} layers, {self.num_batches} batches, "
@@ -267,6 +274,9 @@ class NeuronPCA:
         """
         if side not in SIDES:
             raise ValueError(f"side: expected 'input' or 'output', got {side!r}.")
+        if self.statistics(name).moments(side).outer is None:
+            raise ValueError(f"side: layer {name!r} is a Linear layer, whose input side is not "
+                             "analysed (output projection is optimal for it); use side='output'.")
         key = (name, side)
         if key not in self._spectra:
             self._spectra[key] = _decompose(self.statistics(name), side, self._regularization)
@@ -356,10 +366,6 @@ def _check_regularization(regularization) -> None:
         raise ValueError(f"regularization: expected 'auto' or a float in [0, 1], got {regularization!r}.")
 
 
-def _detached(tensor):
-    return None if tensor is None else tensor.detach()
-
-
 def _plain(value):
     return {f.name: getattr(value, f.name) for f in fields(value)} if isinstance(value, Moments) else value
 
@@ -370,7 +376,7 @@ def _decompose(stats: LayerStatistics, side: str, regularization) -> Spectrum:
     width = max(stats.in_channels, stats.out_channels)
     alpha = width / (float(moments.count) + width) if regularization == "auto" else float(regularization)
     if alpha > 0:
-        power = stats.input.covariance.trace() / stats.in_channels
+        power = stats.input.power
         prior = (torch.eye(len(cov), dtype=cov.dtype, device=cov.device) if side == "input"
                  else stats.weight_gram_output)
         cov = (1 - alpha) * cov + alpha * power * prior
@@ -469,7 +475,6 @@ def _hook(name: str, layer: nn.Module, stats: LayerStatistics):
 
     def hook(module, args, kwargs, output):
         update("input", args[0] if args else next(iter(kwargs.values())))
-        if stats.kind != "linear":
-            update("output", output)
+        update("output", output)
 
     return hook

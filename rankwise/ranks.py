@@ -38,7 +38,8 @@ import torch
 from rankwise.learnables import dense_learnables, factored_learnables
 
 SIDE_NAMES = ("dense", "input", "output", "both")
-LOSSLESS = 1e-12          # a residual at or below this loses no variance
+LOSSLESS = 1e-6           # a residual at or below this loses no variance (float32 round-off
+                          # of the batch statistics leaves residuals of ~1e-8 at exact rank)
 MAX_BOTH_INPUT_RANKS = 256  # input ranks tried in the both-sides grid
 
 
@@ -72,9 +73,9 @@ class RankChoice:
 class LayerOptions:
     """The frontier of one layer's options (learnables ascending, residual descending).
 
-    ``input_basis`` holds the input eigenvectors ordered by output-space variance, and
-    ``output_basis`` the output eigenvectors by eigenvalue: rank ``r`` uses their first ``r``
-    columns.
+    ``input_basis`` holds the input eigenvectors ordered by output-space variance (``None``
+    where the input side was not analysed), and ``output_basis`` the output eigenvectors by
+    eigenvalue: rank ``r`` uses their first ``r`` columns.
     """
 
     name: str
@@ -83,8 +84,8 @@ class LayerOptions:
     rank_out: np.ndarray
     learnables: np.ndarray
     residual: np.ndarray
-    input_basis: torch.Tensor
-    input_mean: torch.Tensor
+    input_basis: torch.Tensor | None
+    input_mean: torch.Tensor | None
     output_basis: torch.Tensor
     output_mean: torch.Tensor
 
@@ -105,20 +106,27 @@ class LayerOptions:
 
 
 def layer_options(npca, name: str) -> LayerOptions:
-    """Enumerate and filter the options of layer ``name`` from its statistics."""
+    """Enumerate and filter the options of layer ``name`` from its statistics.
+
+    Input and both-sides options exist only where the input side was analysed (not for
+    ``Linear`` layers, where output projection is optimal; see :mod:`rankwise.pca`).
+    """
     stats = npca.statistics(name)
-    out_spec, in_spec = npca.spectrum(name, "output"), npca.spectrum(name, "input")
+    out_spec = npca.spectrum(name, "output")
     res_out = _residual_curve(out_spec.eigenvalues)
-    v = in_spec.eigenvectors
-    input_variance = in_spec.eigenvalues * torch.einsum("ij,ik,kj->j", v, stats.weight_gram_input, v)
-    order = torch.argsort(input_variance, descending=True)
-    res_in = _residual_curve(input_variance[order])
     shape = (stats.in_channels, stats.out_channels, stats.kernel_numel)
+    input_basis = input_mean = res_in = None
+    if stats.input.outer is not None:
+        in_spec = npca.spectrum(name, "input")
+        v = in_spec.eigenvectors
+        input_variance = in_spec.eigenvalues * torch.einsum("ij,ik,kj->j", v, stats.weight_gram_input, v)
+        order = torch.argsort(input_variance, descending=True)
+        res_in = _residual_curve(input_variance[order])
+        input_basis, input_mean = v[:, order], in_spec.mean
     side, rank_in, rank_out, learnables, residual = _all_options(shape, stats.bias, res_in, res_out)
     keep = _frontier(learnables, residual)
     return LayerOptions(name, side[keep], rank_in[keep], rank_out[keep], learnables[keep],
-                        residual[keep], in_spec.eigenvectors[:, order], in_spec.mean,
-                        out_spec.eigenvectors, out_spec.mean)
+                        residual[keep], input_basis, input_mean, out_spec.eigenvectors, out_spec.mean)
 
 
 def _residual_curve(variances: torch.Tensor) -> np.ndarray:
@@ -131,19 +139,19 @@ def _residual_curve(variances: torch.Tensor) -> np.ndarray:
 
 
 def _all_options(shape, bias, res_in, res_out):
+    """Arrays (side code, rank_in, rank_out, learnables, residual) of every option, dense last."""
     in_c, out_c, k = shape
     r_out = np.arange(1, out_c + 1)
-    r_in = np.arange(1, in_c + 1)
-    grid_in = np.unique(np.linspace(1, in_c, min(in_c, MAX_BOTH_INPUT_RANKS)).round().astype(int))
-    both_in, both_out = (a.ravel() for a in np.meshgrid(grid_in, r_out, indexing="ij"))
-    parts = [  # (side code, rank_in, rank_out, learnables, residual)
-        (2, 0 * r_out, r_out, factored_learnables(in_c, out_c, k, None, r_out), res_out),
-        (1, r_in, 0 * r_in, factored_learnables(in_c, out_c, k, r_in, None), res_in),
-        (3, both_in, both_out, factored_learnables(in_c, out_c, k, both_in, both_out),
-         np.minimum(res_in[both_in - 1] + res_out[both_out - 1], 1.0)),
-        (0, np.zeros(1, int), np.zeros(1, int), np.array([dense_learnables(in_c, out_c, k, bias)]),
-         np.zeros(1)),
-    ]
+    parts = [(2, 0 * r_out, r_out, factored_learnables(in_c, out_c, k, None, r_out), res_out)]
+    if res_in is not None:
+        r_in = np.arange(1, in_c + 1)
+        grid_in = np.unique(np.linspace(1, in_c, min(in_c, MAX_BOTH_INPUT_RANKS)).round().astype(int))
+        both_in, both_out = (a.ravel() for a in np.meshgrid(grid_in, r_out, indexing="ij"))
+        parts += [(1, r_in, 0 * r_in, factored_learnables(in_c, out_c, k, r_in, None), res_in),
+                  (3, both_in, both_out, factored_learnables(in_c, out_c, k, both_in, both_out),
+                   np.minimum(res_in[both_in - 1] + res_out[both_out - 1], 1.0))]
+    parts.append((0, np.zeros(1, int), np.zeros(1, int),
+                  np.array([dense_learnables(in_c, out_c, k, bias)]), np.zeros(1)))
     return tuple(np.concatenate([np.broadcast_to(np.asarray(p[i]), p[1].shape) for p in parts])
                  for i in range(5))
 

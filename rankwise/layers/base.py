@@ -6,14 +6,15 @@ A projected layer computes ``out_proj(core(in_proj(x)))``:
   directions ``Q`` of the layer's input: weight ``Q^T``, no bias;
 - ``core`` has the original layer's kernel, stride, padding and dilation;
 - ``out_proj`` (optional) maps ``rank_out`` channels back to the ``out`` output channels:
-  weight ``P`` (the principal directions of the layer's output), bias ``mu_y``.
+  weight ``P`` (the principal directions of the layer's output) and the bias.
 
 For a dense layer ``y = W x + b`` with input mean ``mu_x`` and output mean ``mu_y``:
 
-- output projection: ``y ~ mu_y + P P^T (W x + b - mu_y)``, core weight ``P^T W``, core bias
-  ``P^T (b - mu_y)``;
-- input projection: ``y ~ W Q Q^T x + b + W (I - Q Q^T) mu_x``, core weight ``W Q``;
-- both sides: core weight ``P^T W Q`` and bias ``P^T (b + W (I - Q Q^T) mu_x - mu_y)``.
+- output projection: ``y ~ mu_y + P P^T (W x + b - mu_y)``: core weight ``P^T W`` without
+  bias, output bias ``mu_y + P P^T (b - mu_y)``;
+- input projection: ``y ~ W Q Q^T x + b + W (I - Q Q^T) mu_x``: core weight ``W Q``, core bias
+  ``b + W (I - Q Q^T) mu_x``;
+- both sides: core weight ``P^T W Q``, output bias ``mu_y + P P^T (b + W (I - Q Q^T) mu_x - mu_y)``.
 
 For convolutions the products act on the channel legs of the kernel and ``W mu`` sums the
 kernel over its spatial positions (exact away from zero padding). With ``Q`` and ``P`` full
@@ -127,13 +128,13 @@ class ProjectedLayer(nn.Module):
             p = _as_basis(output_basis, out_channels, "output_basis", weight)
             mu_y = _as_vector(output_mean, out_channels, "output_mean", weight)
             core_weight = torch.tensordot(p.T, core_weight, dims=([1], [0]))
-            core_bias = p.T @ (core_bias - mu_y)
-            out_weight, out_bias = p, mu_y
+            out_weight, out_bias = p, mu_y + p @ (p.T @ (core_bias - mu_y))
+            core_bias = None
         dtype = layer.weight.dtype
         in_proj = None if in_weight is None else cls._pointwise(in_weight.to(dtype), None, layer)
         out_proj = None if out_weight is None else cls._pointwise(out_weight.to(dtype),
                                                                   out_bias.to(dtype), layer)
-        core = cls._core(layer, core_weight.to(dtype), core_bias.to(dtype))
+        core = cls._core(layer, core_weight.to(dtype), None if core_bias is None else core_bias.to(dtype))
         return cls(in_proj, core, out_proj)
 
     @classmethod
@@ -142,8 +143,8 @@ class ProjectedLayer(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def _core(cls, like: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
-        """A layer with ``like``'s hyperparameters and the given weight and bias."""
+    def _core(cls, like: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+        """A layer with ``like``'s hyperparameters and the given weight and (optional) bias."""
         raise NotImplementedError
 
 

@@ -29,7 +29,7 @@ class ProjectedConv(ProjectedLayer):
     @classmethod
     def _core(cls, like, weight, bias):
         layer = _conv_type(like)(weight.shape[1], weight.shape[0], like.kernel_size, stride=like.stride,
-                           padding=like.padding, dilation=like.dilation, bias=True,
+                           padding=like.padding, dilation=like.dilation, bias=bias is not None,
                            padding_mode=like.padding_mode, device=weight.device, dtype=weight.dtype)
         return fill(layer, weight, bias, like)
 
