@@ -23,7 +23,8 @@ give::
     C_x,reg = (1 - alpha) C_x + alpha s I,          s = tr(C_x) / d_in
     C_y,reg = (1 - alpha) C_y + alpha s W W^T,      alpha = d / (n + d)  ("auto")
 
-with ``W`` matricised as ``(out, in * kernel)`` and ``d = max(d_in, d_out)``. For a ``Linear``
+with ``W`` matricised as ``(out, in * kernel)`` and ``d`` the largest analysed width
+(``d_out`` for a ``Linear`` layer, ``max(d_in, d_out)`` for a convolution). For a ``Linear``
 layer ``C_y,reg = W C_x,reg W^T`` exactly, so both sides stay consistent. As ``n / d``
 shrinks, the output principal directions tend to the left singular vectors of ``W``:
 projection degrades toward data-free truncated SVD instead of collapsing.
@@ -160,6 +161,11 @@ class LayerStatistics:
                    Moments.zeros(in_c, w.device, outer=not linear), Moments.zeros(out_c, w.device),
                    None if linear else gram_input.to(torch.float64), gram_output.to(torch.float64))
 
+    @property
+    def width(self) -> int:
+        """Largest dimension among the analysed sides (a Linear layer's input is not analysed)."""
+        return self.out_channels if self.input.outer is None else max(self.in_channels, self.out_channels)
+
     def moments(self, side: str) -> Moments:
         return self.input if side == "input" else self.output
 
@@ -214,7 +220,7 @@ class NeuronPCA:
         Stop after this many batches.
     regularization : "auto" or float
         Shrinkage ``alpha`` in ``[0, 1]`` toward the weights' spectrum, or ``"auto"`` for
-        ``alpha = d / (n + d)`` per layer (``n`` observations, ``d`` its larger width).
+        ``alpha = d / (n + d)`` per layer (``n`` observations, ``d`` its largest analysed width).
 
     Attributes
     ----------
@@ -343,7 +349,7 @@ class NeuronPCA:
             if count < 2:
                 raise ValueError(f"data: layer {name!r} saw {count} observation(s); at least 2 are "
                                  "needed for a covariance. Pass more or larger batches.")
-            width = max(stats.in_channels, stats.out_channels)
+            width = stats.width
             if count < width:
                 warnings.warn(f"layer {name!r} saw {count} observations for a width of {width}: its "
                               "covariance is rank-deficient and is regularised toward the spectrum "
@@ -373,7 +379,7 @@ def _plain(value):
 def _decompose(stats: LayerStatistics, side: str, regularization) -> Spectrum:
     moments = stats.moments(side)
     cov = moments.covariance
-    width = max(stats.in_channels, stats.out_channels)
+    width = stats.width
     alpha = width / (float(moments.count) + width) if regularization == "auto" else float(regularization)
     if alpha > 0:
         power = stats.input.power

@@ -164,10 +164,10 @@ def test_thin_data_warns_and_regularises_toward_the_weights():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(40, 30))
     thin = [torch.randn(10, 40)]
-    with pytest.warns(rw.ThinDataWarning, match="'0' saw 10 observations for a width of 40"):
+    with pytest.warns(rw.ThinDataWarning, match="'0' saw 10 observations for a width of 30"):
         npca = rw.NeuronPCA(model, thin, verbosity="off")
     spectrum = npca.spectrum("0", "output")
-    assert math.isclose(spectrum.regularization, 40 / 50)
+    assert math.isclose(spectrum.regularization, 30 / 40)  # d_out / (n + d_out)
     assert torch.all(spectrum.eigenvalues > 0)  # full rank despite 10 observations
     raw = rw.NeuronPCA(model, thin, verbosity="off", regularization=0.0).spectrum("0", "output")
     assert int((raw.eigenvalues > 1e-5 * raw.eigenvalues[0]).sum()) <= 10
