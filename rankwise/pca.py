@@ -244,8 +244,10 @@ class NeuronPCA:
                                       show_progress=verbosity != "off")
         self._check_observations()
         if verbosity != "off":
+            low, high = self.learnables_reduction_range
             print(f"NeuronPCA: {len(self.layer_names)} layers, {self.num_batches} batches, "
-                  f"{time.perf_counter() - start:.1f} s")
+                  f"{time.perf_counter() - start:.1f} s; learnables reduction range "
+                  f"{low:.1%} to {high:.1%}")
 
     def _init_state(self, stats: dict, network_learnables: int, regularization, num_batches=0):
         self._stats = stats
