@@ -12,7 +12,9 @@ For the pretrained MNIST CNN and MLP and N = 16 batches of 256 training images:
   (spectra, rank selection and building the layers), and a second call that reuses the spectra.
 
 Each time is the median of 3 repeats after one warm-up; forward and calibration repeats are
-interleaved so that a slow spell of the machine hits both alike.
+interleaved so that a slow spell of the machine hits both alike. A second table repeats the
+forward / calibration comparison with 64 batches, to show whether the ratio is a fixed cost
+that more data amortises or a cost per batch.
 
 Run from the repository root: ``python bench/calibration_cost.py``.
 Writes ``bench/results/calibration_cost.md``.
@@ -30,6 +32,7 @@ from rankwise.datasets import load_mnist
 from rankwise.examples import pretrained_mnist
 
 NUM_BATCHES = 16
+SCALING_BATCHES = 64
 BATCH_SIZE = 256
 REPEATS = 3
 RESULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "calibration_cost.md")
@@ -124,10 +127,23 @@ def markdown(results):
     return "\n".join(lines)
 
 
+def scaling_markdown(train_images):
+    """Forward and calibration times with `SCALING_BATCHES` batches, as a markdown table."""
+    batches = list(train_images[:SCALING_BATCHES * BATCH_SIZE].split(BATCH_SIZE))
+    lines = [f"| network ({SCALING_BATCHES} batches) | plain forward | NeuronPCA calibration | ratio |",
+             "|---|---:|---:|---:|"]
+    for name in ("cnn", "mlp"):
+        forward, calibration = interleaved_medians(pretrained_mnist(name), batches)
+        lines.append(f"| MNIST {name} | {forward:.3f} s | {calibration:.3f} s "
+                     f"| {calibration / forward:.2f}x |")
+    return "\n".join(lines)
+
+
 def main():
     train_images, _ = load_mnist("train")
     batches = list(train_images[:NUM_BATCHES * BATCH_SIZE].split(BATCH_SIZE))
     results = [measure(name, batches) for name in ("cnn", "mlp")]
+    scaling = scaling_markdown(train_images)
     notes = (
         f"{NUM_BATCHES} batches of {BATCH_SIZE} MNIST training images. Median of {REPEATS} "
         "repeats after a warm-up (forward and calibration repeats interleaved). *plain forward*: "
@@ -138,7 +154,7 @@ def main():
         "explained_variance_goal=0.95)` on a fresh NeuronPCA (spectra + ranks + new layers); "
         "*later compression*: the same call once the spectra are cached."
     )
-    write_result(RESULT, "Calibration cost", notes + "\n\n" + markdown(results))
+    write_result(RESULT, "Calibration cost", notes + "\n\n" + markdown(results) + "\n\n" + scaling)
 
 
 if __name__ == "__main__":
