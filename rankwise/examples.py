@@ -203,8 +203,8 @@ def pretrained_mnist(name, verbose=True):
 
     The first call builds the network with ``torch.manual_seed(recipe["seed"])``, trains it
     with `train_classifier` on the 60 000 training images using ``PRETRAINED_RECIPES[name]``
-    (3 epochs of Adam with a cosine decay; about 30 s for the CNN on 2 CPU cores) and writes its ``state_dict`` to
-    `pretrained_path` atomically. Later calls load that file with ``weights_only=True``.
+    (3 epochs of Adam with a cosine decay; about 30 s for the CNN on 2 CPU cores) and writes
+    its ``state_dict`` to `pretrained_path` atomically. Later calls load that file with ``weights_only=True``.
 
     Parameters
     ----------
