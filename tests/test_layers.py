@@ -108,3 +108,23 @@ def test_keeps_dtype_and_trainability():
 def test_from_dense_rejects_bad_bases(kwargs, message):
     with pytest.raises(ValueError, match=message):
         rw.ProjectedLinear.from_dense(nn.Linear(10, 7), **kwargs)
+
+
+@pytest.mark.parametrize("factory, rank_in, rank_out", [
+    (lambda: nn.Linear(10, 7), None, 3),
+    (lambda: nn.Conv2d(6, 8, 3, stride=2, padding=1), 2, None),
+    (lambda: nn.Conv1d(6, 8, 3), 4, 5),
+])
+def test_spec_rebuilds_the_same_structure(factory, rank_in, rank_out):
+    layer = factory()
+    side = "both" if rank_in and rank_out else ("input" if rank_in else "output")
+    projected = project(layer, side, rank_in, rank_out)
+    cls = type(projected)
+    rebuilt = cls.from_spec(factory(), projected.spec())
+    rebuilt.load_state_dict(projected.state_dict())
+    assert repr(rebuilt) == repr(projected)
+    x = torch.randn(2, 6, 9) if isinstance(layer, nn.Conv1d) else (
+        torch.randn(2, 6, 9, 9) if isinstance(layer, nn.Conv2d) else torch.randn(3, 10))
+    assert torch.equal(rebuilt(x), projected(x))
+    with pytest.raises(ValueError, match="spec: describes a 'ProjectedLinear'"):
+        rw.ProjectedConv.from_spec(factory(), {**projected.spec(), "type": "ProjectedLinear"})

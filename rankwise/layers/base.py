@@ -85,6 +85,31 @@ class ProjectedLayer(nn.Module):
     def extra_repr(self) -> str:
         return f"side={self.side}, rank_in={self.rank_in}, rank_out={self.rank_out}"
 
+    def spec(self) -> dict:
+        """A plain description of this wrapper: its class name and ranks (JSON-friendly).
+
+        With the original dense layer, :meth:`from_spec` rebuilds a wrapper of the same
+        structure, ready for ``load_state_dict``.
+        """
+        return {"type": type(self).__name__, "rank_in": self.rank_in, "rank_out": self.rank_out}
+
+    @classmethod
+    def from_spec(cls, layer: nn.Module, spec: dict) -> "ProjectedLayer":
+        """A wrapper with the structure described by ``spec`` (see :meth:`spec`) for ``layer``.
+
+        Its weights are placeholders (the first columns of the identity as bases): load the
+        saved state dict into it.
+        """
+        if spec.get("type") != cls.__name__:
+            raise ValueError(f"spec: describes a {spec.get('type')!r}, not a {cls.__name__}.")
+        out_channels, in_channels = layer.weight.shape[:2]
+
+        def leading_columns(dim, rank):
+            return None if rank is None else torch.eye(dim, dtype=torch.float64)[:, :rank]
+
+        return cls.from_dense(layer, input_basis=leading_columns(in_channels, spec["rank_in"]),
+                              output_basis=leading_columns(out_channels, spec["rank_out"]))
+
     # Construction ---------------------------------------------------------------------------
     @classmethod
     def from_dense(cls, layer: nn.Module, input_basis=None, input_mean=None,
