@@ -1,14 +1,19 @@
 """rankwise: compress trained PyTorch networks by finding the low-rank structure inside them."""
 
+from rankwise.incremental import IncrementalHistory, compress_incrementally
 from rankwise.layers import ProjectedConv, ProjectedLayer, ProjectedLinear
 from rankwise.learnables import count_learnables
 from rankwise.pca import NeuronPCA, NonFiniteActivationError, ThinDataWarning
 from rankwise.projection import (LayerProjection, ProjectionInfo, compress_network_using_projection,
                                  unpack_projected_layers)
+from rankwise.sensitivity import Sensitivity, probe_sensitivity
+from rankwise.train import FineTuneHistory, fine_tune
 
 __all__ = [
     "NeuronPCA", "compress_network_using_projection", "unpack_projected_layers",
     "ProjectedLayer", "ProjectedLinear", "ProjectedConv", "count_learnables",
     "ProjectionInfo", "LayerProjection", "ThinDataWarning", "NonFiniteActivationError",
+    "fine_tune", "FineTuneHistory", "compress_incrementally", "IncrementalHistory",
+    "probe_sensitivity", "Sensitivity",
 ]
 __version__ = "0.1.0"

@@ -71,3 +71,36 @@ def assert_unchanged(model, snapshot):
     assert current.keys() == state.keys()
     for key, value in state.items():
         torch.testing.assert_close(current[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
+
+
+def blob_task(seed=0, classes=4, dim=16, per_class=64):
+    """A small trained classifier on Gaussian blobs, with train/val batches and an accuracy.
+
+    Returns ``(model, train_batches, val_batches, accuracy)`` where ``accuracy(model)`` is the
+    validation accuracy.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    centres = 3 * torch.randn(classes, dim, generator=generator)
+
+    def sample(count):
+        labels = torch.arange(classes).repeat_interleave(count)
+        return centres[labels] + torch.randn(len(labels), dim, generator=generator), labels
+
+    (x_train, y_train), (x_val, y_val) = sample(per_class), sample(per_class // 2)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(dim, 48), nn.ReLU(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, classes))
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        loss = nn.functional.cross_entropy(model(x_train), y_train)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    model.eval()
+    train = list(zip(x_train.split(32), y_train.split(32)))
+    val = list(zip(x_val.split(32), y_val.split(32)))
+
+    def accuracy(m):
+        with torch.no_grad():
+            return (m(x_val).argmax(1) == y_val).float().mean().item()
+
+    return model, train, val, accuracy

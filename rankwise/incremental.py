@@ -1,0 +1,268 @@
+"""Layer-by-layer compression: project one layer, fine-tune, keep it or roll it back.
+
+One-shot projection of a whole network stacks every layer's error before any training can
+absorb it. :func:`compress_incrementally` instead walks the layers (largest first by default):
+
+1. recompute the statistics of the layers not yet visited on the *current* network (their
+   inputs changed with every projected and fine-tuned layer upstream);
+2. choose the rank of the next layer: with a ``learnables_reduction_goal`` by the global
+   allocation of :mod:`rankwise.ranks` over the layers not yet visited, for what is still to
+   be removed; with an ``explained_variance_goal`` by that goal;
+3. project that layer, fine-tune the whole network (:func:`rankwise.train.fine_tune`) and
+   evaluate it with ``eval_fn`` (higher is better);
+4. keep the step if the metric is at least ``original - tolerance``; otherwise roll back to
+   the network before the step, bit for bit, and list the layer in ``skipped_layers`` as
+   poorly projectable. Later steps make up for the learnables a skipped layer did not give.
+
+It stops once a learnables goal is met.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from rankwise.learnables import count_learnables
+from rankwise.pca import NeuronPCA, check_verbosity
+from rankwise.projection import _check_goals, compress_network_using_projection
+from rankwise.ranks import allocate_learnables_reduction, layer_options
+from rankwise.tables import format_table
+from rankwise.targets import select_layers
+from rankwise.train import FineTuneHistory, fine_tune
+
+ORDERS = ("largest-first", "model-order", "reverse-model-order")
+
+
+@dataclass
+class IncrementalStep:
+    """One projected layer: what was done, what it cost, whether it was kept."""
+
+    layer: str
+    side: str
+    rank_in: int | None
+    rank_out: int | None
+    layer_learnables_before: int
+    layer_learnables_after: int
+    network_learnables: int
+    metric_before_fine_tune: float
+    metric_after_fine_tune: float
+    kept: bool
+    seconds: float
+    fine_tune: FineTuneHistory
+
+
+@dataclass
+class IncrementalHistory:
+    """Every step of :func:`compress_incrementally`, and the outcome.
+
+    ``network_learnables`` of a step is the network's size after it (after the roll-back
+    when the step was not kept).
+    """
+
+    original_metric: float
+    original_learnables: int
+    tolerance: float
+    goal: str
+    steps: list = field(default_factory=list)
+    goal_reached: bool = True
+
+    @property
+    def skipped_layers(self) -> list[str]:
+        """Layers whose projection lost more than ``tolerance``: poorly projectable."""
+        return [s.layer for s in self.steps if not s.kept]
+
+    @property
+    def projected_layers(self) -> list[str]:
+        return [s.layer for s in self.steps if s.kept]
+
+    @property
+    def final_learnables(self) -> int:
+        return self.steps[-1].network_learnables if self.steps else self.original_learnables
+
+    @property
+    def learnables_reduction(self) -> float:
+        return 1.0 - self.final_learnables / self.original_learnables
+
+    def table(self) -> str:
+        """One line per step: layer, ranks, learnables, metric before/after fine-tuning."""
+        header = ("layer", "side", "ranks", "layer learnables", "network", "metric (no FT)",
+                  "metric (FT)", "kept", "s")
+        rows = [(s.layer, s.side, f"{_dash(s.rank_in)}/{_dash(s.rank_out)}",
+                 f"{s.layer_learnables_before:,} -> {s.layer_learnables_after:,}",
+                 f"{s.network_learnables:,}", f"{s.metric_before_fine_tune:.4f}",
+                 f"{s.metric_after_fine_tune:.4f}", "yes" if s.kept else "rolled back",
+                 f"{s.seconds:.1f}") for s in self.steps]
+        return format_table(header, rows, footer=(
+            f"original metric {self.original_metric:.4f}, tolerance {self.tolerance:g}; "
+            f"{self.original_learnables:,} -> {self.final_learnables:,} learnables "
+            f"({self.learnables_reduction:.1%} removed), {self.goal}"
+            + ("" if self.goal_reached else " (not reached)")
+            + (f"; skipped: {', '.join(self.skipped_layers)}" if self.skipped_layers else "")))
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def plot(self, path=None):
+        """Metric before/after fine-tuning and network learnables after each step.
+
+        Returns the matplotlib figure; also writes it to ``path`` when given.
+        """
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, (metric_axes, size_axes) = plt.subplots(1, 2, figsize=(10, 3.5))
+        steps = range(1, len(self.steps) + 1)
+        metric_axes.axhline(self.original_metric, color="grey", ls="--", label="original")
+        metric_axes.axhline(self.original_metric - self.tolerance, color="grey", ls=":",
+                            label="original - tolerance")
+        metric_axes.plot(steps, [s.metric_before_fine_tune for s in self.steps], "o-", label="projected")
+        metric_axes.plot(steps, [s.metric_after_fine_tune for s in self.steps], "s-", label="fine-tuned")
+        metric_axes.set(xlabel="step", ylabel="metric", title="metric per step")
+        metric_axes.legend()
+        size_axes.plot([0, *steps], [self.original_learnables, *(s.network_learnables for s in self.steps)], "o-")
+        size_axes.set(xlabel="step", ylabel="learnables", title="network learnables")
+        figure.tight_layout()
+        if path is not None:
+            figure.savefig(path, dpi=100)
+        return figure
+
+
+def compress_incrementally(model: nn.Module, data, *, train_data, eval_fn,
+                           learnables_reduction_goal: float | None = None,
+                           explained_variance_goal: float | None = None, tolerance: float = 0.01,
+                           fine_tune_epochs: int = 1, order="largest-first", layer_names=None,
+                           val_data=None, teacher: nn.Module | None = None, lr: float | None = None,
+                           verbosity: str = "summary", forward_fn=None):
+    """Project layer by layer with fine-tuning in between, rolling back layers that hurt.
+
+    See the module docstring for the procedure.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The trained network; not modified.
+    data : iterable
+        Calibration batches (as for :class:`NeuronPCA`), re-run at every step.
+    train_data : iterable
+        Fine-tuning batches ``(inputs, targets)`` (inputs alone with ``teacher``).
+    eval_fn : callable
+        ``eval_fn(model) -> float``, higher is better (e.g. validation accuracy).
+    learnables_reduction_goal, explained_variance_goal : float in [0, 1], optional
+        As in :func:`compress_network_using_projection` (exclusive; default explained
+        variance 0.95).
+    tolerance : float
+        Largest drop of ``eval_fn`` below the original's that a step may cause.
+    fine_tune_epochs : int
+        Epochs of fine-tuning after each projected layer.
+    order : {"largest-first", "model-order", "reverse-model-order"} or list of str
+        The order of the layers; a list gives it explicitly.
+    layer_names : list of str, optional
+        Only these layers are candidates.
+    val_data : iterable, optional
+        Validation batches for the fine-tuning (best weights, early stop).
+    teacher : torch.nn.Module, optional
+        Fine-tune by distillation from this model (e.g. ``model`` itself).
+    lr : float, optional
+        Fine-tuning learning rate.
+    verbosity : {"off", "summary", "steps", "iterations"}
+    forward_fn : callable, optional
+        ``forward_fn(model, batch)`` for the calibration passes.
+
+    Returns
+    -------
+    model : torch.nn.Module
+        The compressed, fine-tuned network (a new object).
+    history : IncrementalHistory
+    """
+    check_verbosity(verbosity)
+    goal_name, goal = _check_goals(explained_variance_goal, learnables_reduction_goal)
+    if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or tolerance < 0:
+        raise ValueError(f"tolerance: expected a number >= 0, got {tolerance!r}.")
+    names = _ordered(model, layer_names, order)
+    network = copy.deepcopy(model).eval()
+    history = IncrementalHistory(float(eval_fn(network)), count_learnables(model), tolerance,
+                                 f"{goal_name}={goal:g}")
+    needed = math.ceil(goal * history.original_learnables - 1e-9)
+    for position, name in enumerate(names):
+        if goal_name == "learnables_reduction_goal" and \
+                history.original_learnables - count_learnables(network) >= needed:
+            break
+        step_start = time.perf_counter()
+        npca = NeuronPCA(network, data, layer_names=names[position:], verbosity="off",
+                         forward_fn=forward_fn)
+        layer_goal = (goal if goal_name == "explained_variance_goal"
+                      else _allocated_explained_variance(npca, network, names[position:], name, needed,
+                                                         history.original_learnables))
+        if layer_goal is None:
+            continue
+        candidate, info = compress_network_using_projection(
+            network, npca, explained_variance_goal=layer_goal, layer_names=[name], verbosity="off")
+        if info.layers[name].side == "dense":
+            continue
+        step = _fine_tune_step(candidate, info.layers[name], history, train_data, val_data,
+                               eval_fn, fine_tune_epochs, teacher, lr, verbosity)
+        network = candidate if step.kept else network
+        step.network_learnables = count_learnables(network)
+        step.seconds = time.perf_counter() - step_start
+        history.steps.append(step)
+        if verbosity in ("steps", "iterations"):
+            print(history.table().splitlines()[len(history.steps) + 1].rstrip())
+    if goal_name == "learnables_reduction_goal":
+        history.goal_reached = history.original_learnables - count_learnables(network) >= needed
+    if verbosity != "off":
+        print(history.table())
+    return network, history
+
+
+def _ordered(model: nn.Module, layer_names, order) -> list[str]:
+    layers = select_layers(model, layer_names)
+    if isinstance(order, list | tuple):
+        unknown = [n for n in order if n not in layers]
+        if unknown or len(set(order)) != len(order):
+            raise ValueError(f"order: give each of the layers {', '.join(layers)} at most once; "
+                             f"not candidates: {', '.join(unknown) or 'none'}.")
+        return list(order)
+    if order not in ORDERS:
+        raise ValueError(f"order: expected one of {', '.join(ORDERS)} or a list of layer names, "
+                         f"got {order!r}.")
+    names = list(layers)
+    if order == "largest-first":
+        return sorted(names, key=lambda n: -count_learnables(layers[n]))  # stable: model order on ties
+    return names if order == "model-order" else names[::-1]
+
+
+def _allocated_explained_variance(npca, network, remaining, name, needed, original_learnables):
+    """Explained variance that the global allocation over ``remaining`` gives layer ``name``.
+
+    ``None`` when the allocation keeps the layer dense.
+    """
+    current = count_learnables(network)
+    still_needed = needed - (original_learnables - current)
+    options = {n: layer_options(npca, n) for n in remaining}
+    allocation = allocate_learnables_reduction(options, still_needed / current, current)
+    index = allocation.chosen[name]
+    if index == len(options[name].learnables) - 1:
+        return None
+    return options[name].choice(index).explained_variance
+
+
+def _fine_tune_step(candidate, projection, history, train_data, val_data, eval_fn, epochs,
+                    teacher, lr, verbosity) -> IncrementalStep:
+    metric_before = float(eval_fn(candidate.eval()))
+    tuned = fine_tune(candidate, train_data, epochs=epochs, val_data=val_data, teacher=teacher,
+                      lr=lr, progress=verbosity != "off")
+    metric_after = float(eval_fn(candidate.eval()))
+    return IncrementalStep(projection.name, projection.side, projection.rank_in, projection.rank_out,
+                           projection.learnables_before, projection.learnables_after, 0,
+                           metric_before, metric_after,
+                           metric_after >= history.original_metric - history.tolerance, 0.0, tuned)
+
+
+def _dash(value) -> str:
+    return "-" if value is None else str(value)
