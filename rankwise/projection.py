@@ -153,7 +153,7 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
     layers = select_layers(model, layer_names)
     npca = npca_or_data if isinstance(npca_or_data, NeuronPCA) else NeuronPCA(
         model, npca_or_data, layer_names=list(layers), verbosity=verbosity, forward_fn=forward_fn)
-    _check_statistics(npca, layers)
+    check_statistics(npca, layers)
     options = {name: layer_options(npca, name) for name in layers}
     learnables_before = count_learnables(model)
     if goal_name == "explained_variance_goal":
@@ -208,20 +208,29 @@ def _check_goals(explained_variance_goal, learnables_reduction_goal) -> tuple[st
         raise ValueError("explained_variance_goal and learnables_reduction_goal are exclusive: "
                          "give one of them.")
     if learnables_reduction_goal is not None:
-        return "learnables_reduction_goal", _fraction(learnables_reduction_goal,
-                                                      "learnables_reduction_goal")
+        return "learnables_reduction_goal", check_fraction(learnables_reduction_goal,
+                                                           "learnables_reduction_goal")
     if explained_variance_goal is None:
         return "explained_variance_goal", DEFAULT_EXPLAINED_VARIANCE
-    return "explained_variance_goal", _fraction(explained_variance_goal, "explained_variance_goal")
+    return "explained_variance_goal", check_fraction(explained_variance_goal, "explained_variance_goal")
 
 
-def _fraction(value, argument: str) -> float:
+def check_fraction(value, argument: str) -> float:
+    """``value`` as a float, or a ValueError naming ``argument`` unless it is a number in [0, 1]."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
         raise ValueError(f"{argument}: expected a number in [0, 1], got {value!r}.")
     return float(value)
 
 
-def _check_statistics(npca: NeuronPCA, layers: dict) -> None:
+def check_statistics(npca: NeuronPCA, layers: dict) -> None:
+    """Raise a clear error unless ``npca`` holds statistics of these layers, with their shapes.
+
+    Parameters
+    ----------
+    npca : NeuronPCA
+    layers : dict of str to torch.nn.Module
+        The model's layers by qualified name.
+    """
     for name, layer in layers.items():
         if name not in npca.layer_names:
             raise ValueError(f"npca_or_data: the NeuronPCA has no statistics for layer {name!r} "

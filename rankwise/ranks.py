@@ -30,7 +30,7 @@ learnables ascending, residual strictly descending, ending at the dense layer (r
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -75,7 +75,9 @@ class LayerOptions:
 
     ``input_basis`` holds the input eigenvectors ordered by output-space variance (``None``
     where the input side was not analysed), and ``output_basis`` the output eigenvectors by
-    eigenvalue: rank ``r`` uses their first ``r`` columns.
+    eigenvalue: rank ``r`` uses their first ``r`` columns. ``side_residuals[side][r - 1]``
+    is the residual of projecting that side alone at rank ``r`` (``res_out`` / ``res_in`` of
+    the module docstring), for each analysed side.
     """
 
     name: str
@@ -88,6 +90,7 @@ class LayerOptions:
     input_mean: torch.Tensor | None
     output_basis: torch.Tensor
     output_mean: torch.Tensor
+    side_residuals: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def dense_learnables(self) -> int:
@@ -125,8 +128,10 @@ def layer_options(npca, name: str) -> LayerOptions:
         input_basis, input_mean = v[:, order], in_spec.mean
     side, rank_in, rank_out, learnables, residual = _all_options(shape, stats.bias, res_in, res_out)
     keep = _frontier(learnables, residual)
+    side_residuals = {"output": res_out} if res_in is None else {"input": res_in, "output": res_out}
     return LayerOptions(name, side[keep], rank_in[keep], rank_out[keep], learnables[keep],
-                        residual[keep], input_basis, input_mean, out_spec.eigenvectors, out_spec.mean)
+                        residual[keep], input_basis, input_mean, out_spec.eigenvectors, out_spec.mean,
+                        side_residuals)
 
 
 def _residual_curve(variances: torch.Tensor) -> np.ndarray:
@@ -245,6 +250,43 @@ def _lower_hull(x: np.ndarray, y: np.ndarray) -> list[int]:
                 break
         hull.append(i)
     return hull
+
+
+def tradeoff_curve(options: dict[str, LayerOptions], network_learnables: int):
+    """The network's trade-off between learnables removed and explained variance.
+
+    Starting from every layer dense, the hull steps of all layers are taken in the order of
+    the global allocation (least residual added per learnable saved first), so point ``k``
+    is the allocation that removes ``removed[k]`` learnables at the least total residual
+    reachable by whole hull steps. Its explained variance is the mean of the layers',
+    weighted by their dense learnables ``L_l`` (as :attr:`ProjectionInfo.explained_variance`)::
+
+        EV_k = 1 - sum_l L_l res_l(k) / sum_l L_l
+
+    Parameters
+    ----------
+    options : dict of str to LayerOptions
+        The analysed layers' frontiers (:func:`layer_options`).
+    network_learnables : int
+        Learnables of the whole network, the denominator of the reduction.
+
+    Returns
+    -------
+    learnables_reduction : numpy.ndarray
+        ``removed[k] / network_learnables``, ascending from 0 (all dense) to the maximum.
+    explained_variance : numpy.ndarray
+        ``EV_k``, descending from 1.
+    """
+    weights = {name: opts.dense_learnables for name, opts in options.items()}
+    residual = dict.fromkeys(options, 0.0)
+    removed, lost = [0], [0.0]
+    for name, saving, _, index in _hull_steps(options):
+        lost.append(lost[-1] + weights[name] * (options[name].residual[index] - residual[name]))
+        residual[name] = float(options[name].residual[index])
+        removed.append(removed[-1] + saving)
+    total_weight = max(sum(weights.values()), 1)
+    return (np.array(removed) / network_learnables,
+            np.clip(1.0 - np.array(lost) / total_weight, 0.0, 1.0))
 
 
 def reduction_range(npca) -> tuple[float, float]:
