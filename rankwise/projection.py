@@ -156,14 +156,7 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
     check_statistics(npca, layers)
     options = {name: layer_options(npca, name) for name in layers}
     learnables_before = count_learnables(model)
-    if goal_name == "explained_variance_goal":
-        chosen, goal_reached = choose_by_explained_variance(options, goal), True
-    else:
-        allocation = allocate_learnables_reduction(options, goal, learnables_before)
-        chosen, goal_reached = allocation.chosen, allocation.goal_reached
-        if verbosity == "iterations":
-            _print_allocation(allocation, options, learnables_before)
-    choices = {name: options[name].choice(index) for name, index in chosen.items()}
+    choices, goal_reached = choose_ranks(options, goal_name, goal, learnables_before, verbosity)
     replacements = {name: _project(layers[name], options[name], choice, unpack)
                     for name, choice in choices.items() if choice.side != "dense"}
     compressed = model if inplace else copy.deepcopy(model)
@@ -171,7 +164,7 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
         compressed.set_submodule(name, replacement)
     info = ProjectionInfo(f"{goal_name}={goal:g}", goal_reached, learnables_before,
                           count_learnables(compressed),
-                          {name: _describe(name, layers[name], choices[name]) for name in layers})
+                          {name: describe_choice(name, layers[name], choices[name]) for name in layers})
     _report(info, verbosity)
     return compressed, info
 
@@ -201,6 +194,36 @@ def unpack_projected_layers(model: nn.Module, inplace: bool = False) -> nn.Modul
             continue
         unpacked.set_submodule(name, unpacked.get_submodule(name).unpack())
     return unpacked
+
+
+def choose_ranks(options: dict[str, LayerOptions], goal_name: str, goal: float,
+                 network_learnables: int, verbosity: str = "off") -> tuple[dict[str, RankChoice], bool]:
+    """Each layer's option for one goal, and whether the goal was reached.
+
+    Parameters
+    ----------
+    options : dict of str to LayerOptions
+        The analysed layers' frontiers.
+    goal_name : {"explained_variance_goal", "learnables_reduction_goal"}
+    goal : float in [0, 1]
+    network_learnables : int
+        Learnables of the whole network (the reduction goal's denominator).
+    verbosity : str
+        ``"iterations"`` prints every step of the global allocation.
+
+    Returns
+    -------
+    choices : dict of str to RankChoice
+    goal_reached : bool
+    """
+    if goal_name == "explained_variance_goal":
+        chosen, goal_reached = choose_by_explained_variance(options, goal), True
+    else:
+        allocation = allocate_learnables_reduction(options, goal, network_learnables)
+        chosen, goal_reached = allocation.chosen, allocation.goal_reached
+        if verbosity == "iterations":
+            _print_allocation(allocation, options, network_learnables)
+    return {name: options[name].choice(index) for name, index in chosen.items()}, goal_reached
 
 
 def _check_goals(explained_variance_goal, learnables_reduction_goal) -> tuple[str, float]:
@@ -255,7 +278,8 @@ def _project(layer: nn.Module, options: LayerOptions, choice: RankChoice, unpack
     return projected.unpack() if unpack else projected
 
 
-def _describe(name: str, layer: nn.Module, choice: RankChoice) -> LayerProjection:
+def describe_choice(name: str, layer: nn.Module, choice: RankChoice) -> LayerProjection:
+    """What choosing ``choice`` for the dense ``layer`` called ``name`` does to it."""
     return LayerProjection(name, layer_kind(layer), choice.side, choice.rank_in, choice.rank_out,
                            count_learnables(layer),
                            count_learnables(layer) if choice.side == "dense" else choice.learnables,
