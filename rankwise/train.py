@@ -33,8 +33,11 @@ class FineTuneHistory:
     ----------
     train_loss, val_loss : list of float
         Mean loss of each epoch (``val_loss`` is empty without validation data).
+    initial_val_loss : float or None
+        Validation loss before any training.
     best_epoch : int or None
-        Index of the epoch whose weights were kept (``None`` without validation data: the
+        The epoch (counted from 1) whose weights were kept; 0 when no epoch improved on the
+        initial weights, which were then restored; ``None`` without validation data (the
         last weights are kept).
     stopped_early : bool
         True when the loop stopped before ``epochs`` because the losses diverged.
@@ -42,6 +45,7 @@ class FineTuneHistory:
 
     train_loss: list = field(default_factory=list)
     val_loss: list = field(default_factory=list)
+    initial_val_loss: float | None = None
     best_epoch: int | None = None
     stopped_early: bool = False
 
@@ -63,8 +67,9 @@ def fine_tune(model: nn.Module, train_data, *, epochs: int, loss_fn=None, lr: fl
     Parameters
     ----------
     model : torch.nn.Module
-        Trained in place; left in eval mode with the best validation weights. On any error
-        its weights are restored to what they were.
+        Trained in place; left in eval mode with the best validation weights (its initial
+        weights count: fine-tuning that only hurts is undone). On any error its weights are
+        restored to what they were.
     train_data : iterable
         Batches ``(inputs, targets)``; with ``teacher``, batches may be inputs alone.
     epochs : int
@@ -116,15 +121,19 @@ def fine_tune(model: nn.Module, train_data, *, epochs: int, loss_fn=None, lr: fl
 
 def _fine_tune_epochs(model, train_data, val_data, epochs, patience, progress, batch_loss,
                       optimiser) -> FineTuneHistory:
-    history, best_state = FineTuneHistory(), None
-    for epoch in range(epochs):
+    history, best_state, best_loss = FineTuneHistory(), None, math.inf
+    if val_data is not None:
+        history.initial_val_loss = best_loss = evaluate_loss(model, val_data, batch_loss)
+        history.best_epoch, best_state = 0, copy.deepcopy(model.state_dict())
+    for epoch in range(1, epochs + 1):
         history.train_loss.append(_train_epoch(model, train_data, batch_loss, optimiser,
-                                               f"fine-tune epoch {epoch + 1}/{epochs}", progress))
+                                               f"fine-tune epoch {epoch}/{epochs}", progress))
         if val_data is None:
             continue
         history.val_loss.append(evaluate_loss(model, val_data, batch_loss))
-        if history.best_epoch is None or history.val_loss[-1] < history.val_loss[history.best_epoch]:
-            history.best_epoch, best_state = epoch, copy.deepcopy(model.state_dict())
+        if history.val_loss[-1] < best_loss:
+            history.best_epoch, best_loss = epoch, history.val_loss[-1]
+            best_state = copy.deepcopy(model.state_dict())
         elif _diverged(history, patience):
             history.stopped_early = True
             break
@@ -181,12 +190,16 @@ def _train_epoch(model, data, batch_loss, optimiser, description, progress) -> f
 
 
 def _diverged(history: FineTuneHistory, patience: int) -> bool:
-    """No validation improvement for ``patience`` epochs while the train/val gap widened."""
-    since_best = len(history.val_loss) - 1 - history.best_epoch
+    """No validation improvement for ``patience`` epochs while the train/val gap widened.
+
+    The gap ``val - train`` is compared with its value at the best epoch (at its first epoch
+    when the initial weights are still the best).
+    """
+    since_best = len(history.val_loss) - history.best_epoch
     if since_best < patience:
         return False
     gaps = [v - t for t, v in zip(history.train_loss, history.val_loss)]
-    return gaps[-1] > gaps[history.best_epoch]
+    return gaps[-1] > gaps[max(history.best_epoch, 1) - 1]
 
 
 def _check_fine_tune_arguments(epochs, lr, patience, teacher, loss_fn) -> None:

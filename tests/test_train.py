@@ -26,8 +26,8 @@ def test_best_validation_weights_are_restored():
     torch.manual_seed(1)
     student = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
     history = rw.fine_tune(student, train, epochs=5, lr=5e-2, val_data=val, patience=5, progress=False)
-    best = min(history.val_loss)
-    assert history.val_loss[history.best_epoch] == best
+    best = min([history.initial_val_loss, *history.val_loss])
+    assert history.best_epoch >= 1 and history.val_loss[history.best_epoch - 1] == best
     batch_loss = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])  # noqa: E731
     assert rw.train.evaluate_loss(student, val, batch_loss) == pytest.approx(best, rel=1e-6)
 
@@ -42,7 +42,18 @@ def test_stops_early_when_validation_loss_diverges_from_training_loss():
     assert history.stopped_early
     assert len(history.train_loss) < 60
     gaps = [v - t for t, v in zip(history.train_loss, history.val_loss)]
-    assert gaps[-1] > gaps[history.best_epoch]
+    assert gaps[-1] > gaps[max(history.best_epoch, 1) - 1]
+
+
+def test_initial_weights_are_kept_when_fine_tuning_only_hurts():
+    model, train, val, _ = blob_task()
+    snapshot = state_of(model)
+    noisy = [(x, torch.randint(0, 4, (len(x),), generator=torch.Generator().manual_seed(i)))
+             for i, (x, _) in enumerate(train)]
+    history = rw.fine_tune(model, noisy, epochs=3, lr=1e-2, val_data=val, progress=False)
+    assert history.best_epoch == 0
+    assert all(v > history.initial_val_loss for v in history.val_loss)
+    assert_unchanged(model, snapshot)
 
 
 def test_distillation_needs_no_labels_and_approaches_the_teacher():
