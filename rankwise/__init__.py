@@ -1,5 +1,6 @@
 """rankwise: compress trained PyTorch networks by finding the low-rank structure inside them."""
 
+from rankwise.decompose import LayerTruncation, TruncatedConv, TruncationInfo, truncate_kernels
 from rankwise.incremental import IncrementalHistory, compress_incrementally
 from rankwise.layers import ProjectedConv, ProjectedLayer, ProjectedLinear
 from rankwise.learnables import count_learnables
@@ -15,5 +16,6 @@ __all__ = [
     "ProjectionInfo", "LayerProjection", "ThinDataWarning", "NonFiniteActivationError",
     "fine_tune", "FineTuneHistory", "compress_incrementally", "IncrementalHistory",
     "probe_sensitivity", "Sensitivity",
+    "truncate_kernels", "TruncationInfo", "LayerTruncation", "TruncatedConv",
 ]
 __version__ = "0.1.0"
