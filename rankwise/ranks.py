@@ -195,9 +195,9 @@ def allocate_learnables_reduction(options: dict[str, LayerOptions], goal: float,
     needed = math.ceil(goal * network_learnables - 1e-9)
     chosen = {name: len(opts.learnables) - 1 for name, opts in options.items()}  # all dense
     removed, steps = 0, []
-    for name, saving, slope, index in _hull_steps(options):
-        if removed >= needed and slope > LOSSLESS:
-            break
+    for name, saving, _, index in _hull_steps(options):
+        if removed >= needed and options[name].residual[index] > LOSSLESS:
+            break  # past the goal, only steps to options that lose no variance are taken
         removed += saving
         chosen[name] = index
         steps.append((name, removed, index))

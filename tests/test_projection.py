@@ -214,3 +214,14 @@ def test_default_goal_is_explained_variance_095():
     model, data = tiny_mlp(), make_batches((32, 12))
     _, info = rw.compress_network_using_projection(model, data, verbosity="off")
     assert info.goal == "explained_variance_goal=0.95"
+
+
+def test_a_goal_below_what_is_lossless_removes_about_the_goal():
+    """Past the goal, only lossless steps are taken: a lossy layer is not squeezed further."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64))
+    npca = rw.NeuronPCA(model, make_batches((512, 64)), verbosity="off")
+    assert npca.learnables_reduction_range[0] < 0.01
+    _, info = rw.compress_network_using_projection(model, npca, learnables_reduction_goal=0.3,
+                                                   verbosity="off")
+    assert 0.3 <= info.learnables_reduction < 0.33
