@@ -7,6 +7,7 @@ from rankwise.learnables import count_learnables
 from rankwise.pca import NeuronPCA, NonFiniteActivationError, ThinDataWarning
 from rankwise.projection import (LayerProjection, ProjectionInfo, compress_network_using_projection,
                                  unpack_projected_layers)
+from rankwise.report import AnalysisReport, LayerReport, analyze
 from rankwise.sensitivity import Sensitivity, probe_sensitivity
 from rankwise.train import FineTuneHistory, fine_tune
 
@@ -16,6 +17,7 @@ __all__ = [
     "ProjectionInfo", "LayerProjection", "ThinDataWarning", "NonFiniteActivationError",
     "fine_tune", "FineTuneHistory", "compress_incrementally", "IncrementalHistory",
     "probe_sensitivity", "Sensitivity",
+    "analyze", "AnalysisReport", "LayerReport",
     "truncate_kernels", "TruncationInfo", "LayerTruncation", "TruncatedConv",
 ]
 __version__ = "0.1.0"

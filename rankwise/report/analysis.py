@@ -1,0 +1,281 @@
+"""analyze: how far each layer of a network can be compressed by projection, and why not.
+
+Counterpart of MATLAB's *Analyze for Compression*. From one :class:`~rankwise.NeuronPCA`,
+without recomputing its statistics, the report gathers:
+
+- per layer: its type and learnables, whether it can be projected (and why not), the
+  learnables of its smallest and of its lossless factored forms, and for each analysed side
+  the explained variance of projecting that side alone at rank ``r``,
+  ``EV_side(r) = 1 - res_side(r)`` (see :mod:`rankwise.ranks`), with the eigenvalues behind it;
+- per goal: what :func:`~rankwise.compress_network_using_projection` would do, as the
+  :class:`~rankwise.ProjectionInfo` it would return (side, ranks, learnables and explained
+  variance of every layer), without building the compressed model;
+- for the network: the trade-off curve of learnables removed against explained variance
+  (:func:`rankwise.ranks.tradeoff_curve`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from torch import nn
+
+from rankwise.layers import ProjectedLayer
+from rankwise.learnables import count_learnables
+from rankwise.pca import NeuronPCA, check_verbosity
+from rankwise.projection import (ProjectionInfo, check_fraction, check_statistics, choose_ranks,
+                                 describe_choice)
+from rankwise.ranks import LayerOptions, layer_options, tradeoff_curve
+from rankwise.targets import select_layers, why_not_projectable
+
+DEFAULT_EXPLAINED_VARIANCE_GOALS = (0.9, 0.95, 0.99)
+DEFAULT_LEARNABLES_REDUCTION_GOALS = (0.5, 0.8, 0.9)
+
+
+@dataclass(frozen=True)
+class SideSpectrum:
+    """One analysed side (``"input"`` or ``"output"``) of one layer.
+
+    Attributes
+    ----------
+    eigenvalues : numpy.ndarray
+        Eigenvalues of the side's regularised covariance, descending.
+    explained_variance : numpy.ndarray
+        ``explained_variance[r - 1]``: fraction of the layer's *output* variance kept when
+        only this side is projected, at rank ``r`` (input directions ranked by the output
+        variance they carry, ``lambda_j |W q_j|^2``).
+    """
+
+    eigenvalues: np.ndarray
+    explained_variance: np.ndarray
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """What the analysis says about one layer.
+
+    Attributes
+    ----------
+    name : str
+        Qualified module name.
+    type : str
+        Class name of the module (``"Linear"``, ``"Conv2d"``, ``"BatchNorm2d"``, ...).
+    learnables : int
+        Learnables the module holds itself (a projected wrapper: all of its parts).
+    projectable : bool
+        Whether projection can replace this module.
+    reason : str or None
+        Why it cannot be projected, or why a projectable layer was not analysed.
+    min_learnables, lossless_learnables : int or None
+        Learnables of its smallest factored form, and of its smallest form that loses no
+        variance (the dense layer when none is smaller); ``None`` when not analysed.
+    sides : dict of str to SideSpectrum
+        The analysed sides (a ``Linear`` layer: the output only).
+    """
+
+    name: str
+    type: str
+    learnables: int
+    projectable: bool
+    reason: str | None
+    min_learnables: int | None = None
+    lossless_learnables: int | None = None
+    sides: dict | None = None
+
+    @property
+    def analysed(self) -> bool:
+        return self.min_learnables is not None
+
+    @property
+    def max_reduction(self) -> float | None:
+        """Largest fraction of the layer's learnables that projection removes."""
+        return None if not self.analysed else 1.0 - self.min_learnables / self.learnables
+
+    @property
+    def lossless_reduction(self) -> float | None:
+        """Fraction of the layer's learnables that goes without losing any variance."""
+        return None if not self.analysed else 1.0 - self.lossless_learnables / self.learnables
+
+
+@dataclass(frozen=True)
+class AnalysisReport:
+    """Outcome of :func:`analyze`.
+
+    Attributes
+    ----------
+    network_learnables : int
+    layers : dict of str to LayerReport
+        Every module that holds learnables or could be projected, in model order.
+    goals : dict of str to ProjectionInfo
+        What each goal would give, keyed like ``"explained_variance_goal=0.95"``.
+    tradeoff_reduction, tradeoff_explained_variance : numpy.ndarray
+        The network's trade-off curve: fraction of the learnables removed (ascending) and
+        learnables-weighted explained variance of the analysed layers (descending).
+    """
+
+    network_learnables: int
+    layers: dict
+    goals: dict
+    tradeoff_reduction: np.ndarray
+    tradeoff_explained_variance: np.ndarray
+
+    @property
+    def analysed_layers(self) -> list[str]:
+        return [name for name, layer in self.layers.items() if layer.analysed]
+
+    @property
+    def learnables_reduction_range(self) -> tuple[float, float]:
+        """``(lossless, maximum)`` fractions of the network's learnables projection removes."""
+        analysed = [self.layers[name] for name in self.analysed_layers]
+        lossless = sum(layer.learnables - layer.lossless_learnables for layer in analysed)
+        maximum = sum(layer.learnables - layer.min_learnables for layer in analysed)
+        return lossless / self.network_learnables, maximum / self.network_learnables
+
+    def table(self) -> str:
+        """Terminal tables: the goals' outcomes, then every layer (see :mod:`.table`)."""
+        from rankwise.report.table import report_table
+
+        return report_table(self)
+
+    def to_dict(self) -> dict:
+        """A JSON-friendly description (see :mod:`.serialize` for the fields)."""
+        from rankwise.report.serialize import report_to_dict
+
+        return report_to_dict(self)
+
+    def to_json(self, path) -> None:
+        """Write :meth:`to_dict` to ``path`` as JSON."""
+        from rankwise.report.serialize import write_json
+
+        write_json(self, path)
+
+    def to_html(self, path, title: str = "rankwise analysis") -> None:
+        """Write one self-contained HTML page: tables and plots (needs matplotlib)."""
+        from rankwise.report.html import write_html
+
+        write_html({title: self}, path)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def analyze(model: nn.Module, npca_or_data, *, layer_names=None,
+            explained_variance_goals=DEFAULT_EXPLAINED_VARIANCE_GOALS,
+            learnables_reduction_goals=DEFAULT_LEARNABLES_REDUCTION_GOALS,
+            verbosity: str = "summary", forward_fn=None) -> AnalysisReport:
+    """Analyse how far each layer of ``model`` can be compressed by projection.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The trained network. It is not modified.
+    npca_or_data : NeuronPCA or iterable
+        Statistics computed by :class:`NeuronPCA` (used as they are), or calibration batches
+        to compute them.
+    layer_names : str or list of str, optional
+        Analyse only these layers. By default every projectable layer (with a NeuronPCA:
+        every projectable layer it holds statistics of).
+    explained_variance_goals, learnables_reduction_goals : sequence of float in [0, 1]
+        Goals whose outcome the report gives, as
+        :func:`~rankwise.compress_network_using_projection` would reach them.
+    verbosity : {"off", "summary", "steps", "iterations"}
+        ``"off"`` prints nothing; otherwise the report's table is printed.
+    forward_fn : callable, optional
+        ``forward_fn(model, batch)``, used when data is given (see :class:`NeuronPCA`).
+
+    Returns
+    -------
+    AnalysisReport
+    """
+    check_verbosity(verbosity)
+    goals = _check_goals(explained_variance_goals, "explained_variance_goals") \
+        + _check_goals(learnables_reduction_goals, "learnables_reduction_goals")
+    selected = select_layers(model, layer_names)
+    npca, analysed = _statistics(model, npca_or_data, selected, layer_names is None,
+                                 verbosity, forward_fn)
+    options = {name: layer_options(npca, name) for name in analysed}
+    network_learnables = count_learnables(model)
+    reduction, explained = tradeoff_curve(options, network_learnables)
+    report = AnalysisReport(
+        network_learnables,
+        {name: _layer_report(name, module, selected, options.get(name), npca)
+         for name, module in _listed_modules(model)},
+        {f"{goal_name}={goal:g}": _goal_outcome(goal_name, goal, analysed, options, network_learnables)
+         for goal_name, goal in goals},
+        reduction, explained)
+    if verbosity != "off":
+        print(report.table())
+    return report
+
+
+def _check_goals(goals, argument: str) -> list[tuple[str, float]]:
+    """``[(goal name, goal)]`` from a sequence of fractions, or an error naming ``argument``."""
+    if isinstance(goals, str) or not hasattr(goals, "__iter__"):
+        raise ValueError(f"{argument}: expected a sequence of numbers in [0, 1] (e.g. (0.9, 0.95)), "
+                         f"got {goals!r}.")
+    goal_name = argument.removesuffix("s")
+    return [(goal_name, check_fraction(goal, argument)) for goal in goals]
+
+
+def _statistics(model, npca_or_data, selected: dict, all_layers: bool, verbosity, forward_fn):
+    """The NeuronPCA to use and the layers to analyse with it."""
+    if not isinstance(npca_or_data, NeuronPCA):
+        npca = NeuronPCA(model, npca_or_data, layer_names=list(selected), verbosity=verbosity,
+                         forward_fn=forward_fn)
+        return npca, selected
+    npca = npca_or_data
+    analysed = ({name: m for name, m in selected.items() if name in npca.layer_names} if all_layers
+                else selected)
+    if not analysed:
+        raise ValueError(f"npca_or_data: the NeuronPCA holds statistics of none of the model's "
+                         f"projectable layers ({', '.join(selected)}); it was computed on another "
+                         "model. Compute it on this one.")
+    check_statistics(npca, analysed)
+    return npca, analysed
+
+
+def _listed_modules(model: nn.Module):
+    """``(name, module)`` of every projected wrapper, projectable layer or module holding
+    learnables itself, in model order; the parts of a projected wrapper are not listed."""
+    inside_projected = set()
+    for name, module in model.named_modules():
+        if id(module) in inside_projected:
+            continue
+        if isinstance(module, ProjectedLayer):
+            inside_projected.update(id(m) for m in module.modules())
+            yield name, module
+        elif why_not_projectable(module) is None or _own_learnables(module):
+            yield name, module
+
+
+def _own_learnables(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters(recurse=False) if p.requires_grad)
+
+
+def _layer_report(name: str, module: nn.Module, selected: dict, options: LayerOptions | None,
+                  npca: NeuronPCA) -> LayerReport:
+    learnables = (count_learnables(module) if isinstance(module, ProjectedLayer)
+                  else _own_learnables(module))
+    if options is None:
+        reason = why_not_projectable(module)
+        if reason is not None:
+            return LayerReport(name, type(module).__name__, learnables, False, reason)
+        reason = ("not selected by layer_names" if name not in selected
+                  else "the NeuronPCA holds no statistics of it")
+        return LayerReport(name, type(module).__name__, learnables, True, reason)
+    sides = {side: SideSpectrum(npca.spectrum(name, side).eigenvalues.cpu().numpy(), 1.0 - residual)
+             for side, residual in options.side_residuals.items()}
+    return LayerReport(name, type(module).__name__, learnables, True, None,
+                       int(options.learnables[0]),
+                       int(options.learnables[options.cheapest_within(0.0)]), sides)
+
+
+def _goal_outcome(goal_name: str, goal: float, layers: dict, options: dict,
+                  network_learnables: int) -> ProjectionInfo:
+    """The :class:`ProjectionInfo` that compressing with this goal would return."""
+    choices, goal_reached = choose_ranks(options, goal_name, goal, network_learnables)
+    projections = {name: describe_choice(name, layers[name], choices[name]) for name in layers}
+    removed = sum(p.learnables_before - p.learnables_after for p in projections.values())
+    return ProjectionInfo(f"{goal_name}={goal:g}", goal_reached, network_learnables,
+                          network_learnables - removed, projections)

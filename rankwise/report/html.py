@@ -1,0 +1,64 @@
+"""The analysis as one self-contained HTML page: tables and plots, no external resource.
+
+Each plot is a PNG embedded as ``data:image/png;base64``; the page needs no script, no
+stylesheet and no network. Several reports (one per model) can share a page.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+
+from rankwise.report.plots import learnables_png, spectrum_png, tradeoff_png
+from rankwise.report.table import goal_rows, layer_rows, split_goal, summary_line
+
+STYLE = """
+body { font-family: sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
+th { background: #f0f0f0; }
+img.plot { display: block; margin: 1em 0; max-width: 100%; }
+"""
+
+
+def write_html(reports: dict, path) -> None:
+    """Write :func:`render_html` of ``reports`` (title -> AnalysisReport) to ``path``."""
+    page = render_html(reports)
+    with open(path, "w", encoding="utf-8") as stream:
+        stream.write(page)
+
+
+def render_html(reports: dict) -> str:
+    """The page: for each report, its goals and layers tables, trade-off, learnables and spectra."""
+    title = " / ".join(reports)
+    sections = "\n".join(_section(name, report) for name, report in reports.items())
+    return (f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>{html.escape(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
+            f"{sections}\n</body>\n</html>\n")
+
+
+def _section(name: str, report) -> str:
+    ev_goals = [value for name, value in map(split_goal, report.goals) if name == "explained_variance_goal"]
+    spectra = "\n".join(
+        f"<h3>{html.escape(layer.name)} ({html.escape(layer.type)})</h3>\n"
+        + _image(spectrum_png(layer, ev_goals), f"spectrum of {layer.name}", "spectrum")
+        for layer in report.layers.values() if layer.analysed)
+    goals = _table(*goal_rows(report), "goals") if report.goals else ""
+    return (f"<section>\n<h1>{html.escape(name)}</h1>\n<p>{html.escape(summary_line(report))}</p>\n"
+            f"<h2>Goals</h2>\n{goals}\n<h2>Layers</h2>\n{_table(*layer_rows(report), 'layers')}\n"
+            f"<h2>Trade-off</h2>\n{_image(tradeoff_png(report), 'network trade-off curve', 'tradeoff')}\n"
+            f"{_image(learnables_png(report), 'learnables per layer', 'learnables')}\n"
+            f"<h2>Spectra</h2>\n{spectra}\n</section>")
+
+
+def _table(header, rows, css_class: str) -> str:
+    head = "".join(f"<th>{html.escape(cell)}</th>" for cell in header)
+    body = "\n".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>"
+                     for row in rows)
+    return f"<table class=\"{css_class}\">\n<tr>{head}</tr>\n{body}\n</table>"
+
+
+def _image(png: bytes, alt: str, kind: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return (f"<img class=\"plot {kind}\" alt=\"{html.escape(alt)}\" "
+            f"src=\"data:image/png;base64,{data}\">")
