@@ -2,6 +2,7 @@
 
 from rankwise.decompose import LayerTruncation, TruncatedConv, TruncationInfo, truncate_kernels
 from rankwise.incremental import IncrementalHistory, compress_incrementally
+from rankwise.io import load, save
 from rankwise.layers import ProjectedConv, ProjectedLayer, ProjectedLinear
 from rankwise.learnables import count_learnables
 from rankwise.pca import NeuronPCA, NonFiniteActivationError, ThinDataWarning
@@ -17,7 +18,7 @@ __all__ = [
     "ProjectionInfo", "LayerProjection", "ThinDataWarning", "NonFiniteActivationError",
     "fine_tune", "FineTuneHistory", "compress_incrementally", "IncrementalHistory",
     "probe_sensitivity", "Sensitivity",
-    "analyze", "AnalysisReport", "LayerReport",
+    "analyze", "AnalysisReport", "LayerReport", "save", "load",
     "truncate_kernels", "TruncationInfo", "LayerTruncation", "TruncatedConv",
 ]
 __version__ = "0.1.0"

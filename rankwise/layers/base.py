@@ -78,9 +78,14 @@ class ProjectedLayer(nn.Module):
     def unpack(self) -> nn.Sequential:
         """The same computation as a ``torch.nn.Sequential`` of plain torch layers.
 
-        The returned layers share their parameters with this wrapper.
+        The returned layers share their parameters with this wrapper. The ``nn.Sequential``
+        carries this wrapper's :meth:`spec` as its attribute ``rankwise_spec`` (a plain dict),
+        so that :func:`rankwise.save` can describe it; a subclass that overrides ``unpack``
+        sets it too.
         """
-        return nn.Sequential(*(m for m in (self.in_proj, self.core, self.out_proj) if m is not None))
+        unpacked = nn.Sequential(*(m for m in (self.in_proj, self.core, self.out_proj) if m is not None))
+        unpacked.rankwise_spec = self.spec()
+        return unpacked
 
     def extra_repr(self) -> str:
         return f"side={self.side}, rank_in={self.rank_in}, rank_out={self.rank_out}"

@@ -1,0 +1,300 @@
+"""save and load: compressed models as safetensors weights plus a plain JSON spec.
+
+A file written by :func:`save` is one safetensors file:
+
+- its tensors are the model's ``state_dict``; a tensor that an earlier key already holds
+  (tied weights) is stored once and named in the spec's ``aliases``;
+- its metadata ``"rankwise"`` is the *spec*, plain JSON saying what was replaced by what::
+
+      {"format": "rankwise-model", "format_version": 1, "rankwise_version": "0.1.0",
+       "learnables": 81290,
+       "layers": {"7": {"type": "ProjectedLinear", "rank_in": null, "rank_out": 24,
+                        "unpacked": false}, ...},
+       "aliases": {"head.weight": "embed.weight"},
+       "projection": {...}}        # the ProjectionInfo given to save, or null
+
+  Each entry of ``layers`` is :meth:`ProjectedLayer.spec` of a wrapper, or of an unpacked
+  wrapper (the ``nn.Sequential`` of plain layers that :meth:`ProjectedLayer.unpack` returns,
+  ``"unpacked": true``);
+- its metadata ``"rankwise_architecture"`` (unless ``include_architecture=False``) is the
+  model's structure without its weights (parameters on the ``meta`` device), pickled by
+  ``torch.save`` and base64-encoded: the fallback for loading without the original code.
+
+:func:`load` with ``model``, the original uncompressed architecture, rebuilds the compressed
+structure from the spec alone, ``WRAPPER_TYPES()[type].from_spec(layer, spec)`` for each named
+layer, and reads the weights: nothing is unpickled. Without ``model`` it unpickles the
+stored architecture, which runs code from the file (as ``torch.load(weights_only=False)``
+does): use that only on files you trust. Either way the weights are the stored tensors
+themselves, so the round trip is bit-exact.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import dataclasses
+import io
+import json
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from rankwise.layers import ProjectedLayer
+from rankwise.learnables import count_learnables
+from rankwise.projection import LayerProjection, ProjectionInfo
+
+FORMAT = "rankwise-model"
+FORMAT_VERSION = 1
+SPEC_KEY = "rankwise"
+ARCHITECTURE_KEY = "rankwise_architecture"
+
+
+def wrapper_types() -> dict[str, type]:
+    """The registry: spec ``"type"`` -> :class:`ProjectedLayer` subclass.
+
+    Every subclass defined so far is in it, under its class name: a new wrapper plugs into
+    :func:`save` / :func:`load` by subclassing :class:`ProjectedLayer` (and being imported).
+    """
+    types, pending = {}, [ProjectedLayer]
+    while pending:
+        for subclass in pending.pop().__subclasses__():
+            types[subclass.__name__] = subclass
+            pending.append(subclass)
+    return types
+
+
+def model_spec(model: nn.Module) -> dict[str, dict]:
+    """The projected layers of ``model`` by qualified name: their spec and whether unpacked."""
+    layers, inside = {}, set()
+    for name, module in model.named_modules():
+        if id(module) in inside:
+            continue
+        if isinstance(module, ProjectedLayer):
+            layers[name] = {**module.spec(), "unpacked": False}
+        elif isinstance(getattr(module, "rankwise_spec", None), dict):
+            layers[name] = {**module.rankwise_spec, "unpacked": True}
+        else:
+            continue
+        inside.update(id(m) for m in module.modules())
+    return layers
+
+
+def save(model: nn.Module, path, *, info: ProjectionInfo | None = None,
+         include_architecture: bool = True) -> None:
+    """Write ``model`` (compressed or not) to ``path`` as safetensors weights plus a spec.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Not modified.
+    path : str or os.PathLike
+        The file to write (by convention ``*.safetensors``).
+    info : ProjectionInfo, optional
+        What :func:`~rankwise.compress_network_using_projection` reported; kept in the spec
+        for ``rankwise info``.
+    include_architecture : bool
+        Also store the weightless pickled structure, so that ``load(path)`` works without
+        the model's code. Pass ``False`` for a model that cannot be pickled; loading then
+        needs ``model=``.
+    """
+    tensors, aliases = _unique_tensors(model.state_dict())
+    spec = {"format": FORMAT, "format_version": FORMAT_VERSION, "rankwise_version": _version(),
+            "learnables": count_learnables(model), "layers": model_spec(model), "aliases": aliases,
+            "projection": None if info is None else dataclasses.asdict(info)}
+    metadata = {SPEC_KEY: json.dumps(spec)}
+    if include_architecture:
+        metadata[ARCHITECTURE_KEY] = _pickled_skeleton(model)
+    save_file(tensors, path, metadata=metadata)
+
+
+def load(path, model: nn.Module | None = None) -> nn.Module:
+    """Read a model written by :func:`save`.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    model : torch.nn.Module, optional
+        The original, uncompressed architecture the saved model was compressed from (its
+        weights do not matter). It is not modified. When ``None``, the architecture stored
+        in the file is unpickled (only for files you trust).
+
+    Returns
+    -------
+    torch.nn.Module
+        On the CPU, with the stored tensors, dtypes included.
+
+    Raises
+    ------
+    ValueError
+        When ``path`` is not a rankwise file, or ``model`` does not match it.
+    """
+    metadata = _metadata(path)
+    spec = _spec(metadata, path)
+    if model is not None:
+        skeleton = _rebuild(_skeleton(model), spec["layers"])
+    else:
+        skeleton = _unpickled_skeleton(metadata, path)
+    state = load_file(path)
+    state.update({alias: state[key] for alias, key in spec["aliases"].items()})
+    try:
+        skeleton.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as error:
+        raise ValueError(f"model: it does not match the file {str(path)!r} "
+                         f"({_gist(error)}). Pass the architecture the saved model was "
+                         "compressed from.") from None
+    return skeleton
+
+
+def read_spec(path) -> dict:
+    """The spec stored in a file written by :func:`save` (see the module docstring)."""
+    return _spec(_metadata(path), path)
+
+
+def _spec(metadata: dict, path) -> dict:
+    if SPEC_KEY not in metadata:
+        raise ValueError(f"path: {str(path)!r} is a safetensors file but not one written by "
+                         "rankwise.save (no rankwise spec in it).")
+    spec = json.loads(metadata[SPEC_KEY])
+    if spec.get("format") != FORMAT or spec.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"path: {str(path)!r} holds a rankwise spec of format "
+                         f"{spec.get('format')!r} version {spec.get('format_version')!r}; this "
+                         f"rankwise reads {FORMAT!r} version {FORMAT_VERSION}.")
+    return spec
+
+
+def is_rankwise_file(path) -> bool:
+    """Whether ``path`` is a readable file written by :func:`save`."""
+    try:
+        return SPEC_KEY in _metadata(path)
+    except (OSError, ValueError):
+        return False
+
+
+def stored_tensors(path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{key: (dtype, shape)}`` of the tensors stored in a safetensors file."""
+    with safe_open(path, framework="pt") as stream:
+        return {key: (stream.get_slice(key).get_dtype(), tuple(stream.get_slice(key).get_shape()))
+                for key in stream.keys()}
+
+
+def has_architecture(path) -> bool:
+    """Whether the file stores the pickled architecture (``load(path)`` works without ``model``)."""
+    return ARCHITECTURE_KEY in _metadata(path)
+
+
+def projection_info(spec: dict) -> ProjectionInfo | None:
+    """The :class:`ProjectionInfo` kept in a spec by ``save(..., info=...)``, if any."""
+    stored = spec.get("projection")
+    if stored is None:
+        return None
+    layers = {name: LayerProjection(**layer) for name, layer in stored["layers"].items()}
+    return ProjectionInfo(**{**stored, "layers": layers})
+
+
+def _metadata(path) -> dict:
+    try:
+        with safe_open(path, framework="pt") as stream:
+            return stream.metadata() or {}
+    except SafetensorError as error:
+        raise ValueError(f"path: {str(path)!r} is not a safetensors file written by rankwise.save "
+                         f"({error}).") from None
+
+
+def _unique_tensors(state: dict) -> tuple[dict, dict]:
+    """``(tensors, aliases)``: each stored view once, on the CPU, contiguous; later keys of the
+    same view become aliases; views overlapping a stored one otherwise are copied."""
+    tensors, aliases, views, storages = {}, {}, {}, set()
+    for key, tensor in state.items():
+        tensor = tensor.detach()
+        view = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                tensor.stride(), tensor.dtype, tensor.device)
+        if tensor.numel() and view in views:
+            aliases[key] = views[view]
+            continue
+        views[view] = key
+        shares_storage = tensor.numel() and view[0] in storages
+        storages.add(view[0])
+        tensors[key] = (tensor.clone() if shares_storage else tensor).cpu().contiguous()
+    return tensors, aliases
+
+
+def _skeleton(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and persistent buffers are on ``meta``
+    (no data copied); non-persistent buffers, which the state dict lacks, keep their data."""
+    memo = {}
+    for module in model.modules():
+        for parameter in module.parameters(recurse=False):
+            memo[id(parameter)] = nn.Parameter(torch.empty_like(parameter, device="meta"),
+                                               requires_grad=parameter.requires_grad)
+        for name, buffer in module.named_buffers(recurse=False):
+            if name not in module._non_persistent_buffers_set:
+                memo[id(buffer)] = torch.empty_like(buffer, device="meta")
+    return copy.deepcopy(model, memo)
+
+
+def _pickled_skeleton(model: nn.Module) -> str:
+    buffer = io.BytesIO()
+    try:
+        torch.save(_skeleton(model), buffer)
+    except Exception as error:
+        raise ValueError(f"model: its structure cannot be pickled ({type(error).__name__}: {error}); "
+                         "save it with include_architecture=False and pass model= to "
+                         "rankwise.load.") from None
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _unpickled_skeleton(metadata: dict, path) -> nn.Module:
+    if ARCHITECTURE_KEY not in metadata:
+        raise ValueError(f"model: {str(path)!r} stores no architecture (saved with "
+                         "include_architecture=False); pass model=, the uncompressed model it was "
+                         "compressed from.")
+    data = io.BytesIO(base64.b64decode(metadata[ARCHITECTURE_KEY]))
+    return torch.load(data, weights_only=False)
+
+
+def _rebuild(skeleton: nn.Module, layers: dict) -> nn.Module:
+    """``skeleton`` with each named dense layer replaced as the spec says."""
+    registry = wrapper_types()
+    for name, spec in layers.items():
+        dense = _dense_layer(skeleton, name, spec)
+        if spec["type"] not in registry:
+            raise ValueError(f"path: layer {name!r} is a {spec['type']!r}, which is not a known "
+                             f"projected layer type (known: {', '.join(registry)}); import the "
+                             "module that defines it before loading.")
+        replacement = registry[spec["type"]].from_spec(dense, spec)
+        skeleton = _replaced(skeleton, name, replacement.unpack() if spec["unpacked"] else replacement)
+    return skeleton
+
+
+def _dense_layer(model: nn.Module, name: str, spec: dict) -> nn.Module:
+    try:
+        layer = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"model: it has no layer {name!r}, which the file replaced by a "
+                         f"{spec['type']}. Pass the architecture the saved model was compressed "
+                         "from.") from None
+    if isinstance(layer, ProjectedLayer) or hasattr(layer, "rankwise_spec"):
+        raise ValueError(f"model: its layer {name!r} is already projected. Pass the uncompressed "
+                         "architecture (or load without model=).")
+    return layer
+
+
+def _replaced(root: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    if name == "":
+        return module
+    root.set_submodule(name, module)
+    return root
+
+
+def _gist(error: Exception) -> str:
+    """The first two non-empty lines of an error message, on one line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ".join(lines[:2])
+
+
+def _version() -> str:
+    from rankwise import __version__  # the package imports this module
+
+    return __version__

@@ -1,0 +1,194 @@
+"""rw.save / rw.load: safetensors weights plus a plain spec, bit-exact round trips."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import rankwise as rw
+from conftest import assert_unchanged, make_batches, state_of, tiny_cnn
+from rankwise import io as rankwise_io
+
+DENSE_LAYERS = {
+    "linear": (lambda: nn.Linear(10, 7), (4, 10)),
+    "conv1d": (lambda: nn.Conv1d(6, 8, 3, padding=1), (2, 6, 9)),
+    "conv2d": (lambda: nn.Conv2d(6, 8, 3, stride=2, padding=1, padding_mode="reflect"), (2, 6, 9, 9)),
+    "conv3d": (lambda: nn.Conv3d(6, 8, 3, dilation=2), (2, 6, 7, 7, 7)),
+}
+RANKS = {"output": (None, 3), "input": (2, None), "both": (4, 5)}
+
+
+def architecture(kind):
+    """The uncompressed model: the dense layer, then a nonlinearity."""
+    torch.manual_seed(1)
+    return nn.Sequential(DENSE_LAYERS[kind][0](), nn.Tanh())
+
+
+def projected_model(kind, side, unpacked):
+    torch.manual_seed(0)
+    model = architecture(kind)
+    rank_in, rank_out = RANKS[side]
+    dense = model[0]
+    basis = {}
+    if rank_in is not None:
+        basis["input_basis"] = torch.linalg.qr(torch.randn(dense.weight.shape[1], rank_in))[0]
+        basis["input_mean"] = torch.randn(dense.weight.shape[1])
+    if rank_out is not None:
+        basis["output_basis"] = torch.linalg.qr(torch.randn(dense.weight.shape[0], rank_out))[0]
+        basis["output_mean"] = torch.randn(dense.weight.shape[0])
+    cls = rw.ProjectedLinear if kind == "linear" else rw.ProjectedConv
+    projected = cls.from_dense(dense, **basis)
+    model[0] = projected.unpack() if unpacked else projected
+    return model
+
+
+def assert_identical(loaded, original, x):
+    assert repr(loaded) == repr(original)
+    ours, theirs = loaded.state_dict(), original.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key, value in theirs.items():
+        assert ours[key].dtype == value.dtype and torch.equal(ours[key], value), key
+    with torch.no_grad():
+        assert torch.equal(loaded(x), original(x))
+
+
+@pytest.mark.parametrize("kind, side", [(kind, side) for kind in DENSE_LAYERS for side in RANKS])
+@pytest.mark.parametrize("unpacked", [False, True], ids=["packed", "unpacked"])
+def test_round_trip_is_bit_exact(tmp_path, kind, side, unpacked):
+    model = projected_model(kind, side, unpacked)
+    x = torch.randn(*DENSE_LAYERS[kind][1])
+    path = tmp_path / "model.safetensors"
+    rw.save(model, path)
+    layer_spec = rankwise_io.read_spec(path)["layers"]["0"]
+    assert layer_spec == {"type": "ProjectedLinear" if kind == "linear" else "ProjectedConv",
+                          "rank_in": RANKS[side][0], "rank_out": RANKS[side][1], "unpacked": unpacked}
+    fresh = architecture(kind)
+    snapshot = state_of(fresh)
+    assert_identical(rw.load(path, model=fresh), model, x)   # rebuilt from the spec
+    assert_unchanged(fresh, snapshot)
+    assert_identical(rw.load(path), model, x)                # stored architecture (fallback)
+
+
+def test_compressed_network_round_trip_keeps_dtype_buffers_and_info(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 6 * 6, 10)).double().eval()
+    data = [x.double() for x in make_batches((16, 3, 8, 8))]
+    model(data[0])
+    net, info = rw.compress_network_using_projection(model, data, learnables_reduction_goal=0.5,
+                                                     verbosity="off")
+    path = tmp_path / "net.safetensors"
+    rw.save(net, path, info=info)
+    spec = rankwise_io.read_spec(path)
+    assert spec["learnables"] == rw.count_learnables(net) and spec["aliases"] == {}
+    assert set(spec["layers"]) == set(info.layer_names)
+    assert rankwise_io.projection_info(spec) == info
+    json.dumps(spec)  # plain JSON throughout
+    fresh = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 6 * 6, 10)).double().eval()
+    for loaded in (rw.load(path, model=fresh), rw.load(path)):
+        assert_identical(loaded, net, data[1])
+        assert loaded[1].num_batches_tracked.dtype == torch.int64
+
+
+class TiedModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encode = nn.Linear(6, 6, bias=False)
+        self.decode = nn.Linear(6, 6, bias=False)
+        self.decode.weight = self.encode.weight
+        self.register_buffer("scale", torch.tensor(2.0), persistent=False)
+
+    def forward(self, x):
+        return self.decode(torch.tanh(self.encode(x))) * self.scale
+
+
+def test_tied_weights_are_stored_once_and_non_persistent_buffers_survive(tmp_path):
+    model = TiedModel()
+    path = tmp_path / "tied.safetensors"
+    rw.save(model, path)
+    assert rankwise_io.read_spec(path)["aliases"] == {"decode.weight": "encode.weight"}
+    assert list(rankwise_io.stored_tensors(path)) == ["encode.weight"]
+    x = torch.randn(3, 6)
+    for loaded in (rw.load(path, model=TiedModel()), rw.load(path)):
+        assert torch.equal(loaded(x), model(x))
+        assert loaded.scale == 2.0
+
+
+def test_new_wrapper_types_plug_into_the_registry():
+    class ProjectedToy(rw.ProjectedLinear):
+        pass
+
+    registry = rankwise_io.wrapper_types()
+    assert {"ProjectedLinear", "ProjectedConv", "ProjectedToy"} <= set(registry)
+    assert registry["ProjectedToy"] is ProjectedToy
+
+
+def test_unpack_records_the_spec_of_the_wrapper():
+    model = projected_model("conv2d", "both", unpacked=False)
+    unpacked = rw.unpack_projected_layers(model)
+    assert type(unpacked[0]) is nn.Sequential
+    assert unpacked[0].rankwise_spec == model[0].spec()
+    assert rankwise_io.model_spec(unpacked) == {"0": {**model[0].spec(), "unpacked": True}}
+
+
+def test_errors_name_the_argument_and_leave_the_model_untouched(tmp_path):
+    model = projected_model("conv2d", "output", unpacked=False)
+    path = tmp_path / "model.safetensors"
+    rw.save(model, path)
+    wrong = nn.Sequential(nn.Conv2d(6, 9, 3), nn.Tanh())
+    snapshot = state_of(wrong)
+    with pytest.raises(ValueError, match="model: it does not match the file"):
+        rw.load(path, model=wrong)
+    assert_unchanged(wrong, snapshot)
+    with pytest.raises(ValueError, match="model: it has no layer '0'"):
+        rw.load(path, model=nn.Sequential())
+    with pytest.raises(ValueError, match="model: its layer '0' is already projected"):
+        rw.load(path, model=model)
+
+    text = tmp_path / "notes.txt"
+    text.write_text("not a model")
+    with pytest.raises(ValueError, match="path: .* is not a safetensors file"):
+        rw.load(text)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, foreign)
+    with pytest.raises(ValueError, match="not one written by rankwise.save"):
+        rw.load(foreign)
+    assert not rankwise_io.is_rankwise_file(foreign) and rankwise_io.is_rankwise_file(path)
+
+
+def test_unknown_wrapper_type_says_what_to_import(tmp_path):
+    spec = {"format": "rankwise-model", "format_version": 1, "rankwise_version": "0", "learnables": 0,
+            "layers": {"0": {"type": "ProjectedNothing", "rank_in": None, "rank_out": 2,
+                             "unpacked": False}}, "aliases": {}, "projection": None}
+    path = tmp_path / "odd.safetensors"
+    save_file({"0.weight": torch.zeros(2, 2)}, path, metadata={"rankwise": json.dumps(spec)})
+    with pytest.raises(ValueError, match="'ProjectedNothing'.*import the module that defines it"):
+        rw.load(path, model=nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_model_without_stored_architecture_needs_the_original(tmp_path):
+    def local_model():  # a class defined here cannot be pickled by reference
+        class Local(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.body = tiny_cnn()
+
+            def forward(self, x):
+                return self.body(x)
+        return Local()
+
+    model = local_model()
+    snapshot = state_of(model)
+    path = tmp_path / "local.safetensors"
+    with pytest.raises(ValueError, match="include_architecture=False"):
+        rw.save(model, path)
+    assert_unchanged(model, snapshot)
+    rw.save(model, path, include_architecture=False)
+    assert not rankwise_io.has_architecture(path)
+    with pytest.raises(ValueError, match="stores no architecture.*pass model="):
+        rw.load(path)
+    x = make_batches((2, 3, 8, 8))[0]
+    assert torch.equal(rw.load(path, model=local_model())(x), model(x))
