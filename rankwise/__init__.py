@@ -1,6 +1,7 @@
 """rankwise: compress trained PyTorch networks by finding the low-rank structure inside them."""
 
 from rankwise.decompose import LayerTruncation, TruncatedConv, TruncationInfo, truncate_kernels
+from rankwise.export import export_onnx
 from rankwise.incremental import IncrementalHistory, compress_incrementally
 from rankwise.io import load, save
 from rankwise.layers import ProjectedConv, ProjectedLayer, ProjectedLinear
@@ -18,7 +19,7 @@ __all__ = [
     "ProjectionInfo", "LayerProjection", "ThinDataWarning", "NonFiniteActivationError",
     "fine_tune", "FineTuneHistory", "compress_incrementally", "IncrementalHistory",
     "probe_sensitivity", "Sensitivity",
-    "analyze", "AnalysisReport", "LayerReport", "save", "load",
+    "analyze", "AnalysisReport", "LayerReport", "save", "load", "export_onnx",
     "truncate_kernels", "TruncationInfo", "LayerTruncation", "TruncatedConv",
 ]
 __version__ = "0.1.0"
