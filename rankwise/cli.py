@@ -1,0 +1,318 @@
+"""The ``rankwise`` command: analyse, compress and inspect models from the shell.
+
+::
+
+    rankwise analyze MODEL --data DATA [--html FILE] [--json FILE]
+    rankwise compress MODEL --data DATA (--explained-variance X | --learnables-reduction X)
+                      [--layers A,B] [--unpack] --output FILE
+    rankwise info FILE
+
+MODEL is a file written by ``torch.save(model)`` (a whole module: it is unpickled, so only
+use files you trust) or by :func:`rankwise.save`. DATA holds calibration inputs: a ``.pt``
+file with a tensor or a list/tuple of tensors, or a ``.npy`` / ``.npz`` file; every tensor
+or array is inputs stacked along its first dimension and is split into batches of
+``--batch-size``. ``--quiet`` hides progress bars and tables. The exit status is 0 on
+success and 2, with a one-line message, on bad arguments or unreadable files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+
+from rankwise import io as rankwise_io
+from rankwise.projection import compress_network_using_projection
+from rankwise.report import analyze
+from rankwise.tables import format_table
+
+DEFAULT_BATCH_SIZE = 256
+LIBRARY_TO_CLI_ARGUMENTS = {  # names in the library's error messages -> the options here
+    "layer_names": "--layers", "npca_or_data": "--data", "data": "--data", "model": "MODEL",
+    "explained_variance_goal": "--explained-variance",
+    "learnables_reduction_goal": "--learnables-reduction",
+}
+
+
+class UsageError(Exception):
+    """A mistake the user can fix: reported in one line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are :class:`UsageError` (one line, no usage dump)."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def build_parser() -> Parser:
+    """The ``rankwise`` parser with its ``analyze``, ``compress`` and ``info`` subcommands."""
+    parser = Parser(prog="rankwise", description="Compress trained PyTorch networks by projection "
+                    "of their layers' activations onto their principal components.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    calibrated = Parser(add_help=False)
+    calibrated.add_argument("model", metavar="MODEL",
+                            help="torch.save(model) file (trusted: it is unpickled) or rankwise.save file")
+    calibrated.add_argument("--data", required=True, metavar="DATA",
+                            help="calibration inputs: .pt (tensor or list/tuple of tensors), .npy or .npz")
+    calibrated.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
+                            metavar="N", help=f"inputs per batch (default {DEFAULT_BATCH_SIZE})")
+    calibrated.add_argument("--quiet", action="store_true", help="no progress bars, no tables")
+
+    analyse = commands.add_parser("analyze", parents=[calibrated],
+                                  help="how far each layer can be compressed, and why not")
+    analyse.add_argument("--html", metavar="FILE", help="write the report as one HTML page")
+    analyse.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    analyse.set_defaults(run=run_analyze)
+
+    compress = commands.add_parser("compress", parents=[calibrated],
+                                   help="compress by projection and save with rankwise.save")
+    goal = compress.add_mutually_exclusive_group(required=True)
+    goal.add_argument("--explained-variance", type=_fraction, metavar="X",
+                      help="each layer keeps at least this fraction of its output variance")
+    goal.add_argument("--learnables-reduction", type=_fraction, metavar="X",
+                      help="remove at least this fraction of the network's learnables")
+    compress.add_argument("--layers", type=_names, metavar="A,B",
+                          help="project only these layers (qualified module names)")
+    compress.add_argument("--unpack", action="store_true", help="plain torch layers instead of wrappers")
+    compress.add_argument("--output", required=True, metavar="FILE", help="the file to write")
+    compress.set_defaults(run=run_compress)
+
+    info = commands.add_parser("info", help="what a file written by rankwise.save holds")
+    info.add_argument("file", metavar="FILE")
+    info.set_defaults(run=run_info)
+    return parser
+
+
+def run_analyze(args) -> None:
+    """``rankwise analyze``: print the report's table, write its HTML and JSON."""
+    for option, path in (("--html", args.html), ("--json", args.json)):
+        _check_output(path, option)
+    model = read_model(args.model)
+    batches = read_data(args.data, model, args.batch_size)
+    report = _library(analyze, model, batches, verbosity="off" if args.quiet else "summary")
+    if args.json:
+        _write(report.to_json, args.json, "--json")
+    if args.html:
+        _write(report.to_html, args.html, "--html")
+    _say(args, *(f"wrote {path}" for path in (args.json, args.html) if path))
+
+
+def run_compress(args) -> None:
+    """``rankwise compress``: compress by projection, write the result with rankwise.save."""
+    _check_output(args.output, "--output")
+    model = read_model(args.model)
+    batches = read_data(args.data, model, args.batch_size)
+    net, info = _library(compress_network_using_projection, model, batches,
+                         explained_variance_goal=args.explained_variance,
+                         learnables_reduction_goal=args.learnables_reduction,
+                         layer_names=args.layers, unpack=args.unpack,
+                         verbosity="off" if args.quiet else "summary")
+    _write(lambda path: rankwise_io.save(net, path, info=info), args.output, "--output")
+    _say(args, f"wrote {args.output}")
+
+
+def run_info(args) -> None:
+    """``rankwise info``: the spec, tensors and projection kept in a rankwise file."""
+    spec = _library(rankwise_io.read_spec, _readable(args.file, "FILE"), argument="FILE")
+    tensors = rankwise_io.stored_tensors(args.file)
+    dtypes = sorted({dtype for dtype, _ in tensors.values()})
+    architecture = "stored" if rankwise_io.has_architecture(args.file) else "not stored (load needs model=)"
+    print(f"{args.file}: rankwise model (format {spec['format_version']}, rankwise "
+          f"{spec['rankwise_version']})")
+    print(f"learnables: {spec['learnables']:,} in {len(tensors)} tensors ({', '.join(dtypes) or '-'}); "
+          f"architecture {architecture}")
+    layers = spec["layers"]
+    if layers:
+        rows = [[name, s["type"], _side(s), _dash(s["rank_in"]), _dash(s["rank_out"]),
+                 "unpacked" if s["unpacked"] else "wrapper"] for name, s in layers.items()]
+        print(format_table(["layer", "type", "side", "rank in", "rank out", "form"], rows))
+    else:
+        print("no projected layer")
+    info = rankwise_io.projection_info(spec)
+    if info is not None:
+        print(f"projection ({info.goal}): {info.learnables_before:,} -> {info.learnables_after:,} "
+              f"learnables ({info.learnables_reduction:.1%} removed), explained variance "
+              f"{info.explained_variance:.4f}")
+
+
+def read_model(path: str) -> nn.Module:
+    """The module in ``path``: a rankwise.save file, else a torch.save file (unpickled)."""
+    _readable(path, "MODEL")
+    if rankwise_io.is_rankwise_file(path):
+        return _library(rankwise_io.load, path, argument="MODEL")
+    try:
+        model = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # unpickling raises anything the file's code raises
+        raise UsageError(f"MODEL: {path!r} is not a model written by torch.save(model) or "
+                         f"rankwise.save ({type(error).__name__}: {_gist(error)})") from None
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"MODEL: {path!r} holds an object of type {type(model).__name__}, not a "
+                         "model; write the whole module with torch.save(model, path).")
+    return model
+
+
+def read_data(path: str, model: nn.Module, batch_size: int) -> list[torch.Tensor]:
+    """Batches of at most ``batch_size`` inputs from a .pt, .npy or .npz file.
+
+    Floating-point inputs are cast to the model's floating dtype; others are kept as they are.
+    """
+    _readable(path, "--data")
+    arrays = _arrays(path)
+    if not arrays:
+        raise UsageError(f"--data: {path!r} holds no tensor.")
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    batches = []
+    for array in arrays:
+        tensor = torch.as_tensor(array)
+        if tensor.dim() == 0:
+            raise UsageError(f"--data: {path!r} holds a scalar; expected inputs stacked along "
+                             "a first dimension.")
+        batches += list((tensor.to(dtype) if tensor.is_floating_point() else tensor).split(batch_size))
+    return batches
+
+
+def main(argv=None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            args = build_parser().parse_args(argv)
+            args.run(args)
+        except UsageError as error:
+            print(f"rankwise: error: {error}", file=sys.stderr)
+            return 2
+    return 0
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+# Helpers ------------------------------------------------------------------------------------
+
+def _arrays(path: str) -> list:
+    suffix = pathlib.Path(path).suffix.lower()
+    try:
+        if suffix in (".pt", ".pth"):
+            return _tensors(torch.load(path, map_location="cpu", weights_only=True), path)
+        if suffix == ".npy":
+            return [np.load(path, allow_pickle=False)]
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                return [archive[key] for key in archive.files]
+    except UsageError:
+        raise
+    except Exception as error:
+        raise UsageError(f"--data: cannot read {path!r} ({type(error).__name__}: {_gist(error)})") from None
+    raise UsageError(f"--data: expected a .pt, .npy or .npz file, got {path!r}.")
+
+
+def _tensors(content, path: str) -> list[torch.Tensor]:
+    if isinstance(content, torch.Tensor):
+        return [content]
+    if isinstance(content, list | tuple) and all(isinstance(t, torch.Tensor) for t in content):
+        return list(content)
+    raise UsageError(f"--data: {path!r} holds an object of type {type(content).__name__}; expected "
+                     "a tensor or a list/tuple of tensors.")
+
+
+def _library(function, *args, argument: str | None = None, **kwargs):
+    """Call a rankwise function; its ValueError or OSError becomes a UsageError naming the
+    CLI argument (``argument``, else the one the library's message names)."""
+    try:
+        return function(*args, **kwargs)
+    except (ValueError, OSError) as error:
+        raise UsageError(_cli_message(str(error), argument)) from None
+
+
+def _cli_message(message: str, argument: str | None) -> str:
+    """The library's ``"name: ..."`` message with ``name`` spelled as on the command line."""
+    name, separator, rest = message.partition(": ")
+    named = bool(separator) and name.isidentifier()
+    if argument is not None:
+        return f"{argument}: {rest if named else message}"
+    if named and name in LIBRARY_TO_CLI_ARGUMENTS:
+        return f"{LIBRARY_TO_CLI_ARGUMENTS[name]}: {rest}"
+    return message
+
+
+def _readable(path: str, argument: str) -> str:
+    if not pathlib.Path(path).is_file():
+        problem = "is a folder" if pathlib.Path(path).is_dir() else "does not exist"
+        raise UsageError(f"{argument}: {path!r} {problem}.")
+    return path
+
+
+def _check_output(path: str | None, option: str) -> None:
+    if path is None:
+        return
+    target = pathlib.Path(path)
+    if target.is_dir():
+        raise UsageError(f"{option}: {path!r} is a folder; give a file name.")
+    if not target.parent.is_dir():
+        raise UsageError(f"{option}: the folder {str(target.parent)!r} does not exist; create it first.")
+
+
+def _write(write, path: str, option: str) -> None:
+    try:
+        write(path)
+    except OSError as error:
+        raise UsageError(f"{option}: cannot write {path!r} ({error.strerror or error}).") from None
+
+
+def _say(args, *lines: str) -> None:
+    if not args.quiet:
+        for line in lines:
+            print(line)
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer names, got {text!r}")
+    return names
+
+
+def _side(spec: dict) -> str:
+    if spec["rank_in"] is not None and spec["rank_out"] is not None:
+        return "both"
+    return "input" if spec["rank_in"] is not None else "output"
+
+
+def _dash(value) -> str:
+    return "-" if value is None else str(value)
+
+
+def _gist(error: Exception) -> str:
+    return " ".join(str(error).split())[:200]
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"rankwise: warning: {message}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,185 @@
+"""The rankwise command, run as a subprocess: happy paths and every bad-argument path."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import rankwise as rw
+from conftest import make_batches, tiny_cnn
+
+COMMAND = [sys.executable, "-m", "rankwise.cli"]
+ENVIRONMENT = {**os.environ, "PYTHONPATH": str(pathlib.Path(rw.__file__).parents[1])}  # this rankwise
+
+
+def rankwise(*args, cwd, command=COMMAND):
+    return subprocess.run([*command, *args], cwd=cwd, env=ENVIRONMENT, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """Models and data files in every accepted and several rejected forms."""
+    path = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    torch.save(tiny_cnn().eval(), path / "cnn.pt")
+    images = torch.cat(make_batches((32, 3, 8, 8)))
+    torch.save(images, path / "images.pt")
+    torch.save(list(images.split(64)), path / "batches.pt")
+    np.save(path / "images.npy", images.numpy().astype(np.float64))
+    np.savez(path / "images.npz", images[:100].numpy(), images[100:].numpy())
+    torch.save(nn.Linear(3, 3).state_dict(), path / "state_dict.pt")
+    torch.save({"inputs": images}, path / "dict.pt")
+    torch.save(torch.zeros(4, 5), path / "wrong_shape.pt")
+    torch.save(torch.tensor(1.0), path / "scalar.pt")
+    (path / "garbage.pt").write_text("not a pickle")
+    (path / "garbage.npy").write_text("not an array")
+    (path / "images.csv").write_text("1,2,3")
+    (path / "folder").mkdir()
+    return path
+
+
+def test_analyze_prints_the_table_and_writes_html_and_json(folder):
+    run = rankwise("analyze", "cnn.pt", "--data", "images.pt", "--html", "report.html",
+                   "--json", "report.json", cwd=folder)
+    assert run.returncode == 0, run.stderr
+    assert "learnables_reduction_goal=0.9" in run.stdout and "wrote report.html" in run.stdout
+    assert "NeuronPCA" in run.stderr  # the progress bar
+    data = json.loads((folder / "report.json").read_text())
+    assert data["network"]["analysed_layers"] == ["0", "2", "5"]
+    assert (folder / "report.html").read_text().count('<img class="plot') == 5
+
+
+def test_compress_writes_a_file_that_info_describes_and_rw_load_reads(folder):
+    run = rankwise("compress", "cnn.pt", "--data", "images.npy", "--learnables-reduction", "0.5",
+                   "--output", "half.safetensors", cwd=folder)
+    assert run.returncode == 0, run.stderr
+    assert "53.4% removed" in run.stdout
+    model = torch.load(folder / "cnn.pt", weights_only=False)
+    expected, info = rw.compress_network_using_projection(
+        model, [torch.as_tensor(np.load(folder / "images.npy")).float()], learnables_reduction_goal=0.5,
+        verbosity="off")
+    loaded = rw.load(folder / "half.safetensors", model=model)
+    assert repr(loaded) == repr(expected)
+    x = make_batches((4, 3, 8, 8), seed=3)[0]
+    torch.testing.assert_close(loaded(x), expected(x), rtol=1e-5, atol=1e-6)
+    run = rankwise("info", "half.safetensors", cwd=folder)
+    assert run.returncode == 0, run.stderr
+    assert "ProjectedConv" in run.stdout and "wrapper" in run.stdout
+    assert f"{info.learnables_after:,} learnables" in run.stdout and "architecture stored" in run.stdout
+
+
+def test_compress_quietly_unpacked_selected_layers_then_analyze_the_result(folder):
+    run = rankwise("compress", "cnn.pt", "--data", "images.npz", "--explained-variance", "0.9",
+                   "--layers", "2,5", "--unpack", "--output", "unpacked.safetensors", "--quiet",
+                   "--batch-size", "50", cwd=folder)
+    assert (run.returncode, run.stdout, run.stderr) == (0, "", "")
+    spec = rw.io.read_spec(folder / "unpacked.safetensors")
+    assert set(spec["layers"]) == {"2", "5"} and all(s["unpacked"] for s in spec["layers"].values())
+    run = rankwise("analyze", "unpacked.safetensors", "--data", "batches.pt", "--quiet", cwd=folder)
+    assert (run.returncode, run.stdout) == (0, "")
+
+
+BAD_ARGUMENTS = {  # case -> (arguments, what the one-line message says)
+    "no command": ([], "the following arguments are required: COMMAND"),
+    "unknown command": (["shrink", "cnn.pt"], "invalid choice: 'shrink'"),
+    "no data": (["analyze", "cnn.pt"], "the following arguments are required: --data"),
+    "missing model": (["analyze", "absent.pt", "--data", "images.pt"], "MODEL: 'absent.pt' does not exist"),
+    "model is a folder": (["analyze", "folder", "--data", "images.pt"], "MODEL: 'folder' is a folder"),
+    "model unreadable": (["analyze", "garbage.pt", "--data", "images.pt"],
+                         "MODEL: 'garbage.pt' is not a model written by torch.save"),
+    "model is a state dict": (["analyze", "state_dict.pt", "--data", "images.pt"],
+                              "MODEL: 'state_dict.pt' holds an object of type OrderedDict"),
+    "missing data": (["analyze", "cnn.pt", "--data", "absent.npy"], "--data: 'absent.npy' does not exist"),
+    "data of unknown type": (["analyze", "cnn.pt", "--data", "images.csv"],
+                             "--data: expected a .pt, .npy or .npz file"),
+    "data unreadable": (["analyze", "cnn.pt", "--data", "garbage.npy"], "--data: cannot read 'garbage.npy'"),
+    "data is a dict": (["analyze", "cnn.pt", "--data", "dict.pt"],
+                       "--data: 'dict.pt' holds an object of type dict"),
+    "data is a scalar": (["analyze", "cnn.pt", "--data", "scalar.pt"], "--data: 'scalar.pt' holds a scalar"),
+    "data the model rejects": (["analyze", "cnn.pt", "--data", "wrong_shape.pt"],
+                               "--data: the model rejected batch 0"),
+    "batch size zero": (["analyze", "cnn.pt", "--data", "images.pt", "--batch-size", "0"],
+                        "argument --batch-size: expected a positive integer"),
+    "html folder missing": (["analyze", "cnn.pt", "--data", "images.pt", "--html", "nowhere/r.html"],
+                            "--html: the folder 'nowhere' does not exist"),
+    "json is a folder": (["analyze", "cnn.pt", "--data", "images.pt", "--json", "folder"],
+                         "--json: 'folder' is a folder"),
+    "no goal": (["compress", "cnn.pt", "--data", "images.pt", "--output", "x.safetensors"],
+                "one of the arguments --explained-variance --learnables-reduction is required"),
+    "two goals": (["compress", "cnn.pt", "--data", "images.pt", "--explained-variance", "0.9",
+                   "--learnables-reduction", "0.5", "--output", "x.safetensors"], "not allowed with argument"),
+    "goal above one": (["compress", "cnn.pt", "--data", "images.pt", "--explained-variance", "1.5",
+                        "--output", "x.safetensors"], "argument --explained-variance: expected a number in [0, 1]"),
+    "goal not a number": (["compress", "cnn.pt", "--data", "images.pt", "--learnables-reduction", "half",
+                           "--output", "x.safetensors"], "argument --learnables-reduction: expected a number"),
+    "no output": (["compress", "cnn.pt", "--data", "images.pt", "--explained-variance", "0.9"],
+                  "the following arguments are required: --output"),
+    "output folder missing": (["compress", "cnn.pt", "--data", "images.pt", "--explained-variance", "0.9",
+                               "--output", "nowhere/x.safetensors"], "--output: the folder 'nowhere' does not exist"),
+    "unknown layer": (["compress", "cnn.pt", "--data", "images.pt", "--explained-variance", "0.9",
+                       "--layers", "2,9", "--output", "x.safetensors"], "--layers: '9' is not a layer of the model"),
+    "layer not projectable": (["compress", "cnn.pt", "--data", "images.pt", "--explained-variance", "0.9",
+                               "--layers", "1", "--output", "x.safetensors"], "--layers: '1' cannot be projected"),
+    "empty layer name": (["compress", "cnn.pt", "--data", "images.pt", "--explained-variance", "0.9",
+                          "--layers", "2,,5", "--output", "x.safetensors"], "argument --layers: expected comma"),
+    "info without file": (["info"], "the following arguments are required: FILE"),
+    "info on a missing file": (["info", "absent.safetensors"], "FILE: 'absent.safetensors' does not exist"),
+    "info on a torch file": (["info", "cnn.pt"], "FILE: 'cnn.pt' is not a safetensors file written by rankwise"),
+}
+
+
+DRIVER = """
+import contextlib, io, json, sys, traceback
+from rankwise.cli import main
+results = []
+for argv in json.load(sys.stdin):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = main(argv)
+        except BaseException:
+            status = traceback.format_exc()
+    results.append([status, out.getvalue(), err.getvalue()])
+json.dump(results, sys.stdout)
+"""
+
+
+@pytest.fixture(scope="module")
+def bad_runs(folder):
+    """Every bad-argument case through ``rankwise.cli.main``, in one subprocess (one start-up of
+    torch instead of one per case): case -> (exit status or traceback, stdout, stderr)."""
+    cases = [arguments for arguments, _ in BAD_ARGUMENTS.values()]
+    run = subprocess.run([sys.executable, "-c", DRIVER], input=json.dumps(cases), cwd=folder,
+                         env=ENVIRONMENT, capture_output=True, text=True, timeout=300, check=True)
+    return dict(zip(BAD_ARGUMENTS, json.loads(run.stdout)))
+
+
+@pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
+def test_bad_arguments_exit_2_with_one_line(bad_runs, folder, case):
+    status, stdout, stderr = bad_runs[case]
+    assert status == 2, status
+    assert stdout == ""
+    lines = [line for line in stderr.splitlines() if line.strip() and "NeuronPCA" not in line]
+    assert len(lines) == 1 and lines[0].startswith("rankwise: error: "), stderr
+    assert BAD_ARGUMENTS[case][1] in lines[0]
+    assert not (folder / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize("command, case", [(COMMAND, "two goals"), (None, "info on a torch file")],
+                         ids=["module", "console script"])
+def test_the_process_exits_2_without_traceback(folder, command, case):
+    script = pathlib.Path(sys.executable).with_name("rankwise")
+    if command is None and not script.exists():
+        pytest.skip("the rankwise console script is not installed (pip install -e .)")
+    arguments, message = BAD_ARGUMENTS[case]
+    run = rankwise(*arguments, cwd=folder, command=command or [str(script)])
+    assert (run.returncode, run.stdout) == (2, "")
+    assert run.stderr.startswith("rankwise: error: ") and run.stderr.count("\n") == 1
+    assert message in run.stderr and "Traceback" not in run.stderr
