@@ -17,6 +17,7 @@ from rankwise.report.table import goal_label
 
 DPI = 96
 SIDE_STYLES = {"output": ("-", "tab:blue"), "input": ("--", "tab:orange")}
+MARKED_POINTS = 32  # spectra this short get a marker per point (a 1-channel side is one point)
 
 
 def require_matplotlib():
@@ -30,7 +31,11 @@ def require_matplotlib():
 
 
 def tradeoff_png(report) -> bytes:
-    """The trade-off curve, the goals' outcomes and the lossless / maximum reductions."""
+    """The trade-off curve, the goals' outcomes and the lossless / maximum reductions.
+
+    The curve is drawn in steps: a learnables reduction goal between two of its points keeps
+    at least the explained variance of the next point.
+    """
     figure = require_matplotlib()(figsize=(6.4, 3.6), layout="constrained")
     axes = figure.subplots()
     axes.step(100 * report.tradeoff_reduction, report.tradeoff_explained_variance, where="pre",
@@ -74,9 +79,9 @@ def spectrum_png(layer, explained_variance_goals) -> bytes:
         ranks = np.arange(1, len(spectrum.eigenvalues) + 1)
         top = spectrum.eigenvalues[0] if spectrum.eigenvalues[0] > 0 else 1.0
         linestyle, color = SIDE_STYLES.get(side, ("-.", "tab:green"))
-        eigen_axes.semilogy(ranks, np.maximum(spectrum.eigenvalues / top, 1e-12), linestyle,
-                            color=color, label=side)
-        variance_axes.plot(ranks, spectrum.explained_variance, linestyle, color=color, label=side)
+        style = dict(color=color, label=side, marker="." if len(ranks) <= MARKED_POINTS else None)
+        eigen_axes.semilogy(ranks, np.maximum(spectrum.eigenvalues / top, 1e-12), linestyle, **style)
+        variance_axes.plot(ranks, spectrum.explained_variance, linestyle, **style)
     for goal in explained_variance_goals:
         variance_axes.axhline(goal, color="grey", linestyle=":", linewidth=1)
     eigen_axes.set(xlabel="index", ylabel="eigenvalue / largest", title=f"{layer.name}: spectrum")
