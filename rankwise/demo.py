@@ -7,9 +7,11 @@ networks (about a minute on 2 CPU cores) and caches their weights (see
 For each network: one calibration pass over 2048 training images
 (:class:`rankwise.NeuronPCA`), then :func:`rankwise.compress_network_using_projection` at
 several learnables reduction goals, each compressed network evaluated on the 10 000 test
-images without any fine-tuning.
+images without any fine-tuning. The demo ends by writing the analysis of both networks
+(:func:`rankwise.analyze`) as one HTML page, ``REPORT_FILE`` in the current folder.
 """
 
+import pathlib
 import time
 
 import torch
@@ -17,11 +19,13 @@ import torch
 import rankwise as rw
 from rankwise.datasets import load_mnist
 from rankwise.examples import accuracy, pretrained_mnist
+from rankwise.report import write_html
 
 GOALS = (0.5, 0.8, 0.9, 0.95)
 CALIBRATION_IMAGES = 2048
 BATCH_SIZE = 256
 INFERENCE_REPEATS = 3
+REPORT_FILE = pathlib.Path("rankwise_demo_report.html")
 
 
 def timed(function, *args, **kwargs):
@@ -46,7 +50,10 @@ def table_row(goal, learnables, reduction, test_accuracy, compression, inference
 
 
 def compress_and_report(name, model, batches, test_images, test_labels):
-    """Calibrate `model`, compress it at every goal in `GOALS`, print a before/after table."""
+    """Calibrate `model`, compress it at every goal in `GOALS`, print a before/after table.
+
+    Returns the `rw.NeuronPCA` of the calibration, for the analysis report.
+    """
     npca, calibration = timed(rw.NeuronPCA, model, batches, verbosity="off")
     print(f"\nMNIST {name}: calibration on {CALIBRATION_IMAGES} training images "
           f"({len(batches)} batches) took {calibration:.2f} s")
@@ -60,6 +67,7 @@ def compress_and_report(name, model, batches, test_images, test_labels):
         test_accuracy, inference = evaluate(net, test_images, test_labels)
         print(table_row(f"{goal:.0%}", info.learnables_after, info.learnables_reduction,
                         test_accuracy, seconds, inference))
+    return npca
 
 
 def main():
@@ -69,11 +77,16 @@ def main():
     test_images, test_labels = load_mnist("test")
     print(f"MNIST loaded in {loading:.1f} s; {torch.get_num_threads()} torch threads")
     batches = list(train_images[:CALIBRATION_IMAGES].split(BATCH_SIZE))
+    reports = {}
     for name in ("cnn", "mlp"):
         model = pretrained_mnist(name)
-        compress_and_report(name, model, batches, test_images, test_labels)
+        npca = compress_and_report(name, model, batches, test_images, test_labels)
+        reports[f"MNIST {name}"] = rw.analyze(model, npca, learnables_reduction_goals=GOALS,
+                                              verbosity="off")
     print(f"\nThe first compression of a network includes the eigen-decompositions; "
           f"no fine-tuning anywhere. Total time: {time.perf_counter() - start:.1f} s")
+    write_html(reports, REPORT_FILE)
+    print(f"Analysis of both networks (tables, spectra, trade-off curves): {REPORT_FILE.resolve()}")
 
 
 if __name__ == "__main__":
