@@ -4,7 +4,7 @@ from rankwise.decompose import LayerTruncation, TruncatedConv, TruncationInfo, t
 from rankwise.export import export_onnx
 from rankwise.incremental import IncrementalHistory, compress_incrementally
 from rankwise.io import load, save
-from rankwise.layers import ProjectedConv, ProjectedLayer, ProjectedLinear
+from rankwise.layers import ProjectedConv, ProjectedGRU, ProjectedLayer, ProjectedLinear, ProjectedLSTM
 from rankwise.learnables import count_learnables
 from rankwise.pca import NeuronPCA, NonFiniteActivationError, ThinDataWarning
 from rankwise.projection import (LayerProjection, ProjectionInfo, compress_network_using_projection,
@@ -21,5 +21,6 @@ __all__ = [
     "probe_sensitivity", "Sensitivity",
     "analyze", "AnalysisReport", "LayerReport", "save", "load", "export_onnx",
     "truncate_kernels", "TruncationInfo", "LayerTruncation", "TruncatedConv",
+    "ProjectedLSTM", "ProjectedGRU",
 ]
 __version__ = "0.1.0"

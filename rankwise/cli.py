@@ -129,9 +129,9 @@ def run_info(args) -> None:
           f"architecture {architecture}")
     layers = spec["layers"]
     if layers:
-        rows = [[name, s["type"], _side(s), _dash(s["rank_in"]), _dash(s["rank_out"]),
+        rows = [[name, s["type"], _dash(s["rank_in"]), _dash(s["rank_out"]),
                  "unpacked" if s["unpacked"] else "wrapper"] for name, s in layers.items()]
-        print(format_table(["layer", "type", "side", "rank in", "rank out", "form"], rows))
+        print(format_table(["layer", "type", "rank in", "rank out", "form"], rows))
     else:
         print("no projected layer")
     info = rankwise_io.projection_info(spec)
@@ -294,12 +294,6 @@ def _names(text: str) -> list[str]:
     if not all(names):
         raise argparse.ArgumentTypeError(f"expected comma-separated layer names, got {text!r}")
     return names
-
-
-def _side(spec: dict) -> str:
-    if spec["rank_in"] is not None and spec["rank_out"] is not None:
-        return "both"
-    return "input" if spec["rank_in"] is not None else "output"
 
 
 def _dash(value) -> str:

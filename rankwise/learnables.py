@@ -51,3 +51,23 @@ def factored_learnables(in_channels, out_channels, kernel_numel, rank_in=None, r
     if rank_in is not None:
         total = total + in_channels * rank_in
     return total + (out_channels if rank_out is None else out_channels * (rank_out + 1))
+
+
+def recurrent_learnables(input_size, hidden_size, gates, bias, rank_in=None, rank_out=None):
+    """Learnables of one cell (stacked layer and direction) of an LSTM or GRU layer.
+
+    With ``G`` gates (4 for an LSTM, 3 for a GRU), ``H`` hidden units and ``D`` input features:
+
+    - input side: ``W_ih`` (``G H x D``), or the input projector ``Q_in`` (``D x r_in``) and
+      ``W_ih Q_in`` (``G H x r_in``) when ``rank_in`` is given: ``r_in (D + G H)``;
+    - recurrent side: ``W_hh`` (``G H x H``), or the projector ``Q_out`` of the hidden state
+      (``H x r_out``) and ``W_hh Q_out`` (``G H x r_out``) when ``rank_out`` is given:
+      ``r_out (H + G H)``;
+    - the biases ``b_ih`` and ``b_hh`` (``2 G H``) when ``bias``.
+
+    Works elementwise on numpy arrays of ranks.
+    """
+    gate_rows = gates * hidden_size
+    inputs = gate_rows * input_size if rank_in is None else rank_in * (input_size + gate_rows)
+    hidden = gate_rows * hidden_size if rank_out is None else rank_out * (hidden_size + gate_rows)
+    return inputs + hidden + (2 * gate_rows if bias else 0)

@@ -3,9 +3,11 @@
 For every projectable layer, one calibration pass accumulates, in float64, the moments of
 its activation rows (``count n``, ``sum s = sum_t x_t``, ``square_sum = sum_t |x_t|^2`` and
 ``outer S = sum_t x_t x_t^T``), where a row is one channel vector: one sample of a
-``Linear`` (all leading dimensions of an ``(N, T, D)`` input pooled) or one spatial
-position of a convolution. Memory is ``O(d^2)`` per layer whatever the amount of data, and
-moments of shards of the data simply add up (``merge``).
+``Linear`` (all leading dimensions of an ``(N, T, D)`` input pooled), one spatial
+position of a convolution, or one time step of a sequence for an LSTM or GRU layer (whose
+statistics, per stacked layer and direction, are described in
+:mod:`rankwise.recurrent_statistics`). Memory is ``O(d^2)`` per layer whatever the amount of
+data, and moments of shards of the data simply add up (``merge``).
 
 Convolutions get both sides' full moments. A ``Linear`` layer gets the full moments of its
 output and only ``count``, ``sum`` and ``square_sum`` of its input: for ``y = W x + b`` the
@@ -38,9 +40,13 @@ from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 from tqdm.auto import tqdm
 
 from rankwise.learnables import count_learnables
+from rankwise.moments import Moments, NonFiniteActivationError, Spectrum
+from rankwise.recurrent_statistics import RecurrentStatistics, recurrent_hook
+from rankwise.rnn import GATES
 from rankwise.targets import layer_kind, select_layers
 
 SIDES = ("input", "output")
@@ -50,82 +56,6 @@ FORMAT_VERSION = 1
 
 class ThinDataWarning(UserWarning):
     """A layer saw fewer observations than its width: its statistics are regularised."""
-
-
-class NonFiniteActivationError(ValueError):
-    """A layer produced NaN or Inf activations during calibration."""
-
-
-@dataclass
-class Moments:
-    """Streaming moments of rows ``x_t`` in ``R^d``.
-
-    ``count = n``, ``sum = sum_t x_t``, ``square_sum = sum_t |x_t|^2`` and, unless the side
-    tracks only its power, ``outer = sum_t x_t x_t^T``; all float64 tensors, so that
-    moments of disjoint data add up.
-    """
-
-    count: torch.Tensor
-    sum: torch.Tensor
-    square_sum: torch.Tensor
-    outer: torch.Tensor | None
-
-    @classmethod
-    def zeros(cls, dim: int, device=None, outer: bool = True) -> "Moments":
-        """Moments of no data in dimension ``dim``; ``outer=False`` tracks no ``outer``."""
-        z = dict(dtype=torch.float64, device=device)
-        return cls(torch.zeros((), **z), torch.zeros(dim, **z), torch.zeros((), **z),
-                   torch.zeros(dim, dim, **z) if outer else None)
-
-    def update(self, rows: torch.Tensor) -> None:
-        """Add the rows of a ``(m, d)`` tensor.
-
-        The sums of one batch (its ``d x d`` product ``rows^T rows`` included) run in the
-        rows' precision (at least float32) for speed; they are accumulated across batches in
-        float64.
-
-        Raises
-        ------
-        NonFiniteActivationError
-            When the rows hold NaN or Inf.
-        """
-        compute = rows if rows.dtype in (torch.float32, torch.float64) else rows.float()
-        batch_sum = compute.sum(0).to(torch.float64)
-        if not torch.isfinite(batch_sum).all():
-            raise NonFiniteActivationError("NaN or Inf values")
-        self.count += rows.shape[0]
-        self.sum += batch_sum
-        if self.outer is None:
-            self.square_sum += compute.square().sum().to(torch.float64)
-        else:
-            gram = (compute.T @ compute).to(torch.float64)
-            self.outer += gram
-            self.square_sum += gram.trace()
-
-    def __add__(self, other: "Moments") -> "Moments":
-        outer = None if self.outer is None else self.outer + other.outer
-        return Moments(self.count + other.count, self.sum + other.sum,
-                       self.square_sum + other.square_sum, outer)
-
-    @property
-    def mean(self) -> torch.Tensor:
-        """``mu = sum / count``."""
-        return self.sum / self.count
-
-    @property
-    def power(self) -> torch.Tensor:
-        """Mean variance per channel, ``tr(C) / d = (square_sum / n - |mu|^2) / d``."""
-        return (self.square_sum / self.count - self.mean.square().sum()) / len(self.sum)
-
-    @property
-    def covariance(self) -> torch.Tensor:
-        """Population covariance ``outer / n - mu mu^T``, symmetrised."""
-        if self.outer is None:
-            raise ValueError("these moments track no outer products (the input side of a Linear "
-                             "layer): only the output side has a covariance.")
-        mu = self.mean
-        cov = self.outer / self.count - torch.outer(mu, mu)
-        return (cov + cov.T) / 2
 
 
 @dataclass
@@ -166,40 +96,30 @@ class LayerStatistics:
         """Largest dimension among the analysed sides (a Linear layer's input is not analysed)."""
         return self.out_channels if self.input.outer is None else max(self.in_channels, self.out_channels)
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(out_channels, in_channels)``."""
+        return self.out_channels, self.in_channels
+
     def moments(self, side: str) -> Moments:
         return self.input if side == "input" else self.output
 
-
-@dataclass(frozen=True)
-class Spectrum:
-    """Principal components of one side of one layer.
-
-    Attributes
-    ----------
-    eigenvalues : torch.Tensor
-        ``(d,)`` float64, descending, of the regularised covariance.
-    eigenvectors : torch.Tensor
-        ``(d, d)`` float64, column ``j`` belongs to ``eigenvalues[j]``.
-    mean : torch.Tensor
-        ``(d,)`` float64 mean of the activations.
-    regularization : float
-        The shrinkage ``alpha`` used.
-    """
-
-    eigenvalues: torch.Tensor
-    eigenvectors: torch.Tensor
-    mean: torch.Tensor
-    regularization: float
+    def __add__(self, other: "LayerStatistics") -> "LayerStatistics":
+        if self.shape != other.shape:
+            raise ValueError("the two statistics describe layers of different shapes")
+        return LayerStatistics(**{**vars(self), "input": self.input + other.input,
+                                  "output": self.output + other.output})
 
 
 class NeuronPCA:
     """Principal component analysis of the activations of every projectable layer.
 
     PyTorch counterpart of MATLAB's ``neuronPCA``. One calibration pass over ``data`` with
-    forward hooks on every ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d``
-    (or those named in ``layer_names``) accumulates the moments of each layer's input and
-    output; the eigen-decomposition is done once, on first use. See the module docstring
-    for the mathematics.
+    forward hooks on every ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Conv3d``,
+    ``nn.LSTM`` and ``nn.GRU`` (or those named in ``layer_names``) accumulates the moments of
+    each layer's input and output (of every stacked layer and direction of a recurrent layer:
+    :mod:`rankwise.recurrent_statistics`); the eigen-decomposition is done once, on first use.
+    See the module docstring for the mathematics.
 
     Parameters
     ----------
@@ -207,9 +127,11 @@ class NeuronPCA:
         The trained network. It runs in eval mode under ``torch.no_grad()``; its training
         flag is restored afterwards and it is not otherwise changed.
     data : iterable or torch.Tensor
-        Batches: a ``DataLoader``, a list of tensors, ... A tensor batch is the input; a
-        tuple or list is ``(inputs, targets...)``; a dict is passed as keyword arguments. A
-        single tensor ``data`` is one batch.
+        Batches: a ``DataLoader``, a list of tensors, ... A tensor (or ``PackedSequence``)
+        batch is the input; a tuple or list is ``(inputs, targets...)``; a dict is passed as
+        keyword arguments. A single tensor ``data`` is one batch. Variable-length sequences
+        are best given as ``PackedSequence`` batches (or one sequence per batch): padding
+        would enter the statistics.
     layer_names : str or list of str, optional
         Qualified names of the layers to analyse; all projectable layers when ``None``.
     verbosity : {"off", "summary", "steps", "iterations"}
@@ -237,7 +159,7 @@ class NeuronPCA:
         if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
             raise ValueError(f"max_batches: expected a positive integer or None, got {max_batches!r}.")
         layers = select_layers(model, layer_names)
-        self._init_state({name: LayerStatistics.for_layer(m) for name, m in layers.items()},
+        self._init_state({name: _statistics_for(m) for name, m in layers.items()},
                          count_learnables(model), regularization)
         start = time.perf_counter()
         self.num_batches = _calibrate(model, data, layers, self._stats, forward_fn, max_batches,
@@ -265,13 +187,13 @@ class NeuronPCA:
         """The shrinkage setting: ``"auto"`` or a float in ``[0, 1]``."""
         return self._regularization
 
-    def statistics(self, name: str) -> LayerStatistics:
+    def statistics(self, name: str) -> LayerStatistics | RecurrentStatistics:
         """Moments and weight Grams of layer ``name``."""
         if name not in self._stats:
             raise KeyError(f"{name!r} was not analysed. Analysed layers: {', '.join(self._stats)}.")
         return self._stats[name]
 
-    def spectrum(self, name: str, side: str = "output") -> Spectrum:
+    def spectrum(self, name: str, side: str = "output", cell: str | None = None) -> Spectrum:
         """Eigenvalues (descending) and eigenvectors of the regularised covariance.
 
         Parameters
@@ -279,15 +201,28 @@ class NeuronPCA:
         name : str
             An analysed layer.
         side : {"input", "output"}
+            For a recurrent layer, ``"output"`` is the hidden state ``h_t``.
+        cell : str, optional
+            For a recurrent layer, the stacked layer and direction (``"l0"``, ``"l0_reverse"``,
+            ``"l1"``, ...); may be omitted when there is only one.
         """
         if side not in SIDES:
             raise ValueError(f"side: expected 'input' or 'output', got {side!r}.")
-        if self.statistics(name).moments(side).outer is None:
+        stats = self.statistics(name)
+        if isinstance(stats, RecurrentStatistics):
+            key = (name, side, stats.resolve_cell(cell))
+            if key not in self._spectra:
+                self._spectra[key] = stats.spectrum(side, key[2], self._regularization)
+            return self._spectra[key]
+        if cell is not None:
+            raise ValueError(f"cell: layer {name!r} is not recurrent; only LSTM and GRU layers "
+                             "have cells.")
+        if stats.moments(side).outer is None:
             raise ValueError(f"side: layer {name!r} is a Linear layer, whose input side is not "
                              "analysed (output projection is optimal for it); use side='output'.")
         key = (name, side)
         if key not in self._spectra:
-            self._spectra[key] = _decompose(self.statistics(name), side, self._regularization)
+            self._spectra[key] = _decompose(stats, side, self._regularization)
         return self._spectra[key]
 
     @property
@@ -311,10 +246,9 @@ class NeuronPCA:
         merged = {}
         for name, mine in self._stats.items():
             theirs = other._stats[name]
-            if (mine.in_channels, mine.out_channels) != (theirs.in_channels, theirs.out_channels):
+            if type(mine) is not type(theirs) or mine.shape != theirs.shape:
                 raise ValueError(f"merge: layer {name!r} has different shapes in the two NeuronPCA.")
-            merged[name] = LayerStatistics(**{**vars(mine), "input": mine.input + theirs.input,
-                                              "output": mine.output + theirs.output})
+            merged[name] = mine + theirs
         result = NeuronPCA.__new__(NeuronPCA)
         result._init_state(merged, self.network_learnables, self._regularization,
                            self.num_batches + other.num_batches)
@@ -334,9 +268,7 @@ class NeuronPCA:
         state = torch.load(path, weights_only=True, map_location="cpu")
         if state.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path}: not a NeuronPCA file of format version {FORMAT_VERSION}.")
-        stats = {name: LayerStatistics(**{**d, "input": Moments(**d["input"]),
-                                          "output": Moments(**d["output"])})
-                 for name, d in state["layers"].items()}
+        stats = {name: _restore(d) for name, d in state["layers"].items()}
         npca = cls.__new__(cls)
         npca._init_state(stats, state["network_learnables"], state["regularization"],
                          state["num_batches"])
@@ -374,8 +306,36 @@ def _check_regularization(regularization) -> None:
         raise ValueError(f"regularization: expected 'auto' or a float in [0, 1], got {regularization!r}.")
 
 
+def _statistics_for(layer: nn.Module) -> LayerStatistics | RecurrentStatistics:
+    kind = layer_kind(layer)
+    if kind in GATES:
+        return RecurrentStatistics.for_layer(layer, kind)
+    return LayerStatistics.for_layer(layer)
+
+
+def statistics_shape(layer: nn.Module) -> tuple:
+    """The ``shape`` of the statistics of ``layer`` (to check that statistics belong to it)."""
+    kind = layer_kind(layer)
+    if kind in GATES:
+        return kind, layer.input_size, layer.hidden_size, layer.num_layers, layer.bidirectional
+    return tuple(layer.weight.shape[:2])
+
+
 def _plain(value):
-    return {f.name: getattr(value, f.name) for f in fields(value)} if isinstance(value, Moments) else value
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, Moments):
+        return {f.name: getattr(value, f.name) for f in fields(value)}
+    return value
+
+
+def _restore(plain: dict) -> LayerStatistics | RecurrentStatistics:
+    """Statistics from their :func:`_plain` form."""
+    if plain["kind"] in GATES:
+        return RecurrentStatistics(**{**plain, "input": Moments(**plain["input"]),
+                                      "outputs": [Moments(**m) for m in plain["outputs"]]})
+    return LayerStatistics(**{**plain, "input": Moments(**plain["input"]),
+                              "output": Moments(**plain["output"])})
 
 
 def _decompose(stats: LayerStatistics, side: str, regularization) -> Spectrum:
@@ -383,13 +343,9 @@ def _decompose(stats: LayerStatistics, side: str, regularization) -> Spectrum:
     cov = moments.covariance
     width = stats.width
     alpha = width / (float(moments.count) + width) if regularization == "auto" else float(regularization)
-    if alpha > 0:
-        power = stats.input.power
-        prior = (torch.eye(len(cov), dtype=cov.dtype, device=cov.device) if side == "input"
-                 else stats.weight_gram_output)
-        cov = (1 - alpha) * cov + alpha * power * prior
-    eigenvalues, eigenvectors = torch.linalg.eigh(cov)
-    return Spectrum(eigenvalues.flip(0).clamp_min(0), eigenvectors.flip(1), moments.mean, alpha)
+    prior = (torch.eye(len(cov), dtype=cov.dtype, device=cov.device) if side == "input"
+             else stats.weight_gram_output)
+    return Spectrum.shrunk(cov, moments.mean, alpha, stats.input.power * prior)
 
 
 # Calibration pass ---------------------------------------------------------------------------
@@ -397,13 +353,14 @@ def _decompose(stats: LayerStatistics, side: str, regularization) -> Spectrum:
 def _calibrate(model, data, layers, stats, forward_fn, max_batches, show_progress) -> int:
     """Run the batches through ``model`` with hooks filling ``stats``; return the batch count."""
     forward_fn = forward_fn or default_forward
-    batches = [data] if isinstance(data, torch.Tensor) else data
+    batches = [data] if isinstance(data, torch.Tensor | PackedSequence) else data
     total = _length(batches)
     if max_batches is not None:
         total = max_batches if total is None else min(total, max_batches)
     device = next(model.parameters()).device
-    handles = [layer.register_forward_hook(_hook(name, layer, stats[name]), with_kwargs=True)
-               for name, layer in layers.items()]
+    handles = [layer.register_forward_hook(
+        recurrent_hook(name, stats[name]) if isinstance(stats[name], RecurrentStatistics)
+        else _hook(name, layer, stats[name]), with_kwargs=True) for name, layer in layers.items()]
     was_training = model.training
     model.eval()
     count = 0
@@ -425,8 +382,9 @@ def _calibrate(model, data, layers, stats, forward_fn, max_batches, show_progres
 
 
 def default_forward(model: nn.Module, batch):
-    """Run one batch: a tensor is the input, a tuple/list starts with it, a dict is kwargs."""
-    if isinstance(batch, torch.Tensor):
+    """Run one batch: a tensor (or ``PackedSequence``) is the input, a tuple/list starts with
+    it, a dict is kwargs."""
+    if isinstance(batch, torch.Tensor | PackedSequence):
         return model(batch)
     if isinstance(batch, tuple | list) and batch:
         return model(batch[0])
@@ -437,8 +395,8 @@ def default_forward(model: nn.Module, batch):
 
 
 def move_to(batch, device):
-    """``batch`` with every tensor in it moved to ``device``."""
-    if isinstance(batch, torch.Tensor):
+    """``batch`` with every tensor (and ``PackedSequence``) in it moved to ``device``."""
+    if isinstance(batch, torch.Tensor | PackedSequence):
         return batch.to(device)
     if isinstance(batch, tuple | list):
         return type(batch)(move_to(b, device) for b in batch)

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from rankwise.layers import ProjectedConv, ProjectedLayer, ProjectedLinear
+from rankwise.layers import ProjectedConv, ProjectedGRU, ProjectedLayer, ProjectedLinear, ProjectedLSTM
 from rankwise.learnables import count_learnables
-from rankwise.pca import NeuronPCA, check_verbosity
-from rankwise.ranks import (LayerOptions, RankChoice, allocate_learnables_reduction,
+from rankwise.pca import NeuronPCA, check_verbosity, statistics_shape
+from rankwise.ranks import (LayerOptions, RankChoice, RecurrentOptions, allocate_learnables_reduction,
                             choose_by_explained_variance, layer_options)
 from rankwise.targets import layer_kind, select_layers
 
@@ -30,14 +30,17 @@ class LayerProjection:
 
     ``side`` is ``"dense"`` for a layer left as it was; ``rank_in`` / ``rank_out`` are the
     widths of its input / output projections (``None`` where that side is not projected);
-    ``explained_variance`` is the estimated fraction of the layer's output variance kept.
+    ``explained_variance`` is the estimated fraction of the layer's output variance kept. For an
+    LSTM or GRU layer the sides are its input and its hidden state, the output variance that of
+    its gate pre-activations, and the ranks, for a layer of several cells (stacked layers,
+    directions), tuples over the cells ``l0, l0_reverse, l1, ...`` (see :mod:`rankwise.ranks`).
     """
 
     name: str
     kind: str
     side: str
-    rank_in: int | None
-    rank_out: int | None
+    rank_in: int | tuple | None
+    rank_out: int | tuple | None
     learnables_before: int
     learnables_after: int
     explained_variance: float
@@ -115,7 +118,10 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
     input projection ``y ~ W Q Q^T x + b + W (I - Q Q^T) mu_x`` and both, with ``P`` and ``Q``
     the leading principal directions of the layer's output and input; the side and ranks of
     each layer are chosen by :mod:`rankwise.ranks` to keep the most output variance per
-    learnable. A layer whose factored form would not be smaller stays dense.
+    learnable. A layer whose factored form would not be smaller stays dense. An ``nn.LSTM`` /
+    ``nn.GRU`` becomes a :class:`~rankwise.layers.ProjectedLSTM` /
+    :class:`~rankwise.layers.ProjectedGRU`, projected on the input and the hidden state of
+    each stacked layer and direction (:mod:`rankwise.layers.recurrent`).
 
     Parameters
     ----------
@@ -133,7 +139,8 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
     layer_names : str or list of str, optional
         Project only these layers (qualified module names).
     unpack : bool
-        Return plain torch layers (``nn.Sequential``) instead of :class:`ProjectedLayer`.
+        Return plain torch layers (``nn.Sequential``) instead of :class:`ProjectedLayer`;
+        projected LSTM and GRU layers stay wrappers (no plain torch layer is equivalent).
     verbosity : {"off", "summary", "steps", "iterations"}
         ``"summary"`` prints a before/after table, ``"steps"`` also one line per layer,
         ``"iterations"`` also every step of the global allocation.
@@ -174,6 +181,10 @@ def unpack_projected_layers(model: nn.Module, inplace: bool = False) -> nn.Modul
 
     Counterpart of MATLAB's ``unpackProjectedLayers``: each wrapper becomes an
     ``nn.Sequential`` of ``nn.Linear`` / ``nn.ConvNd`` layers computing the same outputs.
+    :class:`~rankwise.layers.ProjectedLSTM` and :class:`~rankwise.layers.ProjectedGRU` stay
+    as they are (as MATLAB's ``lstmProjectedLayer`` does): no plain torch layer runs a
+    recurrence through projected states (their ``to_dense()`` gives an equivalent
+    ``nn.LSTM`` / ``nn.GRU`` with the original's learnables).
 
     Parameters
     ----------
@@ -259,23 +270,40 @@ def check_statistics(npca: NeuronPCA, layers: dict) -> None:
             raise ValueError(f"npca_or_data: the NeuronPCA has no statistics for layer {name!r} "
                              f"(it analysed: {', '.join(npca.layer_names)}). Compute it with that "
                              "layer included, or pass layer_names to restrict the projection.")
-        stats = npca.statistics(name)
-        if (stats.out_channels, stats.in_channels) != tuple(layer.weight.shape[:2]):
-            raise ValueError(f"npca_or_data: layer {name!r} has shape "
-                             f"{tuple(layer.weight.shape[:2])} in the model but "
-                             f"{(stats.out_channels, stats.in_channels)} in the NeuronPCA; "
-                             "it was computed on another model.")
+        expected, found = statistics_shape(layer), npca.statistics(name).shape
+        if found != expected:
+            raise ValueError(f"npca_or_data: layer {name!r} has shape {expected} in the model but "
+                             f"{found} in the NeuronPCA; it was computed on another model.")
 
 
 def _project(layer: nn.Module, options: LayerOptions, choice: RankChoice, unpack: bool) -> nn.Module:
+    build = _project_recurrent if isinstance(options, RecurrentOptions) else _project_dense
+    projected = build(layer, options, choice)
+    return projected.unpack() if unpack else projected
+
+
+def _project_dense(layer: nn.Module, options: LayerOptions, choice: RankChoice) -> ProjectedLayer:
     cls = ProjectedLinear if isinstance(layer, nn.Linear) else ProjectedConv
-    projected = cls.from_dense(
+    return cls.from_dense(
         layer,
         input_basis=None if choice.rank_in is None else options.input_basis[:, :choice.rank_in],
         input_mean=options.input_mean,
         output_basis=None if choice.rank_out is None else options.output_basis[:, :choice.rank_out],
         output_mean=options.output_mean)
-    return projected.unpack() if unpack else projected
+
+
+def _project_recurrent(layer: nn.Module, options: RecurrentOptions, choice: RankChoice) -> ProjectedLayer:
+    cls = ProjectedLSTM if isinstance(layer, nn.LSTM) else ProjectedGRU
+
+    def bases(ranks, per_cell: dict) -> dict:
+        ranks = ranks if isinstance(ranks, tuple) else (ranks,)
+        return {cell: per_cell[cell][:, :rank]
+                for cell, rank in zip(options.cells, ranks) if rank is not None}
+
+    return cls.from_dense(layer, input_basis=bases(choice.rank_in, options.input_basis),
+                          input_mean=options.input_mean,
+                          output_basis=bases(choice.rank_out, options.output_basis),
+                          output_mean=options.output_mean)
 
 
 def describe_choice(name: str, layer: nn.Module, choice: RankChoice) -> LayerProjection:
@@ -304,4 +332,8 @@ def _print_allocation(allocation, options: dict, network_learnables: int) -> Non
 
 
 def _dash(value) -> str:
+    """A rank for the tables: ``-`` for a side not projected; ``(r, -, ...)`` for the cells of a
+    recurrent layer."""
+    if isinstance(value, tuple):
+        return f"({', '.join(map(_dash, value))})"
     return "-" if value is None else str(value)

@@ -12,6 +12,21 @@ that it loses, its *residual*, so that options of all layers and sides compare:
 - both sides: the two errors are orthogonal (one inside ``range(P)``, one outside), so
   ``res_both <= res_in(r_in) + res_out(r_out)``, which is used as the (conservative) estimate.
 
+An LSTM or GRU layer (see :mod:`rankwise.rnn`) is projected per cell (stacked layer and
+direction) on two sides: its input, ``W_ih -> W_ih Q_in Q_in^T``, and its hidden state,
+``W_hh -> W_hh Q_out Q_out^T``. Their common output space is the gate pre-activations
+``z_t = W_ih x_t + W_hh h_{t-1} + b``: an eigenvector ``q_j`` (eigenvalue ``lambda_j``) of a side
+read by ``W`` carries ``v_j = lambda_j |W q_j|^2`` of their variance, so, with the directions of
+each side ordered by ``v_j``,
+
+    res_in(r)  = sum_{j > r} v_j^in / V,    res_out(r) = sum_{j > r} v_j^out / V,
+    V = sum_j v_j^in + sum_j v_j^out,
+
+and projecting both sides loses ``res_in(r_in) + res_out(r_out)`` (the two terms of ``z_t``
+treated as uncorrelated: an estimate). The cells of a layer are independent: its options are
+the combinations of its cells' options, judged by the fraction of the layer's gate variance
+lost, ``sum_cells res_cell V_cell / sum_cells V_cell``, and filtered to their frontier.
+
 Each option also has an exact learnables count (:func:`rankwise.learnables.factored_learnables`).
 Options that are beaten on both counts are dropped, which leaves each layer a *frontier*:
 learnables ascending, residual strictly descending, ending at the dense layer (residual 0).
@@ -31,11 +46,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
 
-from rankwise.learnables import dense_learnables, factored_learnables
+from rankwise.learnables import dense_learnables, factored_learnables, recurrent_learnables
+from rankwise.recurrent_statistics import RecurrentStatistics
+from rankwise.rnn import GATES
 
 SIDE_NAMES = ("dense", "input", "output", "both")
 LOSSLESS = 1e-6           # a residual at or below this loses no variance (float32 round-off
@@ -51,7 +69,8 @@ class RankChoice:
     ----------
     side : {"dense", "input", "output", "both"}
     rank_in, rank_out : int or None
-        Widths of the input and output projections (``None``: side not projected).
+        Widths of the input and output projections (``None``: side not projected). For a
+        recurrent layer of several cells, a tuple over its cells (see :class:`RecurrentOptions`).
     learnables : int
         Learnables of the layer in this form.
     residual : float
@@ -75,7 +94,8 @@ class LayerOptions:
 
     ``input_basis`` holds the input eigenvectors ordered by output-space variance (``None``
     where the input side was not analysed), and ``output_basis`` the output eigenvectors by
-    eigenvalue: rank ``r`` uses their first ``r`` columns. ``side_residuals[side][r - 1]``
+    eigenvalue (for one cell of a recurrent layer: those of its hidden state, by gate
+    variance): rank ``r`` uses their first ``r`` columns. ``side_residuals[side][r - 1]``
     is the residual of projecting that side alone at rank ``r`` (``res_out`` / ``res_in`` of
     the module docstring), for each analysed side.
     """
@@ -108,25 +128,54 @@ class LayerOptions:
         return int(np.argmax(self.residual <= residual + LOSSLESS))
 
 
+@dataclass
+class RecurrentOptions(LayerOptions):
+    """The frontier of an LSTM or GRU layer's options, each a combination of its cells' options.
+
+    ``side``, ``rank_in`` and ``rank_out`` are ``(options, cells)`` arrays, a column per cell of
+    ``cells``; the bases and means are dicts keyed by cell: ``input_basis[cell]`` holds the
+    eigenvectors of the cell's input ``x_t`` and ``output_basis[cell]`` those of its hidden state
+    ``h_t``, each ordered by the gate variance it carries. :meth:`choice` gives the layer's side
+    (``"both"`` when its cells project different sides) and, for a layer of several cells, the
+    ranks as tuples over its cells. ``side_residuals`` is given for a layer of one cell only.
+    """
+
+    cells: tuple = ()
+
+    def choice(self, index: int) -> RankChoice:
+        sides = [SIDE_NAMES[code] for code in self.side[index]]
+        projected = set(sides) - {"dense"}
+        side = "both" if "both" in projected or len(projected) == 2 else next(iter(projected), "dense")
+        rank_in, rank_out = (tuple(int(r) if s in (name, "both") else None for s, r in zip(sides, ranks))
+                             for name, ranks in (("input", self.rank_in[index]),
+                                                 ("output", self.rank_out[index])))
+        if len(self.cells) == 1:
+            rank_in, rank_out = rank_in[0], rank_out[0]
+        return RankChoice(side, rank_in, rank_out, int(self.learnables[index]),
+                          float(self.residual[index]))
+
+
 def layer_options(npca, name: str) -> LayerOptions:
     """Enumerate and filter the options of layer ``name`` from its statistics.
 
     Input and both-sides options exist only where the input side was analysed (not for
-    ``Linear`` layers, where output projection is optimal; see :mod:`rankwise.pca`).
+    ``Linear`` layers, where output projection is optimal; see :mod:`rankwise.pca`). An LSTM or
+    GRU layer gets its :class:`RecurrentOptions`.
     """
     stats = npca.statistics(name)
+    if isinstance(stats, RecurrentStatistics):
+        return _recurrent_options(npca, name)
     out_spec = npca.spectrum(name, "output")
     res_out = _residual_curve(out_spec.eigenvalues)
-    shape = (stats.in_channels, stats.out_channels, stats.kernel_numel)
+    in_c, out_c, k = (stats.in_channels, stats.out_channels, stats.kernel_numel)
     input_basis = input_mean = res_in = None
     if stats.input.outer is not None:
         in_spec = npca.spectrum(name, "input")
-        v = in_spec.eigenvectors
-        input_variance = in_spec.eigenvalues * torch.einsum("ij,ik,kj->j", v, stats.weight_gram_input, v)
-        order = torch.argsort(input_variance, descending=True)
-        res_in = _residual_curve(input_variance[order])
-        input_basis, input_mean = v[:, order], in_spec.mean
-    side, rank_in, rank_out, learnables, residual = _all_options(shape, stats.bias, res_in, res_out)
+        input_variance, input_basis = _ranked_directions(in_spec, stats.weight_gram_input)
+        res_in, input_mean = _residual_curve(input_variance), in_spec.mean
+    side, rank_in, rank_out, learnables, residual = _all_options(
+        res_in, res_out, partial(factored_learnables, in_c, out_c, k),
+        dense_learnables(in_c, out_c, k, stats.bias))
     keep = _frontier(learnables, residual)
     side_residuals = {"output": res_out} if res_in is None else {"input": res_in, "output": res_out}
     return LayerOptions(name, side[keep], rank_in[keep], rank_out[keep], learnables[keep],
@@ -134,29 +183,100 @@ def layer_options(npca, name: str) -> LayerOptions:
                         side_residuals)
 
 
-def _residual_curve(variances: torch.Tensor) -> np.ndarray:
-    """``res[r - 1] = sum_{j > r} v_j / sum_j v_j`` for ``r = 1..d`` (0 when all is zero)."""
+def _ranked_directions(spectrum, weight_gram: torch.Tensor):
+    """``(v, Q)``: the output-space variances ``v_j = lambda_j q_j^T W^T W q_j``, descending,
+    and the eigenvectors ``q_j`` in that order."""
+    v = spectrum.eigenvectors
+    variance = spectrum.eigenvalues * torch.einsum("ij,ik,kj->j", v, weight_gram, v)
+    order = torch.argsort(variance, descending=True)
+    return variance[order], v[:, order]
+
+
+def _recurrent_options(npca, name: str) -> RecurrentOptions:
+    """The options of a recurrent layer: every cell's frontier, then their combinations."""
+    cells = npca.statistics(name).cells
+    frontiers = [_cell_options(npca, name, cell) for cell in cells]
+    picks, learnables, lost = _combine(frontiers)
+    total = sum(variance for _, variance in frontiers)
+    residual = lost / total if total > 0 else np.zeros(len(lost))
+
+    def per_cell(field_name):
+        return np.stack([getattr(opts, field_name)[picks[:, k]]
+                         for k, (opts, _) in enumerate(frontiers)], 1)
+
+    def by_cell(field_name):
+        return {cell: getattr(opts, field_name) for cell, (opts, _) in zip(cells, frontiers)}
+
+    return RecurrentOptions(name, per_cell("side"), per_cell("rank_in"), per_cell("rank_out"),
+                            learnables, residual, by_cell("input_basis"), by_cell("input_mean"),
+                            by_cell("output_basis"), by_cell("output_mean"),
+                            frontiers[0][0].side_residuals if len(cells) == 1 else {}, tuple(cells))
+
+
+def _cell_options(npca, name: str, cell: str) -> tuple[LayerOptions, float]:
+    """One cell's frontier (residuals relative to its gate variance ``V``) and ``V``."""
+    stats = npca.statistics(name)
+    spectra = {side: npca.spectrum(name, side, cell) for side in ("input", "output")}
+    ranked = {side: _ranked_directions(spectra[side], stats.weight_gram(side, cell)) for side in spectra}
+    total = float(ranked["input"][0].sum() + ranked["output"][0].sum())
+    side_residuals = {side: _residual_curve(ranked[side][0], total) for side in ranked}
+    count = partial(recurrent_learnables, stats.cell_input_size(cell), stats.hidden_size,
+                    GATES[stats.kind], stats.bias)
+    options = _all_options(side_residuals["input"], side_residuals["output"], count, count(None, None))
+    keep = _frontier(options[3], options[4])
+    side, rank_in, rank_out, learnables, residual = (a[keep] for a in options)
+    return LayerOptions(name, side, rank_in, rank_out, learnables, residual,
+                        ranked["input"][1], spectra["input"].mean, ranked["output"][1],
+                        spectra["output"].mean, side_residuals), total
+
+
+def _combine(frontiers: list[tuple[LayerOptions, float]]):
+    """The frontier of the combinations of independent cells' options.
+
+    A combination's learnables and lost variance (``residual V``) are the sums over the
+    cells. Returns ``(picks, learnables, lost)``: ``picks[i, k]`` is the option of cell ``k`` in
+    combination ``i``; the all-dense combination is last.
+    """
+    picks, learnables, lost = np.zeros((1, 0), int), np.zeros(1, int), np.zeros(1)
+    for options, variance in frontiers:
+        count = len(options.learnables)
+        learnables = (learnables[:, None] + options.learnables[None, :]).ravel()
+        lost = (lost[:, None] + variance * options.residual[None, :]).ravel()
+        picks = np.concatenate([np.repeat(picks, count, 0),
+                                np.tile(np.arange(count), len(picks))[:, None]], 1)
+        keep = _frontier(learnables, lost)
+        picks, learnables, lost = picks[keep], learnables[keep], lost[keep]
+    return picks, learnables, lost
+
+
+def _residual_curve(variances: torch.Tensor, total: float | None = None) -> np.ndarray:
+    """``res[r - 1] = sum_{j > r} v_j / total`` for ``r = 1..d``, ``total = sum_j v_j`` by
+    default (0 when the total is zero)."""
     v = variances.detach().cpu().numpy().astype(np.float64)
-    total = v.sum()
+    total = v.sum() if total is None else total
     if total <= 0:
         return np.zeros(len(v))
-    return np.clip(1.0 - np.cumsum(v) / total, 0.0, 1.0)
+    return np.clip((v.sum() - np.cumsum(v)) / total, 0.0, 1.0)
 
 
-def _all_options(shape, bias, res_in, res_out):
-    """Arrays (side code, rank_in, rank_out, learnables, residual) of every option, dense last."""
-    in_c, out_c, k = shape
-    r_out = np.arange(1, out_c + 1)
-    parts = [(2, 0 * r_out, r_out, factored_learnables(in_c, out_c, k, None, r_out), res_out)]
+def _all_options(res_in, res_out, count, dense: int):
+    """Arrays (side code, rank_in, rank_out, learnables, residual) of every option, dense last.
+
+    ``res_in`` and ``res_out`` are the residual curves of each side alone (``res_in`` is
+    ``None`` where the input side is not analysed), ``count(rank_in, rank_out)`` the learnables
+    of a factored form (``None`` for a side not projected) and ``dense`` those of the dense layer.
+    """
+    r_out = np.arange(1, len(res_out) + 1)
+    parts = [(2, 0 * r_out, r_out, count(None, r_out), res_out)]
     if res_in is not None:
+        in_c = len(res_in)
         r_in = np.arange(1, in_c + 1)
         grid_in = np.unique(np.linspace(1, in_c, min(in_c, MAX_BOTH_INPUT_RANKS)).round().astype(int))
         both_in, both_out = (a.ravel() for a in np.meshgrid(grid_in, r_out, indexing="ij"))
-        parts += [(1, r_in, 0 * r_in, factored_learnables(in_c, out_c, k, r_in, None), res_in),
-                  (3, both_in, both_out, factored_learnables(in_c, out_c, k, both_in, both_out),
+        parts += [(1, r_in, 0 * r_in, count(r_in, None), res_in),
+                  (3, both_in, both_out, count(both_in, both_out),
                    np.minimum(res_in[both_in - 1] + res_out[both_out - 1], 1.0))]
-    parts.append((0, np.zeros(1, int), np.zeros(1, int),
-                  np.array([dense_learnables(in_c, out_c, k, bias)]), np.zeros(1)))
+    parts.append((0, np.zeros(1, int), np.zeros(1, int), np.array([dense]), np.zeros(1)))
     return tuple(np.concatenate([np.broadcast_to(np.asarray(p[i]), p[1].shape) for p in parts])
                  for i in range(5))
 

@@ -75,7 +75,8 @@ def test_every_layer_is_listed_with_why_it_cannot_be_projected(mixed):
     assert "grouped convolution" in report.layers["3"].reason
     assert report.layers["8"].reason == "it is already projected"
     assert report.layers["8"].learnables == rw.count_learnables(model[8])
-    assert set(report.layers["0"].sides) == {"input", "output"} and set(report.layers["6"].sides) == {"output"}
+    assert set(report.layers["0"].sides) == {"input", "output"}
+    assert set(report.layers["6"].sides) == {"output"}
     for name in report.analysed_layers:
         layer = report.layers[name]
         assert layer.learnables == rw.count_learnables(model.get_submodule(name))

@@ -3,5 +3,7 @@
 from rankwise.layers.base import ProjectedLayer
 from rankwise.layers.conv import ProjectedConv
 from rankwise.layers.linear import ProjectedLinear
+from rankwise.layers.recurrent import ProjectedGRU, ProjectedLSTM, ProjectedRecurrent
 
-__all__ = ["ProjectedLayer", "ProjectedLinear", "ProjectedConv"]
+__all__ = ["ProjectedLayer", "ProjectedLinear", "ProjectedConv", "ProjectedLSTM", "ProjectedGRU",
+           "ProjectedRecurrent"]

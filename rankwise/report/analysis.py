@@ -16,7 +16,7 @@ without recomputing its statistics, the report gathers:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from torch import nn
@@ -27,6 +27,9 @@ from rankwise.pca import NeuronPCA, check_verbosity
 from rankwise.projection import (ProjectionInfo, check_fraction, check_statistics, choose_ranks,
                                  describe_choice)
 from rankwise.ranks import LayerOptions, layer_options, tradeoff_curve
+from rankwise.report.html import write_html
+from rankwise.report.serialize import report_to_dict, write_json
+from rankwise.report.table import report_table
 from rankwise.targets import select_layers, why_not_projectable
 
 DEFAULT_EXPLAINED_VARIANCE_GOALS = (0.9, 0.95, 0.99)
@@ -81,7 +84,7 @@ class LayerReport:
     reason: str | None
     min_learnables: int | None = None
     lossless_learnables: int | None = None
-    sides: dict | None = None
+    sides: dict = field(default_factory=dict)
 
     @property
     def analysed(self) -> bool:
@@ -134,26 +137,18 @@ class AnalysisReport:
 
     def table(self) -> str:
         """Terminal tables: the goals' outcomes, then every layer (see :mod:`.table`)."""
-        from rankwise.report.table import report_table
-
         return report_table(self)
 
     def to_dict(self) -> dict:
         """A JSON-friendly description (see :mod:`.serialize` for the fields)."""
-        from rankwise.report.serialize import report_to_dict
-
         return report_to_dict(self)
 
     def to_json(self, path) -> None:
         """Write :meth:`to_dict` to ``path`` as JSON."""
-        from rankwise.report.serialize import write_json
-
         write_json(self, path)
 
     def to_html(self, path, title: str = "rankwise analysis") -> None:
         """Write one self-contained HTML page: tables and plots (needs matplotlib)."""
-        from rankwise.report.html import write_html
-
         write_html({title: self}, path)
 
     def __str__(self) -> str:
@@ -189,8 +184,8 @@ def analyze(model: nn.Module, npca_or_data, *, layer_names=None,
     AnalysisReport
     """
     check_verbosity(verbosity)
-    goals = _check_goals(explained_variance_goals, "explained_variance_goals") \
-        + _check_goals(learnables_reduction_goals, "learnables_reduction_goals")
+    goals = _check_goals(explained_variance_goals, "explained_variance_goals", "explained_variance_goal") \
+        + _check_goals(learnables_reduction_goals, "learnables_reduction_goals", "learnables_reduction_goal")
     selected = select_layers(model, layer_names)
     npca, analysed = _statistics(model, npca_or_data, selected, layer_names is None,
                                  verbosity, forward_fn)
@@ -209,12 +204,11 @@ def analyze(model: nn.Module, npca_or_data, *, layer_names=None,
     return report
 
 
-def _check_goals(goals, argument: str) -> list[tuple[str, float]]:
-    """``[(goal name, goal)]`` from a sequence of fractions, or an error naming ``argument``."""
+def _check_goals(goals, argument: str, goal_name: str) -> list[tuple[str, float]]:
+    """``[(goal_name, goal)]`` from a sequence of fractions, or an error naming ``argument``."""
     if isinstance(goals, str) or not hasattr(goals, "__iter__"):
         raise ValueError(f"{argument}: expected a sequence of numbers in [0, 1] (e.g. (0.9, 0.95)), "
                          f"got {goals!r}.")
-    goal_name = argument.removesuffix("s")
     return [(goal_name, check_fraction(goal, argument)) for goal in goals]
 
 

@@ -70,7 +70,7 @@ def _layer(layer, goals: dict) -> dict:
         "min_learnables": layer.min_learnables, "lossless_learnables": layer.lossless_learnables,
         "sides": {side: {"eigenvalues": spectrum.eigenvalues.tolist(),
                          "explained_variance": spectrum.explained_variance.tolist()}
-                  for side, spectrum in (layer.sides or {}).items()},
+                  for side, spectrum in layer.sides.items()},
         "goals": {goal: _choice(info.layers[layer.name]) for goal, info in goals.items()} if analysed else {},
     }
 

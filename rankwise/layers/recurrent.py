@@ -1,0 +1,468 @@
+"""ProjectedLSTM and ProjectedGRU: recurrent layers acting in the principal subspaces of their
+inputs and hidden states.
+
+Counterparts of MATLAB's ``lstmProjectedLayer`` and ``gruProjectedLayer``. In each cell (stacked
+layer and direction, see :mod:`rankwise.rnn`) of an ``nn.LSTM`` / ``nn.GRU``, the two products
+feeding the gates are projected; the hidden size, the outputs and the states keep the shapes of
+the original layer:
+
+- input side, with ``Q_in`` (``D_l x r_in``) the leading principal directions of the cell's
+  input ``x_t`` and ``mu_x`` its mean::
+
+      W_ih x  ~  (W_ih Q_in) Q_in^T x  +  W_ih (I - Q_in Q_in^T) mu_x
+
+  stored as the projector ``in_proj[cell] = Q_in`` and ``core["weight_ih_<cell>"] = W_ih Q_in``,
+  the constant folded into ``b_ih``;
+- recurrent side, with ``Q_out`` (``H x r_out``) those of the hidden states ``h_t`` and ``mu_h``
+  their mean::
+
+      W_hh h  ~  (W_hh Q_out) Q_out^T h  +  W_hh (I - Q_out Q_out^T) mu_h
+
+  stored as ``out_proj[cell] = Q_out`` and ``core["weight_hh_<cell>"] = W_hh Q_out``, the constant
+  folded into ``b_hh`` (for a GRU, inside the reset gate's product, where ``W_hn h`` sits).
+
+A cell projects one side, both or neither. A layer without biases takes no means (its
+statistics are uncentred). With full orthonormal bases the layer computes the original exactly.
+
+Two execution paths compute the same function:
+
+- ``"dense"`` rebuilds ``W_ih Q_in Q_in^T`` and ``W_hh Q_out Q_out^T`` at each call (``G H r
+  (D_l + H)`` multiply-adds per cell) and runs torch's fused kernel: fewer stored learnables,
+  the speed of the original layer;
+- ``"factored"`` runs the recurrence step by step with the projections inside it: per time step
+  and sequence ``r_out (H + G H)`` multiply-adds instead of ``G H^2`` for the recurrent side
+  (``r_in (D_l + G H)`` instead of ``G H D_l`` for the input side), but several torch operations
+  launched per time step.
+
+``execution="auto"`` (the default) picks ``"factored"`` only where the multiply-adds it saves
+pay for its per-step overhead (:func:`factored_is_faster`, calibrated on a CPU). On that
+machine the dense path wins for ``H <= 128`` at small batches and the factored one from about
+``H = 512``. Elsewhere (a GPU, where fused kernels make per-step launches relatively costlier)
+``"auto"`` takes the dense path: the calibration does not cover it.
+
+There is no plain torch layer with these parameters (the projection of ``h_{t-1}`` sits inside
+the recurrence), so :meth:`ProjectedRecurrent.unpack` returns the wrapper itself;
+:meth:`ProjectedRecurrent.to_dense` gives the ``nn.LSTM`` / ``nn.GRU`` with the rebuilt weights,
+computing the same outputs with the original's learnables (e.g. for export).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rankwise.layers.base import ProjectedLayer, _as_basis, _as_vector
+from rankwise.rnn import GATES, cell_input_sizes, cell_names, fused, normalise
+
+EXECUTIONS = ("auto", "dense", "factored")
+SIDE_PARAMETERS = {"input": ("weight_ih", "bias_ih"), "output": ("weight_hh", "bias_hh")}
+"""The weight and bias each side of a cell feeds: ``"output"`` is the hidden state."""
+
+FACTORED_STEP_OVERHEAD = 1.6e5
+"""Per cell and time step, the fixed cost of the factored path's torch calls, in multiply-adds
+(calibrated by ``bench/recurrent_execution.py`` on a 2-core x86 CPU, one torch thread)."""
+
+FACTORED_GATE_OVERHEAD = 160.0
+"""Per gate pre-activation and time step, the extra cost of the factored path's unfused
+element-wise operations over the fused kernel's, in multiply-adds (calibrated likewise)."""
+
+
+def factored_is_faster(kind: str, batch: int, hidden_size: int, savings: int, cells: int) -> bool:
+    """Whether the factored path is expected to beat the dense one on a batch.
+
+    With ``S`` the multiply-adds per time step and sequence that the projections save (summed
+    over cells) and ``N`` the batch size, the factored path wins when::
+
+        N S  >  cells (FACTORED_STEP_OVERHEAD + FACTORED_GATE_OVERHEAD N G H)
+
+    i.e. when its saving outweighs its per-step launch costs and its unfused gate arithmetic.
+
+    Parameters
+    ----------
+    kind : {"lstm", "gru"}
+    batch : int
+        ``N``, sequences in the batch.
+    hidden_size : int
+        ``H``.
+    savings : int
+        ``S``.
+    cells : int
+        Cells of the layer.
+    """
+    gate_rows = GATES[kind] * hidden_size
+    return batch * savings > cells * (FACTORED_STEP_OVERHEAD + FACTORED_GATE_OVERHEAD * batch * gate_rows)
+
+
+class ProjectedRecurrent(ProjectedLayer):
+    """Base of :class:`ProjectedLSTM` and :class:`ProjectedGRU`; see the module docstring.
+
+    Called like the torch layer it replaces: ``layer(input, hx=None)`` with a padded batch
+    (``batch_first`` either way), an unbatched sequence or a ``PackedSequence``, returns
+    ``(output, h_n)`` (``(output, (h_n, c_n))`` for an LSTM).
+
+    Parameters
+    ----------
+    in_proj : torch.nn.ParameterDict or None
+        ``Q_in`` (``D_l x r_in``) of each cell whose input side is projected.
+    core : torch.nn.ParameterDict
+        ``weight_ih_<cell>`` (``G H x r_in`` or ``G H x D_l``), ``weight_hh_<cell>``
+        (``G H x r_out`` or ``G H x H``) and, with ``bias``, ``bias_ih_<cell>``, ``bias_hh_<cell>``.
+    out_proj : torch.nn.ParameterDict or None
+        ``Q_out`` (``H x r_out``) of each cell whose hidden-state side is projected.
+    input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional
+        As for ``nn.LSTM``.
+    execution : {"auto", "dense", "factored"}
+        The execution path (see the module docstring); an attribute that can be changed later.
+    """
+
+    kind = ""
+    dense_type = nn.RNNBase
+
+    def __init__(self, in_proj: nn.ParameterDict | None, core: nn.ParameterDict,
+                 out_proj: nn.ParameterDict | None, *, input_size: int, hidden_size: int,
+                 num_layers: int = 1, bias: bool = True, batch_first: bool = False,
+                 dropout: float = 0.0, bidirectional: bool = False, execution: str = "auto"):
+        super().__init__(in_proj, core, out_proj)
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.bias, self.batch_first, self.bidirectional = bias, batch_first, bidirectional
+        self.dropout = float(dropout)
+        self.execution = execution
+
+    @property
+    def execution(self) -> str:
+        """``"auto"``, ``"dense"`` or ``"factored"``."""
+        return self._execution
+
+    @execution.setter
+    def execution(self, value: str) -> None:
+        if value not in EXECUTIONS:
+            raise ValueError(f"execution: expected one of {', '.join(map(repr, EXECUTIONS))}, "
+                             f"got {value!r}.")
+        self._execution = value
+
+    @property
+    def cells(self) -> list[str]:
+        """Cell names in torch's order: ``l0``, ``l0_reverse``, ``l1``, ..."""
+        return cell_names(self.num_layers, self.bidirectional)
+
+    @property
+    def rank_in(self):
+        """``r_in`` of the cell (``None`` where not projected); a tuple over the cells when several."""
+        return self._ranks(self.in_proj)
+
+    @property
+    def rank_out(self):
+        """``r_out`` of the cell (``None`` where not projected); a tuple over the cells when several."""
+        return self._ranks(self.out_proj)
+
+    def _ranks(self, projectors):
+        ranks = tuple(None if q is None else q.shape[1]
+                      for q in (_projector(projectors, cell) for cell in self.cells))
+        return ranks[0] if len(ranks) == 1 else ranks
+
+    # Forward ---------------------------------------------------------------------------------
+    def forward(self, input, hx=None):
+        call = normalise(self.kind, self, input, hx)
+        factored = self.uses_factored(call.hx[0].shape[1], call.input.device)
+        return call.finish(*(self._factored if factored else self._dense)(call))
+
+    def uses_factored(self, batch: int, device: torch.device) -> bool:
+        """Whether a call on ``batch`` sequences on ``device`` takes the factored path (``"auto"``:
+        by :func:`factored_is_faster` on the CPU, the dense path elsewhere)."""
+        if self.execution != "auto":
+            return self.execution == "factored"
+        return device.type == "cpu" and factored_is_faster(self.kind, batch, self.hidden_size,
+                                                           self._savings(), len(self.cells))
+
+    def _savings(self) -> int:
+        """Multiply-adds per time step and sequence that the projections save, over all cells."""
+        gate_rows = GATES[self.kind] * self.hidden_size
+        total = 0
+        for cell, width in zip(self.cells, cell_input_sizes(self)):
+            for projectors, dim in ((self.in_proj, width), (self.out_proj, self.hidden_size)):
+                q = _projector(projectors, cell)
+                total += 0 if q is None else gate_rows * dim - q.shape[1] * (dim + gate_rows)
+        return total
+
+    def _dense(self, call):
+        weights = [w for cell in self.cells for w in self.dense_weights(cell)]
+        return fused(self.kind, call, call.input, call.hx, weights, has_biases=self.bias,
+                     num_layers=self.num_layers, dropout=self.dropout, training=self.training,
+                     bidirectional=self.bidirectional)
+
+    def dense_weights(self, cell: str) -> list[torch.Tensor]:
+        """``[W_ih Q_in Q_in^T, W_hh Q_out Q_out^T, b_ih, b_hh]`` of a cell, as torch orders them
+        (a side not projected keeps its weight; no biases without ``bias``)."""
+        weights = [self._expanded(self.in_proj, "weight_ih", cell),
+                   self._expanded(self.out_proj, "weight_hh", cell)]
+        biases = [self.core[f"bias_ih_{cell}"], self.core[f"bias_hh_{cell}"]] if self.bias else []
+        return weights + biases
+
+    def _expanded(self, projectors, name: str, cell: str) -> torch.Tensor:
+        weight, q = self.core[f"{name}_{cell}"], _projector(projectors, cell)
+        return weight if q is None else weight @ q.T
+
+    def _factored(self, call):
+        directions = 2 if self.bidirectional else 1
+        sequence, finals = call.input, []
+        for layer in range(self.num_layers):
+            outputs = []
+            for index in range(layer * directions, (layer + 1) * directions):
+                cell = self.cells[index]
+                gates = call.steps(self._input_gates(cell, sequence))
+                steps, final = self._recur(cell, gates, tuple(s[index] for s in call.hx),
+                                           reverse=cell.endswith("_reverse"))
+                outputs.append(call.join(steps))
+                finals.append(final)
+            sequence = torch.cat(outputs, -1)
+            if self.training and self.dropout and layer < self.num_layers - 1:
+                sequence = F.dropout(sequence, self.dropout, training=True)
+        return sequence, tuple(torch.stack(states) for states in zip(*finals))
+
+    def _recur(self, cell: str, gates: list[torch.Tensor], state: tuple, reverse: bool):
+        """Run one cell over the per-step input gates; steps of a packed batch hold fewer rows
+        as sequences end, the states of ended sequences are kept."""
+        recurrent = self._recurrent(cell)
+        outputs = [None] * len(gates)
+        for t in (reversed(range(len(gates))) if reverse else range(len(gates))):
+            rows = len(gates[t])
+            new = self._step(gates[t], tuple(s[:rows] for s in state), recurrent)
+            ended = len(state[0]) - rows
+            state = tuple(torch.cat([n, s[rows:]]) for n, s in zip(new, state)) if ended else new
+            outputs[t] = new[0]
+        return outputs, state
+
+    def _project_input(self, cell: str, sequence: torch.Tensor) -> torch.Tensor:
+        q = _projector(self.in_proj, cell)
+        return sequence if q is None else sequence @ q
+
+    def _recurrent(self, cell: str):
+        """``(h, base) -> base + W_hh Q_out Q_out^T h`` for one cell (``base`` may be ``None``),
+        the projection applied first."""
+        weight, q = self.core[f"weight_hh_{cell}"].T, _projector(self.out_proj, cell)
+
+        def product(h, base):
+            z = h if q is None else h @ q
+            return z @ weight if base is None else torch.addmm(base, z, weight)
+
+        return product
+
+    def _input_gates(self, cell: str, sequence: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def _step(gates: torch.Tensor, state: tuple, recurrent) -> tuple:
+        raise NotImplementedError
+
+    # Conversions -----------------------------------------------------------------------------
+    def unpack(self) -> "ProjectedRecurrent":
+        """The wrapper itself: no plain torch layer runs a recurrence with projected states.
+
+        :meth:`to_dense` gives an equivalent ``nn.LSTM`` / ``nn.GRU`` with the original's
+        learnables.
+        """
+        return self
+
+    def to_dense(self) -> nn.Module:
+        """The ``nn.LSTM`` / ``nn.GRU`` with the rebuilt weights ``W Q Q^T``: the same outputs
+        as this layer (not the same learnables)."""
+        like = self.core["weight_ih_l0"]
+        dense = self.dense_type(self.input_size, self.hidden_size, self.num_layers, bias=self.bias,
+                                batch_first=self.batch_first, dropout=self.dropout,
+                                bidirectional=self.bidirectional, device=like.device, dtype=like.dtype)
+        names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+        with torch.no_grad():
+            for cell in self.cells:
+                for name, weight in zip(names, self.dense_weights(cell)):
+                    getattr(dense, f"{name}_{cell}").copy_(weight)
+        return dense.requires_grad_(like.requires_grad)
+
+    def extra_repr(self) -> str:
+        options = [f"{self.input_size}, {self.hidden_size}"]
+        options += [f"{name}={getattr(self, name)}" for name, default in
+                    (("num_layers", 1), ("bias", True), ("batch_first", False), ("dropout", 0.0),
+                     ("bidirectional", False)) if getattr(self, name) != default]
+        return ", ".join(options + [super().extra_repr(), f"execution={self.execution!r}"])
+
+    def spec(self) -> dict:
+        """Class name, ranks per cell (lists for several cells) and execution path (JSON-friendly).
+
+        With the original ``nn.LSTM`` / ``nn.GRU``, :meth:`from_spec` rebuilds the structure.
+        """
+        def plain(ranks):
+            return list(ranks) if isinstance(ranks, tuple) else ranks
+
+        return {"type": type(self).__name__, "rank_in": plain(self.rank_in),
+                "rank_out": plain(self.rank_out), "execution": self.execution}
+
+    @classmethod
+    def from_spec(cls, layer: nn.Module, spec: dict) -> "ProjectedRecurrent":
+        """A wrapper with the structure described by ``spec`` (see :meth:`spec`) for ``layer``.
+
+        Its weights are placeholders (the first columns of the identity as bases): load the
+        saved state dict into it.
+        """
+        if spec.get("type") != cls.__name__:
+            raise ValueError(f"spec: describes a {spec.get('type')!r}, not a {cls.__name__}.")
+        cells = cell_names(layer.num_layers, layer.bidirectional)
+
+        def bases(key: str, dims: list[int]) -> dict:
+            ranks = spec[key] if isinstance(spec[key], list) else [spec[key]]
+            if len(ranks) != len(cells):
+                raise ValueError(f"spec: {key!r} gives {len(ranks)} ranks for {len(cells)} cells.")
+            return {cell: torch.eye(dim, dtype=torch.float64)[:, :rank]
+                    for cell, rank, dim in zip(cells, ranks, dims) if rank is not None}
+
+        return cls.from_dense(layer, input_basis=bases("rank_in", cell_input_sizes(layer)),
+                              output_basis=bases("rank_out", [layer.hidden_size] * len(cells)),
+                              execution=spec.get("execution", "auto"))
+
+    # Construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_dense(cls, layer: nn.Module, input_basis=None, input_mean=None, output_basis=None,
+                   output_mean=None, execution: str = "auto") -> "ProjectedRecurrent":
+        """Project an ``nn.LSTM`` / ``nn.GRU`` onto the given orthonormal bases, cell by cell.
+
+        Parameters
+        ----------
+        layer : torch.nn.LSTM or torch.nn.GRU
+            The dense layer (no ``proj_size``). It is not modified; the wrapper takes its
+            training mode (which decides whether dropout acts between layers).
+        input_basis : dict of str to torch.Tensor, optional
+            ``Q_in`` (``D_l x r_in``, orthonormal columns) of each cell whose input side is
+            projected, keyed by cell name (``"l0"``, ``"l0_reverse"``, ...). A layer of one cell
+            also takes the tensor itself.
+        input_mean : dict of str to torch.Tensor, optional
+            ``mu_x`` (``D_l``) of those cells, folded into ``b_ih``; zero when omitted.
+        output_basis, output_mean : optional
+            ``Q_out`` (``H x r_out``) and ``mu_h`` (``H``) of the hidden-state side, likewise.
+        execution : {"auto", "dense", "factored"}
+
+        Returns
+        -------
+        ProjectedRecurrent
+        """
+        if not isinstance(layer, cls.dense_type) or getattr(layer, "proj_size", 0):
+            raise ValueError(f"from_dense: expected an nn.{cls.dense_type.__name__} (without "
+                             f"proj_size), got {type(layer).__name__}.")
+        cells = cell_names(layer.num_layers, layer.bidirectional)
+        given = {side: (_per_cell(basis, cells, f"{side}_basis"), _per_cell(mean, cells, f"{side}_mean"))
+                 for side, basis, mean in (("input", input_basis, input_mean),
+                                           ("output", output_basis, output_mean))}
+        if not given["input"][0] and not given["output"][0]:
+            raise ValueError("from_dense: give input_basis, output_basis or both.")
+        projectors, core = {"input": {}, "output": {}}, {}
+        for cell in cells:
+            projected = {side: _project_side(layer, cell, side, *given[side], projectors[side])
+                         for side in given}
+            core.update({f"{SIDE_PARAMETERS[side][0]}_{cell}": projected[side][0] for side in given})
+            if layer.bias:
+                core.update({f"{SIDE_PARAMETERS[side][1]}_{cell}": projected[side][1] for side in given})
+        like = layer.weight_ih_l0
+        projected = cls(_parameters(projectors["input"], like), _parameters(core, like),
+                        _parameters(projectors["output"], like), input_size=layer.input_size,
+                        hidden_size=layer.hidden_size, num_layers=layer.num_layers, bias=layer.bias,
+                        batch_first=layer.batch_first, dropout=layer.dropout,
+                        bidirectional=layer.bidirectional, execution=execution)
+        return projected.train(layer.training)
+
+
+class ProjectedLSTM(ProjectedRecurrent):
+    """A projected ``nn.LSTM`` (MATLAB's ``lstmProjectedLayer``); see :mod:`rankwise.layers.recurrent`.
+
+    Gates ``i, f, g, o = W_ih x_t + b_ih + W_hh h_{t-1} + b_hh`` (split in four),
+    ``c_t = sigma(f) c_{t-1} + sigma(i) tanh(g)``, ``h_t = sigma(o) tanh(c_t)``, with ``W_ih`` and
+    ``W_hh`` acting through their projections.
+    """
+
+    kind = "lstm"
+    dense_type = nn.LSTM
+
+    def _input_gates(self, cell, sequence):
+        bias = self.core[f"bias_ih_{cell}"] + self.core[f"bias_hh_{cell}"] if self.bias else None
+        return F.linear(self._project_input(cell, sequence), self.core[f"weight_ih_{cell}"], bias)
+
+    @staticmethod
+    def _step(gates, state, recurrent):
+        h, c = state
+        i, f, g, o = recurrent(h, gates).chunk(4, 1)
+        c = torch.addcmul(torch.sigmoid(f) * c, torch.sigmoid(i), torch.tanh(g))
+        return torch.sigmoid(o) * torch.tanh(c), c
+
+
+class ProjectedGRU(ProjectedRecurrent):
+    """A projected ``nn.GRU`` (MATLAB's ``gruProjectedLayer``); see :mod:`rankwise.layers.recurrent`.
+
+    ``r, z = sigma(W_ir x + b_ir + W_hr h + b_hr), sigma(W_iz x + b_iz + W_hz h + b_hz)``,
+    ``n = tanh(W_in x + b_in + r (W_hn h + b_hn))``, ``h_t = (1 - z) n + z h_{t-1}``, with ``W_ih``
+    and ``W_hh`` acting through their projections.
+    """
+
+    kind = "gru"
+    dense_type = nn.GRU
+
+    def _input_gates(self, cell, sequence):
+        bias = self.core[f"bias_ih_{cell}"] if self.bias else None
+        return F.linear(self._project_input(cell, sequence), self.core[f"weight_ih_{cell}"], bias)
+
+    def _recurrent(self, cell):
+        """``h -> W_hh Q_out Q_out^T h + b_hh`` (kept apart: ``b_hn`` sits inside ``r (...)``)."""
+        product, bias = super()._recurrent(cell), self.core[f"bias_hh_{cell}"] if self.bias else None
+        return lambda h: product(h, bias)
+
+    @staticmethod
+    def _step(gates, state, recurrent):
+        (h,) = state
+        x_r, x_z, x_n = gates.chunk(3, 1)
+        h_r, h_z, h_n = recurrent(h).chunk(3, 1)
+        r, z = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
+        return (torch.lerp(torch.tanh(x_n + r * h_n), h, z),)
+
+
+def _projector(projectors: nn.ParameterDict | None, cell: str) -> torch.Tensor | None:
+    return projectors[cell] if projectors is not None and cell in projectors else None
+
+
+def _per_cell(value, cells: list[str], argument: str) -> dict:
+    """``value`` as a dict keyed by cell (a tensor stands for the only cell of a one-cell layer)."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - set(cells))
+        if unknown:
+            raise ValueError(f"{argument}: {', '.join(map(repr, unknown))} is not a cell of the layer "
+                             f"(its cells: {', '.join(cells)}).")
+        return {cell: v for cell, v in value.items() if v is not None}
+    if len(cells) == 1:
+        return {cells[0]: value}
+    raise ValueError(f"{argument}: the layer has {len(cells)} cells ({', '.join(cells)}); give a dict "
+                     "keyed by cell name.")
+
+
+def _project_side(layer: nn.Module, cell: str, side: str, bases: dict, means: dict, projectors: dict):
+    """``(W Q, b + W (I - Q Q^T) mu)`` of one side of one cell, float64 (``(W, b)`` where the
+    side is not projected); records ``Q`` in ``projectors``."""
+    weight_name, bias_name = SIDE_PARAMETERS[side]
+    weight = getattr(layer, f"{weight_name}_{cell}").detach().to(torch.float64)
+    bias = getattr(layer, f"{bias_name}_{cell}").detach().to(torch.float64) if layer.bias else None
+    if cell not in bases:
+        return weight, bias
+    argument = "input" if side == "input" else "output"
+    q = _as_basis(bases[cell], weight.shape[1], f"{argument}_basis[{cell!r}]", weight)
+    mu = _as_vector(means.get(cell), weight.shape[1], f"{argument}_mean[{cell!r}]", weight)
+    shift = weight @ (mu - q @ (q.T @ mu))
+    if bias is None and bool(shift.any()):
+        raise ValueError(f"{argument}_mean: the layer has no biases (bias=False) to fold a mean into; "
+                         "project it on uncentred statistics and give no mean.")
+    projectors[cell] = q
+    return weight @ q, None if bias is None else bias + shift
+
+
+def _parameters(tensors: dict, like: torch.Tensor) -> nn.ParameterDict | None:
+    """The tensors as parameters of ``like``'s dtype and trainability; ``None`` when there are none."""
+    if not tensors:
+        return None
+    return nn.ParameterDict({name: nn.Parameter(t.to(like.dtype).contiguous(),
+                                                requires_grad=like.requires_grad)
+                             for name, t in tensors.items()})
