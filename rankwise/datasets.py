@@ -7,6 +7,8 @@ These loaders feed the demo, the benchmarks and the tests of the example network
 import functools
 import gzip
 import importlib.resources
+import importlib.util
+import pathlib
 import pickle
 
 import numpy as np
@@ -92,3 +94,103 @@ def _normalise(pixels):
     """Map flat pickle pixels (stored as ``p / 256``) to normalised ``(N, 1, 28, 28)`` float32."""
     images = torch.from_numpy(np.asarray(pixels, dtype=np.float32)).reshape(-1, 1, 28, 28)
     return ((images * (256.0 / 255.0) - MNIST_MEAN) / MNIST_STD).contiguous()
+
+
+JAPANESE_VOWELS_SPLITS = ("train", "test")
+
+_AEON_INSTALL_HINT = (
+    "Japanese Vowels is read from the files bundled with the 'aeon' package, which is not "
+    "installed. Install it without its dependencies with: pip install --no-deps aeon==1.6.0"
+)
+
+
+def load_japanese_vowels(split="train"):
+    """Load a split of the Japanese Vowels speaker-recognition data as variable-length sequences.
+
+    Nine male speakers uttered the Japanese vowels "ae"; each utterance is a sequence of 7 to
+    29 frames of 12 LPC cepstrum coefficients, labelled with its speaker (UCI; Kudo, Toyama and
+    Shimbo 1999). The standard split has 270 training sequences (30 per speaker) and 370 test
+    sequences. The data is read from the ``.ts`` files bundled with the ``aeon`` package
+    (installed with ``--no-deps``; aeon itself is never imported); the coefficients are not
+    normalised. Parsed splits are cached in memory: do not modify the returned tensors.
+
+    Parameters
+    ----------
+    split : {"train", "test"}, default "train"
+
+    Returns
+    -------
+    sequences : list of torch.Tensor
+        float32 tensors of shape ``(T_i, 12)``, time first.
+    labels : torch.Tensor
+        int64 tensor of shape ``(N,)`` with the speakers 0 to 8 (the file's labels 1 to 9,
+        minus one).
+
+    Raises
+    ------
+    ValueError
+        If `split` is not one of ``"train"``, ``"test"``.
+    ImportError
+        If the ``aeon`` package is not installed.
+    """
+    if split not in JAPANESE_VOWELS_SPLITS:
+        raise ValueError(f"unknown Japanese Vowels split {split!r}; "
+                         f"valid splits are {JAPANESE_VOWELS_SPLITS}")
+    return _load_japanese_vowels_split(split)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_japanese_vowels_split(split):
+    """Parse one split once and keep it in memory (see `load_japanese_vowels`)."""
+    series, labels = read_ts(_aeon_data_dir() / "JapaneseVowels" / f"JapaneseVowels_{split.upper()}.ts")
+    sequences = [torch.from_numpy(s.T.astype(np.float32)) for s in series]
+    return sequences, torch.tensor([int(label) - 1 for label in labels], dtype=torch.int64)
+
+
+def _aeon_data_dir():
+    """The folder of aeon's bundled data sets, found without importing aeon."""
+    spec = importlib.util.find_spec("aeon")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(_AEON_INSTALL_HINT)
+    return pathlib.Path(spec.submodule_search_locations[0]) / "datasets" / "data"
+
+
+def read_ts(path):
+    """Read a classification file in the sktime / aeon ``.ts`` format.
+
+    After ``#`` comments and ``@`` header lines, each line after ``@data`` is one case: its
+    dimensions separated by ``:``, each a comma-separated series (all of one case's dimensions
+    have the same length, cases may differ), then the class label. Missing values (``?``)
+    become NaN.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+
+    Returns
+    -------
+    series : list of numpy.ndarray
+        float64 arrays of shape ``(dimensions, length)``, one per case.
+    labels : list of str
+
+    Raises
+    ------
+    ValueError
+        For a file without ``@data``, or a case whose dimensions differ in number or length.
+    """
+    lines = pathlib.Path(path).read_text().splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.strip().lower() == "@data") + 1
+    except StopIteration:
+        raise ValueError(f"{path}: not a .ts file (no @data line)") from None
+    series, labels = [], []
+    for number, line in enumerate(lines[start:], start=start + 1):
+        if not line.strip():
+            continue
+        *dimensions, label = line.strip().split(":")
+        rows = [[float("nan") if v == "?" else float(v) for v in d.split(",")] for d in dimensions]
+        if (series and len(rows) != len(series[0])) or len({len(r) for r in rows}) != 1:
+            raise ValueError(f"{path}, line {number}: its dimensions differ in number or length")
+        series.append(np.array(rows))
+        labels.append(label.strip())
+    return series, labels
