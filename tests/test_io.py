@@ -192,3 +192,32 @@ def test_model_without_stored_architecture_needs_the_original(tmp_path):
         rw.load(path)
     x = make_batches((2, 3, 8, 8))[0]
     assert torch.equal(rw.load(path, model=local_model())(x), model(x))
+
+
+class Recurrent(nn.Module):
+    """An LSTM or GRU over (N, T, D) sequences, a linear head on its last outputs."""
+
+    def __init__(self, dense_type, **kwargs):
+        super().__init__()
+        self.rnn = dense_type(6, 12, batch_first=True, **kwargs)
+        self.head = nn.Linear(12 * (2 if kwargs.get("bidirectional") else 1), 4)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("dense_type, kwargs", [(nn.LSTM, {}),
+                                                (nn.GRU, {"num_layers": 2, "bidirectional": True})])
+def test_recurrent_round_trip_is_bit_exact(tmp_path, dense_type, kwargs):
+    torch.manual_seed(0)
+    model = Recurrent(dense_type, **kwargs).eval()
+    data = make_batches((8, 9, 6), count=4)
+    net, info = rw.compress_network_using_projection(model, data, learnables_reduction_goal=0.5,
+                                                     unpack=True, verbosity="off")
+    assert info.layers["rnn"].side != "dense"
+    path = tmp_path / "recurrent.safetensors"
+    rw.save(net, path)
+    spec = rankwise_io.read_spec(path)["layers"]["rnn"]
+    assert spec["type"] == f"Projected{dense_type.__name__}" and not spec["unpacked"]
+    for loaded in (rw.load(path, model=Recurrent(dense_type, **kwargs)), rw.load(path)):
+        assert_identical(loaded.eval(), net, data[1])

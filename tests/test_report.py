@@ -229,3 +229,19 @@ def test_html_renders_in_headless_chromium(mixed, tmp_path):
     assert "BatchNorm2d" in dom and "learnables_reduction_goal=0.9" in dom
     widths = [int(w) for w in re.findall(r'data-decoded-width="(\d+)"', dom)]
     assert len(widths) == 4 and all(w > 100 for w in widths)
+
+
+def test_recurrent_layers_of_several_cells_get_ranks_per_cell(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.GRU(6, 12, num_layers=2, bidirectional=True, batch_first=True))
+    report = rw.analyze(model, make_batches((8, 9, 6), count=4), verbosity="off")
+    gru = report.layers["0"]
+    assert gru.analysed and gru.sides == {} and gru.type == "GRU"
+    ranks = report.goals["learnables_reduction_goal=0.5"].layers["0"]
+    assert len(ranks.rank_out) == 4
+    assert re.search(r"(in|out) [-\d]+(/[-\d]+){3}", report.table())
+    report.to_json(tmp_path / "gru.json")
+    layer = json.loads((tmp_path / "gru.json").read_text())["layers"][0]
+    assert len(layer["goals"]["learnables_reduction_goal=0.5"]["rank_out"]) == 4
+    report.to_html(tmp_path / "gru.html")  # no spectrum plot for a layer of several cells
+    assert (tmp_path / "gru.html").read_text().count('<img class="plot') == 2

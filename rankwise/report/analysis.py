@@ -74,7 +74,9 @@ class LayerReport:
         Learnables of its smallest factored form, and of its smallest form that loses no
         variance (the dense layer when none is smaller); ``None`` when not analysed.
     sides : dict of str to SideSpectrum
-        The analysed sides (a ``Linear`` layer: the output only).
+        The analysed sides (a ``Linear`` layer: the output only; an LSTM / GRU of one cell: its
+        input and its hidden state). Empty for a layer not analysed, and for an LSTM / GRU of
+        several cells (stacked layers, directions), whose ranks are chosen per cell.
     """
 
     name: str

@@ -29,7 +29,8 @@ def write_html(reports: dict, path) -> None:
 
 
 def render_html(reports: dict) -> str:
-    """The page: for each report, its goals and layers tables, trade-off, learnables and spectra."""
+    """The page: for each report, its goals and layers tables, trade-off, learnables and spectra
+    (of the layers that have one: not of an LSTM / GRU of several cells)."""
     title = " / ".join(reports)
     sections = "\n".join(_section(name, report) for name, report in reports.items())
     return (f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
@@ -42,7 +43,7 @@ def _section(name: str, report) -> str:
     spectra = "\n".join(
         f"<h3>{html.escape(layer.name)} ({html.escape(layer.type)})</h3>\n"
         + _image(spectrum_png(layer, ev_goals), f"spectrum of {layer.name}", "spectrum")
-        for layer in report.layers.values() if layer.analysed)
+        for layer in report.layers.values() if layer.sides)
     goals = _table(*goal_rows(report), "goals") if report.goals else ""
     return (f"<section>\n<h1>{html.escape(name)}</h1>\n<p>{html.escape(summary_line(report))}</p>\n"
             f"<h2>Goals</h2>\n{goals}\n<h2>Layers</h2>\n{_table(*layer_rows(report), 'layers')}\n"

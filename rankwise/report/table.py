@@ -67,8 +67,20 @@ def report_table(report) -> str:
 
 
 def _form(projection) -> str:
-    """``"dense"``, ``"out 12"``, ``"in 3"`` or ``"in 3 out 5"``."""
+    """``"dense"``, ``"out 12"``, ``"in 3"`` or ``"in 3 out 5"``; a layer of several cells (LSTM,
+    GRU) has a rank per cell, ``"in -/-/3/3 out 2/3/1/1"`` (``-``: that cell's side is dense)."""
     if projection.side == "dense":
         return "dense"
-    ranks = [f"in {projection.rank_in}"] if projection.rank_in is not None else []
-    return " ".join(ranks + ([f"out {projection.rank_out}"] if projection.rank_out is not None else []))
+    sides = (("in", projection.rank_in), ("out", projection.rank_out))
+    return " ".join(f"{label} {_ranks(ranks)}" for label, ranks in sides if _projected(ranks))
+
+
+def _projected(ranks) -> bool:
+    """Whether a side is projected: a rank, or a rank in at least one cell."""
+    return any(r is not None for r in ranks) if isinstance(ranks, tuple) else ranks is not None
+
+
+def _ranks(ranks) -> str:
+    if isinstance(ranks, tuple):
+        return "/".join("-" if rank is None else str(rank) for rank in ranks)
+    return str(ranks)
