@@ -35,10 +35,12 @@ Two execution paths compute the same function:
   launched per time step.
 
 ``execution="auto"`` (the default) picks ``"factored"`` only where the multiply-adds it saves
-pay for its per-step overhead (:func:`factored_is_faster`, calibrated on a CPU). On that
-machine the dense path wins for ``H <= 128`` at small batches and the factored one from about
-``H = 512``. Elsewhere (a GPU, where fused kernels make per-step launches relatively costlier)
-``"auto"`` takes the dense path: the calibration does not cover it.
+pay for its per-step overhead (:func:`factored_is_faster`, calibrated on a CPU with one
+thread). There, for an LSTM the dense path wins up to ``H = 128`` and the factored one at
+``H = 512``; torch's fused GRU kernel is slower, so a GRU gains from the factored path from
+``H = 256`` at batches of 8, and at smaller sizes for large batches. Elsewhere (a GPU, where
+fused kernels make per-step launches relatively costlier) ``"auto"`` takes the dense path: the
+calibration does not cover it.
 
 There is no plain torch layer with these parameters (the projection of ``h_{t-1}`` sits inside
 the recurrence), so :meth:`ProjectedRecurrent.unpack` returns the wrapper itself;
@@ -59,11 +61,11 @@ EXECUTIONS = ("auto", "dense", "factored")
 SIDE_PARAMETERS = {"input": ("weight_ih", "bias_ih"), "output": ("weight_hh", "bias_hh")}
 """The weight and bias each side of a cell feeds: ``"output"`` is the hidden state."""
 
-FACTORED_STEP_OVERHEAD = 1.6e5
+FACTORED_STEP_OVERHEAD = {"lstm": 1.0e4, "gru": 3.0e5}
 """Per cell and time step, the fixed cost of the factored path's torch calls, in multiply-adds
 (calibrated by ``bench/recurrent_execution.py`` on a 2-core x86 CPU, one torch thread)."""
 
-FACTORED_GATE_OVERHEAD = 160.0
+FACTORED_GATE_OVERHEAD = {"lstm": 230.0, "gru": 35.0}
 """Per gate pre-activation and time step, the extra cost of the factored path's unfused
 element-wise operations over the fused kernel's, in multiply-adds (calibrated likewise)."""
 
@@ -74,7 +76,7 @@ def factored_is_faster(kind: str, batch: int, hidden_size: int, savings: int, ce
     With ``S`` the multiply-adds per time step and sequence that the projections save (summed
     over cells) and ``N`` the batch size, the factored path wins when::
 
-        N S  >  cells (FACTORED_STEP_OVERHEAD + FACTORED_GATE_OVERHEAD N G H)
+        N S  >  cells (FACTORED_STEP_OVERHEAD[kind] + FACTORED_GATE_OVERHEAD[kind] N G H)
 
     i.e. when its saving outweighs its per-step launch costs and its unfused gate arithmetic.
 
@@ -90,8 +92,8 @@ def factored_is_faster(kind: str, batch: int, hidden_size: int, savings: int, ce
     cells : int
         Cells of the layer.
     """
-    gate_rows = GATES[kind] * hidden_size
-    return batch * savings > cells * (FACTORED_STEP_OVERHEAD + FACTORED_GATE_OVERHEAD * batch * gate_rows)
+    overhead = FACTORED_STEP_OVERHEAD[kind] + FACTORED_GATE_OVERHEAD[kind] * batch * GATES[kind] * hidden_size
+    return batch * savings > cells * overhead
 
 
 class ProjectedRecurrent(ProjectedLayer):
