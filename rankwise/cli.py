@@ -29,6 +29,7 @@ from torch import nn
 from rankwise import io as rankwise_io
 from rankwise.projection import compress_network_using_projection
 from rankwise.report import analyze
+from rankwise.report.table import format_ranks
 from rankwise.tables import format_table
 
 DEFAULT_BATCH_SIZE = 256
@@ -122,14 +123,15 @@ def run_info(args) -> None:
     spec = _library(rankwise_io.read_spec, _readable(args.file, "FILE"), argument="FILE")
     tensors = rankwise_io.stored_tensors(args.file)
     dtypes = sorted({dtype for dtype, _ in tensors.values()})
-    architecture = "stored" if rankwise_io.has_architecture(args.file) else "not stored (load needs model=)"
+    architecture = ("stored" if rankwise_io.has_architecture(args.file)
+                    else "not stored (load needs model=)")
     print(f"{args.file}: rankwise model (format {spec['format_version']}, rankwise "
           f"{spec['rankwise_version']})")
-    print(f"learnables: {spec['learnables']:,} in {len(tensors)} tensors ({', '.join(dtypes) or '-'}); "
-          f"architecture {architecture}")
+    print(f"learnables: {spec['learnables']:,} in {len(tensors)} tensors "
+          f"({', '.join(dtypes) or '-'}); architecture {architecture}")
     layers = spec["layers"]
     if layers:
-        rows = [[name, s["type"], _dash(s["rank_in"]), _dash(s["rank_out"]),
+        rows = [[name, s["type"], format_ranks(s["rank_in"]), format_ranks(s["rank_out"]),
                  "unpacked" if s["unpacked"] else "wrapper"] for name, s in layers.items()]
         print(format_table(["layer", "type", "rank in", "rank out", "form"], rows))
     else:
@@ -294,10 +296,6 @@ def _names(text: str) -> list[str]:
     if not all(names):
         raise argparse.ArgumentTypeError(f"expected comma-separated layer names, got {text!r}")
     return names
-
-
-def _dash(value) -> str:
-    return "-" if value is None else str(value)
 
 
 def _gist(error: Exception) -> str:

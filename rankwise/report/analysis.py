@@ -186,8 +186,9 @@ def analyze(model: nn.Module, npca_or_data, *, layer_names=None,
     AnalysisReport
     """
     check_verbosity(verbosity)
-    goals = _check_goals(explained_variance_goals, "explained_variance_goals", "explained_variance_goal") \
-        + _check_goals(learnables_reduction_goals, "learnables_reduction_goals", "learnables_reduction_goal")
+    goals = (_check_goals(explained_variance_goals, "explained_variance_goals", "explained_variance_goal")
+             + _check_goals(learnables_reduction_goals, "learnables_reduction_goals",
+                            "learnables_reduction_goal"))
     selected = select_layers(model, layer_names)
     npca, analysed = _statistics(model, npca_or_data, selected, layer_names is None,
                                  verbosity, forward_fn)

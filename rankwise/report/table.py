@@ -72,7 +72,7 @@ def _form(projection) -> str:
     if projection.side == "dense":
         return "dense"
     sides = (("in", projection.rank_in), ("out", projection.rank_out))
-    return " ".join(f"{label} {_ranks(ranks)}" for label, ranks in sides if _projected(ranks))
+    return " ".join(f"{label} {format_ranks(ranks)}" for label, ranks in sides if _projected(ranks))
 
 
 def _projected(ranks) -> bool:
@@ -80,7 +80,8 @@ def _projected(ranks) -> bool:
     return any(r is not None for r in ranks) if isinstance(ranks, tuple) else ranks is not None
 
 
-def _ranks(ranks) -> str:
-    if isinstance(ranks, tuple):
-        return "/".join("-" if rank is None else str(rank) for rank in ranks)
-    return str(ranks)
+def format_ranks(ranks) -> str:
+    """``"-"`` for a side not projected, ``"12"``, or a rank per cell such as ``"-/-/3/3"``."""
+    if isinstance(ranks, tuple | list):
+        return "/".join(map(format_ranks, ranks))
+    return "-" if ranks is None else str(ranks)
