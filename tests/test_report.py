@@ -16,7 +16,7 @@ from torch import nn
 import rankwise as rw
 from conftest import assert_unchanged, make_batches, state_of
 from rankwise.ranks import layer_options, tradeoff_curve
-from rankwise.report import write_html
+from rankwise.report import render_html
 from rankwise.report.plots import require_matplotlib
 
 
@@ -185,10 +185,17 @@ def test_json_fields(mixed, tmp_path):
     assert layers["1"]["max_reduction"] is None and layers["1"]["goals"] == {} and layers["1"]["sides"] == {}
 
 
-def test_html_is_self_contained(mixed, tmp_path):
+@pytest.fixture(scope="module")
+def html_page(mixed, tmp_path_factory):
+    """The analysis written by ``to_html``, drawn once for the tests below."""
     _, _, report = mixed
-    report.to_html(tmp_path / "report.html")
-    page = (tmp_path / "report.html").read_text()
+    path = tmp_path_factory.mktemp("html") / "report.html"
+    report.to_html(path)
+    return path
+
+
+def test_html_is_self_contained(html_page):
+    page = html_page.read_text()
     assert page.count('<table class="layers">') == 1 and page.count('<table class="goals">') == 1
     images = re.findall(r'<img class="plot (\w+)"[^>]* src="data:image/png;base64,([^"]+)"', page)
     assert [kind for kind, _ in images] == ["tradeoff", "learnables", "spectrum", "spectrum"]
@@ -196,11 +203,14 @@ def test_html_is_self_contained(mixed, tmp_path):
     assert not re.search(r'(src|href)="(?!data:)', page) and "<script" not in page
 
 
-def test_several_reports_share_one_page(mixed, tmp_path):
-    _, _, report = mixed
-    write_html({"first": report, "second <model>": report}, tmp_path / "both.html")
-    page = (tmp_path / "both.html").read_text()
+def test_several_reports_share_one_page():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    report = rw.analyze(model, make_batches((16, 4)), verbosity="off", explained_variance_goals=(),
+                        learnables_reduction_goals=())
+    page = render_html({"first": report, "second <model>": report})
     assert page.count("<section>") == 2 and "second &lt;model&gt;" in page
+    assert "<title>first / second &lt;model&gt;</title>" in page
 
 
 def test_missing_matplotlib_says_how_to_install_it(monkeypatch):
@@ -214,11 +224,9 @@ CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/
 
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed "
                     "(Debian package 'chromium', /usr/bin/chromium)")
-def test_html_renders_in_headless_chromium(mixed, tmp_path):
-    _, _, report = mixed
-    report.to_html(tmp_path / "report.html")
+def test_html_renders_in_headless_chromium(html_page, tmp_path):
     probe = tmp_path / "probe.html"  # the page, plus a script recording each image's decoded width
-    probe.write_text((tmp_path / "report.html").read_text().replace(
+    probe.write_text(html_page.read_text().replace(
         "</body>", "<script>window.addEventListener('load', () => { for (const img of document.images) "
         "img.dataset.decodedWidth = img.naturalWidth; });</script></body>"))
     command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
