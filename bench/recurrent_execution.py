@@ -80,7 +80,8 @@ def markdown(rows, calibrated):
              "|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
         faster = "factored" if r["factored"] < r["dense"] else "dense"
-        picked = "factored" if factored_is_faster(r["kind"], r["batch"], r["hidden"], r["savings"], 1) else "dense"
+        picks_factored = factored_is_faster(r["kind"], r["batch"], r["hidden"], r["savings"], 1)
+        picked = "factored" if picks_factored else "dense"
         lines.append(f"| {r['kind'].upper()} | {r['hidden']} | {r['rank']} | {r['batch']} "
                      f"| {1e3 * r['dense']:.2f} | {1e3 * r['factored']:.2f} "
                      f"| {r['factored'] / r['dense']:.2f} | {faster} | {picked} |")
