@@ -105,8 +105,7 @@ class ProjectedLayer(nn.Module):
         Its weights are placeholders (the first columns of the identity as bases): load the
         saved state dict into it.
         """
-        if spec.get("type") != cls.__name__:
-            raise ValueError(f"spec: describes a {spec.get('type')!r}, not a {cls.__name__}.")
+        cls._check_spec_type(spec)
         out_channels, in_channels = layer.weight.shape[:2]
 
         def leading_columns(dim, rank):
@@ -114,6 +113,11 @@ class ProjectedLayer(nn.Module):
 
         return cls.from_dense(layer, input_basis=leading_columns(in_channels, spec["rank_in"]),
                               output_basis=leading_columns(out_channels, spec["rank_out"]))
+
+    @classmethod
+    def _check_spec_type(cls, spec: dict) -> None:
+        if spec.get("type") != cls.__name__:
+            raise ValueError(f"spec: describes a {spec.get('type')!r}, not a {cls.__name__}.")
 
     # Construction ---------------------------------------------------------------------------
     @classmethod

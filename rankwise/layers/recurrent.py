@@ -305,8 +305,7 @@ class ProjectedRecurrent(ProjectedLayer):
         Its weights are placeholders (the first columns of the identity as bases): load the
         saved state dict into it.
         """
-        if spec.get("type") != cls.__name__:
-            raise ValueError(f"spec: describes a {spec.get('type')!r}, not a {cls.__name__}.")
+        cls._check_spec_type(spec)
         cells = cell_names(layer.num_layers, layer.bidirectional)
 
         def bases(key: str, dims: list[int]) -> dict:
@@ -450,12 +449,11 @@ def _project_side(layer: nn.Module, cell: str, side: str, bases: dict, means: di
     bias = getattr(layer, f"{bias_name}_{cell}").detach().to(torch.float64) if layer.bias else None
     if cell not in bases:
         return weight, bias
-    argument = "input" if side == "input" else "output"
-    q = _as_basis(bases[cell], weight.shape[1], f"{argument}_basis[{cell!r}]", weight)
-    mu = _as_vector(means.get(cell), weight.shape[1], f"{argument}_mean[{cell!r}]", weight)
+    q = _as_basis(bases[cell], weight.shape[1], f"{side}_basis[{cell!r}]", weight)
+    mu = _as_vector(means.get(cell), weight.shape[1], f"{side}_mean[{cell!r}]", weight)
     shift = weight @ (mu - q @ (q.T @ mu))
     if bias is None and bool(shift.any()):
-        raise ValueError(f"{argument}_mean: the layer has no biases (bias=False) to fold a mean into; "
+        raise ValueError(f"{side}_mean: the layer has no biases (bias=False) to fold a mean into; "
                          "project it on uncentred statistics and give no mean.")
     projectors[cell] = q
     return weight @ q, None if bias is None else bias + shift
