@@ -29,7 +29,7 @@ from torch import nn
 from rankwise import io as rankwise_io
 from rankwise.projection import compress_network_using_projection
 from rankwise.report import analyze
-from rankwise.report.table import format_ranks
+from rankwise.tables import format_ranks
 from rankwise.tables import format_table
 
 DEFAULT_BATCH_SIZE = 256

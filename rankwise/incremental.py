@@ -28,9 +28,9 @@ from torch import nn
 
 from rankwise.learnables import count_learnables
 from rankwise.pca import NeuronPCA, check_verbosity
-from rankwise.projection import _check_goals, compress_network_using_projection
+from rankwise.projection import check_goals, compress_network_using_projection
 from rankwise.ranks import allocate_learnables_reduction, layer_options
-from rankwise.tables import format_table
+from rankwise.tables import format_ranks, format_table
 from rankwise.targets import select_layers
 from rankwise.train import FineTuneHistory, fine_tune
 
@@ -91,7 +91,7 @@ class IncrementalHistory:
         """One line per step: layer, ranks, learnables, metric before/after fine-tuning."""
         header = ("layer", "side", "ranks", "layer learnables", "network", "metric (no FT)",
                   "metric (FT)", "kept", "s")
-        rows = [(s.layer, s.side, f"{_dash(s.rank_in)}/{_dash(s.rank_out)}",
+        rows = [(s.layer, s.side, f"{format_ranks(s.rank_in)} | {format_ranks(s.rank_out)}",
                  f"{s.layer_learnables_before:,} -> {s.layer_learnables_after:,}",
                  f"{s.network_learnables:,}", f"{s.metric_before_fine_tune:.4f}",
                  f"{s.metric_after_fine_tune:.4f}", "yes" if s.kept else "rolled back",
@@ -181,7 +181,7 @@ def compress_incrementally(model: nn.Module, data, *, train_data, eval_fn,
     history : IncrementalHistory
     """
     check_verbosity(verbosity)
-    goal_name, goal = _check_goals(explained_variance_goal, learnables_reduction_goal)
+    goal_name, goal = check_goals(explained_variance_goal, learnables_reduction_goal)
     if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or tolerance < 0:
         raise ValueError(f"tolerance: expected a number >= 0, got {tolerance!r}.")
     names = _ordered(model, layer_names, order)
@@ -262,7 +262,3 @@ def _fine_tune_step(candidate, projection, history, train_data, val_data, eval_f
                            projection.learnables_before, projection.learnables_after, 0,
                            metric_before, metric_after,
                            metric_after >= history.original_metric - history.tolerance, 0.0, tuned)
-
-
-def _dash(value) -> str:
-    return "-" if value is None else str(value)

@@ -19,6 +19,7 @@ from rankwise.learnables import count_learnables
 from rankwise.pca import NeuronPCA, check_verbosity, statistics_shape
 from rankwise.ranks import (LayerOptions, RankChoice, RecurrentOptions, allocate_learnables_reduction,
                             choose_by_explained_variance, layer_options)
+from rankwise.tables import format_ranks, format_table
 from rankwise.targets import layer_kind, select_layers
 
 DEFAULT_EXPLAINED_VARIANCE = 0.95
@@ -89,17 +90,14 @@ class ProjectionInfo:
     def table(self) -> str:
         """A before/after table of layers, ranks, learnables and explained variance."""
         header = ("layer", "type", "side", "rank in", "rank out", "learnables", "explained var.")
-        rows = [(p.name, p.kind, p.side, _dash(p.rank_in), _dash(p.rank_out),
+        rows = [(p.name, p.kind, p.side, format_ranks(p.rank_in), format_ranks(p.rank_out),
                  f"{p.learnables_before:,} -> {p.learnables_after:,}", f"{p.explained_variance:.4f}")
                 for p in self.layers.values()]
-        widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-        lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in [header, *rows]]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        lines.append(f"network: {self.learnables_before:,} -> {self.learnables_after:,} learnables "
-                     f"({100 * self.learnables_reduction:.1f}% removed), explained variance "
-                     f"{self.explained_variance:.4f}, {self.goal}"
-                     + ("" if self.goal_reached else " (not reachable: the maximum was removed)"))
-        return "\n".join(lines)
+        return format_table(header, rows, footer=(
+            f"network: {self.learnables_before:,} -> {self.learnables_after:,} learnables "
+            f"({100 * self.learnables_reduction:.1f}% removed), explained variance "
+            f"{self.explained_variance:.4f}, {self.goal}"
+            + ("" if self.goal_reached else " (not reachable: the maximum was removed)")))
 
     def __str__(self) -> str:
         return self.table()
@@ -156,7 +154,7 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
     info : ProjectionInfo
     """
     check_verbosity(verbosity)
-    goal_name, goal = _check_goals(explained_variance_goal, learnables_reduction_goal)
+    goal_name, goal = check_goals(explained_variance_goal, learnables_reduction_goal)
     layers = select_layers(model, layer_names)
     npca = npca_or_data if isinstance(npca_or_data, NeuronPCA) else NeuronPCA(
         model, npca_or_data, layer_names=list(layers), verbosity=verbosity, forward_fn=forward_fn)
@@ -237,7 +235,7 @@ def choose_ranks(options: dict[str, LayerOptions], goal_name: str, goal: float,
     return {name: options[name].choice(index) for name, index in chosen.items()}, goal_reached
 
 
-def _check_goals(explained_variance_goal, learnables_reduction_goal) -> tuple[str, float]:
+def check_goals(explained_variance_goal, learnables_reduction_goal) -> tuple[str, float]:
     if explained_variance_goal is not None and learnables_reduction_goal is not None:
         raise ValueError("explained_variance_goal and learnables_reduction_goal are exclusive: "
                          "give one of them.")
@@ -317,7 +315,7 @@ def describe_choice(name: str, layer: nn.Module, choice: RankChoice) -> LayerPro
 def _report(info: ProjectionInfo, verbosity: str) -> None:
     if verbosity in ("steps", "iterations"):
         for p in info.layers.values():
-            print(f"{p.name}: {p.side} (rank in {_dash(p.rank_in)}, rank out {_dash(p.rank_out)}), "
+            print(f"{p.name}: {p.side} (rank in {format_ranks(p.rank_in)}, rank out {format_ranks(p.rank_out)}), "
                   f"{p.learnables_before:,} -> {p.learnables_after:,} learnables, "
                   f"explained variance {p.explained_variance:.4f}")
     if verbosity != "off":
@@ -327,13 +325,5 @@ def _report(info: ProjectionInfo, verbosity: str) -> None:
 def _print_allocation(allocation, options: dict, network_learnables: int) -> None:
     for step, (name, removed, index) in enumerate(allocation.steps, start=1):
         choice = options[name].choice(index)
-        print(f"allocation step {step}: {name} -> {choice.side} (rank in {_dash(choice.rank_in)}, "
-              f"rank out {_dash(choice.rank_out)}), {removed / network_learnables:.2%} removed")
-
-
-def _dash(value) -> str:
-    """A rank for the tables: ``-`` for a side not projected; ``(r, -, ...)`` for the cells of a
-    recurrent layer."""
-    if isinstance(value, tuple):
-        return f"({', '.join(map(_dash, value))})"
-    return "-" if value is None else str(value)
+        print(f"allocation step {step}: {name} -> {choice.side} (rank in {format_ranks(choice.rank_in)}, "
+              f"rank out {format_ranks(choice.rank_out)}), {removed / network_learnables:.2%} removed")

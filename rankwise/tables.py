@@ -17,3 +17,10 @@ def format_table(header, rows, footer: str | None = None) -> str:
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines + ([footer] if footer else []))
+
+
+def format_ranks(ranks) -> str:
+    """``"-"`` for a side not projected, ``"12"``, or a rank per cell such as ``"-/-/3/3"``."""
+    if isinstance(ranks, tuple | list):
+        return "/".join(map(format_ranks, ranks))
+    return "-" if ranks is None else str(ranks)

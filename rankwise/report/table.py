@@ -5,7 +5,7 @@ The rows are plain strings, shared with the HTML report (:mod:`rankwise.report.h
 
 from __future__ import annotations
 
-from rankwise.tables import format_table
+from rankwise.tables import format_ranks, format_table
 
 GOAL_ABBREVIATIONS = {"explained_variance_goal": "ev", "learnables_reduction_goal": "lr"}
 
@@ -78,10 +78,3 @@ def _form(projection) -> str:
 def _projected(ranks) -> bool:
     """Whether a side is projected: a rank, or a rank in at least one cell."""
     return any(r is not None for r in ranks) if isinstance(ranks, tuple) else ranks is not None
-
-
-def format_ranks(ranks) -> str:
-    """``"-"`` for a side not projected, ``"12"``, or a rank per cell such as ``"-/-/3/3"``."""
-    if isinstance(ranks, tuple | list):
-        return "/".join(map(format_ranks, ranks))
-    return "-" if ranks is None else str(ranks)
