@@ -1,6 +1,7 @@
 """rankwise: compress trained PyTorch networks by finding the low-rank structure inside them."""
 
 from rankwise.decompose import LayerTruncation, TruncatedConv, TruncationInfo, truncate_kernels
+from rankwise.evolve import EvolutionHistory, WidthEvolver, WidthGroup, analyze_widths
 from rankwise.export import export_onnx
 from rankwise.incremental import IncrementalHistory, compress_incrementally
 from rankwise.io import load, save
@@ -21,6 +22,7 @@ __all__ = [
     "probe_sensitivity", "Sensitivity",
     "analyze", "AnalysisReport", "LayerReport", "save", "load", "export_onnx",
     "truncate_kernels", "TruncationInfo", "LayerTruncation", "TruncatedConv",
+    "WidthEvolver", "EvolutionHistory", "WidthGroup", "analyze_widths",
     "ProjectedLSTM", "ProjectedGRU",
 ]
 __version__ = "0.1.0"
