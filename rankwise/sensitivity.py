@@ -21,7 +21,7 @@ from rankwise.tables import format_table
 DEFAULT_GOALS = (0.99, 0.95, 0.9, 0.8, 0.6)
 
 
-@dataclass(frozen=True)
+@dataclass
 class SensitivityPoint:
     """The network's metric with one layer projected at one explained variance goal."""
 
@@ -44,13 +44,22 @@ class Sensitivity:
         """The largest drop of the metric below the original over the goals probed."""
         return max(self.original_metric - p.metric for p in self.layers[name])
 
-    def table(self) -> str:
-        """Rows of layers, columns of goals: ``metric (layer learnables)``."""
+    def rows(self) -> tuple[list, list]:
+        """``(header, rows)``: layers by goals, cells ``metric (layer learnables)``."""
         goals = [p.explained_variance_goal for p in next(iter(self.layers.values()))]
         header = ["layer", *(f"ev {g:g}" for g in goals)]
         rows = [[name, *(f"{p.metric:.4f} ({p.layer_learnables:,})" for p in points)]
                 for name, points in self.layers.items()]
-        return format_table(header, rows, footer=f"original metric {self.original_metric:.4f}; "
+        return header, rows
+
+    def to_dict(self) -> dict:
+        """JSON-friendly: the original metric and every point of every layer."""
+        return {"original_metric": self.original_metric,
+                "layers": {name: [vars(p) for p in points] for name, points in self.layers.items()}}
+
+    def table(self) -> str:
+        """Rows of layers, columns of goals: ``metric (layer learnables)``."""
+        return format_table(*self.rows(), footer=f"original metric {self.original_metric:.4f}; "
                             "one layer projected at a time, no fine-tuning")
 
     def __str__(self) -> str:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import rankwise as rw
-from conftest import assert_unchanged, make_batches, state_of
+from conftest import assert_unchanged, make_batches, state_of, tiny_mlp
 from rankwise.ranks import layer_options, tradeoff_curve
 from rankwise.report import render_html
 from rankwise.report.plots import require_matplotlib
@@ -253,3 +253,27 @@ def test_recurrent_layers_of_several_cells_get_ranks_per_cell(tmp_path):
     assert len(layer["goals"]["learnables_reduction_goal=0.5"]["rank_out"]) == 4
     report.to_html(tmp_path / "gru.html")  # no spectrum plot for a layer of several cells
     assert (tmp_path / "gru.html").read_text().count('<img class="plot') == 2
+
+
+def test_the_sensitivity_probe_appears_in_every_form_of_the_report(tmp_path):
+    torch.manual_seed(0)
+    model, data = tiny_mlp(), make_batches((32, 12))
+    probe = torch.randn(64, 12)
+    reference = model(probe).argmax(1)
+
+    def agreement(m):
+        with torch.no_grad():
+            return (m(probe).argmax(1) == reference).float().mean().item()
+
+    report = rw.analyze(model, data, explained_variance_goals=(0.99, 0.5), learnables_reduction_goals=(),
+                        eval_fn=agreement, verbosity="off")
+    assert report.sensitivity.original_metric == 1.0
+    assert list(report.sensitivity.layers) == report.analysed_layers
+    assert [p.explained_variance_goal for p in report.sensitivity.layers["0"]] == [0.99, 0.5]
+    assert "sensitivity" in report.table() and "ev 0.99" in report.table()
+    report.to_json(tmp_path / "r.json")
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["sensitivity"]["layers"]["2"][1]["explained_variance_goal"] == 0.5
+    report.to_html(tmp_path / "r.html")
+    assert "<h2>Sensitivity</h2>" in (tmp_path / "r.html").read_text()
+    assert rw.analyze(model, data, verbosity="off").sensitivity is None

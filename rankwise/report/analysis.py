@@ -30,6 +30,7 @@ from rankwise.ranks import LayerOptions, layer_options, tradeoff_curve
 from rankwise.report.html import write_html
 from rankwise.report.serialize import report_to_dict, write_json
 from rankwise.report.table import report_table
+from rankwise.sensitivity import Sensitivity, probe_sensitivity
 from rankwise.targets import select_layers, why_not_projectable
 
 DEFAULT_EXPLAINED_VARIANCE_GOALS = (0.9, 0.95, 0.99)
@@ -117,6 +118,9 @@ class AnalysisReport:
     tradeoff_reduction, tradeoff_explained_variance : numpy.ndarray
         The network's trade-off curve: fraction of the learnables removed (ascending) and
         learnables-weighted explained variance of the analysed layers (descending).
+    sensitivity : Sensitivity or None
+        With ``eval_fn``: the metric with each layer projected alone, before any training
+        (:func:`rankwise.probe_sensitivity`).
     """
 
     network_learnables: int
@@ -124,6 +128,7 @@ class AnalysisReport:
     goals: dict
     tradeoff_reduction: np.ndarray
     tradeoff_explained_variance: np.ndarray
+    sensitivity: Sensitivity | None = None
 
     @property
     def analysed_layers(self) -> list[str]:
@@ -160,7 +165,7 @@ class AnalysisReport:
 def analyze(model: nn.Module, npca_or_data, *, layer_names=None,
             explained_variance_goals=DEFAULT_EXPLAINED_VARIANCE_GOALS,
             learnables_reduction_goals=DEFAULT_LEARNABLES_REDUCTION_GOALS,
-            verbosity: str = "summary", forward_fn=None) -> AnalysisReport:
+            verbosity: str = "summary", forward_fn=None, eval_fn=None) -> AnalysisReport:
     """Analyse how far each layer of ``model`` can be compressed by projection.
 
     Parameters
@@ -180,6 +185,10 @@ def analyze(model: nn.Module, npca_or_data, *, layer_names=None,
         ``"off"`` prints nothing; otherwise the report's table is printed.
     forward_fn : callable, optional
         ``forward_fn(model, batch)``, used when data is given (see :class:`NeuronPCA`).
+    eval_fn : callable, optional
+        ``eval_fn(model) -> float`` (higher is better). When given, every analysed layer is
+        also projected alone at each explained variance goal and the network scored, so the
+        report shows which layers project poorly before any training time is spent.
 
     Returns
     -------
@@ -201,10 +210,17 @@ def analyze(model: nn.Module, npca_or_data, *, layer_names=None,
          for name, module in _listed_modules(model)},
         {f"{goal_name}={goal:g}": _goal_outcome(goal_name, goal, analysed, options, network_learnables)
          for goal_name, goal in goals},
-        reduction, explained)
+        reduction, explained, None if eval_fn is None else _sensitivity(model, npca, eval_fn, goals, analysed))
     if verbosity != "off":
         print(report.table())
     return report
+
+
+def _sensitivity(model, npca, eval_fn, goals, analysed) -> Sensitivity:
+    """The sensitivity probe at the report's explained variance goals (the defaults if none)."""
+    probed = [goal for name, goal in goals if name == "explained_variance_goal"]
+    return probe_sensitivity(model, npca, eval_fn, layer_names=list(analysed), verbosity="off",
+                             explained_variance_goals=probed or DEFAULT_EXPLAINED_VARIANCE_GOALS)
 
 
 def _check_goals(goals, argument: str, goal_name: str) -> list[tuple[str, float]]:

@@ -49,7 +49,15 @@ def _section(name: str, report) -> str:
             f"<h2>Goals</h2>\n{goals}\n<h2>Layers</h2>\n{_table(*layer_rows(report), 'layers')}\n"
             f"<h2>Trade-off</h2>\n{_image(tradeoff_png(report), 'network trade-off curve', 'tradeoff')}\n"
             f"{_image(learnables_png(report), 'learnables per layer', 'learnables')}\n"
-            f"<h2>Spectra</h2>\n{spectra}\n</section>")
+            f"{_sensitivity(report.sensitivity)}<h2>Spectra</h2>\n{spectra}\n</section>")
+
+
+def _sensitivity(sensitivity) -> str:
+    if sensitivity is None:
+        return ""
+    return ("<h2>Sensitivity</h2>\n<p>The metric (layer learnables) with one layer projected alone "
+            f"at each explained variance goal, no fine-tuning; original metric "
+            f"{sensitivity.original_metric:.4f}.</p>\n{_table(*sensitivity.rows(), 'sensitivity')}\n")
 
 
 def _table(header, rows, css_class: str) -> str:

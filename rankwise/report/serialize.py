@@ -43,6 +43,7 @@ def report_to_dict(report) -> dict:
         },
         "goals": [_goal(goal, info) for goal, info in report.goals.items()],
         "layers": [_layer(layer, report.goals) for layer in report.layers.values()],
+        "sensitivity": None if report.sensitivity is None else report.sensitivity.to_dict(),
     }
 
 

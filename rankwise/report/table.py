@@ -63,6 +63,9 @@ def report_table(report) -> str:
     parts.append(format_table(*layer_rows(report), footer=summary_line(report)))
     if report.goals:
         parts.append(legend)
+    if report.sensitivity is not None:
+        parts += ["", "sensitivity: the metric (layer learnables) with one layer projected alone",
+                  report.sensitivity.table()]
     return "\n".join(parts)
 
 
