@@ -18,8 +18,8 @@ whose input columns follow. In between the channels may pass through
 
 Widths tied by additions form one :class:`WidthGroup`. A group is *frozen* (left alone, and
 the reason recorded) when any of its channels reach something this analysis does not follow:
-the network output, an unsupported operation, a module called twice, a BatchNorm on flattened
-features, ... The analysis is a single pass over the fx graph in topological order: each
+the network output, an unsupported operation, a layer with weights called twice, a BatchNorm
+on flattened features, ... The analysis is a single pass over the fx graph in topological order: each
 tensor gets a *layout*, the sequence of width segments along its channel axis.
 """
 
