@@ -87,6 +87,17 @@ def test_rank_dict_selects_and_sizes_layers():
     assert isinstance(truncated[0], nn.Conv2d) and isinstance(truncated[2], rw.TruncatedConv)
 
 
+def test_ranks_chosen_by_norm_retained_can_be_given_back_explicitly():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 3))
+    for method in ("cut", "tucker", "tt"):
+        _, chosen = rw.truncate_kernels(model, method, norm_retained=0.6, verbosity="off")
+        _, again = rw.truncate_kernels(model, method, ranks={n: t.ranks for n, t in chosen.layers.items()},
+                                       verbosity="off")
+        for name, layer in chosen.layers.items():
+            assert again.layers[name].relative_norm_loss == pytest.approx(layer.relative_norm_loss, abs=1e-9)
+
+
 def test_layers_already_truncated_are_not_truncated_again():
     torch.manual_seed(0)
     once, _ = rw.truncate_kernels(tiny_cnn(), "cut", ranks=2, layer_names=["0"], verbosity="off")

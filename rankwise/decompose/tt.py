@@ -36,19 +36,18 @@ from rankwise.decompose.selection import check_ranks, smallest_rank, tail_budget
 
 
 def tt_check_ranks(sizes: dict, order: str, ranks) -> tuple[int, ...]:
-    """The bond ranks, checked: ``1 <= r_k <= min(prod_{j<=k} n_j, prod_{j>k} n_j)`` and
-    consistent with their neighbours (``r_k <= r_{k-1} n_k`` and ``r_k <= n_{k+1} r_{k+1}``).
+    """The bond ranks, checked: ``1 <= r_k <= min(prod_{j<=k} n_j, prod_{j>k} n_j)``, and
+    ``r_k <= r_{k-1} n_k`` (TT-SVD cannot give bond ``k`` more vectors than its matrix has rows).
     """
     dims = [sizes[leg] for leg in order]
     ranks = check_ranks(ranks, [(f"bond {k} of the train {order!r}",
                                  min(math.prod(dims[:k]), math.prod(dims[k:])))
                                 for k in range(1, len(dims))])
-    padded = (1, *ranks, 1)
-    for k, rank in enumerate(ranks, start=1):
-        most = min(padded[k - 1] * dims[k - 1], dims[k] * padded[k + 1])
-        if rank > most:
-            raise ValueError(f"ranks: bond {k} of the train {order!r} cannot exceed {most} given its "
-                             f"neighbours' ranks {tuple(ranks)!r}; lower it or raise the neighbours.")
+    for k, (previous, rank) in enumerate(zip((1, *ranks), ranks), start=1):
+        if rank > previous * dims[k - 1]:
+            raise ValueError(f"ranks: bond {k} of the train {order!r} cannot exceed "
+                             f"{previous * dims[k - 1]} (bond {k - 1} rank times leg {order[k - 1]!r}); "
+                             f"got {tuple(ranks)!r}.")
     return ranks
 
 
