@@ -1,6 +1,7 @@
 VENV   := .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.bench-installed
 
 .PHONY: demo test bench clean
 
@@ -18,9 +19,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PYTHON) -m pytest -q tests
 
-bench: $(STAMP)
+$(BENCH_STAMP): $(STAMP) requirements-bench.txt
+	$(PYTHON) -m pip install --quiet --no-deps -r requirements-bench.txt
+	touch $(BENCH_STAMP)
+
+bench: $(STAMP) $(BENCH_STAMP)
 	$(PYTHON) bench/projection_quality.py
 	$(PYTHON) bench/calibration_cost.py
+	$(PYTHON) bench/kernel_truncation.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
