@@ -27,6 +27,9 @@ bench: $(STAMP) $(BENCH_STAMP)
 	$(PYTHON) bench/projection_quality.py
 	$(PYTHON) bench/calibration_cost.py
 	$(PYTHON) bench/kernel_truncation.py
+	$(PYTHON) bench/incremental_compression.py
+	$(PYTHON) bench/recurrent_projection.py
+	$(PYTHON) bench/evolve_widths.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
