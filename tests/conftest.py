@@ -104,3 +104,17 @@ def blob_task(seed=0, classes=4, dim=16, per_class=64):
             return (m(x_val).argmax(1) == y_val).float().mean().item()
 
     return model, train, val, accuracy
+
+
+def assert_goal_met_by_the_built_modules(net, info, goal, high):
+    """A learnables goal met (or the maximum ``high`` removed), and ``info`` describing ``net``."""
+    import rankwise as rw
+
+    assert info.goal_reached == (goal <= high)
+    assert info.learnables_reduction >= min(goal, high) - 1e-12
+    assert info.learnables_after == rw.count_learnables(net)
+    for name, layer in info.layers.items():  # the info describes the modules really built
+        module = net.get_submodule(name)
+        assert rw.count_learnables(module) == layer.learnables_after
+        if layer.side != "dense":
+            assert (module.side, module.rank_in, module.rank_out) == (layer.side, layer.rank_in, layer.rank_out)

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 import rankwise as rw
-from conftest import assert_unchanged, low_rank_linear, make_batches, state_of, tiny_cnn, tiny_mlp
+from conftest import (assert_goal_met_by_the_built_modules, assert_unchanged, low_rank_linear,
+                      make_batches, state_of, tiny_cnn, tiny_mlp)
 
 
 def low_rank_network():
@@ -47,14 +48,7 @@ def test_learnables_reduction_goal_is_honoured(model_and_data, goal):
     low, high = npca.learnables_reduction_range
     net, info = rw.compress_network_using_projection(model, npca, learnables_reduction_goal=goal,
                                                      verbosity="off")
-    assert info.goal_reached == (goal <= high)
-    assert info.learnables_reduction >= min(goal, high) - 1e-12
-    assert info.learnables_after == rw.count_learnables(net)
-    for name, layer in info.layers.items():  # the info describes the modules really built
-        module = net.get_submodule(name)
-        assert rw.count_learnables(module) == layer.learnables_after
-        if layer.side != "dense":
-            assert (module.side, module.rank_in, module.rank_out) == (layer.side, layer.rank_in, layer.rank_out)
+    assert_goal_met_by_the_built_modules(net, info, goal, high)
 
 
 def test_goal_above_the_maximum_removes_the_maximum():

@@ -12,6 +12,7 @@ import rankwise as rw
 from rankwise.layers.recurrent import factored_is_faster
 from rankwise.learnables import recurrent_learnables
 from rankwise.rnn import cell_input_sizes, cell_names
+from conftest import assert_goal_met_by_the_built_modules
 
 PATHS = ("dense", "factored")
 WRAPPERS = {nn.LSTM: rw.ProjectedLSTM, nn.GRU: rw.ProjectedGRU}
@@ -326,14 +327,7 @@ def test_learnables_reduction_goal_with_recurrent_layers(dense_type, kwargs, goa
     npca = rw.NeuronPCA(model, data, verbosity="off")
     _, high = npca.learnables_reduction_range
     net, info = rw.compress_network_using_projection(model, npca, learnables_reduction_goal=goal, verbosity="off")
-    assert info.goal_reached == (goal <= high)
-    assert info.learnables_reduction >= min(goal, high) - 1e-12
-    assert info.learnables_after == rw.count_learnables(net)
-    for name, layer in info.layers.items():  # the info describes the modules really built
-        module = net.get_submodule(name)
-        assert rw.count_learnables(module) == layer.learnables_after
-        if layer.side != "dense":
-            assert (module.side, module.rank_in, module.rank_out) == (layer.side, layer.rank_in, layer.rank_out)
+    assert_goal_met_by_the_built_modules(net, info, goal, high)
     if "bidirectional" in kwargs and info.layers["rnn"].side != "dense":
         assert len(info.layers["rnn"].rank_out) == 4
 
