@@ -5,6 +5,7 @@ from rankwise.evolve import EvolutionHistory, WidthEvolver, WidthGroup, analyze_
 from rankwise.export import export_onnx
 from rankwise.incremental import IncrementalHistory, compress_incrementally
 from rankwise.io import load, save
+from rankwise.latency import SpeedComparison, compare_speed, count_flops, median_latency
 from rankwise.layers import ProjectedConv, ProjectedGRU, ProjectedLayer, ProjectedLinear, ProjectedLSTM
 from rankwise.learnables import count_learnables
 from rankwise.pca import NeuronPCA, NonFiniteActivationError, ThinDataWarning
@@ -24,5 +25,6 @@ __all__ = [
     "truncate_kernels", "TruncationInfo", "LayerTruncation", "TruncatedConv",
     "WidthEvolver", "EvolutionHistory", "WidthGroup", "analyze_widths",
     "ProjectedLSTM", "ProjectedGRU",
+    "median_latency", "count_flops", "compare_speed", "SpeedComparison",
 ]
 __version__ = "0.1.0"
