@@ -72,7 +72,7 @@ def median_latency(module: nn.Module, example_input, *, repeats: int = 20, warmu
     device = _device_of(module, args, kwargs)
     sync = (lambda: torch.cuda.synchronize(device)) if device is not None and device.type == "cuda" else None
     times = []
-    with _eval_mode(module), torch.inference_mode():
+    with eval_mode(module), torch.inference_mode():
         for _ in range(warmup):
             module(*args, **kwargs)
         for _ in range(repeats):
@@ -113,7 +113,7 @@ def count_flops(model: nn.Module, example_input) -> int:
 
     args, kwargs = as_call(example_input)
     counter = FlopCounterMode(display=False)
-    with _eval_mode(model), torch.inference_mode(), counter:
+    with eval_mode(model), torch.inference_mode(), counter:
         model(*args, **kwargs)
     return int(counter.get_total_flops())
 
@@ -242,8 +242,8 @@ def _device_of(module: nn.Module, args: tuple, kwargs: dict) -> torch.device | N
 
 
 @contextlib.contextmanager
-def _eval_mode(module: nn.Module):
-    """Run in eval mode, then give every submodule its own train/eval mode back."""
+def eval_mode(module: nn.Module):
+    """Context manager: ``module`` in eval mode, then every submodule's own train/eval mode back."""
     modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:

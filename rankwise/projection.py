@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import copy
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+
+from rankwise import latency
 
 from rankwise.layers import ProjectedConv, ProjectedGRU, ProjectedLayer, ProjectedLinear, ProjectedLSTM
 from rankwise.learnables import count_learnables
@@ -31,7 +35,10 @@ class LayerProjection:
 
     ``side`` is ``"dense"`` for a layer left as it was; ``rank_in`` / ``rank_out`` are the
     widths of its input / output projections (``None`` where that side is not projected);
-    ``explained_variance`` is the estimated fraction of the layer's output variance kept. For an
+    ``explained_variance`` is the estimated fraction of the layer's output variance kept.
+    ``dense_seconds`` / ``projected_seconds`` are the median latencies of the layer and of its
+    projected form measured on ``latency_input`` (``None`` when not measured); for a layer kept
+    dense because its projected form was not faster, those of the form that was rejected. For an
     LSTM or GRU layer the sides are its input and its hidden state, the output variance that of
     its gate pre-activations, and the ranks, for a layer of several cells (stacked layers,
     directions), tuples over the cells ``l0, l0_reverse, l1, ...`` (see :mod:`rankwise.ranks`).
@@ -45,6 +52,8 @@ class LayerProjection:
     learnables_before: int
     learnables_after: int
     explained_variance: float
+    dense_seconds: float | None = None
+    projected_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,11 @@ class ProjectionInfo:
         Learnables of the whole network.
     layers : dict of str to LayerProjection
         Every analysed layer, projected or kept dense, in model order.
+    kept_dense_for_latency : list of str
+        Layers kept dense because their projected form was not faster on ``latency_input``
+        (empty when no ``latency_input`` was given).
+    latency_device : str or None
+        The device latencies were measured on (``None`` when no ``latency_input`` was given).
     """
 
     goal: str
@@ -69,6 +83,8 @@ class ProjectionInfo:
     learnables_before: int
     learnables_after: int
     layers: dict
+    kept_dense_for_latency: list = field(default_factory=list)
+    latency_device: str | None = None
 
     @property
     def learnables_reduction(self) -> float:
@@ -88,16 +104,27 @@ class ProjectionInfo:
         return [name for name, p in self.layers.items() if p.side != "dense"]
 
     def table(self) -> str:
-        """A before/after table of layers, ranks, learnables and explained variance."""
+        """A before/after table of layers, ranks, learnables and explained variance.
+
+        When latencies were measured (``latency_input``), a column gives each measured layer's
+        dense and projected latencies and a last line the layers kept dense for speed.
+        """
         header = ("layer", "type", "side", "rank in", "rank out", "learnables", "explained var.")
         rows = [(p.name, p.kind, p.side, format_ranks(p.rank_in), format_ranks(p.rank_out),
                  f"{p.learnables_before:,} -> {p.learnables_after:,}", f"{p.explained_variance:.4f}")
                 for p in self.layers.values()]
-        return format_table(header, rows, footer=(
-            f"network: {self.learnables_before:,} -> {self.learnables_after:,} learnables "
-            f"({100 * self.learnables_reduction:.1f}% removed), explained variance "
-            f"{self.explained_variance:.4f}, {self.goal}"
-            + ("" if self.goal_reached else " (not reachable: the maximum was removed)")))
+        footer = (f"network: {self.learnables_before:,} -> {self.learnables_after:,} learnables "
+                  f"({100 * self.learnables_reduction:.1f}% removed), explained variance "
+                  f"{self.explained_variance:.4f}, {self.goal}"
+                  + ("" if self.goal_reached else " (not reachable: the maximum was removed)"))
+        if self.latency_device is not None:
+            header += ("latency dense -> projected",)
+            rows = [row + (_format_latency(p, p.name in self.kept_dense_for_latency),)
+                    for row, p in zip(rows, self.layers.values())]
+            footer += "\n" + (f"kept dense: not faster on {self.latency_device}: "
+                              + ", ".join(self.kept_dense_for_latency) if self.kept_dense_for_latency
+                              else f"latency on {self.latency_device}: every projected layer is faster")
+        return format_table(header, rows, footer=footer)
 
     def __str__(self) -> str:
         return self.table()
@@ -108,7 +135,7 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
                                       learnables_reduction_goal: float | None = None,
                                       layer_names=None, unpack: bool = False,
                                       verbosity: str = "summary", inplace: bool = False,
-                                      forward_fn=None):
+                                      forward_fn=None, latency_input=None):
     """Replace layers by projected layers acting in their high-variance subspaces.
 
     PyTorch counterpart of MATLAB's ``compressNetworkUsingProjection``. For each analysed
@@ -120,6 +147,22 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
     ``nn.GRU`` becomes a :class:`~rankwise.layers.ProjectedLSTM` /
     :class:`~rankwise.layers.ProjectedGRU`, projected on the input and the hidden state of
     each stacked layer and direction (:mod:`rankwise.layers.recurrent`).
+
+    **Latency-aware projection.** Fewer learnables do not always make a layer faster (a
+    factored layer runs two or three smaller kernels instead of one). With ``latency_input``,
+    once the ranks are chosen, every layer to be projected is timed in isolation, dense and
+    projected (:func:`rankwise.median_latency`: the median of 20 calls after 3 warm-up calls,
+    in eval mode, on the inputs the layer received when the model ran on ``latency_input``,
+    so at the deployment batch size and device). A layer whose projected form is not faster
+    (projected seconds >= dense seconds) is kept dense and leaves the analysed set; ranks are
+    then chosen again over the remaining layers (a ``learnables_reduction_goal`` is met by
+    the layers that do get faster where possible; ``goal_reached`` is False otherwise), and
+    the newly chosen forms are timed, until no layer is excluded (at most one round per
+    layer). Cost: two timings per projected layer per round, a layer at an unchanged choice
+    not being timed again. Measurements on a shared or busy machine are noisy (hence
+    medians); a layer whose two forms take about the same time may fall either way. A
+    :class:`~rankwise.layers.ProjectedLSTM` / ``ProjectedGRU`` is timed as built (its
+    ``execution="auto"`` path at that batch and device).
 
     Parameters
     ----------
@@ -146,22 +189,41 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
         Modify ``model`` itself instead of a copy.
     forward_fn : callable, optional
         ``forward_fn(model, batch)``, used when data is given (see :class:`NeuronPCA`).
+    latency_input : torch.Tensor, tuple, list or dict, optional
+        An example batch at the batch size and on the device the compressed model will be
+        deployed to (e.g. 32 MNIST images), on the model's device: keep only the projected
+        layers that are faster on it (see above). The model is called as
+        ``model(latency_input)`` (a tuple or list: positional arguments; a dict: keyword
+        arguments). ``None`` (the default): no timing, layers chosen by the goal alone.
 
     Returns
     -------
     model : torch.nn.Module
         The compressed model.
     info : ProjectionInfo
+
+    Raises
+    ------
+    ValueError
+        On bad arguments, among them a ``latency_input`` on another device than the model,
+        one the model's forward fails on, or one whose forward does not call every analysed
+        layer. The model is left as it was.
     """
     check_verbosity(verbosity)
     goal_name, goal = check_goals(explained_variance_goal, learnables_reduction_goal)
     layers = select_layers(model, layer_names)
+    calls = None if latency_input is None else record_layer_calls(model, layers, latency_input)
     npca = npca_or_data if isinstance(npca_or_data, NeuronPCA) else NeuronPCA(
         model, npca_or_data, layer_names=list(layers), verbosity=verbosity, forward_fn=forward_fn)
     check_statistics(npca, layers)
     options = {name: layer_options(npca, name) for name in layers}
     learnables_before = count_learnables(model)
-    choices, goal_reached = choose_ranks(options, goal_name, goal, learnables_before, verbosity)
+    timings, kept_dense = {}, []
+    if calls is None:
+        choices, goal_reached = choose_ranks(options, goal_name, goal, learnables_before, verbosity)
+    else:
+        choices, goal_reached, timings, kept_dense = choose_faster_ranks(
+            layers, options, calls, goal_name, goal, learnables_before, unpack, verbosity)
     replacements = {name: _project(layers[name], options[name], choice, unpack)
                     for name, choice in choices.items() if choice.side != "dense"}
     compressed = model if inplace else copy.deepcopy(model)
@@ -169,7 +231,9 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
         compressed.set_submodule(name, replacement)
     info = ProjectionInfo(f"{goal_name}={goal:g}", goal_reached, learnables_before,
                           count_learnables(compressed),
-                          {name: describe_choice(name, layers[name], choices[name]) for name in layers})
+                          {name: describe_choice(name, layers[name], choices[name], timings.get(name))
+                           for name in layers},
+                          kept_dense, None if calls is None else str(_device(model, latency_input)))
     _report(info, verbosity)
     return compressed, info
 
@@ -274,6 +338,178 @@ def check_statistics(npca: NeuronPCA, layers: dict) -> None:
                              f"{found} in the NeuronPCA; it was computed on another model.")
 
 
+# Latency ------------------------------------------------------------------------------------
+
+def record_layer_calls(model: nn.Module, layers: dict, latency_input) -> dict[str, tuple[tuple, dict]]:
+    """The arguments each layer receives when ``model`` runs on ``latency_input``.
+
+    The model runs once in eval mode under ``torch.no_grad()`` with forward hooks on
+    ``layers``; each layer's positional and keyword arguments at its first call are kept
+    (tensors detached and copied; an LSTM's ``hx`` or a ``PackedSequence`` as they come).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    layers : dict of str to torch.nn.Module
+        The analysed layers by qualified name.
+    latency_input : torch.Tensor, tuple, list or dict
+        See :func:`compress_network_using_projection`.
+
+    Returns
+    -------
+    dict of str to (tuple, dict)
+        ``(args, kwargs)`` per layer, to time it with ``layer(*args, **kwargs)``.
+
+    Raises
+    ------
+    ValueError
+        When ``latency_input`` is not a batch, lies on another device than the model, makes
+        the forward fail, or does not make it call every layer. The model is left as it was.
+    """
+    try:
+        args, kwargs = latency.as_call(latency_input)
+    except TypeError:
+        raise ValueError(f"latency_input: expected a tensor, a tuple or list of positional arguments "
+                         f"or a dict of keyword arguments, got {type(latency_input).__name__}.") from None
+    model_device, input_device = latency.module_device(model), latency.input_device(latency_input)
+    if model_device is not None and input_device is not None and input_device != model_device:
+        raise ValueError(f"latency_input: it is on {input_device} but the model is on {model_device}; "
+                         f"latencies are measured on the model's device: pass a batch on {model_device} "
+                         f"(e.g. latency_input.to({str(model_device)!r})), with the model on the device "
+                         "you deploy to.")
+    calls: dict[str, tuple[tuple, dict]] = {}
+
+    def recorder(name):
+        def hook(module, args, kwargs, output):
+            calls.setdefault(name, (_detached(args), _detached(kwargs)))
+        return hook
+
+    handles = [layer.register_forward_hook(recorder(name), with_kwargs=True) for name, layer in layers.items()]
+    try:
+        with latency.eval_mode(model), torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as error:
+        raise ValueError(f"latency_input: the model's forward failed on it ({type(error).__name__}: "
+                         f"{error}); pass a batch the model accepts.") from error
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [name for name in layers if name not in calls]
+    if missing:
+        raise ValueError(f"latency_input: the model's forward on it does not call layer(s) "
+                         f"{', '.join(map(repr, missing))}, so their latency cannot be measured; pass a "
+                         "batch that runs every analysed layer, or leave these layers out with layer_names.")
+    return calls
+
+
+def choose_faster_ranks(layers: dict, options: dict[str, LayerOptions], calls: dict, goal_name: str,
+                        goal: float, network_learnables: int, unpack: bool, verbosity: str = "off"):
+    """:func:`choose_ranks`, keeping dense the layers whose projected form is not faster.
+
+    Each round chooses ranks over the layers not yet excluded, times every layer to be
+    projected (dense and projected, on its recorded arguments, unless it was timed at the same
+    choice before) and excludes those whose projected form takes at least as long; rounds stop
+    when none is excluded.
+
+    Parameters
+    ----------
+    layers : dict of str to torch.nn.Module
+        The analysed dense layers.
+    options : dict of str to LayerOptions
+    calls : dict of str to (tuple, dict)
+        Each layer's recorded arguments (:func:`record_layer_calls`).
+    goal_name, goal, network_learnables, verbosity
+        As for :func:`choose_ranks`.
+    unpack : bool
+        Time the projected forms as plain torch layers (as they will be built).
+
+    Returns
+    -------
+    choices : dict of str to RankChoice
+        Every layer's choice, in model order (dense for the excluded layers).
+    goal_reached : bool
+    timings : dict of str to (float, float)
+        ``(dense_seconds, projected_seconds)`` of each projected layer at its final choice and
+        of each excluded layer at the choice that was rejected.
+    kept_dense : list of str
+        The excluded layers, in model order.
+    """
+    measured: dict[tuple, tuple[float, float]] = {}
+    rejected: dict[str, tuple[float, float]] = {}
+    for _ in range(len(options) + 1):  # every round but the last excludes a layer
+        active = {name: opts for name, opts in options.items() if name not in rejected}
+        choices, goal_reached = choose_ranks(active, goal_name, goal, network_learnables, verbosity)
+        slower = {}
+        for name, choice in choices.items():
+            if choice.side == "dense":
+                continue
+            key = (name, choice.side, choice.rank_in, choice.rank_out)
+            if key not in measured:
+                projected = _project(layers[name], options[name], choice, unpack)
+                measured[key] = _time_layer(layers[name], calls[name]), _time_layer(projected, calls[name])
+                if verbosity in ("steps", "iterations"):
+                    dense_s, projected_s = measured[key]
+                    print(f"latency {name}: dense {latency.format_seconds(dense_s)}, {choice.side} "
+                          f"(rank in {format_ranks(choice.rank_in)}, rank out {format_ranks(choice.rank_out)}) "
+                          f"{latency.format_seconds(projected_s)}"
+                          + (" -> kept dense" if projected_s >= dense_s else ""))
+            if measured[key][1] >= measured[key][0]:
+                slower[name] = measured[key]
+        if not slower:
+            break
+        rejected.update(slower)
+    timings = {name: measured[(name, c.side, c.rank_in, c.rank_out)]
+               for name, c in choices.items() if c.side != "dense"}
+    timings.update(rejected)
+    choices = {name: choices[name] if name in choices else _dense_choice(options[name]) for name in options}
+    return choices, goal_reached, timings, [name for name in options if name in rejected]
+
+
+def _time_layer(layer: nn.Module, call: tuple[tuple, dict]) -> float:
+    args, kwargs = call
+    return latency.median_latency(_WithKeywords(layer, kwargs) if kwargs else layer, args)
+
+
+class _WithKeywords(nn.Module):
+    """``layer(*args, **kwargs)`` with fixed ``kwargs``, to time a call that has some."""
+
+    def __init__(self, layer: nn.Module, kwargs: dict):
+        super().__init__()
+        self.layer, self.kwargs = layer, kwargs
+
+    def forward(self, *args):
+        return self.layer(*args, **self.kwargs)
+
+
+def _dense_choice(options: LayerOptions) -> RankChoice:
+    return options.choice(len(options.learnables) - 1)
+
+
+def _detached(value):
+    """``value`` with every tensor in it detached and copied (tuples, lists, dicts, ``PackedSequence``)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, PackedSequence):
+        return PackedSequence(*(None if v is None else v.detach().clone() for v in value))
+    if isinstance(value, tuple | list):
+        return type(value)(_detached(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    return value
+
+
+def _device(model: nn.Module, latency_input) -> torch.device:
+    device = latency.module_device(model)
+    return latency.input_device(latency_input) if device is None else device
+
+
+def _format_latency(p: LayerProjection, kept_dense: bool) -> str:
+    if p.dense_seconds is None:
+        return "-"
+    return (f"{latency.format_seconds(p.dense_seconds)} -> {latency.format_seconds(p.projected_seconds)}"
+            + (" (slower: kept dense)" if kept_dense else ""))
+
+
 def _project(layer: nn.Module, options: LayerOptions, choice: RankChoice, unpack: bool) -> nn.Module:
     build = _project_recurrent if isinstance(options, RecurrentOptions) else _project_dense
     projected = build(layer, options, choice)
@@ -304,12 +540,14 @@ def _project_recurrent(layer: nn.Module, options: RecurrentOptions, choice: Rank
                           output_mean=options.output_mean)
 
 
-def describe_choice(name: str, layer: nn.Module, choice: RankChoice) -> LayerProjection:
-    """What choosing ``choice`` for the dense ``layer`` called ``name`` does to it."""
+def describe_choice(name: str, layer: nn.Module, choice: RankChoice,
+                    timing: tuple[float, float] | None = None) -> LayerProjection:
+    """What choosing ``choice`` for the dense ``layer`` called ``name`` does to it, with its
+    measured ``(dense_seconds, projected_seconds)`` if any."""
     return LayerProjection(name, layer_kind(layer), choice.side, choice.rank_in, choice.rank_out,
                            count_learnables(layer),
                            count_learnables(layer) if choice.side == "dense" else choice.learnables,
-                           choice.explained_variance)
+                           choice.explained_variance, *(timing or (None, None)))
 
 
 def _report(info: ProjectionInfo, verbosity: str) -> None:
