@@ -17,7 +17,6 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from rankwise import latency
-
 from rankwise.layers import ProjectedConv, ProjectedGRU, ProjectedLayer, ProjectedLinear, ProjectedLSTM
 from rankwise.learnables import count_learnables
 from rankwise.pca import NeuronPCA, check_verbosity, statistics_shape
@@ -160,7 +159,10 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
     the newly chosen forms are timed, until no layer is excluded (at most one round per
     layer). Cost: two timings per projected layer per round, a layer at an unchanged choice
     not being timed again. Measurements on a shared or busy machine are noisy (hence
-    medians); a layer whose two forms take about the same time may fall either way. A
+    medians); a layer whose two forms take about the same time may fall either way. Time with
+    the torch thread count you deploy with (``torch.set_num_threads``): where other processes
+    keep the cores busy, torch's intra-op threads wait for each other and a layer's latency
+    becomes that of the scheduler, not of its arithmetic. A
     :class:`~rankwise.layers.ProjectedLSTM` / ``ProjectedGRU`` is timed as built (its
     ``execution="auto"`` path at that batch and device).
 
