@@ -34,6 +34,7 @@ from torch import nn
 
 import rankwise as rw
 from environment import write_result
+from peers import tltorch_layer
 from rankwise.datasets import load_mnist
 from rankwise.decompose import bipartitions
 from rankwise.examples import accuracy, pretrained_mnist
@@ -273,7 +274,7 @@ def data_aware_table(network, rows, original):
 def tensorly_torch_models(model):
     """rankwise and tensorly-torch at the same ranks for CP, Tucker and TT; ``None`` if absent."""
     try:
-        import tltorch
+        import tltorch  # noqa: F401  (only whether it is installed)
     except ImportError:
         return None
     _, tucker_info = rw.truncate_kernels(model, "tucker", norm_retained=COMPARISON_LEVEL, verbosity="off")
@@ -291,12 +292,7 @@ def tensorly_torch_models(model):
         models[f"rankwise {label}"], _ = rw.truncate_kernels(model, method, ranks=ranks, verbosity="off")
         theirs = copy.deepcopy(model)
         for name, rank in ranks.items():
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs")
-                factorized = tltorch.FactorizedConv.from_conv(
-                    modules[name], rank=their_rank(name, rank), factorization=method,
-                    implementation="factorized", decompose_weights=True)
-            theirs.set_submodule(name, factorized)
+            theirs.set_submodule(name, tltorch_layer(modules[name], their_rank(name, rank), method))
         models[f"tensorly-torch {label}"] = theirs.eval()
     return models
 
