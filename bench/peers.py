@@ -37,7 +37,7 @@ Methods (`METHODS` lists those usable here, `available_methods` says why the oth
   ``CostMetric.memory`` and greedy per-layer ratio selection
   (``GreedySelectionParameters(target_comp_ratio, num_comp_ratio_candidates=10)``) scored by
   ``evaluate``. AIMET's memory cost counts the weights of the layers it can compress only, so
-  ``target_comp_ratio`` starts at ``1 - reduction`` and is corrected (re-using the saved
+  ``target_comp_ratio`` starts at ``1 - reduction`` and is bisected (re-using the saved
   per-layer scores, so without new evaluations) while the whole network's learnables miss the
   budget by more than 1 point. AIMET runs in a temporary working folder (it writes
   ``./data/greedy_selection_eval_scores_dict.pkl``).
@@ -394,9 +394,9 @@ def _aimet(scheme):
             return compressed
 
         target_fraction = target / original
-        ratio, saved, best = target_fraction, None, None
+        ratio, saved, best, low, high = target_fraction, None, None, 0.0, 1.0
         with tempfile.TemporaryDirectory() as folder, _working_folder(folder):
-            for _ in range(5):
+            for _ in range(8):
                 compressed = run(ratio, saved)
                 saved = os.path.join(folder, "data", "greedy_selection_eval_scores_dict.pkl")
                 realised = rw.count_learnables(compressed) / original
@@ -404,7 +404,11 @@ def _aimet(scheme):
                     best = (ratio, realised, compressed)
                 if abs(realised - target_fraction) <= TOLERANCE:
                     break
-                ratio = min(1.0, max(0.005, ratio * target_fraction / realised))
+                if realised < target_fraction:
+                    low = ratio
+                else:
+                    high = ratio
+                ratio = (low + high) / 2
         ratio, realised, compressed = best
         return compressed, [f"target_comp_ratio {ratio:.3f}"]
     return adapter
