@@ -3,7 +3,7 @@ PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench bench-quick clean
 
 $(STAMP): requirements-dev.txt requirements-data.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -19,11 +19,18 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PYTHON) -m pytest -q tests
 
-$(BENCH_STAMP): $(STAMP) requirements-bench.txt
+# The peers: tensorly-torch and Torch-Pruning --no-deps; AIMET with its dependencies, resolved
+# together with the torch pins of requirements-dev.txt so that nothing replaces torch.
+$(BENCH_STAMP): $(STAMP) requirements-bench.txt requirements-bench-aimet.txt
 	$(PYTHON) -m pip install --quiet --no-deps -r requirements-bench.txt
+	$(PYTHON) -m pip install --quiet -r requirements-dev.txt -r requirements-bench-aimet.txt
 	touch $(BENCH_STAMP)
 
+bench-quick: $(STAMP) $(BENCH_STAMP)
+	$(PYTHON) bench/side_by_side.py --quick
+
 bench: $(STAMP) $(BENCH_STAMP)
+	$(PYTHON) bench/side_by_side.py
 	$(PYTHON) bench/projection_quality.py
 	$(PYTHON) bench/calibration_cost.py
 	$(PYTHON) bench/kernel_truncation.py
