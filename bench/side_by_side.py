@@ -28,7 +28,8 @@ accuracies use the last 5000 test images, which no method saw.
 
 Run from the repository root: ``python bench/side_by_side.py [--quick]`` (``make bench`` /
 ``make bench-quick``). Writes ``bench/results/side_by_side[_quick].md``, a plot per network and
-the ``side by side`` section of BENCHMARKS.md.
+the side-by-side section of BENCHMARKS.md (a quick run does not replace a full one). A partial
+run (``--networks``, ``--budgets``, ``--skip``) writes only ``bench/results/<--output>.md``.
 """
 
 import argparse
@@ -282,9 +283,18 @@ def main():
     parser.add_argument("--networks", nargs="+", help="a subset of the profile's networks")
     parser.add_argument("--skip", nargs="+", default=[], metavar="METHOD",
                         help="leave these peer methods out (named in the report)")
+    parser.add_argument("--budgets", nargs="+", type=float, help="other budgets than the profile's")
+    parser.add_argument("--output", help="results file stem in bench/results (default side_by_side"
+                        "[_quick]); a partial run (--networks, --skip, --budgets) needs one")
     arguments = parser.parse_args()
     profile_name = "quick" if arguments.quick else "full"
     profile = dict(PROFILES[profile_name])
+    profile["budgets"] = tuple(arguments.budgets or profile["budgets"])
+    partial = bool(arguments.networks or arguments.skip or arguments.budgets)
+    stem = arguments.output or "side_by_side" + ("" if profile_name == "full" else "_quick")
+    if partial and not arguments.output:
+        parser.error("a partial run (--networks, --skip, --budgets) needs --output, so that it "
+                     "does not overwrite the results of a whole profile")
     profile["skip"] = {**profile.get("skip", {}),
                        **{("*", method): "left out with --skip" for method in arguments.skip}}
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -295,21 +305,20 @@ def main():
     rows = [row for name in arguments.networks or profile["networks"]
             for row in run_network(name, methods, profile, data)]
     minutes = (time.perf_counter() - start) / 60
-    body = report(rows, profile_name, profile, available, minutes)
-    suffix = "" if profile_name == "full" else "_quick"
-    write_result(os.path.join(HERE, "results", f"side_by_side{suffix}.md"),
+    body = report(rows, profile_name, profile, available, minutes, stem)
+    write_result(os.path.join(HERE, "results", f"{stem}.md"),
                  f"rankwise side by side with the peers ({profile_name} profile)", body)
-    if arguments.networks or arguments.skip:
-        print("a partial run (--networks, --skip): BENCHMARKS.md left as it is")
+    if partial:
+        print("a partial run: BENCHMARKS.md left as it is")
     else:
         update_benchmarks_section(os.path.join(ROOT, "BENCHMARKS.md"), body, profile_name)
 
 
 # Reporting -----------------------------------------------------------------------------------
 
-def report(rows, profile_name, profile, available, minutes):
+def report(rows, profile_name, profile, available, minutes, stem):
     networks = list(dict.fromkeys(row.network for row in rows))
-    plots = [plot_network(network, [row for row in rows if row.network == network], profile_name)
+    plots = [plot_network(network, [row for row in rows if row.network == network], stem)
              for network in networks]
     dropped = [f"`{name}`: {reason}" for name, reason in available.items() if reason]
     parts = [
@@ -409,7 +418,7 @@ def efficiency_cell(original, row):
                       for s in (speedup(original, row, kind) for kind in ("eager_ms", "onnx_ms")))
 
 
-def plot_network(network, rows, profile_name):
+def plot_network(network, rows, stem):
     original = rows[0]
     figure, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     methods = list(dict.fromkeys(row.method for row in rows[1:]))
@@ -436,8 +445,7 @@ def plot_network(network, rows, profile_name):
     axes[2].legend(fontsize=7)
     figure.suptitle(f"{network}: rankwise and the peers")
     figure.tight_layout()
-    suffix = "" if profile_name == "full" else "_quick"
-    path = os.path.join(HERE, "results", f"side_by_side_{network}{suffix}.png")
+    path = os.path.join(HERE, "results", f"{stem}_{network}.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     figure.savefig(path, dpi=90)
     plt.close(figure)
