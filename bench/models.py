@@ -4,14 +4,11 @@
 loaded from the same cache folder as `rankwise.examples.pretrained_mnist`.
 """
 
-import time
-
 import torch
 from torch import nn
 from torchvision.models import resnet18
 
-from rankwise.datasets import load_mnist
-from rankwise.examples import _save_atomically, accuracy, cache_dir, train_classifier
+from rankwise.examples import _save_atomically, cache_dir, train_with_recipe
 
 RESNET18_RECIPE = {"epochs": 1, "lr": 1e-3, "batch_size": 128, "seed": 0, "max_steps": None}
 """Adam with a cosine decay, one pass over the 60 000 MNIST training images (111 s on
@@ -48,8 +45,8 @@ def resnet18_mnist(verbose=True):
     """torchvision's ResNet-18 for MNIST (see `resnet18_mnist_architecture`), trained and cached.
 
     The first call builds the network with ``torch.manual_seed(RESNET18_RECIPE["seed"])``,
-    trains it with `rankwise.examples.train_classifier` on the 60 000 training images of
-    `rankwise.datasets.load_mnist` using `RESNET18_RECIPE` and writes its ``state_dict``
+    trains it with `rankwise.examples.train_with_recipe` (the 60 000 MNIST training images)
+    using `RESNET18_RECIPE` and writes its ``state_dict``
     atomically to `resnet18_path`. Later calls load that file.
 
     Parameters
@@ -63,24 +60,15 @@ def resnet18_mnist(verbose=True):
         The trained network on the CPU, in eval mode.
     """
     path = resnet18_path()
-    model = resnet18_mnist_architecture()
     if path.is_file():
+        model = resnet18_mnist_architecture()
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         if verbose:
             print(f"loaded ResNet-18 for MNIST from {path}")
         return model.eval()
-    recipe = RESNET18_RECIPE
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(recipe["seed"])
-        model = resnet18_mnist_architecture()
-        images, labels = load_mnist("train")
-        start = time.perf_counter()
-        train_classifier(model, images, labels, recipe["epochs"], lr=recipe["lr"],
-                         batch_size=recipe["batch_size"], seed=recipe["seed"],
-                         max_steps=recipe["max_steps"], progress=verbose)
-    if verbose:
-        seconds = time.perf_counter() - start
-        test_accuracy = accuracy(model, *load_mnist("test"))
-        print(f"trained ResNet-18 for MNIST in {seconds:.1f} s: test accuracy {test_accuracy:.2%}")
+        torch.manual_seed(RESNET18_RECIPE["seed"])
+        model = train_with_recipe(resnet18_mnist_architecture(), RESNET18_RECIPE,
+                                  "ResNet-18 for MNIST", verbose)
     _save_atomically(model.state_dict(), path)
     return model.eval()

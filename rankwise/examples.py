@@ -319,7 +319,16 @@ def _train_pretrained(name, verbose):
     """Build network `name` from its seeded initialisation and train it with its recipe."""
     recipe = PRETRAINED_RECIPES[name]
     torch.manual_seed(recipe["seed"])
-    model = EXAMPLE_MODELS[name]()
+    return train_with_recipe(EXAMPLE_MODELS[name](), recipe, f"MNIST {name}", verbose)
+
+
+def train_with_recipe(model, recipe, description, verbose):
+    """Train `model` in place on the 60 000 MNIST training images with `recipe`.
+
+    `recipe` holds the arguments of `train_classifier` (``epochs``, ``lr``, ``batch_size``,
+    ``seed``, ``max_steps``). With `verbose`, a progress bar, then the training time and the
+    test accuracy, printed as "trained `description` in ...". Returns `model`.
+    """
     images, labels = load_mnist("train")
     start = time.perf_counter()
     train_classifier(model, images, labels, recipe["epochs"], lr=recipe["lr"],
@@ -328,7 +337,7 @@ def _train_pretrained(name, verbose):
     if verbose:
         seconds = time.perf_counter() - start
         test_accuracy = accuracy(model, *load_mnist("test"))
-        print(f"trained MNIST {name} in {seconds:.1f} s: test accuracy {test_accuracy:.2%}")
+        print(f"trained {description} in {seconds:.1f} s: test accuracy {test_accuracy:.2%}")
     return model
 
 
