@@ -4,8 +4,10 @@ import datetime
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
+import time
 
 import numpy
 import torch
@@ -48,3 +50,26 @@ def write_result(path, title, body):
         stream.write(text)
     print(text)
     print(f"written to {path}")
+
+
+def median_seconds(call, repeats):
+    """Median wall-clock seconds of `repeats` calls of ``call()``, after one warm-up call."""
+    call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def repeats_to_fill(call, seconds, fewest=5, most=200):
+    """How many calls of ``call()`` fill about `seconds` (between `fewest` and `most`).
+
+    One warm-up call, then one timed call sets the estimate.
+    """
+    call()
+    start = time.perf_counter()
+    call()
+    once = max(time.perf_counter() - start, 1e-6)
+    return int(min(most, max(fewest, seconds / once)))

@@ -18,16 +18,14 @@ Writes ``bench/results/report_io_export.md``.
 """
 
 import os
-import statistics
 import tempfile
-import time
 
 import numpy as np
 import onnxruntime
 import torch
 
 import rankwise as rw
-from environment import write_result
+from environment import median_seconds, write_result
 from rankwise.datasets import load_mnist
 from rankwise.examples import EXAMPLE_MODELS, pretrained_mnist
 
@@ -36,17 +34,6 @@ BATCH_SIZE = 256
 REPEATS = 3
 GOAL = 0.9
 RESULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "report_io_export.md")
-
-
-def median_seconds(function):
-    """Median wall-clock seconds of `REPEATS` calls of ``function()`` after one warm-up."""
-    function()
-    times = []
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def kilobytes(path):
@@ -67,10 +54,10 @@ def measure(name, calibration, test_images, folder):
     """One row of each table for network `name`."""
     model = pretrained_mnist(name, verbose=False)
     npca = rw.NeuronPCA(model, calibration, verbosity="off")
-    analyze = median_seconds(lambda: rw.analyze(model, npca, verbosity="off"))
+    analyze = median_seconds(lambda: rw.analyze(model, npca, verbosity="off"), REPEATS)
     report = rw.analyze(model, npca, verbosity="off")
     html, json_path = os.path.join(folder, f"{name}.html"), os.path.join(folder, f"{name}.json")
-    html_seconds = median_seconds(lambda: report.to_html(html))
+    html_seconds = median_seconds(lambda: report.to_html(html), REPEATS)
     report.to_json(json_path)
     report_row = (f"| MNIST {name.upper()} | {len(report.analysed_layers)} | {analyze:.3f} s | "
                   f"{html_seconds:.2f} s ({kilobytes(html)}) | {kilobytes(json_path)} |")
@@ -78,11 +65,11 @@ def measure(name, calibration, test_images, folder):
     net, _ = rw.compress_network_using_projection(model, npca, learnables_reduction_goal=GOAL,
                                                   verbosity="off")
     saved, pickled = os.path.join(folder, f"{name}.safetensors"), os.path.join(folder, f"{name}.pt")
-    save = median_seconds(lambda: rw.save(net, saved))
+    save = median_seconds(lambda: rw.save(net, saved), REPEATS)
     torch.save(net, pickled)
     architecture = EXAMPLE_MODELS[name]()
-    from_spec = median_seconds(lambda: rw.load(saved, model=architecture))
-    stored = median_seconds(lambda: rw.load(saved))
+    from_spec = median_seconds(lambda: rw.load(saved, model=architecture), REPEATS)
+    stored = median_seconds(lambda: rw.load(saved), REPEATS)
     expected = torch_logits(net, test_images)
     identical = all(np.array_equal(torch_logits(loaded, test_images), expected)
                     for loaded in (rw.load(saved, model=architecture), rw.load(saved)))
@@ -91,11 +78,11 @@ def measure(name, calibration, test_images, folder):
               f"{'yes' if identical else 'NO'} |")
 
     onnx_path = os.path.join(folder, f"{name}.onnx")
-    export = median_seconds(lambda: rw.export_onnx(net, onnx_path, test_images[:BATCH_SIZE]))
+    export = median_seconds(lambda: rw.export_onnx(net, onnx_path, test_images[:BATCH_SIZE]), REPEATS)
     session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
     difference = np.abs(onnx_logits(session, test_images) - expected).max()
-    torch_time = median_seconds(lambda: torch_logits(net, test_images))
-    onnx_time = median_seconds(lambda: onnx_logits(session, test_images))
+    torch_time = median_seconds(lambda: torch_logits(net, test_images), REPEATS)
+    onnx_time = median_seconds(lambda: onnx_logits(session, test_images), REPEATS)
     onnx_row = (f"| MNIST {name.upper()} | {export:.2f} s | {difference:.1e} | {torch_time:.2f} s | "
                 f"{onnx_time:.2f} s |")
     return report_row, io_row, onnx_row

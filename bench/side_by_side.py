@@ -35,9 +35,9 @@ run (``--networks``, ``--budgets``, ``--skip``) writes only ``bench/results/<--o
 import argparse
 import contextlib
 import copy
+import functools
 import os
 import re
-import statistics
 import tempfile
 import time
 import traceback
@@ -53,7 +53,7 @@ import torch  # noqa: E402
 
 import peers  # noqa: E402
 import rankwise as rw  # noqa: E402
-from environment import environment_markdown, write_result  # noqa: E402
+from environment import environment_markdown, median_seconds, repeats_to_fill, write_result  # noqa: E402
 from models import resnet18_mnist  # noqa: E402
 from rankwise.datasets import load_mnist  # noqa: E402
 from rankwise.examples import accuracy, pretrained_mnist, train_classifier  # noqa: E402
@@ -175,15 +175,17 @@ def latencies(model, images, seconds, row):
     """Median milliseconds per forward pass at each batch size: eager, then onnxruntime."""
     with one_thread():
         eager = {batch: 1000 * rw.median_latency(model, images[:batch],
-                                                 repeats=repeats_for(model, images[:batch], seconds))
+                                                 repeats=eager_repeats(model, images[:batch], seconds))
                  for batch in LATENCY_BATCHES}
     try:
         session = onnx_session(model, images[:1])
     except Exception as error:  # noqa: BLE001 - an export failure is a finding, reported in the row
         row.note = "; ".join(filter(None, [row.note, f"ONNX export failed ({type(error).__name__})"]))
         return eager, {}
-    onnx = {batch: 1000 * median_seconds(lambda x=images[:batch].numpy(): session.run(None, {"input": x}),
-                                         seconds) for batch in LATENCY_BATCHES}
+    onnx = {}
+    for batch in LATENCY_BATCHES:
+        run = functools.partial(session.run, None, {"input": images[:batch].numpy()})
+        onnx[batch] = 1000 * median_seconds(run, repeats_to_fill(run, seconds))
     return eager, onnx
 
 
@@ -198,27 +200,10 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
-def repeats_for(model, example, seconds):
-    """Enough repeats to fill about `seconds`, between 5 and 200."""
-    start = time.perf_counter()
+def eager_repeats(model, example, seconds):
+    """Enough repeats of ``model(example)`` to fill about `seconds`, between 5 and 200."""
     with torch.inference_mode():
-        model(example)
-    once = max(time.perf_counter() - start, 1e-6)
-    return int(min(200, max(5, seconds / once)))
-
-
-def median_seconds(call, seconds):
-    """Median wall-clock of `call()`, repeated for about `seconds` (5 to 200 times), after a warm-up."""
-    call()
-    start = time.perf_counter()
-    call()
-    repeats = int(min(200, max(5, seconds / max(time.perf_counter() - start, 1e-6))))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return repeats_to_fill(lambda: model(example), seconds)
 
 
 def onnx_session(model, example):
