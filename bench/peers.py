@@ -9,7 +9,7 @@ can, never exceeding it by more than 1% of the original learnables where that is
 note says when the result misses the budget by more than that either way (``closest reachable:
 ...``; the knob's steps can be coarse) and which layers were left dense.
 
-Methods (`METHODS` lists those usable here, `available_methods` says why the others are not):
+Methods (`available_methods` says which are usable here, and why the others are not):
 
 - ``svd``: data-free uniform truncated SVD of every Linear and Conv2d (`svd_baseline`), the
   rank fraction found by bisection (`svd_baseline.match_learnables`).
@@ -83,7 +83,7 @@ def compress(method: str, model: nn.Module, reduction: float, calibration: list[
     Parameters
     ----------
     method : str
-        One of `METHODS`.
+        A usable name of `available_methods`.
     model : torch.nn.Module
         The trained network; not modified.
     reduction : float
@@ -176,11 +176,6 @@ def _search(learnables_at, target, original, low, high, larger_removes_more, ite
     if within:
         return min(within, key=lambda t: abs(t[1] - target))
     return min(tried, key=lambda t: t[1])
-
-
-def _replace(model, name, module):
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)
 
 
 # svd -----------------------------------------------------------------------------------------
@@ -339,7 +334,7 @@ def _tltorch(factorization):
         for name in chosen:
             factorised = tltorch_layer(candidates[name], fraction, factorization,
                                        decomposition_kwargs=_decomposition_kwargs(factorization))
-            _replace(compressed, name, factorised.to(candidates[name].weight.device))
+            compressed.set_submodule(name, factorised.to(candidates[name].weight.device))
         notes = [f"rank fraction {fraction:.3f}"]
         dense = [name for name in candidates if name not in chosen]
         if dense:
@@ -351,16 +346,6 @@ def _tltorch(factorization):
 
 
 # AIMET ---------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def _working_folder(path):
-    previous = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
-
 
 def _aimet(scheme):
     def adapter(model, target, calibration, evaluate):
@@ -395,7 +380,7 @@ def _aimet(scheme):
 
         target_fraction = target / original
         ratio, saved, best, low, high = target_fraction, None, None, 0.0, 1.0
-        with tempfile.TemporaryDirectory() as folder, _working_folder(folder):
+        with tempfile.TemporaryDirectory() as folder, contextlib.chdir(folder):
             for _ in range(8):
                 compressed = run(ratio, saved)
                 saved = os.path.join(folder, "data", "greedy_selection_eval_scores_dict.pkl")
@@ -424,6 +409,3 @@ _ADAPTERS = {
     "aimet-spatial-svd": _aimet("spatial"),
     "aimet-weight-svd": _aimet("weight"),
 }
-
-METHODS: tuple[str, ...] = tuple(name for name, reason in available_methods().items() if not reason)
-"""The methods usable in `compress` here."""
