@@ -69,7 +69,7 @@ def median_latency(module: nn.Module, example_input, *, repeats: int = 20, warmu
     repeats = _check_count(repeats, "repeats", 1)
     warmup = _check_count(warmup, "warmup", 0)
     args, kwargs = as_call(example_input)
-    device = _device_of(module, args, kwargs)
+    device = device_of(module, example_input)
     sync = (lambda: torch.cuda.synchronize(device)) if device is not None and device.type == "cuda" else None
     times = []
     with eval_mode(module), torch.inference_mode():
@@ -187,8 +187,7 @@ def compare_speed(original: nn.Module, compressed: nn.Module, example_input, *,
     >>> comparison.flop_reduction
     1.0
     """
-    args, kwargs = as_call(example_input)
-    device = _device_of(original, args, kwargs)
+    device = device_of(original, example_input)
     return SpeedComparison(count_flops(original, example_input), count_flops(compressed, example_input),
                            median_latency(original, example_input, repeats=repeats),
                            median_latency(compressed, example_input, repeats=repeats),
@@ -236,9 +235,10 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds:.2f} s"
 
 
-def _device_of(module: nn.Module, args: tuple, kwargs: dict) -> torch.device | None:
+def device_of(module: nn.Module, example_input) -> torch.device | None:
+    """Where ``module`` runs on ``example_input``: its parameters' device, else the input's."""
     device = module_device(module)
-    return input_device((args, kwargs)) if device is None else device
+    return input_device(example_input) if device is None else device
 
 
 @contextlib.contextmanager

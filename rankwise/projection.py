@@ -235,7 +235,7 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
                           count_learnables(compressed),
                           {name: describe_choice(name, layers[name], choices[name], timings.get(name))
                            for name in layers},
-                          kept_dense, None if calls is None else str(_device(model, latency_input)))
+                          kept_dense, None if calls is None else str(latency.device_of(model, latency_input)))
     _report(info, verbosity)
     return compressed, info
 
@@ -498,11 +498,6 @@ def _detached(value):
     if isinstance(value, dict):
         return {k: _detached(v) for k, v in value.items()}
     return value
-
-
-def _device(model: nn.Module, latency_input) -> torch.device:
-    device = latency.module_device(model)
-    return latency.input_device(latency_input) if device is None else device
 
 
 def _format_latency(p: LayerProjection, kept_dense: bool) -> str:
