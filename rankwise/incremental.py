@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from rankwise.learnables import count_learnables
-from rankwise.pca import NeuronPCA, check_verbosity
-from rankwise.projection import check_goals, compress_network_using_projection
+from rankwise.checks import check_goals, check_verbosity
+from rankwise.pca import NeuronPCA
+from rankwise.projection import compress_network_using_projection
 from rankwise.ranks import allocate_learnables_reduction, layer_options
 from rankwise.tables import format_ranks, format_table
 from rankwise.targets import select_layers

@@ -40,17 +40,16 @@ from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence
-from tqdm.auto import tqdm
 
+from rankwise.batches import run_batches
+from rankwise.checks import check_max_batches, check_regularization, check_verbosity
+from rankwise.kinds import kind_named, kind_of
 from rankwise.learnables import count_learnables
 from rankwise.moments import Moments, NonFiniteActivationError, Spectrum
 from rankwise.recurrent_statistics import RecurrentStatistics, recurrent_hook
-from rankwise.rnn import GATES
-from rankwise.targets import layer_kind, select_layers
+from rankwise.targets import select_layers
 
 SIDES = ("input", "output")
-VERBOSITY_LEVELS = ("off", "summary", "steps", "iterations")
 FORMAT_VERSION = 1
 
 
@@ -83,11 +82,11 @@ class LayerStatistics:
     def for_layer(cls, layer: nn.Module) -> "LayerStatistics":
         w = layer.weight.detach()
         out_c, in_c = w.shape[:2]
-        linear = isinstance(layer, nn.Linear)
+        linear = "input" not in kind_of(layer).sides
         per_position = w.reshape(out_c, in_c, -1).permute(2, 0, 1)  # (kernel, out, in)
         gram_input = None if linear else torch.einsum("koi,koj->ij", per_position, per_position)
         gram_output = w.reshape(out_c, -1) @ w.reshape(out_c, -1).T
-        return cls(layer_kind(layer), in_c, out_c, per_position.shape[0], layer.bias is not None,
+        return cls(kind_of(layer).name, in_c, out_c, per_position.shape[0], layer.bias is not None,
                    Moments.zeros(in_c, w.device, outer=not linear), Moments.zeros(out_c, w.device),
                    None if linear else gram_input.to(torch.float64), gram_output.to(torch.float64))
 
@@ -155,9 +154,8 @@ class NeuronPCA:
     def __init__(self, model: nn.Module, data, layer_names=None, verbosity: str = "summary",
                  forward_fn=None, max_batches: int | None = None, regularization="auto"):
         check_verbosity(verbosity)
-        _check_regularization(regularization)
-        if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
-            raise ValueError(f"max_batches: expected a positive integer or None, got {max_batches!r}.")
+        check_regularization(regularization)
+        check_max_batches(max_batches)
         layers = select_layers(model, layer_names)
         self._init_state({name: _statistics_for(m) for name, m in layers.items()},
                          count_learnables(model), regularization)
@@ -291,34 +289,11 @@ class NeuronPCA:
                               ThinDataWarning, stacklevel=3)
 
 
-def check_verbosity(verbosity: str) -> None:
-    """Raise a clear error for a verbosity level that does not exist."""
-    if verbosity not in VERBOSITY_LEVELS:
-        raise ValueError(f"verbosity: expected one of {', '.join(map(repr, VERBOSITY_LEVELS))}, "
-                         f"got {verbosity!r}.")
-
-
-def _check_regularization(regularization) -> None:
-    if regularization == "auto":
-        return
-    if isinstance(regularization, bool) or not isinstance(regularization, int | float) \
-            or not 0.0 <= regularization <= 1.0:
-        raise ValueError(f"regularization: expected 'auto' or a float in [0, 1], got {regularization!r}.")
-
-
 def _statistics_for(layer: nn.Module) -> LayerStatistics | RecurrentStatistics:
-    kind = layer_kind(layer)
-    if kind in GATES:
-        return RecurrentStatistics.for_layer(layer, kind)
+    kind = kind_of(layer)
+    if kind.family == "recurrent":
+        return RecurrentStatistics.for_layer(layer, kind.name)
     return LayerStatistics.for_layer(layer)
-
-
-def statistics_shape(layer: nn.Module) -> tuple:
-    """The ``shape`` of the statistics of ``layer`` (to check that statistics belong to it)."""
-    kind = layer_kind(layer)
-    if kind in GATES:
-        return kind, layer.input_size, layer.hidden_size, layer.num_layers, layer.bidirectional
-    return tuple(layer.weight.shape[:2])
 
 
 def _plain(value):
@@ -331,7 +306,7 @@ def _plain(value):
 
 def _restore(plain: dict) -> LayerStatistics | RecurrentStatistics:
     """Statistics from their :func:`_plain` form."""
-    if plain["kind"] in GATES:
+    if kind_named(plain["kind"]).family == "recurrent":
         return RecurrentStatistics(**{**plain, "input": Moments(**plain["input"]),
                                       "outputs": [Moments(**m) for m in plain["outputs"]]})
     return LayerStatistics(**{**plain, "input": Moments(**plain["input"]),
@@ -348,79 +323,15 @@ def _decompose(stats: LayerStatistics, side: str, regularization) -> Spectrum:
     return Spectrum.shrunk(cov, moments.mean, alpha, stats.input.power * prior)
 
 
-# Calibration pass ---------------------------------------------------------------------------
-
 def _calibrate(model, data, layers, stats, forward_fn, max_batches, show_progress) -> int:
     """Run the batches through ``model`` with hooks filling ``stats``; return the batch count."""
-    forward_fn = forward_fn or default_forward
-    batches = [data] if isinstance(data, torch.Tensor | PackedSequence) else data
-    total = _length(batches)
-    if max_batches is not None:
-        total = max_batches if total is None else min(total, max_batches)
-    device = next(model.parameters()).device
     handles = [layer.register_forward_hook(
         recurrent_hook(name, stats[name]) if isinstance(stats[name], RecurrentStatistics)
         else _hook(name, layer, stats[name]), with_kwargs=True) for name, layer in layers.items()]
-    was_training = model.training
-    model.eval()
-    count = 0
-    try:
-        with torch.no_grad():
-            for count, batch in enumerate(tqdm(batches, total=total, desc="NeuronPCA",
-                                               disable=not show_progress), start=1):
-                _run_batch(model, move_to(batch, device), forward_fn, count - 1)
-                if max_batches is not None and count >= max_batches:
-                    break
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    if count == 0:
-        raise ValueError("data: the iterable yielded no batch. Pass a DataLoader or a list of "
-                         "tensors holding representative inputs.")
-    return count
-
-
-def default_forward(model: nn.Module, batch):
-    """Run one batch: a tensor (or ``PackedSequence``) is the input, a tuple/list starts with
-    it, a dict is kwargs."""
-    if isinstance(batch, torch.Tensor | PackedSequence):
-        return model(batch)
-    if isinstance(batch, tuple | list) and batch:
-        return model(batch[0])
-    if isinstance(batch, dict):
-        return model(**batch)
-    raise TypeError(f"a batch of type {type(batch).__name__} cannot be passed to the model; "
-                    "pass forward_fn=lambda model, batch: ... to say how.")
-
-
-def move_to(batch, device):
-    """``batch`` with every tensor (and ``PackedSequence``) in it moved to ``device``."""
-    if isinstance(batch, torch.Tensor | PackedSequence):
-        return batch.to(device)
-    if isinstance(batch, tuple | list):
-        return type(batch)(move_to(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: move_to(v, device) for k, v in batch.items()}
-    return batch
-
-
-def _run_batch(model, batch, forward_fn, index: int) -> None:
-    try:
-        forward_fn(model, batch)
-    except NonFiniteActivationError as error:
-        raise NonFiniteActivationError(f"data: batch {index}: {error}") from None
-    except Exception as error:
-        raise ValueError(f"data: the model rejected batch {index} "
-                         f"({type(error).__name__}: {error}). Check that the batches are inputs the "
-                         "model accepts, or pass forward_fn.") from error
-
-
-def _length(data) -> int | None:
-    try:
-        return len(data)
-    except TypeError:
-        return None
+    return run_batches(model, data, handles, forward_fn, max_batches,
+                       progress="NeuronPCA" if show_progress else None,
+                       empty_message="data: the iterable yielded no batch. Pass a DataLoader or a "
+                                     "list of tensors holding representative inputs.")
 
 
 def _hook(name: str, layer: nn.Module, stats: LayerStatistics):

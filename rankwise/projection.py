@@ -9,7 +9,6 @@ error it is left as it was.
 from __future__ import annotations
 
 import copy
-import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -17,16 +16,16 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from rankwise import latency
-from rankwise.layers import ProjectedConv, ProjectedGRU, ProjectedLayer, ProjectedLinear, ProjectedLSTM
+import rankwise.layers
+from rankwise.layers import ProjectedLayer
 from rankwise.learnables import count_learnables
-from rankwise.pca import NeuronPCA, check_verbosity, statistics_shape
+from rankwise.checks import check_goals, check_verbosity
+from rankwise.kinds import kind_of
+from rankwise.pca import NeuronPCA
 from rankwise.ranks import (LayerOptions, RankChoice, RecurrentOptions, allocate_learnables_reduction,
                             choose_by_explained_variance, layer_options)
 from rankwise.tables import format_ranks, format_table
-from rankwise.targets import layer_kind, select_layers
-
-DEFAULT_EXPLAINED_VARIANCE = 0.95
-
+from rankwise.targets import select_layers
 
 @dataclass(frozen=True)
 class LayerProjection:
@@ -301,25 +300,6 @@ def choose_ranks(options: dict[str, LayerOptions], goal_name: str, goal: float,
     return {name: options[name].choice(index) for name, index in chosen.items()}, goal_reached
 
 
-def check_goals(explained_variance_goal, learnables_reduction_goal) -> tuple[str, float]:
-    if explained_variance_goal is not None and learnables_reduction_goal is not None:
-        raise ValueError("explained_variance_goal and learnables_reduction_goal are exclusive: "
-                         "give one of them.")
-    if learnables_reduction_goal is not None:
-        return "learnables_reduction_goal", check_fraction(learnables_reduction_goal,
-                                                           "learnables_reduction_goal")
-    if explained_variance_goal is None:
-        return "explained_variance_goal", DEFAULT_EXPLAINED_VARIANCE
-    return "explained_variance_goal", check_fraction(explained_variance_goal, "explained_variance_goal")
-
-
-def check_fraction(value, argument: str) -> float:
-    """``value`` as a float, or a ValueError naming ``argument`` unless it is a number in [0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{argument}: expected a number in [0, 1], got {value!r}.")
-    return float(value)
-
-
 def check_statistics(npca: NeuronPCA, layers: dict) -> None:
     """Raise a clear error unless ``npca`` holds statistics of these layers, with their shapes.
 
@@ -334,7 +314,7 @@ def check_statistics(npca: NeuronPCA, layers: dict) -> None:
             raise ValueError(f"npca_or_data: the NeuronPCA has no statistics for layer {name!r} "
                              f"(it analysed: {', '.join(npca.layer_names)}). Compute it with that "
                              "layer included, or pass layer_names to restrict the projection.")
-        expected, found = statistics_shape(layer), npca.statistics(name).shape
+        expected, found = kind_of(layer).statistics_shape(layer), npca.statistics(name).shape
         if found != expected:
             raise ValueError(f"npca_or_data: layer {name!r} has shape {expected} in the model but "
                              f"{found} in the NeuronPCA; it was computed on another model.")
@@ -513,9 +493,13 @@ def _project(layer: nn.Module, options: LayerOptions, choice: RankChoice, unpack
     return projected.unpack() if unpack else projected
 
 
+def _wrapper(layer: nn.Module) -> type[ProjectedLayer]:
+    """The wrapper class that builds ``layer``'s projected form (its row of :mod:`rankwise.kinds`)."""
+    return getattr(rankwise.layers, kind_of(layer).wrapper)
+
+
 def _project_dense(layer: nn.Module, options: LayerOptions, choice: RankChoice) -> ProjectedLayer:
-    cls = ProjectedLinear if isinstance(layer, nn.Linear) else ProjectedConv
-    return cls.from_dense(
+    return _wrapper(layer).from_dense(
         layer,
         input_basis=None if choice.rank_in is None else options.input_basis[:, :choice.rank_in],
         input_mean=options.input_mean,
@@ -524,14 +508,12 @@ def _project_dense(layer: nn.Module, options: LayerOptions, choice: RankChoice) 
 
 
 def _project_recurrent(layer: nn.Module, options: RecurrentOptions, choice: RankChoice) -> ProjectedLayer:
-    cls = ProjectedLSTM if isinstance(layer, nn.LSTM) else ProjectedGRU
-
     def bases(ranks, per_cell: dict) -> dict:
         ranks = ranks if isinstance(ranks, tuple) else (ranks,)
         return {cell: per_cell[cell][:, :rank]
                 for cell, rank in zip(options.cells, ranks) if rank is not None}
 
-    return cls.from_dense(layer, input_basis=bases(choice.rank_in, options.input_basis),
+    return _wrapper(layer).from_dense(layer, input_basis=bases(choice.rank_in, options.input_basis),
                           input_mean=options.input_mean,
                           output_basis=bases(choice.rank_out, options.output_basis),
                           output_mean=options.output_mean)
@@ -541,7 +523,7 @@ def describe_choice(name: str, layer: nn.Module, choice: RankChoice,
                     timing: tuple[float, float] | None = None) -> LayerProjection:
     """What choosing ``choice`` for the dense ``layer`` called ``name`` does to it, with its
     measured ``(dense_seconds, projected_seconds)`` if any."""
-    return LayerProjection(name, layer_kind(layer), choice.side, choice.rank_in, choice.rank_out,
+    return LayerProjection(name, kind_of(layer).name, choice.side, choice.rank_in, choice.rank_out,
                            count_learnables(layer),
                            count_learnables(layer) if choice.side == "dense" else choice.learnables,
                            choice.explained_variance, *(timing or (None, None)))

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from torch import nn
 from tqdm.auto import tqdm
 
-from rankwise.pca import NeuronPCA, check_verbosity
+from rankwise.checks import check_verbosity
+from rankwise.pca import NeuronPCA
 from rankwise.projection import compress_network_using_projection
 from rankwise.tables import format_table
 

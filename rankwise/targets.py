@@ -8,18 +8,16 @@ from __future__ import annotations
 
 from torch import nn
 
+from rankwise.kinds import kind_of, supported_names
 from rankwise.layers.base import ProjectedLayer
-
-PROJECTABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LSTM, nn.GRU)
-
 
 def layer_kind(module: nn.Module) -> str:
     """Short name of a projectable layer type: ``"linear"``, ``"conv1d"``, ..., ``"lstm"``, ``"gru"``."""
-    return next(t.__name__.lower() for t in PROJECTABLE_TYPES if isinstance(module, t))
+    return kind_of(module).name
 
 
 def why_not_projectable(module: nn.Module) -> str | None:
-    """The reason ``module`` cannot be projected, or ``None`` when it can.
+    """The reason ``module`` cannot be projected, or ``None`` when it can (see :mod:`rankwise.kinds`).
 
     Parameters
     ----------
@@ -31,20 +29,10 @@ def why_not_projectable(module: nn.Module) -> str | None:
     """
     if isinstance(module, ProjectedLayer):
         return "it is already projected"
-    if not isinstance(module, PROJECTABLE_TYPES):
-        return (f"{type(module).__name__} layers are not supported "
-                "(supported: Linear, Conv1d, Conv2d, Conv3d, LSTM, GRU)")
-    if isinstance(module, nn.LSTM) and module.proj_size:
-        return (f"it is an LSTM with proj_size={module.proj_size} (its hidden state is already "
-                "projected by torch); only LSTMs without proj_size are supported")
-    if isinstance(module, nn.LSTM | nn.GRU):
-        return None
-    if isinstance(module.weight, nn.parameter.UninitializedParameter):
-        return "it is a lazy layer that has not been initialised yet (run one forward pass first)"
-    if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d) and module.groups != 1:
-        return (f"it is a grouped convolution (groups={module.groups}); "
-                "grouped and depthwise convolutions stay dense")
-    return None
+    kind = kind_of(module)
+    if kind is None:
+        return f"{type(module).__name__} layers are not supported (supported: {supported_names()})"
+    return kind.refusal(module)
 
 
 def projectable_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -85,8 +73,7 @@ def select_layers(model: nn.Module, layer_names=None) -> dict[str, nn.Module]:
     available = projectable_layers(model)
     if layer_names is None:
         if not available:
-            raise ValueError("model: it has no projectable layer (Linear, Conv1d, Conv2d, Conv3d, "
-                             "LSTM, GRU).")
+            raise ValueError(f"model: it has no projectable layer ({supported_names()}).")
         return available
     requested = [layer_names] if isinstance(layer_names, str) else list(layer_names)
     if not requested:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from rankwise.pca import move_to
+from rankwise.batches import move_to
 
 DEFAULT_LR = 1e-4
 

@@ -24,7 +24,7 @@ from rankwise.decompose.methods import METHODS, Method
 from rankwise.decompose.selection import check_norm_retained
 from rankwise.decompose.targets import select_kernels
 from rankwise.learnables import count_learnables
-from rankwise.pca import check_verbosity
+from rankwise.checks import check_verbosity
 from rankwise.tables import format_table
 from rankwise.targets import layer_kind
 

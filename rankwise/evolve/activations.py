@@ -15,7 +15,7 @@ from torch import nn
 
 from rankwise.evolve.graph import Consumer
 from rankwise.moments import Moments
-from rankwise.pca import default_forward, move_to
+from rankwise.batches import model_device, run_batches
 
 
 def channel_rows(inputs: torch.Tensor, consumer: Consumer, width: int, linear: bool) -> torch.Tensor:
@@ -53,39 +53,17 @@ def consumer_moments(model: nn.Module, groups: list, data, forward_fn=None) -> d
     moments, handles = {}, []
     for group in groups:
         for index, consumer in enumerate(group.consumers):
-            moments[group.name, index] = Moments.zeros(group.width, device=_device(model))
+            moments[group.name, index] = Moments.zeros(group.width, device=model_device(model))
             handles.append(modules[consumer.name].register_forward_pre_hook(
                 _hook(moments[group.name, index], consumer, group.width,
                       isinstance(modules[consumer.name], nn.Linear))))
-    _run(model, data, forward_fn or default_forward, handles)
+    run_batches(model, data, handles, forward_fn,
+                empty_message="data: the iterable yielded no batch; pass recent training batches "
+                              "(a list of tensors or (inputs, targets) tuples), or data=None.")
     return moments
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _hook(moments: Moments, consumer: Consumer, width: int, linear: bool):
     def hook(module, args):
         moments.update(channel_rows(args[0].detach(), consumer, width, linear))
     return hook
-
-
-def _run(model, data, forward_fn, handles) -> None:
-    was_training = model.training
-    model.eval()
-    device = _device(model)
-    batches = 0
-    try:
-        with torch.no_grad():
-            for batch in data:
-                forward_fn(model, move_to(batch, device))
-                batches += 1
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    if batches == 0:
-        raise ValueError("data: the iterable yielded no batch; pass recent training batches "
-                         "(a list of tensors or (inputs, targets) tuples), or data=None.")
-

@@ -28,7 +28,7 @@ from rankwise.evolve.optimizer import holds_any, sync_optimizer
 from rankwise.evolve.shrink import plan_shrink
 from rankwise.evolve.spectrum import is_saturated, kept_count, spectrum
 from rankwise.learnables import count_learnables
-from rankwise.pca import move_to
+from rankwise.batches import move_to
 from rankwise.tables import format_table
 
 VERBOSITY_LEVELS = ("off", "summary", "steps")

@@ -23,9 +23,9 @@ from torch import nn
 
 from rankwise.layers import ProjectedLayer
 from rankwise.learnables import count_learnables
-from rankwise.pca import NeuronPCA, check_verbosity
-from rankwise.projection import (ProjectionInfo, check_fraction, check_statistics, choose_ranks,
-                                 describe_choice)
+from rankwise.checks import check_fraction, check_verbosity
+from rankwise.pca import NeuronPCA
+from rankwise.projection import ProjectionInfo, check_statistics, choose_ranks, describe_choice
 from rankwise.ranks import LayerOptions, layer_options, tradeoff_curve
 from rankwise.report.html import write_html
 from rankwise.report.serialize import report_to_dict, write_json

@@ -1,0 +1,56 @@
+"""Argument checks shared by every entry point.
+
+Each check raises a ``ValueError`` that names the argument and says what was expected, so a
+user's mistake never surfaces as a traceback from deep inside the library.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+VERBOSITY_LEVELS = ("off", "summary", "steps", "iterations")
+DEFAULT_EXPLAINED_VARIANCE = 0.95
+
+
+def check_verbosity(verbosity: str) -> None:
+    """Raise a clear error for a verbosity level that does not exist."""
+    if verbosity not in VERBOSITY_LEVELS:
+        raise ValueError(f"verbosity: expected one of {', '.join(map(repr, VERBOSITY_LEVELS))}, "
+                         f"got {verbosity!r}.")
+
+
+def check_fraction(value, argument: str) -> float:
+    """``value`` as a float, or a ValueError naming ``argument`` unless it is a number in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{argument}: expected a number in [0, 1], got {value!r}.")
+    return float(value)
+
+
+def check_goals(explained_variance_goal, learnables_reduction_goal) -> tuple[str, float]:
+    """``(goal name, goal)`` from the two exclusive goal arguments (the variance goal of
+    :data:`DEFAULT_EXPLAINED_VARIANCE` when neither is given)."""
+    if explained_variance_goal is not None and learnables_reduction_goal is not None:
+        raise ValueError("explained_variance_goal and learnables_reduction_goal are exclusive: "
+                         "give one of them.")
+    if learnables_reduction_goal is not None:
+        return "learnables_reduction_goal", check_fraction(learnables_reduction_goal,
+                                                           "learnables_reduction_goal")
+    if explained_variance_goal is None:
+        return "explained_variance_goal", DEFAULT_EXPLAINED_VARIANCE
+    return "explained_variance_goal", check_fraction(explained_variance_goal, "explained_variance_goal")
+
+
+def check_regularization(regularization) -> None:
+    """``regularization`` must be ``"auto"`` or a float in [0, 1]."""
+    if regularization == "auto":
+        return
+    if isinstance(regularization, bool) or not isinstance(regularization, int | float) \
+            or not 0.0 <= regularization <= 1.0:
+        raise ValueError(f"regularization: expected 'auto' or a float in [0, 1], got {regularization!r}.")
+
+
+def check_max_batches(max_batches) -> None:
+    """``max_batches`` must be a positive integer or ``None``."""
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
+                                    or max_batches < 1):
+        raise ValueError(f"max_batches: expected a positive integer or None, got {max_batches!r}.")

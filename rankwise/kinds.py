@@ -1,0 +1,103 @@
+"""The table of layer kinds: every supported torch type in one row.
+
+"What kind of layer is this, and how is it handled?" has one answer, :data:`KINDS`. Each row
+(:class:`LayerKind`) says
+
+- ``name``: the short name shown in tables and infos (``"linear"``, ``"conv2d"``, ``"lstm"``);
+- ``types``: the torch classes it covers;
+- ``family``: how its statistics are gathered and its options enumerated. ``"dense"``: a
+  weight ``W`` of shape ``(out, in, *kernel)`` acting on channel vectors, one observation per
+  sample (a ``Linear``, leading dimensions pooled) or per spatial position (a convolution);
+  ``"recurrent"``: an LSTM or GRU, observed per stacked layer and direction at every time
+  step. The statistics of each family are in :mod:`rankwise.statistics`, its options in
+  :mod:`rankwise.ranks.frontier`;
+- ``sides``: which sides' full second moments are gathered, hence which options exist.
+  A ``Linear`` layer analyses its output only: for ``y = W x + b`` the output projection
+  ``P P^T`` with ``P`` the top eigenvectors of ``C_y = W C_x W^T`` is the best rank-``r``
+  approximation on the data (reduced-rank regression), and input or both-sides projection at
+  the same rank cost the same learnables, so they never win. Convolutions and recurrent
+  layers analyse both sides;
+- ``wrapper``: the name of the :class:`~rankwise.layers.ProjectedLayer` subclass that builds
+  its projected form (resolved by name, so this table imports nothing downstream);
+- ``refusal``: why a module of this kind may still be refused (``None``: accepted).
+
+Adding a kind is one row here and one wrapper file in :mod:`rankwise.layers`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """One row of :data:`KINDS`; see the module docstring for the fields."""
+
+    name: str
+    types: tuple[type, ...]
+    family: str
+    sides: tuple[str, ...]
+    wrapper: str
+    refusal: Callable[[nn.Module], str | None]
+
+    def statistics_shape(self, layer: nn.Module) -> tuple:
+        """What identifies ``layer``'s statistics (to check that statistics belong to it)."""
+        if self.family == "recurrent":
+            return self.name, layer.input_size, layer.hidden_size, layer.num_layers, layer.bidirectional
+        return tuple(layer.weight.shape[:2])
+
+
+def _lazy(layer: nn.Module) -> str | None:
+    if isinstance(layer.weight, nn.parameter.UninitializedParameter):
+        return "it is a lazy layer that has not been initialised yet (run one forward pass first)"
+    return None
+
+
+def _grouped(conv: nn.Module) -> str | None:
+    if conv.groups != 1:
+        return (f"it is a grouped convolution (groups={conv.groups}); "
+                "grouped and depthwise convolutions stay dense")
+    return _lazy(conv)
+
+
+def _lstm(lstm: nn.LSTM) -> str | None:
+    if lstm.proj_size:
+        return (f"it is an LSTM with proj_size={lstm.proj_size} (its hidden state is already "
+                "projected by torch); only LSTMs without proj_size are supported")
+    return None
+
+
+def _accepted(layer: nn.Module) -> None:
+    return None
+
+
+KINDS: tuple[LayerKind, ...] = (
+    LayerKind("linear", (nn.Linear,), "dense", ("output",), "ProjectedLinear", _lazy),
+    LayerKind("conv1d", (nn.Conv1d,), "dense", ("input", "output"), "ProjectedConv", _grouped),
+    LayerKind("conv2d", (nn.Conv2d,), "dense", ("input", "output"), "ProjectedConv", _grouped),
+    LayerKind("conv3d", (nn.Conv3d,), "dense", ("input", "output"), "ProjectedConv", _grouped),
+    LayerKind("lstm", (nn.LSTM,), "recurrent", ("input", "output"), "ProjectedLSTM", _lstm),
+    LayerKind("gru", (nn.GRU,), "recurrent", ("input", "output"), "ProjectedGRU", _accepted),
+)
+
+
+def kind_of(module: nn.Module) -> LayerKind | None:
+    """The row of :data:`KINDS` covering ``module``'s type, or ``None`` when none does.
+
+    Subclasses are covered by their base's row (a ``LazyLinear`` once initialised is a
+    ``Linear``); the first matching row wins.
+    """
+    return next((kind for kind in KINDS if isinstance(module, kind.types)), None)
+
+
+def supported_names() -> str:
+    """``"Linear, Conv1d, ..."``: the supported torch types, for error messages."""
+    return ", ".join(t.__name__ for kind in KINDS for t in kind.types)
+
+
+def kind_named(name: str) -> LayerKind:
+    """The row called ``name`` (as stored in statistics and infos)."""
+    return next(kind for kind in KINDS if kind.name == name)
