@@ -1,0 +1,179 @@
+"""Gradient statistics of layer outputs: how much the network's output cares about each direction.
+
+The variance criterion judges a layer's error by the variance it removes from the layer's own
+output. The network, though, may amplify some output directions and ignore others. With ``g``
+the gradient of a loss with respect to a layer's output row and ``d`` a small perturbation of
+that row, the loss changes to second order by ``1/2 d^T H d``; for a loss that is a divergence
+from the original network's outputs, the Hessian at the original is the Fisher information,
+``H = E[g g^T]`` with ``g`` drawn by sampling targets from the network itself:
+
+- ``loss_fn="kl"`` (classifiers: the outputs are logits over the last dimension, or a
+  Hugging Face output's ``.logits``): ``y ~ softmax(z)``, loss ``cross_entropy(z, y)``, so
+  ``g = J^T (softmax(z) - e_y)`` and ``E[g g^T]`` is the Fisher of the categorical model,
+  the Hessian of ``KL(p_original || p)``;
+- ``loss_fn="mse"`` (embeddings, regression: the output tensor, or a Hugging Face output's
+  ``last_hidden_state``): ``e ~ N(0, I)``, loss ``e^T z``, so ``g = J^T e`` and
+  ``E[g g^T] = J^T J``, the Hessian of ``1/2 |z - z_original|^2``. Positions masked out by a dict
+  batch's ``attention_mask`` get ``e = 0``;
+- a callable ``loss_fn(outputs, batch) -> scalar``: the empirical gradients of that loss (for
+  example a cross-entropy against the batch's labels).
+
+Per batch this costs one forward and one backward pass. The gradients are taken with
+``torch.autograd.grad`` on the layers' outputs, so the parameters' ``.grad`` are never touched;
+parameters that do not require gradients are switched on for the pass and restored afterwards.
+Rows follow the activation convention of :mod:`rankwise.pca` (a ``Linear``: every leading
+position; a convolution: every spatial position), and the per-row moments are accumulated in
+float64 (:class:`~rankwise.moments.Moments`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from rankwise.batches import as_batches, default_forward, model_device, move_to
+from rankwise.moments import Moments
+
+LOSSES = ("kl", "mse")
+
+
+def check_loss_fn(loss_fn) -> None:
+    """``loss_fn`` must be ``"kl"``, ``"mse"`` or a callable ``(outputs, batch) -> scalar``."""
+    if not (loss_fn in LOSSES or callable(loss_fn)):
+        raise ValueError(f"loss_fn: expected 'kl' (classifier logits), 'mse' (embeddings or "
+                         f"regression outputs) or a callable (outputs, batch) -> scalar loss, "
+                         f"got {loss_fn!r}.")
+
+
+def gradient_moments(model: nn.Module, data, layers: dict[str, nn.Module], loss_fn="kl",
+                     forward_fn=None, max_batches: int | None = None, progress: str | None = None,
+                     seed: int = 0) -> tuple[dict[str, Moments], int]:
+    """Moments of the loss gradients with respect to each layer's output rows.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Run in eval mode; its training flag, its parameters' ``requires_grad`` flags and
+        their ``.grad`` are as before afterwards.
+    data : iterable or torch.Tensor
+        Calibration batches (see :mod:`rankwise.batches`).
+    layers : dict of str to torch.nn.Module
+        The layers whose output gradients are wanted, by qualified name.
+    loss_fn : {"kl", "mse"} or callable
+        See the module docstring.
+    forward_fn : callable, optional
+        ``forward_fn(model, batch) -> outputs``.
+    max_batches : int, optional
+    progress : str, optional
+        Label of a progress bar (none when ``None``).
+    seed : int
+        Seed of the sampled targets, so that the statistics are reproducible.
+
+    Returns
+    -------
+    moments : dict of str to Moments
+        Per layer, the moments of its output-gradient rows (``outer = sum_t g_t g_t^T``).
+    samples : int
+        The number of samples (the batch dimension summed over batches), the denominator that
+        makes ``outer / samples`` the Fisher information per sample.
+    """
+    check_loss_fn(loss_fn)
+    forward_fn = forward_fn or default_forward
+    generator = torch.Generator(device=model_device(model)).manual_seed(seed)
+    moments = {name: Moments.zeros(_out_channels(layer), device=model_device(model))
+               for name, layer in layers.items()}
+    captured: dict[str, torch.Tensor] = {}
+    handles = [layer.register_forward_hook(_capture(name, captured)) for name, layer in layers.items()]
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    was_training = model.training
+    samples = 0
+    try:
+        for p in frozen:
+            p.requires_grad_(True)
+        model.eval()
+        for index, batch in enumerate(tqdm(as_batches(data), desc=progress, disable=progress is None)):
+            if max_batches is not None and index >= max_batches:
+                break
+            batch = move_to(batch, model_device(model))
+            captured.clear()
+            outputs = forward_fn(model, batch)
+            loss = _sampled_loss(outputs, batch, loss_fn, generator)
+            names = [name for name in layers if name in captured]
+            grads = torch.autograd.grad(loss, [captured[name] for name in names], allow_unused=True)
+            for name, grad in zip(names, grads):
+                if grad is not None:
+                    moments[name].update(_rows(grad.detach(), layers[name]))
+            samples += _batch_size(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p in frozen:
+            p.requires_grad_(False)
+        model.train(was_training)
+    if samples == 0:
+        raise ValueError("data: the iterable yielded no batch; pass calibration batches.")
+    return moments, samples
+
+
+def _capture(name: str, captured: dict):
+    def hook(module, args, output):
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            captured[name] = output
+    return hook
+
+
+def _out_channels(layer: nn.Module) -> int:
+    return layer.weight.shape[0]
+
+
+def _rows(grad: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    if isinstance(layer, nn.Linear):
+        return grad.reshape(-1, grad.shape[-1])
+    channel_dim = 1 if grad.dim() == layer.weight.dim() else 0  # batched or unbatched
+    return grad.movedim(channel_dim, -1).reshape(-1, grad.shape[channel_dim])
+
+
+def _sampled_loss(outputs, batch, loss_fn, generator) -> torch.Tensor:
+    """The scalar to differentiate (summed over the batch, so each sample keeps its own gradient)."""
+    if callable(loss_fn):
+        loss = loss_fn(outputs, batch)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            raise ValueError("loss_fn: the callable must return a scalar tensor (the loss of the batch).")
+        return loss
+    tensor = _output_tensor(outputs, loss_fn)
+    if loss_fn == "kl":
+        logits = tensor.reshape(-1, tensor.shape[-1])
+        targets = torch.multinomial(logits.detach().float().softmax(-1), 1, generator=generator).squeeze(1)
+        return nn.functional.cross_entropy(logits, targets, reduction="sum")
+    noise = torch.randn(tensor.shape, generator=generator, device=tensor.device, dtype=tensor.dtype)
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    if mask is not None and mask.shape == tensor.shape[:mask.dim()]:
+        noise = noise * mask.reshape(*mask.shape, *(1,) * (tensor.dim() - mask.dim())).to(noise.dtype)
+    return (noise * tensor).sum()
+
+
+def _output_tensor(outputs, loss_fn: str) -> torch.Tensor:
+    """The tensor a built-in loss reads: the outputs themselves, a Hugging Face output's
+    ``logits`` ("kl") or ``last_hidden_state`` ("mse"), or the first item of a tuple."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    field = "logits" if loss_fn == "kl" else "last_hidden_state"
+    if getattr(outputs, field, None) is not None:
+        return getattr(outputs, field)
+    if isinstance(outputs, tuple | list) and outputs and isinstance(outputs[0], torch.Tensor):
+        return outputs[0]
+    raise ValueError(f"loss_fn: with loss_fn={loss_fn!r} the model's output must be a tensor, a "
+                     f"tuple starting with one, or carry .{field}; got {type(outputs).__name__}. "
+                     "Pass a callable loss_fn(outputs, batch) instead.")
+
+
+def _batch_size(batch) -> int:
+    """Samples in a batch: the first dimension of its (first) input tensor."""
+    if isinstance(batch, dict):
+        batch = next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
+    elif isinstance(batch, tuple | list):
+        batch = batch[0] if batch else None
+    if isinstance(batch, torch.nn.utils.rnn.PackedSequence):
+        return int(batch.batch_sizes[0])
+    return batch.shape[0] if isinstance(batch, torch.Tensor) and batch.dim() > 0 else 1

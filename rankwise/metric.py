@@ -1,0 +1,154 @@
+"""Where a layer's error is measured: a metric on its output space.
+
+The variance criterion measures the error ``d = y - y'`` of a layer's output by ``|d|^2``. That
+is the wrong space when the network does not treat the output directions alike:
+
+- an eval-mode BatchNorm right after the layer divides channel ``c`` by
+  ``sigma_c = sqrt(var_c + eps)`` and multiplies it by ``gamma_c``, so the error that reaches the
+  rest of the network is ``|D d|^2`` with ``D = diag(gamma / sigma)``: low-variance channels,
+  which an unweighted PCA drops first, are exactly the ones BatchNorm amplifies;
+- the loss of the network changes by about ``1/2 d^T G d``, ``G`` the Fisher information of the
+  layer's output (:mod:`rankwise.gradients`).
+
+Both are a positive semi-definite metric ``M`` (``M = D^2``, or ``M = G``), and the error of an
+option is ``E |d|_M^2 = E |R d|^2`` with ``R = M^(1/2)``. Measuring in ``M`` is the same as
+analysing the *whitened* layer ``y~ = R y = (R W) x + R b``: its output covariance is
+``R C_y R``, its mean ``R mu_y``, its weight Grams ``R W W^T R`` and ``sum_k W_k^T M W_k``, and
+its input statistics are the layer's own. So every decision rankwise makes with the variance
+criterion carries over unchanged to the whitened statistics (:func:`whitened_statistics`),
+and the projected form of the whitened layer, followed by ``R^-1`` on its output
+(:func:`unwhiten_output`), is the projected form of the original layer:
+
+    y ~ mu_y + R^-1 U U^T R (W x + b - mu_y),     U = top eigenvectors of R C_y R,
+
+an oblique projection, exact at full rank, whose discarded eigenvalues of ``R C_y R`` are the
+error in ``M``. For ``M = G`` and uncentred moments this is the truncated SVD of
+``G^(1/2) W S_x^(1/2)``, the Fisher-weighted / whitened SVD of FWSVD and SVD-LLM.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rankwise.moments import Moments
+
+FLOOR = 1e-6  # smallest eigenvalue of R kept, relative to the largest (R must be invertible)
+
+
+@dataclass(frozen=True)
+class OutputMetric:
+    """``R = M^(1/2)`` and ``R^-1`` of a metric on an output space of dimension ``d``.
+
+    Attributes
+    ----------
+    root : torch.Tensor
+        ``(d, d)`` float64, symmetric positive definite.
+    inverse_root : torch.Tensor
+        ``(d, d)`` float64, its inverse.
+    """
+
+    root: torch.Tensor
+    inverse_root: torch.Tensor
+
+    @classmethod
+    def diagonal(cls, scale: torch.Tensor) -> "OutputMetric":
+        """``M = diag(scale)^2``, e.g. a BatchNorm's ``gamma / sigma`` (zeros floored)."""
+        scale = scale.detach().to(torch.float64).abs()
+        scale = scale.clamp_min(FLOOR * float(scale.max().clamp_min(torch.finfo(torch.float64).tiny)))
+        return cls(torch.diag(scale), torch.diag(1.0 / scale))
+
+    @classmethod
+    def from_gram(cls, gram: torch.Tensor, shrinkage: float) -> "OutputMetric":
+        """``M = (1 - a) G + a (tr G / d) I`` from a Gram ``G`` (e.g. a Fisher information).
+
+        The shrinkage ``a`` in ``[0, 1]`` pulls the metric toward isotropy where the
+        calibration data are too few to be trusted (``a = 1``: every direction alike).
+        """
+        gram = (gram.detach().to(torch.float64) + gram.detach().to(torch.float64).T) / 2
+        dim = len(gram)
+        level = gram.trace() / dim
+        if level <= 0:
+            identity = torch.eye(dim, dtype=torch.float64, device=gram.device)
+            return cls(identity, identity)
+        shrunk = (1 - shrinkage) * gram + shrinkage * level * torch.eye(dim, dtype=torch.float64,
+                                                                         device=gram.device)
+        values, vectors = torch.linalg.eigh(shrunk)
+        roots = values.clamp_min(0).sqrt()
+        roots = roots.clamp_min(FLOOR * float(roots.max()))
+        return cls(vectors @ torch.diag(roots) @ vectors.T, vectors @ torch.diag(1.0 / roots) @ vectors.T)
+
+    @property
+    def trace(self) -> float:
+        """``tr M``."""
+        return float(self.root.square().sum())
+
+
+def whitened_statistics(stats, layer: nn.Module, metric: OutputMetric):
+    """The statistics the whitened layer ``(R W, R b)`` would have gathered on the same data.
+
+    Parameters
+    ----------
+    stats : LayerStatistics
+        A dense layer's statistics (see :mod:`rankwise.pca`).
+    layer : torch.nn.Module
+        The dense layer they belong to.
+    metric : OutputMetric
+        On the layer's output channels.
+
+    Returns
+    -------
+    LayerStatistics
+        Output moments ``(n, R s, R S R)``, the same input moments, and the Grams of ``R W``.
+    """
+    root = metric.root.to(stats.output.sum.device)
+    out = stats.output
+    outer = root @ out.outer @ root
+    output = Moments(out.count.clone(), root @ out.sum, outer.trace(), outer)
+    weight = whitened_weight(layer, metric)
+    out_c, in_c = weight.shape[:2]
+    per_position = weight.reshape(out_c, in_c, -1).permute(2, 0, 1)
+    gram_input = (None if stats.weight_gram_input is None
+                  else torch.einsum("koi,koj->ij", per_position, per_position))
+    flat = weight.reshape(out_c, -1)
+    return dataclasses.replace(stats, output=output, weight_gram_input=gram_input,
+                               weight_gram_output=flat @ flat.T)
+
+
+def whitened_weight(layer: nn.Module, metric: OutputMetric) -> torch.Tensor:
+    """``R W`` in float64, ``W`` of shape ``(out, in, *kernel)``."""
+    weight = layer.weight.detach().to(torch.float64)
+    return torch.tensordot(metric.root.to(weight.device), weight, dims=([1], [0]))
+
+
+def whitened_layer(layer: nn.Module, metric: OutputMetric) -> nn.Module:
+    """A copy of the dense ``layer`` computing ``R y``: weight ``R W``, bias ``R b`` (none when the
+    layer has none)."""
+    whitened = copy.deepcopy(layer)
+    dtype = layer.weight.dtype
+    with torch.no_grad():
+        whitened.weight.copy_(whitened_weight(layer, metric).to(dtype))
+        if layer.bias is not None:
+            whitened.bias.copy_((metric.root.to(layer.bias.device) @ layer.bias.detach().to(torch.float64)).to(dtype))
+    return whitened
+
+
+def unwhiten_output(projected: nn.Module, metric: OutputMetric) -> nn.Module:
+    """``projected`` followed by ``R^-1``: its last layer's weight rows and bias mapped by ``R^-1``.
+
+    ``projected`` is the projected form of a :func:`whitened_layer` (its last module, the
+    output projection or the core, produces the whitened output channels). Modified in place
+    and returned.
+    """
+    last = projected.out_proj if projected.out_proj is not None else projected.core
+    inverse = metric.inverse_root.to(last.weight.device)
+    with torch.no_grad():
+        last.weight.copy_(torch.tensordot(inverse, last.weight.detach().to(torch.float64),
+                                          dims=([1], [0])).to(last.weight.dtype))
+        if last.bias is not None:
+            last.bias.copy_((inverse @ last.bias.detach().to(torch.float64)).to(last.bias.dtype))
+    return projected
