@@ -152,3 +152,71 @@ def unwhiten_output(projected: nn.Module, metric: OutputMetric) -> nn.Module:
         if last.bias is not None:
             last.bias.copy_((inverse @ last.bias.detach().to(torch.float64)).to(last.bias.dtype))
     return projected
+
+
+def batchnorm_metrics(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, OutputMetric]:
+    """The metric ``diag(gamma / sigma)^2`` of each layer whose output feeds only a BatchNorm.
+
+    A layer qualifies when its output goes to exactly one place, a ``BatchNorm1d/2d/3d`` with
+    running statistics over the layer's output channels; its scale is
+    ``gamma / sqrt(running_var + eps)`` (``gamma = 1`` without affine parameters). The graph is
+    read with ``torch.fx``; a model that cannot be traced falls back to the order of the
+    children of its ``nn.Sequential`` containers (a layer directly followed by a BatchNorm).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    layers : dict of str to torch.nn.Module
+        The analysed layers by qualified name.
+
+    Returns
+    -------
+    dict of str to OutputMetric
+        Only the layers followed by a BatchNorm.
+    """
+    pairs = _traced_pairs(model, layers)
+    if pairs is None:
+        pairs = _sequential_pairs(model, layers)
+    metrics = {}
+    for name, norm in pairs.items():
+        if norm.running_var is None or norm.num_features != layers[name].weight.shape[0]:
+            continue
+        scale = (norm.running_var.detach().to(torch.float64) + norm.eps).rsqrt()
+        if norm.weight is not None:
+            scale = scale * norm.weight.detach().to(torch.float64)
+        metrics[name] = OutputMetric.diagonal(scale)
+    return metrics
+
+
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _traced_pairs(model: nn.Module, layers: dict) -> dict | None:
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # noqa: BLE001 - any tracing failure means: read the containers instead
+        return None
+    modules = dict(model.named_modules())
+    calls: dict[str, list] = {}
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target in layers:
+            calls.setdefault(node.target, []).append(node)
+    pairs = {}
+    for name, nodes in calls.items():
+        users = list(nodes[0].users) if len(nodes) == 1 else []
+        if len(users) == 1 and users[0].op == "call_module" and isinstance(modules[users[0].target], _NORMS):
+            pairs[name] = modules[users[0].target]
+    return pairs
+
+
+def _sequential_pairs(model: nn.Module, layers: dict) -> dict:
+    pairs = {}
+    for prefix, module in model.named_modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        children = list(module.named_children())
+        for (name, child), (_, following) in zip(children, children[1:]):
+            qualified = f"{prefix}.{name}" if prefix else name
+            if qualified in layers and isinstance(following, _NORMS):
+                pairs[qualified] = following
+    return pairs

@@ -7,7 +7,8 @@ from torch import nn
 
 import rankwise as rw
 from rankwise.layers import ProjectedConv, ProjectedLinear
-from rankwise.metric import OutputMetric, unwhiten_output, whitened_layer, whitened_statistics
+from rankwise.metric import (OutputMetric, batchnorm_metrics, unwhiten_output, whitened_layer,
+                             whitened_statistics)
 
 
 def _metrics(out_channels, generator):
@@ -72,3 +73,53 @@ def test_from_gram_shrinks_toward_isotropy_and_floors_zero_directions():
     raw = OutputMetric.from_gram(gram, shrinkage=0.0)
     torch.testing.assert_close(raw.root @ raw.inverse_root, torch.eye(3, dtype=torch.float64))
     assert raw.root[2, 2] > 0
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.bn(self.conv(x)).mean((2, 3)))
+
+
+class _Untraceable(nn.Sequential):
+    def forward(self, x):
+        if x.sum() > 1e9:  # data-dependent control flow: torch.fx cannot trace it
+            return x
+        return super().forward(x)
+
+
+def _set_statistics(norm):
+    with torch.no_grad():
+        norm.running_var.copy_(torch.tensor([4.0, 1.0, 0.25, 9.0]))
+        norm.weight.copy_(torch.tensor([1.0, 2.0, 3.0, 0.0]))
+    return norm
+
+
+@pytest.mark.parametrize("model, name", [(_Block(), "conv"),
+                                         (_Untraceable(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()), "0")])
+def test_batchnorm_metric_is_gamma_over_sigma_traced_or_sequential(model, name):
+    norm = _set_statistics(model.bn if isinstance(model, _Block) else model[1])
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
+    metrics = batchnorm_metrics(model, layers)
+    assert list(metrics) == [name]
+    expected = norm.weight.double().abs() / (norm.running_var.double() + norm.eps).sqrt()
+    diagonal = metrics[name].root.diagonal()
+    torch.testing.assert_close(diagonal[:3], expected[:3])
+    assert 0 < diagonal[3] < 1e-5  # a channel BatchNorm zeroes is floored, not dropped to 0
+
+
+def test_a_layer_feeding_two_places_gets_no_metric():
+    class Fork(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y
+
+    model = Fork()
+    assert batchnorm_metrics(model, {"conv": model.conv}) == {}
