@@ -1,0 +1,174 @@
+"""Sequential error correction: each layer refitted to the original output, given the compressed input.
+
+Projected one at a time from the input side, layer ``l`` of the compressed network no longer
+sees the original network's input rows ``u`` but ``u~``, the rows the compressed layers before it
+produce. One-shot projection ignores this, and small per-layer errors compound over depth.
+Sequential correction (as in GPTQ- and SVD-LLM-style sequential calibration) first replaces each
+layer by the affine map of ``u~`` closest to the original layer's output on the calibration data,
+
+    min_{W', b'}  E | W u + b - (W' u~ + b') |^2,
+
+where a row is a layer's input as its weight reads it: a ``Linear`` input vector, or one patch
+of a convolution (``in * kernel`` values, as ``torch.nn.functional.unfold`` lays them out, so
+that ``W`` is the ``(out, in * kernel)`` matrix). Written as a correction of the original,
+``W' = W + D``, ``b' = b + e``, with ``z = [u~; 1]`` (``z = u~`` for a layer without bias):
+
+    [D e] = W E[(u - u~) z^T] (E[z z^T] + lambda I)^-1,     lambda = ridge * tr(E[z z^T]) / dim z.
+
+The ridge pulls toward no correction, the one-shot solution (exact when ``u~ = u``: then
+``D = 0``), where the data are too few to trust. The corrected layer is then analysed on the
+compressed network's inputs and projected at the ranks already chosen: its output projection is
+the reduced-rank regression of the original output on ``u~``, because the least-squares residual
+``W u + b - (W' u~ + b')`` is orthogonal to every affine function of ``u~``, so that for any
+rank-``r`` affine map ``y'`` of ``u~``
+
+    E |y - y'|^2 = E |y - y^|^2 + E |y^ - y'|^2,     y^ = W' u~ + b',
+
+and the best ``y'`` is the rank-``r`` PCA of ``y^``. Cost: per corrected layer, one pass of both
+networks up to that layer.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rankwise.batches import as_batches, default_forward, model_device, move_to
+
+
+@dataclass
+class PairedMoments:
+    """Sums over the rows of one layer: ``sum (u - u~) z^T`` and ``sum z z^T``, float64."""
+
+    cross: torch.Tensor
+    gram: torch.Tensor
+    count: int = 0
+
+    @classmethod
+    def zeros(cls, dim: int, with_bias: bool, device) -> "PairedMoments":
+        z = dim + int(with_bias)
+        return cls(torch.zeros(dim, z, dtype=torch.float64, device=device),
+                   torch.zeros(z, z, dtype=torch.float64, device=device))
+
+    def update(self, original: torch.Tensor, compressed: torch.Tensor) -> None:
+        """Add the rows ``u`` (original) and ``u~`` (compressed), both ``(m, dim)``."""
+        z = compressed.to(torch.float64)
+        if self.gram.shape[0] > z.shape[1]:
+            z = torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype, device=z.device)], 1)
+        self.cross += (original.to(torch.float64) - compressed.to(torch.float64)).T @ z
+        self.gram += z.T @ z
+        self.count += len(z)
+
+
+def correctable(layer: nn.Module) -> bool:
+    """Whether :func:`input_rows` can lay out ``layer``'s input: a ``Linear``, or a ``Conv1d`` /
+    ``Conv2d`` with numeric zero padding."""
+    if isinstance(layer, nn.Linear):
+        return True
+    return (isinstance(layer, nn.Conv1d | nn.Conv2d) and layer.padding_mode == "zeros"
+            and not isinstance(layer.padding, str))
+
+
+def input_rows(layer: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """The rows ``W`` reads from ``inputs``: ``(rows, in * kernel)`` (see the module docstring)."""
+    if isinstance(layer, nn.Linear):
+        return inputs.reshape(-1, inputs.shape[-1])
+    if inputs.dim() == layer.weight.dim() - 1:  # unbatched
+        inputs = inputs.unsqueeze(0)
+    if isinstance(layer, nn.Conv1d):
+        inputs = inputs.unsqueeze(2)
+        geometry = [(1, layer.kernel_size[0]), (1, layer.dilation[0]), (0, layer.padding[0]),
+                    (1, layer.stride[0])]
+    else:
+        geometry = [layer.kernel_size, layer.dilation, layer.padding, layer.stride]
+    patches = nn.functional.unfold(inputs, *geometry)  # (N, in * kernel, positions)
+    return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
+
+class _Stop(Exception):
+    """Raised by a hook once the wanted input is captured: the rest of the forward is not needed."""
+
+
+def paired_moments(original: nn.Module, compressed: nn.Module, name: str, data, forward_fn=None,
+                   max_batches: int | None = None) -> PairedMoments:
+    """:class:`PairedMoments` of layer ``name`` of ``original`` and ``compressed`` on ``data``.
+
+    Both models run each batch in eval mode without gradients, each stopped as soon as the
+    layer's input is captured (its first call in the forward).
+    """
+    layer = original.get_submodule(name)
+    forward_fn = forward_fn or default_forward
+    moments = PairedMoments.zeros(layer.weight[0].numel(), layer.bias is not None, model_device(original))
+    modes = (original.training, compressed.training)
+    original.eval(), compressed.eval()
+    try:
+        with torch.no_grad():
+            for index, batch in enumerate(as_batches(data)):
+                if max_batches is not None and index >= max_batches:
+                    break
+                batch = move_to(batch, model_device(original))
+                rows = [input_rows(layer, _layer_input(model, name, batch, forward_fn))
+                        for model in (original, compressed)]
+                moments.update(*rows)
+    finally:
+        original.train(modes[0]), compressed.train(modes[1])
+    return moments
+
+
+def _layer_input(model: nn.Module, name: str, batch, forward_fn) -> torch.Tensor:
+    captured = []
+
+    def hook(module, args):
+        captured.append(args[0].detach())
+        raise _Stop
+
+    handle = model.get_submodule(name).register_forward_pre_hook(hook)
+    try:
+        forward_fn(model, batch)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise ValueError(f"data: layer {name!r} was not called by the model's forward; it cannot be "
+                         "corrected.")
+    return captured[0]
+
+
+def corrected_layer(layer: nn.Module, moments: PairedMoments, ridge: float) -> nn.Module:
+    """A copy of ``layer`` with ``W' = W + D`` and ``b' = b + e`` (see the module docstring)."""
+    weight = layer.weight.detach().to(torch.float64)
+    flat = weight.reshape(len(weight), -1)
+    dim = len(moments.gram)
+    level = float(moments.gram.trace()) / dim
+    regularised = moments.gram + ridge * max(level, torch.finfo(torch.float64).tiny) * torch.eye(
+        dim, dtype=torch.float64, device=moments.gram.device)
+    correction = torch.linalg.solve(regularised, (flat @ moments.cross).T).T  # W C (G + l I)^-1
+    corrected = copy.deepcopy(layer)
+    with torch.no_grad():
+        corrected.weight.copy_((flat + correction[:, :flat.shape[1]]).reshape(weight.shape).to(layer.weight.dtype))
+        if layer.bias is not None:
+            corrected.bias.copy_((layer.bias.detach().to(torch.float64) + correction[:, -1]).to(layer.bias.dtype))
+    return corrected
+
+
+def execution_order(model: nn.Module, names, batch, forward_fn=None) -> list[str]:
+    """``names`` in the order of their first call when ``model`` runs ``batch`` (those never
+    called last, in the given order)."""
+    order: list[str] = []
+    handles = [model.get_submodule(name).register_forward_pre_hook(
+        lambda module, args, name=name: order.append(name) if name not in order else None)
+        for name in names]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            (forward_fn or default_forward)(model, move_to(batch, model_device(model)))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return order + [name for name in names if name not in order]
