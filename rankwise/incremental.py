@@ -29,8 +29,8 @@ from torch import nn
 from rankwise.learnables import count_learnables
 from rankwise.checks import check_goals, check_verbosity
 from rankwise.pca import NeuronPCA
-from rankwise.projection import compress_network_using_projection
-from rankwise.ranks import allocate_learnables_reduction, layer_options
+from rankwise.projection import Decisions, build_projected
+from rankwise.ranks import RankChoice, choose_ranks, layer_options
 from rankwise.tables import format_ranks, format_table
 from rankwise.targets import select_layers
 from rankwise.train import FineTuneHistory, fine_tune
@@ -138,7 +138,7 @@ def compress_incrementally(model: nn.Module, data, *, train_data, eval_fn,
                            learnables_reduction_goal: float | None = None,
                            explained_variance_goal: float | None = None, tolerance: float = 0.01,
                            fine_tune_epochs: int = 1, order="largest-first", layer_names=None,
-                           val_data=None, teacher: nn.Module | None = None, lr: float | None = None,
+                           exclude=None, val_data=None, teacher: nn.Module | None = None, lr: float | None = None,
                            verbosity: str = "summary", forward_fn=None):
     """Project layer by layer with fine-tuning in between, rolling back layers that hurt.
 
@@ -165,6 +165,8 @@ def compress_incrementally(model: nn.Module, data, *, train_data, eval_fn,
         The order of the layers; a list gives it explicitly.
     layer_names : list of str, optional
         Only these layers are candidates.
+    exclude : str or list of str, optional
+        Layers that are never candidates.
     val_data : iterable, optional
         Validation batches for the fine-tuning (best weights, early stop).
     teacher : torch.nn.Module, optional
@@ -185,7 +187,7 @@ def compress_incrementally(model: nn.Module, data, *, train_data, eval_fn,
     goal_name, goal = check_goals(explained_variance_goal, learnables_reduction_goal)
     if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or tolerance < 0:
         raise ValueError(f"tolerance: expected a number >= 0, got {tolerance!r}.")
-    names = _ordered(model, layer_names, order)
+    names = _ordered(model, layer_names, exclude, order)
     network = copy.deepcopy(model).eval()
     history = IncrementalHistory(float(eval_fn(network)), count_learnables(model), tolerance,
                                  f"{goal_name}={goal:g}")
@@ -197,15 +199,13 @@ def compress_incrementally(model: nn.Module, data, *, train_data, eval_fn,
         step_start = time.perf_counter()
         npca = NeuronPCA(network, data, layer_names=names[position:], verbosity="off",
                          forward_fn=forward_fn)
-        layer_goal = (goal if goal_name == "explained_variance_goal"
-                      else _allocated_explained_variance(npca, network, names[position:], name, needed,
-                                                         history.original_learnables))
-        if layer_goal is None:
+        candidates = names[position:] if goal_name == "learnables_reduction_goal" else [name]
+        options = {n: layer_options(npca, n) for n in candidates}
+        choice = _choice(options, name, goal_name, goal, network, needed, history.original_learnables)
+        if choice.side == "dense":
             continue
-        candidate, info = compress_network_using_projection(
-            network, npca, explained_variance_goal=layer_goal, layer_names=[name], verbosity="off")
-        if info.layers[name].side == "dense":
-            continue
+        candidate, info = build_projected(network, {name: network.get_submodule(name)}, options,
+                                          Decisions(history.goal, {name: choice}))
         step = _fine_tune_step(candidate, info.layers[name], history, train_data, val_data,
                                eval_fn, fine_tune_epochs, teacher, lr, verbosity)
         network = candidate if step.kept else network
@@ -221,8 +221,8 @@ def compress_incrementally(model: nn.Module, data, *, train_data, eval_fn,
     return network, history
 
 
-def _ordered(model: nn.Module, layer_names, order) -> list[str]:
-    layers = select_layers(model, layer_names)
+def _ordered(model: nn.Module, layer_names, exclude, order) -> list[str]:
+    layers = select_layers(model, layer_names, exclude=exclude)
     if isinstance(order, list | tuple):
         unknown = [n for n in order if n not in layers]
         if unknown or len(set(order)) != len(order):
@@ -238,19 +238,15 @@ def _ordered(model: nn.Module, layer_names, order) -> list[str]:
     return names if order == "model-order" else names[::-1]
 
 
-def _allocated_explained_variance(npca, network, remaining, name, needed, original_learnables):
-    """Explained variance that the global allocation over ``remaining`` gives layer ``name``.
-
-    ``None`` when the allocation keeps the layer dense.
-    """
+def _choice(options: dict, name: str, goal_name: str, goal: float, network: nn.Module, needed: int,
+            original_learnables: int) -> RankChoice:
+    """Layer ``name``'s option: by the explained variance goal, or the one the global allocation
+    over ``options`` (the layers not yet visited) gives it for the learnables still to be removed,
+    ``(needed - removed) / L_current`` of the current network (``"dense"`` when it keeps it dense)."""
     current = count_learnables(network)
-    still_needed = needed - (original_learnables - current)
-    options = {n: layer_options(npca, n) for n in remaining}
-    allocation = allocate_learnables_reduction(options, still_needed / current, current)
-    index = allocation.chosen[name]
-    if index == len(options[name].learnables) - 1:
-        return None
-    return options[name].choice(index).explained_variance
+    if goal_name == "learnables_reduction_goal":
+        goal = (needed - (original_learnables - current)) / current
+    return choose_ranks(options, goal_name, goal, current)[0][name]
 
 
 def _fine_tune_step(candidate, projection, history, train_data, val_data, eval_fn, epochs,

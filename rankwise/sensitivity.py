@@ -15,9 +15,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rankwise.checks import check_verbosity
+from rankwise.learnables import count_learnables
 from rankwise.pca import NeuronPCA
-from rankwise.projection import compress_network_using_projection
+from rankwise.projection import Decisions, build_projected, check_statistics
+from rankwise.ranks import choose_ranks, layer_options
 from rankwise.tables import format_table
+from rankwise.targets import select_layers
 
 DEFAULT_GOALS = (0.99, 0.95, 0.9, 0.8, 0.6)
 
@@ -99,12 +102,16 @@ def probe_sensitivity(model: nn.Module, npca_or_data, eval_fn, *,
         raise ValueError("explained_variance_goals: give at least one goal in [0, 1].")
     npca = npca_or_data if isinstance(npca_or_data, NeuronPCA) else NeuronPCA(
         model, npca_or_data, layer_names=layer_names, verbosity="off", forward_fn=forward_fn)
-    names = npca.layer_names if layer_names is None else list(layer_names)
+    layers = select_layers(model, npca.layer_names if layer_names is None else layer_names)
+    check_statistics(npca, layers)
+    options = {name: layer_options(npca, name) for name in layers}
+    network_learnables = count_learnables(model)
     result = Sensitivity(float(eval_fn(model)))
-    probes = [(name, goal) for name in names for goal in goals]
+    probes = [(name, goal) for name in layers for goal in goals]
     for name, goal in tqdm(probes, desc="sensitivity", disable=verbosity == "off"):
-        net, info = compress_network_using_projection(model, npca, explained_variance_goal=goal,
-                                                      layer_names=[name], verbosity="off")
+        choices, _ = choose_ranks({name: options[name]}, "explained_variance_goal", goal, network_learnables)
+        net, info = build_projected(model, {name: layers[name]}, options,
+                                    Decisions(f"explained_variance_goal={goal:g}", choices))
         layer = info.layers[name]
         result.layers.setdefault(name, []).append(SensitivityPoint(
             goal, layer.side, layer.rank_in, layer.rank_out, layer.learnables_after,

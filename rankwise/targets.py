@@ -50,14 +50,16 @@ def projectable_layers(model: nn.Module) -> dict[str, nn.Module]:
     return layers
 
 
-def select_layers(model: nn.Module, layer_names=None) -> dict[str, nn.Module]:
-    """The layers named by ``layer_names`` (all projectable layers when ``None``).
+def select_layers(model: nn.Module, layer_names=None, exclude=None) -> dict[str, nn.Module]:
+    """The layers named by ``layer_names`` (all projectable layers when ``None``), less ``exclude``.
 
     Parameters
     ----------
     model : torch.nn.Module
     layer_names : str or iterable of str, optional
         Qualified module names as given by ``model.named_modules()``.
+    exclude : str or iterable of str, optional
+        Qualified names of layers to leave out of the selection.
 
     Returns
     -------
@@ -70,6 +72,24 @@ def select_layers(model: nn.Module, layer_names=None) -> dict[str, nn.Module]:
         When a name does not exist (the valid names are listed), is not projectable (the
         reason is given), or when no layer is left to project.
     """
+    selected = _named_layers(model, layer_names)
+    if exclude is None:
+        return selected
+    excluded = [exclude] if isinstance(exclude, str) else list(exclude)
+    modules = dict(model.named_modules())
+    unknown = [name for name in excluded if name not in modules]
+    if unknown:
+        raise ValueError(f"exclude: {', '.join(map(repr, unknown))} is not a layer of the model. "
+                         f"Projectable layers: {', '.join(projectable_layers(model)) or 'none'}.")
+    kept = {name: module for name, module in selected.items() if name not in set(excluded)}
+    if not kept:
+        raise ValueError(f"exclude: it leaves no layer to project (selected: {', '.join(selected)}); "
+                         "exclude fewer layers.")
+    return kept
+
+
+def _named_layers(model: nn.Module, layer_names) -> dict[str, nn.Module]:
+    """:func:`select_layers` without ``exclude``."""
     available = projectable_layers(model)
     if layer_names is None:
         if not available:

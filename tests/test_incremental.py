@@ -111,3 +111,30 @@ def test_sensitivity_probe_projects_one_layer_at_a_time():
         assert points[0].metric >= result.original_metric - 0.05  # 99% of the variance kept: harmless
     assert max(result.metric_drop(n) for n in result.layers) > 0  # 50% is not harmless everywhere
     assert "ev 0.99" in result.table()
+
+
+@pytest.mark.parametrize("goal_name, goal", [("explained_variance_goal", 0.9), ("learnables_reduction_goal", 0.5)])
+def test_the_first_step_takes_the_one_shot_choice_of_its_layer(goal_name, goal):
+    """Step 1 runs on the original network: its layer gets what one-shot compression gives it
+    (the allocation's option itself, not one re-derived from its explained variance)."""
+    model, train, _, accuracy = blob_task()
+    data = calibration(train)
+    _, history = rw.compress_incrementally(model, data, train_data=train, eval_fn=accuracy,
+                                           tolerance=1.0, fine_tune_epochs=1, verbosity="off",
+                                           **{goal_name: goal})
+    first = history.steps[0]
+    _, one_shot = rw.compress_network_using_projection(
+        model, rw.NeuronPCA(model, data, layer_names=["2", "0", "4"], verbosity="off"),
+        layer_names=None if goal_name == "learnables_reduction_goal" else [first.layer],
+        verbosity="off", **{goal_name: goal})
+    expected = one_shot.layers[first.layer]
+    assert (first.side, first.rank_in, first.rank_out, first.layer_learnables_after) == \
+        (expected.side, expected.rank_in, expected.rank_out, expected.learnables_after)
+
+
+def test_excluded_layers_are_never_stepped_on():
+    model, train, _, accuracy = blob_task()
+    _, history = rw.compress_incrementally(model, calibration(train), train_data=train, eval_fn=accuracy,
+                                           learnables_reduction_goal=0.3, tolerance=1.0, exclude="2",
+                                           verbosity="off")
+    assert history.steps and "2" not in [s.layer for s in history.steps]

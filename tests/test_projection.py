@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import rankwise as rw
+from rankwise import io as rankwise_io
 from conftest import (assert_goal_met_by_the_built_modules, assert_unchanged, low_rank_linear,
                       make_batches, state_of, tiny_cnn, tiny_mlp)
 
@@ -219,3 +220,39 @@ def test_a_goal_below_what_is_lossless_removes_about_the_goal():
     _, info = rw.compress_network_using_projection(model, npca, learnables_reduction_goal=0.3,
                                                    verbosity="off")
     assert 0.3 <= info.learnables_reduction < 0.33
+
+
+def test_exclude_leaves_layers_dense_and_the_info_lists_them(tmp_path):
+    torch.manual_seed(0)
+    model, data = tiny_mlp().eval(), make_batches((32, 12))
+    snapshot = state_of(model)
+    net, info = rw.compress_network_using_projection(model, data, learnables_reduction_goal=0.3,
+                                                     exclude="2", verbosity="off")
+    assert info.excluded == ["2"] and list(info.layers) == ["0", "4"]
+    assert type(net[2]) is nn.Linear and torch.equal(net[2].weight, model[2].weight)
+    assert info.table().splitlines()[-1] == "excluded: 2"
+    _, everything = rw.compress_network_using_projection(model, data, learnables_reduction_goal=0.3,
+                                                         verbosity="off")
+    assert everything.excluded == [] and "excluded" not in everything.table()
+    _, chosen = rw.compress_network_using_projection(model, data, layer_names=["0", "2"], exclude=["0"],
+                                                     verbosity="off")
+    assert list(chosen.layers) == ["2"] and chosen.excluded == ["0"]
+    rw.save(net, tmp_path / "net.safetensors", info=info)
+    spec = rankwise_io.read_spec(tmp_path / "net.safetensors")
+    assert rankwise_io.projection_info(spec) == info
+    del spec["projection"]["excluded"]  # a file saved before the field existed
+    assert rankwise_io.projection_info(spec).excluded == []
+    assert_unchanged(model, snapshot)
+
+
+@pytest.mark.parametrize("exclude, message", [
+    ("nope", "exclude: 'nope' is not a layer of the model"),
+    (["0", "2", "4"], "exclude: it leaves no layer to project"),
+])
+def test_bad_exclude_is_refused_and_leaves_the_model(exclude, message):
+    torch.manual_seed(0)
+    model = tiny_mlp()
+    snapshot = state_of(model)
+    with pytest.raises(ValueError, match=message):
+        rw.compress_network_using_projection(model, make_batches((32, 12)), exclude=exclude, verbosity="off")
+    assert_unchanged(model, snapshot)

@@ -277,3 +277,16 @@ def test_the_sensitivity_probe_appears_in_every_form_of_the_report(tmp_path):
     report.to_html(tmp_path / "r.html")
     assert "<h2>Sensitivity</h2>" in (tmp_path / "r.html").read_text()
     assert rw.analyze(model, data, verbosity="off").sensitivity is None
+
+
+def test_exclude_leaves_layers_out_of_the_analysis_and_says_so():
+    torch.manual_seed(0)
+    model, data = tiny_mlp().eval(), make_batches((32, 12))
+    report = rw.analyze(model, data, exclude=["2"], verbosity="off")
+    assert report.analysed_layers == ["0", "4"]
+    assert report.layers["2"].reason == "excluded by exclude" and report.layers["2"].projectable
+    for goal, info in report.goals.items():
+        name, value = goal.split("=")
+        _, built = rw.compress_network_using_projection(model, data, exclude="2", verbosity="off",
+                                                        **{name: float(value)})
+        assert info == built and info.excluded == ["2"]

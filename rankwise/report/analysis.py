@@ -25,8 +25,8 @@ from rankwise.layers import ProjectedLayer
 from rankwise.learnables import count_learnables
 from rankwise.checks import check_fraction, check_verbosity
 from rankwise.pca import NeuronPCA
-from rankwise.projection import ProjectionInfo, check_statistics, choose_ranks, describe_choice
-from rankwise.ranks import LayerOptions, layer_options, tradeoff_curve
+from rankwise.projection import Decisions, ProjectionInfo, build_projected, check_statistics, excluded_layers
+from rankwise.ranks import LayerOptions, choose_ranks, layer_options, tradeoff_curve
 from rankwise.report.html import write_html
 from rankwise.report.serialize import report_to_dict, write_json
 from rankwise.report.table import report_table
@@ -162,7 +162,7 @@ class AnalysisReport:
         return self.table()
 
 
-def analyze(model: nn.Module, npca_or_data, *, layer_names=None,
+def analyze(model: nn.Module, npca_or_data, *, layer_names=None, exclude=None,
             explained_variance_goals=DEFAULT_EXPLAINED_VARIANCE_GOALS,
             learnables_reduction_goals=DEFAULT_LEARNABLES_REDUCTION_GOALS,
             verbosity: str = "summary", forward_fn=None, eval_fn=None) -> AnalysisReport:
@@ -178,6 +178,8 @@ def analyze(model: nn.Module, npca_or_data, *, layer_names=None,
     layer_names : str or list of str, optional
         Analyse only these layers. By default every projectable layer (with a NeuronPCA:
         every projectable layer it holds statistics of).
+    exclude : str or list of str, optional
+        Leave these layers out of the analysis (each goal's info lists them as excluded).
     explained_variance_goals, learnables_reduction_goals : sequence of float in [0, 1]
         Goals whose outcome the report gives, as
         :func:`~rankwise.compress_network_using_projection` would reach them.
@@ -198,7 +200,8 @@ def analyze(model: nn.Module, npca_or_data, *, layer_names=None,
     goals = (_check_goals(explained_variance_goals, "explained_variance_goals", "explained_variance_goal")
              + _check_goals(learnables_reduction_goals, "learnables_reduction_goals",
                             "learnables_reduction_goal"))
-    selected = select_layers(model, layer_names)
+    selected = select_layers(model, layer_names, exclude=exclude)
+    excluded = excluded_layers(model, layer_names, selected)
     npca, analysed = _statistics(model, npca_or_data, selected, layer_names is None,
                                  verbosity, forward_fn)
     options = {name: layer_options(npca, name) for name in analysed}
@@ -206,9 +209,9 @@ def analyze(model: nn.Module, npca_or_data, *, layer_names=None,
     reduction, explained = tradeoff_curve(options, network_learnables)
     report = AnalysisReport(
         network_learnables,
-        {name: _layer_report(name, module, selected, options.get(name), npca)
+        {name: _layer_report(name, module, selected, excluded, options.get(name), npca)
          for name, module in _listed_modules(model)},
-        {f"{goal_name}={goal:g}": _goal_outcome(goal_name, goal, analysed, options, network_learnables)
+        {f"{goal_name}={goal:g}": _goal_outcome(model, goal_name, goal, analysed, options, excluded)
          for goal_name, goal in goals},
         reduction, explained, None if eval_fn is None else _sensitivity(model, npca, eval_fn, goals, analysed))
     if verbosity != "off":
@@ -266,15 +269,16 @@ def _own_learnables(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters(recurse=False) if p.requires_grad)
 
 
-def _layer_report(name: str, module: nn.Module, selected: dict, options: LayerOptions | None,
-                  npca: NeuronPCA) -> LayerReport:
+def _layer_report(name: str, module: nn.Module, selected: dict, excluded: list,
+                  options: LayerOptions | None, npca: NeuronPCA) -> LayerReport:
     learnables = (count_learnables(module) if isinstance(module, ProjectedLayer)
                   else _own_learnables(module))
     if options is None:
         reason = why_not_projectable(module)
         if reason is not None:
             return LayerReport(name, type(module).__name__, learnables, False, reason)
-        reason = ("not selected by layer_names" if name not in selected
+        reason = ("excluded by exclude" if name in excluded
+                  else "not selected by layer_names" if name not in selected
                   else "the NeuronPCA holds no statistics of it")
         return LayerReport(name, type(module).__name__, learnables, True, reason)
     sides = {side: SideSpectrum(npca.spectrum(name, side).eigenvalues.cpu().numpy(), 1.0 - residual)
@@ -284,11 +288,10 @@ def _layer_report(name: str, module: nn.Module, selected: dict, options: LayerOp
                        int(options.learnables[options.cheapest_within(0.0)]), sides)
 
 
-def _goal_outcome(goal_name: str, goal: float, layers: dict, options: dict,
-                  network_learnables: int) -> ProjectionInfo:
-    """The :class:`ProjectionInfo` that compressing with this goal would return."""
-    choices, goal_reached = choose_ranks(options, goal_name, goal, network_learnables)
-    projections = {name: describe_choice(name, layers[name], choices[name]) for name in layers}
-    removed = sum(p.learnables_before - p.learnables_after for p in projections.values())
-    return ProjectionInfo(f"{goal_name}={goal:g}", goal_reached, network_learnables,
-                          network_learnables - removed, projections)
+def _goal_outcome(model: nn.Module, goal_name: str, goal: float, layers: dict, options: dict,
+                  excluded: list) -> ProjectionInfo:
+    """The :class:`ProjectionInfo` that compressing with this goal would return (a dry run of
+    :func:`~rankwise.projection.build_projected`: no module is built)."""
+    choices, goal_reached = choose_ranks(options, goal_name, goal, count_learnables(model))
+    decisions = Decisions(f"{goal_name}={goal:g}", choices, goal_reached, excluded=excluded)
+    return build_projected(model, layers, options, decisions, build=False)[1]

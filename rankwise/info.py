@@ -1,0 +1,144 @@
+"""What a projection did: :class:`ProjectionInfo`, one :class:`LayerProjection` per layer.
+
+The records are built from explicit decisions (:func:`describe_choice`) by
+:func:`rankwise.projection.build_projected`, for a compressed model and for a dry run alike, and
+saved with the model by :func:`rankwise.save` (fields added later have defaults, so older
+files load).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from rankwise import latency
+from rankwise.kinds import kind_of
+from rankwise.learnables import count_learnables
+from rankwise.ranks import RankChoice
+from rankwise.tables import format_ranks, format_table
+
+
+@dataclass(frozen=True)
+class LayerProjection:
+    """What happened to one analysed layer.
+
+    ``side`` is ``"dense"`` for a layer left as it was; ``rank_in`` / ``rank_out`` are the
+    widths of its input / output projections (``None`` where that side is not projected);
+    ``explained_variance`` is the estimated fraction of the layer's output variance kept.
+    ``dense_seconds`` / ``projected_seconds`` are the median latencies of the layer and of its
+    projected form measured on ``latency_input`` (``None`` when not measured); for a layer kept
+    dense because its projected form was not faster, those of the form that was rejected. For an
+    LSTM or GRU layer the sides are its input and its hidden state, the output variance that of
+    its gate pre-activations, and the ranks, for a layer of several cells (stacked layers,
+    directions), tuples over the cells ``l0, l0_reverse, l1, ...`` (see :mod:`rankwise.ranks`).
+    """
+
+    name: str
+    kind: str
+    side: str
+    rank_in: int | tuple | None
+    rank_out: int | tuple | None
+    learnables_before: int
+    learnables_after: int
+    explained_variance: float
+    dense_seconds: float | None = None
+    projected_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class ProjectionInfo:
+    """Outcome of :func:`compress_network_using_projection`.
+
+    Attributes
+    ----------
+    goal : str
+        The goal as given, e.g. ``"learnables_reduction_goal=0.9"``.
+    goal_reached : bool
+        False when a learnables reduction goal was above the maximum possible (the maximum
+        was removed).
+    learnables_before, learnables_after : int
+        Learnables of the whole network.
+    layers : dict of str to LayerProjection
+        Every analysed layer, projected or kept dense, in model order.
+    kept_dense_for_latency : list of str
+        Layers kept dense because their projected form was not faster on ``latency_input``
+        (empty when no ``latency_input`` was given).
+    latency_device : str or None
+        The device latencies were measured on (``None`` when no ``latency_input`` was given).
+    excluded : list of str
+        Layers that ``layer_names`` selected and ``exclude`` left out, in model order (empty
+        when nothing was excluded).
+    """
+
+    goal: str
+    goal_reached: bool
+    learnables_before: int
+    learnables_after: int
+    layers: dict
+    kept_dense_for_latency: list = field(default_factory=list)
+    latency_device: str | None = None
+    excluded: list = field(default_factory=list)
+
+    @property
+    def learnables_reduction(self) -> float:
+        """Fraction of the whole network's learnables removed."""
+        return 1.0 - self.learnables_after / self.learnables_before
+
+    @property
+    def explained_variance(self) -> float:
+        """Mean explained variance of the analysed layers, weighted by their original learnables."""
+        weights = [p.learnables_before for p in self.layers.values()]
+        kept = [p.learnables_before * p.explained_variance for p in self.layers.values()]
+        return sum(kept) / sum(weights)
+
+    @property
+    def layer_names(self) -> list[str]:
+        """The layers that were projected (not kept dense)."""
+        return [name for name, p in self.layers.items() if p.side != "dense"]
+
+    def table(self) -> str:
+        """A before/after table of layers, ranks, learnables and explained variance.
+
+        When latencies were measured (``latency_input``), a column gives each measured layer's
+        dense and projected latencies and a last line the layers kept dense for speed; a line
+        lists the layers left out by ``exclude``.
+        """
+        header = ("layer", "type", "side", "rank in", "rank out", "learnables", "explained var.")
+        rows = [(p.name, p.kind, p.side, format_ranks(p.rank_in), format_ranks(p.rank_out),
+                 f"{p.learnables_before:,} -> {p.learnables_after:,}", f"{p.explained_variance:.4f}")
+                for p in self.layers.values()]
+        footer = (f"network: {self.learnables_before:,} -> {self.learnables_after:,} learnables "
+                  f"({100 * self.learnables_reduction:.1f}% removed), explained variance "
+                  f"{self.explained_variance:.4f}, {self.goal}"
+                  + ("" if self.goal_reached else " (not reachable: the maximum was removed)"))
+        if self.latency_device is not None:
+            header += ("latency dense -> projected",)
+            rows = [row + (_format_latency(p, p.name in self.kept_dense_for_latency),)
+                    for row, p in zip(rows, self.layers.values())]
+            footer += "\n" + (f"kept dense: not faster on {self.latency_device}: "
+                              + ", ".join(self.kept_dense_for_latency) if self.kept_dense_for_latency
+                              else f"latency on {self.latency_device}: every projected layer is faster")
+        if self.excluded:
+            footer += "\nexcluded: " + ", ".join(self.excluded)
+        return format_table(header, rows, footer=footer)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def describe_choice(name: str, layer: nn.Module, choice: RankChoice,
+                    timing: tuple[float, float] | None = None) -> LayerProjection:
+    """What choosing ``choice`` for the dense ``layer`` called ``name`` does to it, with its
+    measured ``(dense_seconds, projected_seconds)`` if any."""
+    return LayerProjection(name, kind_of(layer).name, choice.side, choice.rank_in, choice.rank_out,
+                           count_learnables(layer),
+                           count_learnables(layer) if choice.side == "dense" else choice.learnables,
+                           choice.explained_variance, *(timing or (None, None)))
+
+
+def _format_latency(p: LayerProjection, kept_dense: bool) -> str:
+    if p.dense_seconds is None:
+        return "-"
+    return (f"{latency.format_seconds(p.dense_seconds)} -> {latency.format_seconds(p.projected_seconds)}"
+            + (" (slower: kept dense)" if kept_dense else ""))

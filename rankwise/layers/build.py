@@ -1,0 +1,59 @@
+"""Build one layer's projected form from an explicit decision.
+
+The decision is a :class:`~rankwise.ranks.RankChoice` (side and ranks) read against the
+layer's :class:`~rankwise.ranks.LayerOptions` (its ranked bases and means): rank ``r`` of a
+side uses the first ``r`` columns of that side's basis, ``Q_r = Q[:, :r]``, and the wrapper of
+the layer's row of :data:`rankwise.kinds.KINDS` builds the module. For a recurrent layer the
+bases are per cell (stacked layer and direction) and the ranks tuples over its cells.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+import rankwise.layers
+from rankwise.kinds import kind_of
+from rankwise.layers.base import ProjectedLayer
+
+
+def project_layer(layer: nn.Module, options, choice, unpack: bool = False) -> nn.Module:
+    """The projected form of the dense ``layer`` at ``choice``.
+
+    Parameters
+    ----------
+    layer : torch.nn.Module
+        A dense layer of a supported kind.
+    options : LayerOptions
+        Its options (bases ``Q`` and means), from :func:`rankwise.ranks.layer_options`.
+    choice : RankChoice
+        A projected option of ``options`` (not ``"dense"``).
+    unpack : bool
+        Return plain torch layers (:meth:`ProjectedLayer.unpack`) instead of the wrapper.
+
+    Returns
+    -------
+    torch.nn.Module
+    """
+    kind = kind_of(layer)
+    wrapper: type[ProjectedLayer] = getattr(rankwise.layers, kind.wrapper)
+    if kind.family == "recurrent":
+        projected = wrapper.from_dense(layer, input_basis=_cell_bases(choice.rank_in, options, options.input_basis),
+                                       input_mean=options.input_mean,
+                                       output_basis=_cell_bases(choice.rank_out, options, options.output_basis),
+                                       output_mean=options.output_mean)
+    else:
+        projected = wrapper.from_dense(
+            layer, input_basis=_leading(options.input_basis, choice.rank_in), input_mean=options.input_mean,
+            output_basis=_leading(options.output_basis, choice.rank_out), output_mean=options.output_mean)
+    return projected.unpack() if unpack else projected
+
+
+def _leading(basis, rank):
+    """``Q[:, :rank]``, or ``None`` for a side not projected (``rank`` is ``None``)."""
+    return None if rank is None else basis[:, :rank]
+
+
+def _cell_bases(ranks, options, per_cell: dict) -> dict:
+    """``{cell: Q_cell[:, :rank_cell]}`` over the cells whose side is projected."""
+    ranks = ranks if isinstance(ranks, tuple) else (ranks,)
+    return {cell: per_cell[cell][:, :rank] for cell, rank in zip(options.cells, ranks) if rank is not None}

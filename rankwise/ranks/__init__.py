@@ -1,0 +1,20 @@
+"""Decisions: which side of each layer to project, at which ranks.
+
+- :mod:`rankwise.ranks.frontier`: every layer's options, their learnables and estimated
+  residuals, filtered to the frontier (one enumeration per family of :mod:`rankwise.kinds`);
+- :mod:`rankwise.ranks.criterion`: the estimated error of each option that the frontier and
+  the allocation compare (the variance criterion today; a new criterion is one function);
+- :mod:`rankwise.ranks.allocation`: the goals (per-layer explained variance, global learnables
+  reduction), the trade-off curve and the reduction range.
+"""
+
+from rankwise.ranks.allocation import (Allocation, allocate_learnables_reduction, choose_by_explained_variance,
+                                       choose_ranks, reduction_range, tradeoff_curve)
+from rankwise.ranks.criterion import CRITERIA, Candidates, criterion_named, variance_error
+from rankwise.ranks.frontier import (LOSSLESS, SIDE_NAMES, LayerOptions, RankChoice, RecurrentOptions,
+                                     layer_options)
+
+__all__ = ["Allocation", "CRITERIA", "Candidates", "LOSSLESS", "LayerOptions", "RankChoice",
+           "RecurrentOptions", "SIDE_NAMES", "allocate_learnables_reduction", "choose_by_explained_variance",
+           "choose_ranks", "criterion_named", "layer_options", "reduction_range", "tradeoff_curve",
+           "variance_error"]

@@ -1,0 +1,190 @@
+"""Goals: each layer's option for an explained variance goal, or a global learnables budget.
+
+Every layer arrives as its frontier (:mod:`rankwise.ranks.frontier`): learnables ascending,
+error descending, ending at the dense layer. Its options carry a *residual* (the fraction of
+the layer's output variance lost) and an *error* (the criterion's estimate,
+:mod:`rankwise.ranks.criterion`; the variance criterion's error is the residual).
+
+- ``explained_variance_goal = g``: each layer takes its cheapest option with
+  ``res <= 1 - g``.
+- ``learnables_reduction_goal = f``: ranks are allocated globally to minimise the sum of the
+  layers' errors while removing at least ``f`` of the network's learnables ``L``,
+
+      min_{o_l} sum_l e_l(o_l)   subject to   sum_l (L_l - L_l(o_l)) >= f L.
+
+  Each layer's frontier is replaced by its lower convex hull in (learnables saved, error); hull
+  steps of all layers are taken in order of error added per learnable saved (optimal for the
+  Lagrangian relaxation ``min sum_l e_l(o_l) - t sum_l (L_l - L_l(o_l))``, every ``t``); the layer
+  of the last step then takes the least lossy point of its whole frontier that still meets the
+  goal. Steps that cost no error are always taken, and when the goal is above what is possible
+  every layer goes to its cheapest option.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from rankwise.ranks.frontier import LOSSLESS, LayerOptions, RankChoice, layer_options
+from rankwise.tables import format_ranks
+
+
+def choose_by_explained_variance(options: dict[str, LayerOptions], goal: float) -> dict[str, int]:
+    """Each layer's cheapest option keeping at least ``goal`` of its output variance."""
+    return {name: opts.cheapest_within(1.0 - goal) for name, opts in options.items()}
+
+
+@dataclass
+class Allocation:
+    """Result of a global allocation: the chosen option index per layer and the steps taken."""
+
+    chosen: dict[str, int]
+    goal_reached: bool
+    steps: list[tuple[str, int, int]]  # (layer, learnables removed so far, option index)
+
+
+def allocate_learnables_reduction(options: dict[str, LayerOptions], goal: float,
+                                  network_learnables: int) -> Allocation:
+    """Remove at least ``goal`` of ``network_learnables`` at the least total error."""
+    needed = math.ceil(goal * network_learnables - 1e-9)
+    chosen = {name: opts.dense_index for name, opts in options.items()}  # all dense
+    removed, steps = 0, []
+    for name, saving, _, index in _hull_steps(options):
+        if removed >= needed and options[name].error[index] > LOSSLESS:
+            break  # past the goal, only steps to options that lose nothing are taken
+        removed += saving
+        chosen[name] = index
+        steps.append((name, removed, index))
+    goal_reached = removed >= needed
+    if goal_reached and steps:
+        name = steps[-1][0]
+        chosen[name] = _least_lossy_meeting(options[name], removed - _saving(options[name], chosen[name]),
+                                            needed)
+    return Allocation(chosen, goal_reached, steps)
+
+
+def choose_ranks(options: dict[str, LayerOptions], goal_name: str, goal: float,
+                 network_learnables: int, verbosity: str = "off") -> tuple[dict[str, RankChoice], bool]:
+    """Each layer's option for one goal, and whether the goal was reached.
+
+    Parameters
+    ----------
+    options : dict of str to LayerOptions
+        The analysed layers' frontiers.
+    goal_name : {"explained_variance_goal", "learnables_reduction_goal"}
+    goal : float in [0, 1]
+    network_learnables : int
+        Learnables of the whole network (the reduction goal's denominator).
+    verbosity : str
+        ``"iterations"`` prints every step of the global allocation.
+
+    Returns
+    -------
+    choices : dict of str to RankChoice
+    goal_reached : bool
+    """
+    if goal_name == "explained_variance_goal":
+        chosen, goal_reached = choose_by_explained_variance(options, goal), True
+    else:
+        allocation = allocate_learnables_reduction(options, goal, network_learnables)
+        chosen, goal_reached = allocation.chosen, allocation.goal_reached
+        if verbosity == "iterations":
+            _print_allocation(allocation, options, network_learnables)
+    return {name: options[name].choice(index) for name, index in chosen.items()}, goal_reached
+
+
+def _saving(opts: LayerOptions, index: int) -> int:
+    return opts.dense_learnables - int(opts.learnables[index])
+
+
+def _least_lossy_meeting(opts: LayerOptions, removed_elsewhere: int, needed: int) -> int:
+    """The option of least error (then fewest learnables) meeting the goal with the others."""
+    meeting = np.nonzero(removed_elsewhere + opts.dense_learnables - opts.learnables >= needed)[0]
+    error = opts.error[meeting]
+    return int(meeting[np.argmax(error <= error.min() + LOSSLESS)])
+
+
+def _hull_steps(options: dict[str, LayerOptions]):
+    """All layers' lower-convex-hull steps, sorted by error added per learnable saved.
+
+    Yields ``(layer, learnables saved by the step, slope, option index after the step)``.
+    """
+    steps = []
+    for name, opts in options.items():
+        savings = opts.dense_learnables - opts.learnables[::-1]   # from dense to cheapest
+        error = opts.error[::-1]
+        hull = _lower_hull(savings, error)
+        last = opts.dense_index
+        for a, b in zip(hull[:-1], hull[1:]):
+            slope = (error[b] - error[a]) / (savings[b] - savings[a])
+            steps.append((slope, name, int(savings[b] - savings[a]), last - b))
+    steps.sort(key=lambda s: s[0])
+    return [(name, saving, slope, index) for slope, name, saving, index in steps]
+
+
+def _lower_hull(x: np.ndarray, y: np.ndarray) -> list[int]:
+    """Indices of the lower convex hull of points sorted by ascending ``x`` (monotone chain)."""
+    hull: list[int] = []
+    for i in range(len(x)):
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            if (y[b] - y[a]) * (x[i] - x[a]) >= (y[i] - y[a]) * (x[b] - x[a]):
+                hull.pop()
+            else:
+                break
+        hull.append(i)
+    return hull
+
+
+def tradeoff_curve(options: dict[str, LayerOptions], network_learnables: int):
+    """The network's trade-off between learnables removed and explained variance.
+
+    Starting from every layer dense, the hull steps of all layers are taken in the order of
+    the global allocation (least error added per learnable saved first), so point ``k``
+    is the allocation that removes ``removed[k]`` learnables at the least total error
+    reachable by whole hull steps. Its explained variance is the mean of the layers',
+    weighted by their dense learnables ``L_l`` (as :attr:`ProjectionInfo.explained_variance`)::
+
+        EV_k = 1 - sum_l L_l res_l(k) / sum_l L_l
+
+    Parameters
+    ----------
+    options : dict of str to LayerOptions
+        The analysed layers' frontiers (:func:`~rankwise.ranks.frontier.layer_options`).
+    network_learnables : int
+        Learnables of the whole network, the denominator of the reduction.
+
+    Returns
+    -------
+    learnables_reduction : numpy.ndarray
+        ``removed[k] / network_learnables``, ascending from 0 (all dense) to the maximum.
+    explained_variance : numpy.ndarray
+        ``EV_k``, descending from 1.
+    """
+    weights = {name: opts.dense_learnables for name, opts in options.items()}
+    residual = dict.fromkeys(options, 0.0)
+    removed, lost = [0], [0.0]
+    for name, saving, _, index in _hull_steps(options):
+        lost.append(lost[-1] + weights[name] * (options[name].residual[index] - residual[name]))
+        residual[name] = float(options[name].residual[index])
+        removed.append(removed[-1] + saving)
+    total_weight = max(sum(weights.values()), 1)
+    return (np.array(removed) / network_learnables,
+            np.clip(1.0 - np.array(lost) / total_weight, 0.0, 1.0))
+
+
+def reduction_range(npca) -> tuple[float, float]:
+    """``(lossless, maximum)`` fractions of the network's learnables that projection removes."""
+    options = [layer_options(npca, name) for name in npca.layer_names]
+    lossless = sum(_saving(o, o.cheapest_within(0.0)) for o in options)
+    maximum = sum(_saving(o, 0) for o in options)
+    return lossless / npca.network_learnables, maximum / npca.network_learnables
+
+
+def _print_allocation(allocation: Allocation, options: dict, network_learnables: int) -> None:
+    for step, (name, removed, index) in enumerate(allocation.steps, start=1):
+        choice = options[name].choice(index)
+        print(f"allocation step {step}: {name} -> {choice.side} (rank in {format_ranks(choice.rank_in)}, "
+              f"rank out {format_ranks(choice.rank_out)}), {removed / network_learnables:.2%} removed")

@@ -1,0 +1,341 @@
+"""Per-layer options: which side of a layer to project, at which ranks, and what it costs.
+
+Every option of a layer is described by its exact learnables
+(:func:`rankwise.learnables.factored_learnables`) and by the fraction of the variance of the
+layer's **output** that it loses, its *residual*, so that options of all layers and sides
+compare:
+
+- output projection at rank ``r`` (eigenvalues ``mu_1 >= mu_2 >= ...`` of the output
+  covariance): ``res_out(r) = sum_{j > r} mu_j / sum_j mu_j``;
+- input projection at rank ``r`` keeps the ``r`` input eigenvectors ``q_j`` (eigenvalue
+  ``lambda_j``) with the largest output-space variance ``v_j = lambda_j |W q_j|^2`` (for a
+  convolution ``|W q|^2 = sum_k |W_k q|^2``, positions treated as independent):
+  ``res_in(r) = sum_{j > r} v_j / sum_j v_j``;
+- both sides: the two errors are orthogonal (one inside ``range(P)``, one outside), so
+  ``res_both <= res_in(r_in) + res_out(r_out)``, which is used as the (conservative) estimate.
+
+An LSTM or GRU layer (see :mod:`rankwise.rnn`) is projected per cell (stacked layer and
+direction) on two sides: its input, ``W_ih -> W_ih Q_in Q_in^T``, and its hidden state,
+``W_hh -> W_hh Q_out Q_out^T``. Their common output space is the gate pre-activations
+``z_t = W_ih x_t + W_hh h_{t-1} + b``: an eigenvector ``q_j`` (eigenvalue ``lambda_j``) of a side
+read by ``W`` carries ``v_j = lambda_j |W q_j|^2`` of their variance, so, with the directions of
+each side ordered by ``v_j``,
+
+    res_in(r)  = sum_{j > r} v_j^in / V,    res_out(r) = sum_{j > r} v_j^out / V,
+    V = sum_j v_j^in + sum_j v_j^out,
+
+and projecting both sides loses ``res_in(r_in) + res_out(r_out)`` (the two terms of ``z_t``
+treated as uncorrelated: an estimate). The cells of a layer are independent: its options are
+the combinations of its cells' options, judged by the fraction of the layer's gate variance
+lost, ``sum_cells res_cell V_cell / sum_cells V_cell``, and filtered to their frontier.
+
+Each option also gets an *error* from a criterion (:mod:`rankwise.ranks.criterion`; the
+variance criterion's error is the residual). Options that are beaten on both learnables and
+error are dropped, which leaves each layer a *frontier*: learnables ascending, error strictly
+descending, ending at the dense layer (error 0). Which enumeration a layer gets is read from its
+row of :data:`rankwise.kinds.KINDS`: its ``family`` picks the entry of :data:`FRONTIERS`, its
+``sides`` whether input and both-sides options exist.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+
+import numpy as np
+import torch
+
+from rankwise.kinds import kind_named
+from rankwise.learnables import dense_learnables, factored_learnables, recurrent_learnables
+from rankwise.ranks.criterion import Candidates, Criterion, criterion_named
+from rankwise.rnn import GATES
+
+SIDE_NAMES = ("dense", "input", "output", "both")
+LOSSLESS = 1e-6           # a residual at or below this loses no variance (float32 round-off
+                          # of the batch statistics leaves residuals of ~1e-8 at exact rank)
+MAX_BOTH_INPUT_RANKS = 256  # input ranks tried in the both-sides grid
+
+
+@dataclass(frozen=True)
+class RankChoice:
+    """One option of one layer.
+
+    Attributes
+    ----------
+    side : {"dense", "input", "output", "both"}
+    rank_in, rank_out : int or None
+        Widths of the input and output projections (``None``: side not projected). For a
+        recurrent layer of several cells, a tuple over its cells (see :class:`RecurrentOptions`).
+    learnables : int
+        Learnables of the layer in this form.
+    residual : float
+        Estimated fraction of the layer's output variance lost.
+    error : float
+        The criterion's estimated error of this option (:mod:`rankwise.ranks.criterion`).
+    """
+
+    side: str
+    rank_in: int | None
+    rank_out: int | None
+    learnables: int
+    residual: float
+    error: float
+
+    @property
+    def explained_variance(self) -> float:
+        return 1.0 - self.residual
+
+
+@dataclass
+class LayerOptions:
+    """The frontier of one layer's options (learnables ascending, error descending).
+
+    ``residual`` holds each option's variance estimate and ``error`` the criterion's (the
+    allocation minimises the sum of errors; the explained variance goal reads the residuals).
+    ``input_basis`` holds the input eigenvectors ordered by output-space variance (``None``
+    where the input side was not analysed), and ``output_basis`` the output eigenvectors by
+    eigenvalue (for one cell of a recurrent layer: those of its hidden state, by gate
+    variance): rank ``r`` uses their first ``r`` columns. ``side_residuals[side][r - 1]``
+    is the residual of projecting that side alone at rank ``r`` (``res_out`` / ``res_in`` of
+    the module docstring), for each analysed side.
+    """
+
+    name: str
+    side: np.ndarray
+    rank_in: np.ndarray
+    rank_out: np.ndarray
+    learnables: np.ndarray
+    residual: np.ndarray
+    error: np.ndarray
+    input_basis: torch.Tensor | None
+    input_mean: torch.Tensor | None
+    output_basis: torch.Tensor
+    output_mean: torch.Tensor
+    side_residuals: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def dense_learnables(self) -> int:
+        return int(self.learnables[-1])
+
+    @property
+    def dense_index(self) -> int:
+        """Index of the dense option (the last)."""
+        return len(self.learnables) - 1
+
+    def choice(self, index: int) -> RankChoice:
+        side = SIDE_NAMES[self.side[index]]
+        return RankChoice(side,
+                          int(self.rank_in[index]) if side in ("input", "both") else None,
+                          int(self.rank_out[index]) if side in ("output", "both") else None,
+                          int(self.learnables[index]), float(self.residual[index]),
+                          float(self.error[index]))
+
+    def cheapest_within(self, residual: float) -> int:
+        """Index of the cheapest option whose residual is at most ``residual``."""
+        return int(np.argmax(self.residual <= residual + LOSSLESS))
+
+
+@dataclass
+class RecurrentOptions(LayerOptions):
+    """The frontier of an LSTM or GRU layer's options, each a combination of its cells' options.
+
+    ``side``, ``rank_in`` and ``rank_out`` are ``(options, cells)`` arrays, a column per cell of
+    ``cells``; the bases and means are dicts keyed by cell: ``input_basis[cell]`` holds the
+    eigenvectors of the cell's input ``x_t`` and ``output_basis[cell]`` those of its hidden state
+    ``h_t``, each ordered by the gate variance it carries. :meth:`choice` gives the layer's side
+    (``"both"`` when its cells project different sides) and, for a layer of several cells, the
+    ranks as tuples over its cells. ``side_residuals`` is given for a layer of one cell only.
+    """
+
+    cells: tuple = ()
+
+    def choice(self, index: int) -> RankChoice:
+        sides = [SIDE_NAMES[code] for code in self.side[index]]
+        projected = set(sides) - {"dense"}
+        side = "both" if "both" in projected or len(projected) == 2 else next(iter(projected), "dense")
+        rank_in, rank_out = (tuple(int(r) if s in (name, "both") else None for s, r in zip(sides, ranks))
+                             for name, ranks in (("input", self.rank_in[index]),
+                                                 ("output", self.rank_out[index])))
+        if len(self.cells) == 1:
+            rank_in, rank_out = rank_in[0], rank_out[0]
+        return RankChoice(side, rank_in, rank_out, int(self.learnables[index]),
+                          float(self.residual[index]), float(self.error[index]))
+
+
+def layer_options(npca, name: str, criterion: str = "variance") -> LayerOptions:
+    """Enumerate the options of layer ``name`` from its statistics and keep their frontier.
+
+    Parameters
+    ----------
+    npca : NeuronPCA
+        Statistics holding layer ``name``.
+    name : str
+        The layer's qualified name.
+    criterion : str
+        The entry of :data:`rankwise.ranks.criterion.CRITERIA` giving each option's error.
+
+    Returns
+    -------
+    LayerOptions
+        A :class:`RecurrentOptions` for an LSTM or GRU layer. Input and both-sides options
+        exist only where the layer's kind analyses its input side (not for ``Linear`` layers,
+        where output projection is optimal; see :mod:`rankwise.kinds`).
+    """
+    kind = kind_named(npca.statistics(name).kind)
+    return FRONTIERS[kind.family](npca, name, kind, criterion_named(criterion))
+
+
+def _dense_options(npca, name: str, kind, criterion: Criterion) -> LayerOptions:
+    """The frontier of a ``Linear`` or convolution layer ``y = W x + b``."""
+    stats = npca.statistics(name)
+    out_spec = npca.spectrum(name, "output")
+    res_out = _residual_curve(out_spec.eigenvalues)
+    in_c, out_c, k = (stats.in_channels, stats.out_channels, stats.kernel_numel)
+    input_basis = input_mean = res_in = None
+    if "input" in kind.sides:
+        in_spec = npca.spectrum(name, "input")
+        input_variance, input_basis = _ranked_directions(in_spec, stats.weight_gram_input)
+        res_in, input_mean = _residual_curve(input_variance), in_spec.mean
+    candidates = _all_options(res_in, res_out, partial(factored_learnables, in_c, out_c, k),
+                              dense_learnables(in_c, out_c, k, stats.bias))
+    error = criterion(npca, name, None, candidates)
+    keep = _frontier(candidates.learnables, error)
+    side_residuals = {"output": res_out} if res_in is None else {"input": res_in, "output": res_out}
+    return LayerOptions(name, candidates.side[keep], candidates.rank_in[keep], candidates.rank_out[keep],
+                        candidates.learnables[keep], candidates.residual[keep], error[keep],
+                        input_basis, input_mean, out_spec.eigenvectors, out_spec.mean, side_residuals)
+
+
+def _ranked_directions(spectrum, weight_gram: torch.Tensor):
+    """``(v, Q)``: the output-space variances ``v_j = lambda_j q_j^T W^T W q_j``, descending,
+    and the eigenvectors ``q_j`` in that order."""
+    v = spectrum.eigenvectors
+    variance = spectrum.eigenvalues * torch.einsum("ij,ik,kj->j", v, weight_gram, v)
+    order = torch.argsort(variance, descending=True)
+    return variance[order], v[:, order]
+
+
+def _recurrent_options(npca, name: str, kind, criterion: Criterion) -> RecurrentOptions:
+    """The options of a recurrent layer: every cell's frontier, then their combinations."""
+    cells = npca.statistics(name).cells
+    ranked = {cell: _cell_directions(npca, name, cell) for cell in cells}
+    total = sum(_gate_variance(directions) for directions in ranked.values())
+    frontiers = [_cell_options(npca, name, cell, ranked[cell], total, criterion) for cell in cells]
+    picks, learnables, lost, error = _combine(frontiers)
+    residual = lost / total if total > 0 else np.zeros(len(lost))
+
+    def per_cell(field_name):
+        return np.stack([getattr(opts, field_name)[picks[:, k]]
+                         for k, (opts, _) in enumerate(frontiers)], 1)
+
+    def by_cell(field_name):
+        return {cell: getattr(opts, field_name) for cell, (opts, _) in zip(cells, frontiers)}
+
+    return RecurrentOptions(name, per_cell("side"), per_cell("rank_in"), per_cell("rank_out"),
+                            learnables, residual, error, by_cell("input_basis"), by_cell("input_mean"),
+                            by_cell("output_basis"), by_cell("output_mean"),
+                            frontiers[0][0].side_residuals if len(cells) == 1 else {}, tuple(cells))
+
+
+def _cell_directions(npca, name: str, cell: str) -> dict:
+    """Per side of one cell: its spectrum and its directions ranked by gate variance ``(v, Q)``."""
+    stats = npca.statistics(name)
+    spectra = {side: npca.spectrum(name, side, cell) for side in ("input", "output")}
+    return {side: (spectra[side], _ranked_directions(spectra[side], stats.weight_gram(side, cell)))
+            for side in spectra}
+
+
+def _gate_variance(directions: dict) -> float:
+    """``V`` of one cell: the gate variance carried by both its sides."""
+    return float(sum(ranked[0].sum() for _, ranked in directions.values()))
+
+
+def _cell_options(npca, name: str, cell: str, directions: dict, layer_total: float,
+                  criterion: Criterion) -> tuple[LayerOptions, float]:
+    """One cell's frontier and its gate variance ``V``.
+
+    Its residuals are fractions of ``V``; its candidates' ``variance_share`` is
+    ``V / layer_total``, so that the variance criterion's errors are fractions of the layer's
+    gate variance and add across cells.
+    """
+    stats = npca.statistics(name)
+    total = _gate_variance(directions)
+    side_residuals = {side: _residual_curve(ranked[0], total) for side, (_, ranked) in directions.items()}
+    count = partial(recurrent_learnables, stats.cell_input_size(cell), stats.hidden_size,
+                    GATES[stats.kind], stats.bias)
+    candidates = _all_options(side_residuals["input"], side_residuals["output"], count, count(None, None),
+                              total / layer_total if layer_total > 0 else 0.0)
+    error = criterion(npca, name, cell, candidates)
+    keep = _frontier(candidates.learnables, error)
+    (in_spec, (_, in_basis)), (out_spec, (_, out_basis)) = directions["input"], directions["output"]
+    return LayerOptions(name, candidates.side[keep], candidates.rank_in[keep], candidates.rank_out[keep],
+                        candidates.learnables[keep], candidates.residual[keep], error[keep],
+                        in_basis, in_spec.mean, out_basis, out_spec.mean, side_residuals), total
+
+
+def _combine(frontiers: list[tuple[LayerOptions, float]]):
+    """The frontier of the combinations of independent cells' options.
+
+    A combination's learnables, lost variance (``residual V``) and error are the sums over the
+    cells. Returns ``(picks, learnables, lost, error)``: ``picks[i, k]`` is the option of cell
+    ``k`` in combination ``i``; the all-dense combination is last.
+    """
+    picks, learnables, lost, error = np.zeros((1, 0), int), np.zeros(1, int), np.zeros(1), np.zeros(1)
+    for options, variance in frontiers:
+        count = len(options.learnables)
+        learnables = (learnables[:, None] + options.learnables[None, :]).ravel()
+        lost = (lost[:, None] + variance * options.residual[None, :]).ravel()
+        error = (error[:, None] + options.error[None, :]).ravel()
+        picks = np.concatenate([np.repeat(picks, count, 0),
+                                np.tile(np.arange(count), len(picks))[:, None]], 1)
+        keep = _frontier(learnables, error)
+        picks, learnables, lost, error = picks[keep], learnables[keep], lost[keep], error[keep]
+    return picks, learnables, lost, error
+
+
+def _residual_curve(variances: torch.Tensor, total: float | None = None) -> np.ndarray:
+    """``res[r - 1] = sum_{j > r} v_j / total`` for ``r = 1..d``, ``total = sum_j v_j`` by
+    default (0 when the total is zero)."""
+    v = variances.detach().cpu().numpy().astype(np.float64)
+    total = v.sum() if total is None else total
+    if total <= 0:
+        return np.zeros(len(v))
+    return np.clip((v.sum() - np.cumsum(v)) / total, 0.0, 1.0)
+
+
+def _all_options(res_in, res_out, count, dense: int, variance_share: float = 1.0) -> Candidates:
+    """Every option (side code, rank_in, rank_out, learnables, residual), dense last.
+
+    ``res_in`` and ``res_out`` are the residual curves of each side alone (``res_in`` is
+    ``None`` where the input side is not analysed), ``count(rank_in, rank_out)`` the learnables
+    of a factored form (``None`` for a side not projected) and ``dense`` those of the dense layer.
+    """
+    r_out = np.arange(1, len(res_out) + 1)
+    parts = [(2, 0 * r_out, r_out, count(None, r_out), res_out)]
+    if res_in is not None:
+        in_c = len(res_in)
+        r_in = np.arange(1, in_c + 1)
+        grid_in = np.unique(np.linspace(1, in_c, min(in_c, MAX_BOTH_INPUT_RANKS)).round().astype(int))
+        both_in, both_out = (a.ravel() for a in np.meshgrid(grid_in, r_out, indexing="ij"))
+        parts += [(1, r_in, 0 * r_in, count(r_in, None), res_in),
+                  (3, both_in, both_out, count(both_in, both_out),
+                   np.minimum(res_in[both_in - 1] + res_out[both_out - 1], 1.0))]
+    parts.append((0, np.zeros(1, int), np.zeros(1, int), np.array([dense]), np.zeros(1)))
+    columns = (np.concatenate([np.broadcast_to(np.asarray(p[i]), p[1].shape) for p in parts])
+               for i in range(5))
+    return Candidates(*columns, variance_share=variance_share)
+
+
+def _frontier(learnables: np.ndarray, error: np.ndarray) -> np.ndarray:
+    """Indices of the factored options beaten by no other, learnables ascending, then dense.
+
+    The dense option (the last of ``learnables``) always closes the frontier.
+    """
+    order = np.lexsort((error, learnables))
+    best_before = np.minimum.accumulate(np.concatenate([[np.inf], error[order]]))[:-1]
+    pareto = order[error[order] < best_before]
+    dense = len(learnables) - 1
+    return np.append(pareto[learnables[pareto] < learnables[dense]], dense)
+
+
+FRONTIERS = {"dense": _dense_options, "recurrent": _recurrent_options}
