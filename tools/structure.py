@@ -21,11 +21,13 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "rankwise"
 
 STAGES = (  # earliest first
-    ("foundations", ("checks", "batches", "moments", "rnn", "learnables", "tables", "kinds")),
+    ("foundations", ("checks", "batches", "moments", "rnn", "learnables", "tables", "kinds", "distributed")),
     ("layers", ("layers",)),
-    ("statistics", ("statistics", "recurrent_statistics", "targets", "selection", "pca")),
+    ("statistics", ("statistics", "recurrent_statistics", "targets", "selection", "gradients", "metric",
+                    "pca")),
     ("decisions", ("ranks",)),
-    ("construction", ("forms", "info", "projection", "latency", "latency_aware", "batchnorm")),
+    ("construction", ("forms", "info", "projection", "latency", "latency_aware", "batchnorm",
+                      "correction")),
     ("methods", ("decompose", "evolve", "train", "sensitivity", "incremental")),
     ("outputs", ("report", "io", "export", "cli", "datasets", "examples", "demo", "__init__")),
 )
