@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from rankwise.learnables import dense_learnables, factored_learnables, recurrent_learnables
-from rankwise.recurrent_statistics import RecurrentStatistics
+from rankwise.statistics import RecurrentStatistics
 from rankwise.rnn import GATES
 
 SIDE_NAMES = ("dense", "input", "output", "both")
