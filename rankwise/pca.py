@@ -30,7 +30,7 @@ from rankwise.targets import select_layers
 SIDES = ("input", "output")
 FORMAT_VERSION = 1
 """Version of the :meth:`NeuronPCA.save` file layout; files of every version up to it load."""
-READABLE_VERSIONS = (1,)
+READABLE_VERSIONS = tuple(range(1, FORMAT_VERSION + 1))
 PROGRESS_DELAY_SECONDS = 1.0
 """The spectra's progress bar appears only once computing them has taken this long."""
 __all__ = ["NeuronPCA", "NonFiniteActivationError", "ThinDataWarning"]
@@ -102,11 +102,11 @@ class NeuronPCA:
         start = time.perf_counter()
         self.num_batches = _calibrate(model, data, layers, self._stats, forward_fn, max_batches,
                                       show_progress=verbosity != "off")
+        seconds = time.perf_counter() - start
         self._check_observations()
         if verbosity != "off":
             print(f"NeuronPCA: {len(self.layer_names)} layers, {self.num_batches} batches, "
-                  f"{time.perf_counter() - start:.1f} s calibration")
-            print(self._range_line(verbosity))
+                  f"{seconds:.1f} s calibration{self._range_note(verbosity)}")
 
     def _init_state(self, stats: dict, network_learnables: int, regularization, num_batches=0):
         self._stats = stats
@@ -162,18 +162,18 @@ class NeuronPCA:
 
         return reduction_range(self)
 
-    def _range_line(self, verbosity: str) -> str:
-        """At ``"summary"``, how to get the range; above it, the range, timed apart."""
+    def _range_note(self, verbosity: str) -> str:
+        """The end of the summary line: at ``"summary"``, where the range is; above, the range,
+        computed and timed apart (a progress bar over the spectra when they are slow)."""
         if verbosity == "summary":
-            return ("NeuronPCA: npca.learnables_reduction_range gives what projection can remove "
-                    "(it computes every spectrum and the rank decisions)")
+            return " (npca.learnables_reduction_range: what projection can remove)"
         start = time.perf_counter()
         keys = [(name, side, cell) for name, stats in self._stats.items()
                 for side, cell in stats.spectra_keys()]
         for key in tqdm(keys, desc="NeuronPCA spectra", delay=PROGRESS_DELAY_SECONDS, leave=False):
             self.spectrum(*key)
         low, high = self.learnables_reduction_range
-        return (f"NeuronPCA: learnables reduction range {low:.1%} to {high:.1%} "
+        return (f"; learnables reduction range {low:.1%} to {high:.1%} "
                 f"({time.perf_counter() - start:.1f} s for the spectra and rank decisions)")
 
     def merge(self, other: "NeuronPCA") -> "NeuronPCA":
