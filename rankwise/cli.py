@@ -34,7 +34,7 @@ from rankwise.tables import format_table
 
 DEFAULT_BATCH_SIZE = 256
 LIBRARY_TO_CLI_ARGUMENTS = {  # names in the library's error messages -> the options here
-    "layer_names": "--layers", "npca_or_data": "--data", "data": "--data", "model": "MODEL",
+    "layer_names": "--layers", "exclude": "--exclude", "npca_or_data": "--data", "data": "--data", "model": "MODEL",
     "explained_variance_goal": "--explained-variance",
     "learnables_reduction_goal": "--learnables-reduction",
 }
@@ -64,6 +64,9 @@ def build_parser() -> Parser:
     calibrated.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
                             metavar="N", help=f"inputs per batch (default {DEFAULT_BATCH_SIZE})")
     calibrated.add_argument("--quiet", action="store_true", help="no progress bars, no tables")
+    calibrated.add_argument("--exclude", type=_names, metavar="A,B",
+                            help="leave these layers out (names, globs such as 'features.*', or "
+                                 "'re:'-prefixed regular expressions)")
 
     analyse = commands.add_parser("analyze", parents=[calibrated],
                                   help="how far each layer can be compressed, and why not")
@@ -79,7 +82,7 @@ def build_parser() -> Parser:
     goal.add_argument("--learnables-reduction", type=_fraction, metavar="X",
                       help="remove at least this fraction of the network's learnables")
     compress.add_argument("--layers", type=_names, metavar="A,B",
-                          help="project only these layers (qualified module names)")
+                          help="project only these layers (names, globs or 're:' regular expressions)")
     compress.add_argument("--unpack", action="store_true", help="plain torch layers instead of wrappers")
     compress.add_argument("--output", required=True, metavar="FILE", help="the file to write")
     compress.set_defaults(run=run_compress)
@@ -96,7 +99,8 @@ def run_analyze(args) -> None:
         _check_output(path, option)
     model = read_model(args.model)
     batches = read_data(args.data, model, args.batch_size)
-    report = _library(analyze, model, batches, verbosity="off" if args.quiet else "summary")
+    report = _library(analyze, model, batches, exclude=args.exclude,
+                      verbosity="off" if args.quiet else "summary")
     if args.json:
         _write(report.to_json, args.json, "--json")
     if args.html:
@@ -112,7 +116,7 @@ def run_compress(args) -> None:
     net, info = _library(compress_network_using_projection, model, batches,
                          explained_variance_goal=args.explained_variance,
                          learnables_reduction_goal=args.learnables_reduction,
-                         layer_names=args.layers, unpack=args.unpack,
+                         layer_names=args.layers, exclude=args.exclude, unpack=args.unpack,
                          verbosity="off" if args.quiet else "summary")
     _write(lambda path: rankwise_io.save(net, path, info=info), args.output, "--output")
     _say(args, f"wrote {args.output}")

@@ -1,7 +1,7 @@
 """Streaming moments of activation rows and the principal components of their covariance.
 
-The building blocks of :mod:`rankwise.pca` (dense layers) and
-:mod:`rankwise.recurrent_statistics` (LSTM and GRU layers): :class:`Moments` accumulates, in
+The building blocks of :mod:`rankwise.statistics` (dense, LSTM and GRU layers):
+:class:`Moments` accumulates, in
 float64, what a covariance needs from rows seen batch by batch; :class:`Spectrum` holds the
 eigen-decomposition of a (regularised) covariance.
 """
@@ -62,6 +62,14 @@ class Moments:
             gram = (compute.T @ compute).to(torch.float64)
             self.outer += gram
             self.square_sum += gram.trace()
+
+    def update_of(self, rows: torch.Tensor, layer: str, what: str) -> None:
+        """:meth:`update`, whose NaN or Inf error names the ``layer`` and ``what`` the rows are."""
+        try:
+            self.update(rows)
+        except NonFiniteActivationError:
+            raise NonFiniteActivationError(f"layer {layer!r} has NaN or Inf in its {what}; check "
+                                           "the data and the model's weights.") from None
 
     def __add__(self, other: "Moments") -> "Moments":
         outer = None if self.outer is None else self.outer + other.outer

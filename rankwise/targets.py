@@ -1,15 +1,69 @@
-"""Which layers of a model can be projected, found by their qualified names.
+"""Which layers of a model a function acts on: one selector, by names and patterns.
 
-Layer replacement is driven by names, as in peft: ``layer_names`` lists qualified module
-names (``"features.0"``, ``"classifier"``); ``None`` means every projectable layer.
+Layer replacement is driven by names, as in peft (``target_modules`` / ``exclude_modules``)
+and Torch-Pruning (``ignored_layers``). Every function that selects layers takes
+
+- ``layer_names``: the layers to act on; ``None`` means every candidate;
+- ``exclude``: layers to leave out of that set; ``None`` or empty excludes nothing.
+
+Each is a string or a list of strings, and each string is one of
+
+- an exact qualified module name, as ``model.named_modules()`` gives it (``"features.0"``);
+- a glob pattern (:func:`fnmatch.fnmatchcase`, when it holds ``*``, ``?`` or ``[``):
+  ``"features.*"``, ``"*.conv1"``, ``"layer[12].*"``. ``*`` also crosses dots;
+- a regular expression, written with the prefix ``"re:"`` (so it also works on the command
+  line): ``r"re:features\\.\\d+"``. It must match the whole name (:func:`re.fullmatch`).
+
+The selection is ``S = {c in C : c matches layer_names} \\ {c in C : c matches exclude}``, in
+model order, where ``C`` are the candidates: the layers the function can act on (projectable
+layers for projection, truncatable convolutions for kernel truncation). Every entry must
+match at least one candidate; an exact name of a module that is not a candidate is refused
+with the reason (:mod:`rankwise.kinds`), so a typo never silently selects nothing.
 """
 
 from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+from typing import Callable
 
 from torch import nn
 
 from rankwise.kinds import kind_of, supported_names
 from rankwise.layers.base import ProjectedLayer
+
+REGEX_PREFIX = "re:"
+GLOB_CHARACTERS = "*?["
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """The layers a function can act on, and what to say about the others.
+
+    Attributes
+    ----------
+    layers : dict of str to torch.nn.Module
+        The candidates, by qualified name, in model order.
+    refusal : callable
+        ``refusal(module) -> str or None``: why a module that is not a candidate is refused.
+    verb : str
+        What the function does to a layer (``"projected"``, ``"truncated"``), for messages.
+    listing : str
+        How messages introduce the candidates (``"Projectable layers"``).
+    inside : str
+        Why a module that ``refusal`` accepts is still no candidate.
+    none : str
+        The error when there is no candidate at all and ``layer_names`` is ``None``.
+    """
+
+    layers: dict
+    refusal: Callable[[nn.Module], str | None]
+    verb: str
+    listing: str
+    inside: str
+    none: str
+
 
 def layer_kind(module: nn.Module) -> str:
     """Short name of a projectable layer type: ``"linear"``, ``"conv1d"``, ..., ``"lstm"``, ``"gru"``."""
@@ -51,15 +105,16 @@ def projectable_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def select_layers(model: nn.Module, layer_names=None, exclude=None) -> dict[str, nn.Module]:
-    """The layers named by ``layer_names`` (all projectable layers when ``None``), less ``exclude``.
+    """The projectable layers named by ``layer_names``, less those named by ``exclude``.
 
     Parameters
     ----------
     model : torch.nn.Module
     layer_names : str or iterable of str, optional
-        Qualified module names as given by ``model.named_modules()``.
+        Exact names, glob patterns or ``"re:"`` regular expressions (see the module docstring);
+        every projectable layer when ``None``.
     exclude : str or iterable of str, optional
-        Qualified names of layers to leave out of the selection.
+        Names or patterns of layers to leave out.
 
     Returns
     -------
@@ -69,43 +124,83 @@ def select_layers(model: nn.Module, layer_names=None, exclude=None) -> dict[str,
     Raises
     ------
     ValueError
-        When a name does not exist (the valid names are listed), is not projectable (the
-        reason is given), or when no layer is left to project.
+        Naming ``layer_names`` or ``exclude``, when an entry matches no projectable layer (they
+        are listed), names a layer that cannot be projected (the reason is given), is not a
+        valid regular expression, or when ``exclude`` leaves nothing; naming ``model`` when it
+        has no projectable layer.
     """
-    selected = _named_layers(model, layer_names)
-    if exclude is None:
-        return selected
-    excluded = [exclude] if isinstance(exclude, str) else list(exclude)
-    modules = dict(model.named_modules())
-    unknown = [name for name in excluded if name not in modules]
-    if unknown:
-        raise ValueError(f"exclude: {', '.join(map(repr, unknown))} is not a layer of the model. "
-                         f"Projectable layers: {', '.join(projectable_layers(model)) or 'none'}.")
-    kept = {name: module for name, module in selected.items() if name not in set(excluded)}
-    if not kept:
-        raise ValueError(f"exclude: it leaves no layer to project (selected: {', '.join(selected)}); "
-                         "exclude fewer layers.")
-    return kept
+    candidates = Candidates(projectable_layers(model), why_not_projectable, "projected",
+                            "Projectable layers", "it lies inside a projected layer",
+                            f"model: it has no projectable layer ({supported_names()}).")
+    return select(model, candidates, layer_names, exclude)
 
 
-def _named_layers(model: nn.Module, layer_names) -> dict[str, nn.Module]:
-    """:func:`select_layers` without ``exclude``."""
-    available = projectable_layers(model)
+def select(model: nn.Module, candidates: Candidates, layer_names=None, exclude=None,
+           argument: str = "layer_names") -> dict[str, nn.Module]:
+    """``{c : c matches layer_names} \\ {c : c matches exclude}`` over ``candidates``, in model order.
+
+    ``argument`` is how the error messages call ``layer_names`` (``"ranks"`` when the names
+    are the keys of a rank dict). See the module docstring for the entries; the errors are
+    those of :func:`select_layers`.
+    """
     if layer_names is None:
-        if not available:
-            raise ValueError(f"model: it has no projectable layer ({supported_names()}).")
-        return available
-    requested = [layer_names] if isinstance(layer_names, str) else list(layer_names)
-    if not requested:
-        raise ValueError("layer_names: the list is empty; pass None to project every layer.")
+        if not candidates.layers:
+            raise ValueError(candidates.none)
+        chosen = set(candidates.layers)
+    else:
+        chosen = _matching(model, candidates, _entries(layer_names, argument, allow_empty=False), argument)
+    removed = _matching(model, candidates, _entries(exclude, "exclude", allow_empty=True), "exclude")
+    selected = {name: module for name, module in candidates.layers.items()
+                if name in chosen and name not in removed}
+    if not selected:
+        raise ValueError(f"exclude: it leaves no layer to be {candidates.verb} (it removes "
+                         f"{', '.join(name for name in candidates.layers if name in removed)}); "
+                         "exclude fewer layers.")
+    return selected
+
+
+def _entries(value, argument: str, allow_empty: bool) -> list[str]:
+    if value is None:
+        return []
+    entries = [value] if isinstance(value, str) else list(value)
+    if not entries and not allow_empty:
+        raise ValueError(f"{argument}: the list is empty; pass None to select every layer.")
+    bad = [entry for entry in entries if not isinstance(entry, str)]
+    if bad:
+        raise ValueError(f"{argument}: expected layer names or patterns (strings), got {bad[0]!r}.")
+    return entries
+
+
+def _matching(model: nn.Module, candidates: Candidates, entries: list[str], argument: str) -> set[str]:
+    """The candidates matched by any of ``entries``; a ValueError for an entry matching none."""
+    matched = set()
+    for entry in entries:
+        found = [name for name in candidates.layers if _matches(entry, name, argument)]
+        if not found:
+            raise ValueError(_no_match(model, candidates, entry, argument))
+        matched.update(found)
+    return matched
+
+
+def _matches(entry: str, name: str, argument: str) -> bool:
+    if entry.startswith(REGEX_PREFIX):
+        try:
+            return re.fullmatch(entry[len(REGEX_PREFIX):], name) is not None
+        except re.error as error:
+            raise ValueError(f"{argument}: {entry!r} is not a valid regular expression ({error}).") from None
+    return fnmatch.fnmatchcase(name, entry) if _is_glob(entry) else entry == name
+
+
+def _no_match(model: nn.Module, candidates: Candidates, entry: str, argument: str) -> str:
+    """Why ``entry`` matched no candidate: the refusal of the module it names, or the candidates."""
     modules = dict(model.named_modules())
-    for name in requested:
-        if name not in modules:
-            raise ValueError(f"layer_names: {name!r} is not a layer of the model. "
-                             f"Projectable layers: {', '.join(available) or 'none'}.")
-        reason = why_not_projectable(modules[name]) if name not in available else None
-        if name not in available:
-            raise ValueError(f"layer_names: {name!r} cannot be projected: "
-                             f"{reason or 'it lies inside a projected layer'}.")
-    wanted = set(requested)
-    return {name: module for name, module in available.items() if name in wanted}
+    if entry in modules:
+        reason = candidates.refusal(modules[entry]) or candidates.inside
+        return f"{argument}: {entry!r} cannot be {candidates.verb}: {reason}."
+    pattern = entry.startswith(REGEX_PREFIX) or _is_glob(entry)
+    problem = f"matches no layer that can be {candidates.verb}" if pattern else "is not a layer of the model"
+    return f"{argument}: {entry!r} {problem}. {candidates.listing}: {', '.join(candidates.layers) or 'none'}."
+
+
+def _is_glob(entry: str) -> bool:
+    return any(character in entry for character in GLOB_CHARACTERS)

@@ -86,6 +86,18 @@ def test_compress_quietly_unpacked_selected_layers_then_analyze_the_result(folde
     assert (run.returncode, run.stdout) == (0, "")
 
 
+def test_compress_and_analyze_with_patterns_and_exclude(folder):
+    run = rankwise("compress", "cnn.pt", "--data", "images.pt", "--explained-variance", "0.9",
+                   "--layers", "*", "--exclude", "re:[05]", "--output", "middle.safetensors", "--quiet",
+                   cwd=folder)
+    assert (run.returncode, run.stderr) == (0, ""), run.stderr
+    assert set(rw.io.read_spec(folder / "middle.safetensors")["layers"]) == {"2"}
+    run = rankwise("analyze", "cnn.pt", "--data", "images.pt", "--exclude", "0", "--json", "rest.json",
+                   "--quiet", cwd=folder)
+    assert run.returncode == 0, run.stderr
+    assert json.loads((folder / "rest.json").read_text())["network"]["analysed_layers"] == ["2", "5"]
+
+
 ANALYZE = ["analyze", "cnn.pt", "--data", "images.pt"]
 COMPRESS = ["compress", "cnn.pt", "--data", "images.pt", "--output", "x.safetensors"]
 BAD_ARGUMENTS = {  # case -> (arguments, what the one-line message says)
@@ -129,6 +141,11 @@ BAD_ARGUMENTS = {  # case -> (arguments, what the one-line message says)
                               "--layers: '1' cannot be projected"),
     "empty layer name": ([*COMPRESS, "--explained-variance", "0.9", "--layers", "2,,5"],
                          "argument --layers: expected comma"),
+    "unknown excluded layer": ([*COMPRESS, "--explained-variance", "0.9", "--exclude", "9"],
+                               "--exclude: '9' is not a layer of the model"),
+    "exclude everything": ([*ANALYZE, "--exclude", "*"], "--exclude: it leaves no layer to be projected"),
+    "bad regular expression": ([*COMPRESS, "--explained-variance", "0.9", "--layers", "re:("],
+                               "--layers: 're:(' is not a valid regular expression"),
     "info without file": (["info"], "the following arguments are required: FILE"),
     "info on a missing file": (["info", "absent.safetensors"], "FILE: 'absent.safetensors' does not exist"),
     "info on a torch file": (["info", "cnn.pt"],

@@ -1,6 +1,7 @@
 """NeuronPCA: moments against a direct computation, shards, save/load, thin data, bad input."""
 
 import math
+import pathlib
 import warnings
 
 import pytest
@@ -234,3 +235,70 @@ def test_grouped_convolution_is_not_projectable():
     assert npca.layer_names == ["1"]
     with pytest.raises(ValueError, match="grouped convolution"):
         rw.NeuronPCA(model, [torch.randn(2, 4, 6, 6)], layer_names=["0"], verbosity="off")
+
+
+def counting_spectra(monkeypatch) -> list:
+    """Patch the eigen-decomposition behind every spectrum to record each call."""
+    calls = []
+    shrunk = rw.moments.Spectrum.shrunk.__func__
+
+    def counted(cls, *args):
+        calls.append(args)
+        return shrunk(cls, *args)
+
+    monkeypatch.setattr(rw.moments.Spectrum, "shrunk", classmethod(counted))
+    return calls
+
+
+def test_the_summary_computes_no_spectrum_until_the_range_is_asked(monkeypatch, capsys):
+    calls = counting_spectra(monkeypatch)
+    model, data = tiny_cnn(), make_batches((32, 3, 8, 8), count=2)
+    npca = rw.NeuronPCA(model, data, verbosity="summary")
+    summary = capsys.readouterr().out
+    assert calls == [] and "learnables reduction range" not in summary
+    assert "NeuronPCA: 3 layers, 2 batches" in summary and "npca.learnables_reduction_range" in summary
+    low, high = npca.learnables_reduction_range
+    assert len(calls) == 5 and 0 <= low <= high  # conv input and output, twice; the Linear's output
+    rw.NeuronPCA(model, data, verbosity="steps")
+    steps = capsys.readouterr().out
+    assert len(calls) == 10 and f"learnables reduction range {low:.1%} to {high:.1%} (" in steps
+    assert "s for the spectra and rank decisions" in steps
+
+
+class OldFormatModel(nn.Module):
+    """The model whose statistics ``tests/data/neuron_pca_v1.pt`` holds."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(3, 4, num_layers=2, bidirectional=True, batch_first=True)
+        self.conv = nn.Conv1d(8, 5, 3)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x):
+        h, _ = self.rnn(x)
+        return self.head(self.conv(h.transpose(1, 2)).transpose(1, 2))
+
+
+def test_files_written_before_the_statistics_package_still_load():
+    """``neuron_pca_v1.pt`` was written by rankwise at commit 3013aa4 (format_version 1), as
+    ``torch.manual_seed(0); rw.NeuronPCA(OldFormatModel(), make_batches((8, 7, 3), count=2),
+    verbosity="off").save(path)``."""
+    old = rw.NeuronPCA.load(pathlib.Path(__file__).parent / "data" / "neuron_pca_v1.pt")
+    torch.manual_seed(0)
+    model = OldFormatModel()
+    new = rw.NeuronPCA(model, make_batches((8, 7, 3), count=2), verbosity="off")
+    assert old.layer_names == new.layer_names == ["rnn", "conv", "head"]
+    assert (old.num_batches, old.network_learnables) == (2, rw.count_learnables(model))
+    assert old.learnables_reduction_range == pytest.approx((0.0, 0.6226415094339622))  # as printed then
+    assert old.learnables_reduction_range == pytest.approx(new.learnables_reduction_range)
+    for name, side, cell in [("rnn", "input", "l1_reverse"), ("rnn", "output", "l0"),
+                             ("conv", "input", None), ("head", "output", None)]:
+        torch.testing.assert_close(old.spectrum(name, side, cell).eigenvalues,
+                                   new.spectrum(name, side, cell).eigenvalues)
+
+
+def test_a_file_of_another_format_is_refused(tmp_path):
+    torch.save({"format_version": 99, "layers": {}}, tmp_path / "future.pt")
+    with pytest.raises(ValueError, match="path: .*future.pt is not a NeuronPCA file of format version 1 "
+                                         r"\(found 99\)"):
+        rw.NeuronPCA.load(tmp_path / "future.pt")

@@ -247,7 +247,7 @@ def test_exclude_leaves_layers_dense_and_the_info_lists_them(tmp_path):
 
 @pytest.mark.parametrize("exclude, message", [
     ("nope", "exclude: 'nope' is not a layer of the model"),
-    (["0", "2", "4"], "exclude: it leaves no layer to project"),
+    (["0", "2", "4"], "exclude: it leaves no layer to be projected"),
 ])
 def test_bad_exclude_is_refused_and_leaves_the_model(exclude, message):
     torch.manual_seed(0)

@@ -117,7 +117,7 @@ class TruncationInfo:
 
 def truncate_kernels(model: nn.Module, method: str, *, cut: str | None = None, modes: str | None = None,
                      order: str | None = None, ranks=None, norm_retained: float | None = None,
-                     layer_names=None, calibration=None, inplace: bool = False,
+                     layer_names=None, exclude=None, calibration=None, inplace: bool = False,
                      verbosity: str = "summary"):
     """Replace convolution kernels by truncated tensor networks, run as standard convolutions.
 
@@ -157,8 +157,11 @@ def truncate_kernels(model: nn.Module, method: str, *, cut: str | None = None, m
         Per layer, the smallest ranks with ``|W - W'| / |W| <= sqrt(1 - f^2)``, i.e. keeping at
         least the fraction ``f`` of the kernel norm (see :mod:`~rankwise.decompose.selection`).
     layer_names : str or list of str, optional
-        Qualified names of the convolutions to truncate; every ``Conv1d`` / ``Conv2d`` with
-        ``groups=1`` by default.
+        The convolutions to truncate, by qualified name, glob pattern (``"features.*"``) or
+        ``"re:"``-prefixed regular expression (see :mod:`rankwise.targets`); every ``Conv1d`` /
+        ``Conv2d`` with ``groups=1`` by default.
+    exclude : str or list of str, optional
+        Names or patterns of convolutions to leave as they are.
     calibration : NeuronPCA or iterable of batches, optional
         Data-aware truncation: the kernel is truncated in whitened input coordinates, so that
         ranks and the truncation minimise the estimated output error rather than the kernel
@@ -192,9 +195,9 @@ def truncate_kernels(model: nn.Module, method: str, *, cut: str | None = None, m
     if norm_retained is not None:
         norm_retained = check_norm_retained(norm_retained)
     if isinstance(ranks, dict) and layer_names is None:
-        layers = select_kernels(model, list(ranks), argument="ranks")
+        layers = select_kernels(model, list(ranks), exclude, argument="ranks")
     else:
-        layers = select_kernels(model, layer_names)
+        layers = select_kernels(model, layer_names, exclude)
     plans = {name: _plan(name, layer, chosen, value, _ranks_of(ranks, name, layers))
              for name, layer in layers.items()}
     npca = None if calibration is None else calibration_statistics(calibration, model, layers)

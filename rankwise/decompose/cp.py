@@ -29,10 +29,9 @@ from __future__ import annotations
 import math
 import warnings
 
-import tensorly as tl
 import torch
-from tensorly.decomposition import parafac
 
+from rankwise.decompose.backend import tensorly
 from rankwise.decompose.network import KernelNetwork, Node
 from rankwise.decompose.selection import check_ranks
 
@@ -77,10 +76,12 @@ def cp_network(kernel: torch.Tensor, legs: str, ranks=None,
 
 
 def _fit(kernel: torch.Tensor, legs: str, rank: int) -> KernelNetwork:
+    tl = tensorly()
     with tl.backend_context("pytorch"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=TENSORLY_SVD_CLAMP)  # rank > a leg: expected
-        weights, factors = parafac(kernel, rank, init="svd", n_iter_max=ALS_ITERATIONS,
-                                   tol=ALS_TOLERANCE, normalize_factors=True, random_state=SEED)
+        weights, factors = tl.decomposition.parafac(
+            kernel, rank, init="svd", n_iter_max=ALS_ITERATIONS, tol=ALS_TOLERANCE,
+            normalize_factors=True, random_state=SEED)
     share = weights.abs().pow(1.0 / len(legs))
     scaled = [factor * share for factor in factors]
     scaled[legs.index("o")] = scaled[legs.index("o")] * weights.sign()

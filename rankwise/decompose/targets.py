@@ -1,4 +1,7 @@
-"""Which convolutions of a model can have their kernels truncated, found by qualified name."""
+"""Which convolutions of a model can have their kernels truncated, found by names or patterns.
+
+The selection is the one of :mod:`rankwise.targets` over the truncatable convolutions.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ from torch import nn
 
 from rankwise.decompose.execution import TruncatedConv
 from rankwise.decompose.legs import CONV_LEGS
+from rankwise.targets import Candidates, select
 
 
 def why_not_truncatable(module: nn.Module) -> str | None:
@@ -30,31 +34,22 @@ def truncatable_layers(model: nn.Module) -> dict[str, nn.Module]:
             if id(module) not in inside and why_not_truncatable(module) is None}
 
 
-def select_kernels(model: nn.Module, layer_names=None, argument: str = "layer_names") -> dict[str, nn.Module]:
-    """The convolutions named by ``layer_names`` (every truncatable one when ``None``), in model order.
+def select_kernels(model: nn.Module, layer_names=None, exclude=None,
+                   argument: str = "layer_names") -> dict[str, nn.Module]:
+    """The convolutions named by ``layer_names`` (every truncatable one when ``None``), less
+    those named by ``exclude``, in model order.
+
+    Names and patterns are those of :func:`rankwise.targets.select_layers`.
 
     Raises
     ------
     ValueError
-        Naming ``argument`` (where the names came from), when a name does not exist (the valid
-        names are listed) or names a layer that cannot be truncated (the reason is given); naming
-        ``model`` when it has no truncatable layer.
+        Naming ``argument`` (where the names came from) or ``exclude``, when an entry matches no
+        truncatable layer (they are listed) or names one that cannot be truncated (the reason is
+        given); naming ``model`` when it has no truncatable layer.
     """
-    available = truncatable_layers(model)
-    if layer_names is None:
-        if not available:
-            raise ValueError("model: it has no convolution whose kernel can be truncated "
-                             "(Conv1d or Conv2d with groups=1).")
-        return available
-    requested = [layer_names] if isinstance(layer_names, str) else list(layer_names)
-    if not requested:
-        raise ValueError(f"{argument}: no layer named; pass None to truncate every convolution.")
-    modules = dict(model.named_modules())
-    for name in requested:
-        if name not in modules:
-            raise ValueError(f"{argument}: {name!r} is not a layer of the model. Truncatable "
-                             f"layers: {', '.join(available) or 'none'}.")
-        if name not in available:
-            reason = why_not_truncatable(modules[name]) or "it lies inside a truncated layer"
-            raise ValueError(f"{argument}: {name!r} cannot be truncated: {reason}.")
-    return {name: module for name, module in available.items() if name in set(requested)}
+    candidates = Candidates(truncatable_layers(model), why_not_truncatable, "truncated",
+                            "Truncatable layers", "it lies inside a truncated layer",
+                            "model: it has no convolution whose kernel can be truncated "
+                            "(Conv1d or Conv2d with groups=1).")
+    return select(model, candidates, layer_names, exclude, argument)

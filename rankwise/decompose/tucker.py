@@ -26,10 +26,9 @@ from __future__ import annotations
 
 import warnings
 
-import tensorly as tl
 import torch
-from tensorly.decomposition import partial_tucker
 
+from rankwise.decompose.backend import tensorly
 from rankwise.decompose.network import KernelNetwork, Node
 from rankwise.decompose.selection import check_ranks, smallest_rank, tail_budget
 
@@ -69,10 +68,12 @@ def tucker_network(kernel: torch.Tensor, legs: str, modes: str, ranks=None,
     """
     if ranks is None:
         ranks = _ranks_for_norm(kernel, legs, modes, norm_retained)
+    tl = tensorly()
     with tl.backend_context("pytorch"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=TENSORLY_SVD_CLAMP)  # rank > a leg: expected
-        (core, factors), _ = partial_tucker(kernel, rank=list(ranks), modes=[legs.index(m) for m in modes],
-                                            init="svd", n_iter_max=HOOI_ITERATIONS, tol=HOOI_TOLERANCE)
+        (core, factors), _ = tl.decomposition.partial_tucker(
+            kernel, rank=list(ranks), modes=[legs.index(m) for m in modes], init="svd",
+            n_iter_max=HOOI_ITERATIONS, tol=HOOI_TOLERANCE)
     core_axes = tuple("b" + leg if leg in modes else leg for leg in legs)
     factor_nodes = (Node(factor, (mode, "b" + mode)) for mode, factor in zip(modes, factors))
     return KernelNetwork((*factor_nodes, Node(core, core_axes)), legs)

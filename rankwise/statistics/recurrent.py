@@ -17,7 +17,8 @@ own weights (:func:`rankwise.rnn.run_layer`; calibration runs in eval mode, so n
 between layers). Rows are the real time steps of the sequences: a ``PackedSequence``
 contributes no padding.
 
-Both sides are regularised toward isotropy, as the input side of a dense layer is::
+Both sides are regularised toward isotropy, as the input side of a dense layer is
+(:mod:`rankwise.statistics.spectra`)::
 
     C_reg = (1 - alpha) C + alpha s I,     s = tr(C) / d,     alpha = w / (n + w)  ("auto")
 
@@ -35,8 +36,11 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from rankwise.moments import Moments, NonFiniteActivationError, Spectrum
+from rankwise.moments import Moments, Spectrum
 from rankwise.rnn import cell_input_sizes, cell_names, normalise, run_layer
+from rankwise.statistics.spectra import shrinkage
+
+SIDES = ("input", "output")
 
 SIDE_WEIGHTS = {"input": "weight_ih", "output": "weight_hh"}
 """The weights reading each side of a cell: ``"output"`` is the hidden state ``h_t``."""
@@ -72,6 +76,7 @@ class RecurrentStatistics:
 
     @classmethod
     def for_layer(cls, module: nn.Module, kind: str) -> "RecurrentStatistics":
+        """Empty statistics of ``module``, a row of :data:`rankwise.kinds.KINDS` called ``kind``."""
         cells = cell_names(module.num_layers, module.bidirectional)
         device = module.weight_ih_l0.device
         width = module.hidden_size * (2 if module.bidirectional else 1)
@@ -110,6 +115,14 @@ class RecurrentStatistics:
                              f"and direction), got {cell!r}.")
         return cell
 
+    def spectra_keys(self) -> list[tuple[str, str]]:
+        """``(side, cell)`` of every spectrum this layer has: both sides of every cell."""
+        return [(side, cell) for cell in self.cells for side in SIDES]
+
+    def resolve_request(self, name: str, side: str, cell: str | None) -> str:
+        """The cell :meth:`spectrum` reads for ``cell`` (see :meth:`resolve_cell`)."""
+        return self.resolve_cell(cell)
+
     def cell_input_size(self, cell: str) -> int:
         """``D_l``: width of the input sequence of the cell's stacked layer."""
         return cell_input_sizes(self)[self._index(cell)]
@@ -130,9 +143,8 @@ class RecurrentStatistics:
         moments = self.moments(side, cell)
         covariance = moments.covariance if self.bias else moments.second_moment
         mean = moments.mean if self.bias else torch.zeros_like(moments.sum)
-        width = max(self.cell_input_size(cell), self.hidden_size)
-        count = float(moments.count)
-        alpha = width / (count + width) if regularization == "auto" else float(regularization)
+        alpha = shrinkage(regularization, float(moments.count), max(self.cell_input_size(cell),
+                                                                     self.hidden_size))
         power = covariance.trace() / len(covariance)
         identity = torch.eye(len(covariance), dtype=covariance.dtype, device=covariance.device)
         return Spectrum.shrunk(covariance, mean, alpha, power * identity)
@@ -143,6 +155,22 @@ class RecurrentStatistics:
         return RecurrentStatistics(**{**vars(self), "input": self.input + other.input,
                                       "outputs": [a + b for a, b in zip(self.outputs, other.outputs)]})
 
+    def hook(self, name: str, layer: nn.Module):
+        """A forward hook (``with_kwargs=True``) adding one call of ``layer`` to these moments."""
+
+        def hook(module, args, kwargs, output):
+            call = normalise(self.kind, module, args[0] if args else kwargs["input"],
+                             args[1] if len(args) > 1 else kwargs.get("hx"))
+            sequence = call.input
+            _record(self.input, sequence, name, "input")
+            for stacked in range(self.num_layers - 1):
+                sequence = run_layer(self.kind, module, call, sequence, stacked)
+                _record(self.outputs[stacked], sequence, name, f"output of stacked layer {stacked}")
+            last = output[0].data if isinstance(output[0], PackedSequence) else output[0]
+            _record(self.outputs[-1], last, name, "output")
+
+        return hook
+
     @property
     def _directions(self) -> int:
         return 2 if self.bidirectional else 1
@@ -151,25 +179,5 @@ class RecurrentStatistics:
         return self.cells.index(self.resolve_cell(cell))
 
 
-def recurrent_hook(name: str, stats: RecurrentStatistics):
-    """A forward hook (``with_kwargs=True``) that adds one call of the module to ``stats``."""
-
-    def record(moments: Moments, sequence: torch.Tensor, what: str) -> None:
-        try:
-            moments.update(sequence.detach().reshape(-1, sequence.shape[-1]))
-        except NonFiniteActivationError:
-            raise NonFiniteActivationError(f"layer {name!r} has NaN or Inf in its {what}; check the "
-                                           "data and the model's weights.") from None
-
-    def hook(module, args, kwargs, output):
-        call = normalise(stats.kind, module, args[0] if args else kwargs["input"],
-                         args[1] if len(args) > 1 else kwargs.get("hx"))
-        sequence = call.input
-        record(stats.input, sequence, "input")
-        for layer in range(stats.num_layers - 1):
-            sequence = run_layer(stats.kind, module, call, sequence, layer)
-            record(stats.outputs[layer], sequence, f"output of stacked layer {layer}")
-        last = output[0].data if isinstance(output[0], PackedSequence) else output[0]
-        record(stats.outputs[-1], last, "output")
-
-    return hook
+def _record(moments: Moments, sequence: torch.Tensor, name: str, what: str) -> None:
+    moments.update_of(sequence.detach().reshape(-1, sequence.shape[-1]), name, what)
