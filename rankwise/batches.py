@@ -92,7 +92,7 @@ def run_batches(model: nn.Module, data, handles: list, forward_fn=None, max_batc
     """
     forward_fn = forward_fn or default_forward
     batches = as_batches(data)
-    total = _length(batches)
+    total = batch_count(batches)
     if max_batches is not None:
         total = max_batches if total is None else min(total, max_batches)
     device = model_device(model)
@@ -103,7 +103,7 @@ def run_batches(model: nn.Module, data, handles: list, forward_fn=None, max_batc
         with torch.no_grad():
             for count, batch in enumerate(tqdm(batches, total=total, desc=progress,
                                                disable=progress is None), start=1):
-                _run_batch(model, move_to(batch, device), forward_fn, count - 1)
+                run_batch(model, move_to(batch, device), forward_fn, count - 1)
                 if max_batches is not None and count >= max_batches:
                     break
     finally:
@@ -115,9 +115,10 @@ def run_batches(model: nn.Module, data, handles: list, forward_fn=None, max_batc
     return count
 
 
-def _run_batch(model, batch, forward_fn, index: int) -> None:
+def run_batch(model, batch, forward_fn, index: int):
+    """``forward_fn(model, batch)``, its failures as errors naming ``data`` and the batch index."""
     try:
-        forward_fn(model, batch)
+        return forward_fn(model, batch)
     except NonFiniteActivationError as error:
         raise NonFiniteActivationError(f"data: batch {index}: {error}") from None
     except Exception as error:
@@ -126,7 +127,7 @@ def _run_batch(model, batch, forward_fn, index: int) -> None:
                          "model accepts, or pass forward_fn.") from error
 
 
-def _length(data) -> int | None:
+def batch_count(data) -> int | None:
     try:
         return len(data)
     except TypeError:

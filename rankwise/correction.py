@@ -31,12 +31,20 @@ networks up to that layer.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from rankwise.batches import as_batches, default_forward, model_device, move_to
+from rankwise.layers.build import project_layer
+from rankwise.pca import NeuronPCA, ThinDataWarning
+from rankwise.ranks import layer_options
+
+RIDGE = 1e-3
+"""Default ridge of the refit, relative to the mean eigenvalue of ``E[z z^T]``."""
 
 
 @dataclass
@@ -172,3 +180,60 @@ def execution_order(model: nn.Module, names, batch, forward_fn=None) -> list[str
             handle.remove()
         model.train(was_training)
     return order + [name for name in names if name not in order]
+
+
+def build_sequentially(model: nn.Module, layers: dict, options: dict, choices: dict, data, *,
+                       forward_fn=None, ridge: float = RIDGE, unpack: bool = False,
+                       inplace: bool = False, progress: str | None = None) -> nn.Module:
+    """The projected network of ``choices``, each layer corrected before it is projected.
+
+    In the order the forward calls them, each layer to project is replaced by its
+    :func:`corrected_layer` (fitted on the compressed network built so far), analysed again on
+    the compressed network's inputs (one :class:`~rankwise.NeuronPCA` pass for that layer,
+    whitened in the layer's metric as its ``options`` were), and projected at its chosen side
+    and ranks. Layers :func:`correctable` does not cover are projected as they are.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The original network; with ``inplace=False`` it is not modified.
+    layers : dict of str to torch.nn.Module
+        Its dense layers decided on.
+    options : dict of str to LayerOptions
+        Their options on the original statistics (their metrics are reused).
+    choices : dict of str to RankChoice
+        The decisions.
+    data : iterable
+        Calibration batches.
+    forward_fn : callable, optional
+    ridge : float
+        The ridge of :func:`corrected_layer`, relative to the mean eigenvalue of ``E[z z^T]``.
+    unpack, inplace : bool
+        As for :func:`~rankwise.compress_network_using_projection`.
+    progress : str, optional
+        Label of a progress bar over the layers.
+
+    Returns
+    -------
+    torch.nn.Module
+    """
+    reference = copy.deepcopy(model) if inplace else model
+    compressed = model if inplace else copy.deepcopy(model)
+    projected = [name for name, choice in choices.items() if choice.side != "dense"]
+    first = next(iter(as_batches(data)))
+    for name in tqdm(execution_order(reference, projected, first, forward_fn), desc=progress,
+                     disable=progress is None):
+        layer, metric = layers[name], options[name].metric
+        if not correctable(layer):
+            compressed.set_submodule(name, project_layer(layer, options[name], choices[name], unpack))
+            continue
+        corrected = corrected_layer(layer, paired_moments(reference, compressed, name, data, forward_fn), ridge)
+        compressed.set_submodule(name, corrected)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ThinDataWarning)  # said once, by the first NeuronPCA
+            npca = NeuronPCA(compressed, data, layer_names=[name], verbosity="off", forward_fn=forward_fn)
+        analysed = npca.whitened({name: metric}, {name: corrected}) if metric is not None else npca
+        refitted = layer_options(analysed, name)
+        refitted.metric = metric
+        compressed.set_submodule(name, project_layer(corrected, refitted, choices[name], unpack))
+    return compressed

@@ -30,7 +30,7 @@ from rankwise.learnables import count_learnables
 from rankwise.checks import check_goals, check_verbosity
 from rankwise.pca import NeuronPCA
 from rankwise.projection import Decisions, build_projected
-from rankwise.ranks import RankChoice, choose_ranks, layer_options
+from rankwise.ranks import RankChoice, choose_ranks, measured_options
 from rankwise.tables import format_ranks, format_table
 from rankwise.targets import select_layers
 from rankwise.train import FineTuneHistory, fine_tune
@@ -200,7 +200,7 @@ def compress_incrementally(model: nn.Module, data, *, train_data, eval_fn,
         npca = NeuronPCA(network, data, layer_names=names[position:], verbosity="off",
                          forward_fn=forward_fn)
         candidates = names[position:] if goal_name == "learnables_reduction_goal" else [name]
-        options = {n: layer_options(npca, n) for n in candidates}
+        options = measured_options(network, npca, {n: network.get_submodule(n) for n in candidates})
         choice = _choice(options, name, goal_name, goal, network, needed, history.original_learnables)
         if choice.side == "dense":
             continue

@@ -71,6 +71,10 @@ class Moments:
             raise NonFiniteActivationError(f"layer {layer!r} has NaN or Inf in its {what}; check "
                                            "the data and the model's weights.") from None
 
+    def tensors(self) -> list[torch.Tensor]:
+        """``count``, ``sum``, ``square_sum`` and ``outer`` (when tracked): the sums over rows."""
+        return [t for t in (self.count, self.sum, self.square_sum, self.outer) if t is not None]
+
     def __add__(self, other: "Moments") -> "Moments":
         outer = None if self.outer is None else self.outer + other.outer
         return Moments(self.count + other.count, self.sum + other.sum,

@@ -7,8 +7,12 @@ and caches the regularised spectra on first use. Statistics of shards of the dat
 (:meth:`NeuronPCA.merge`) and are written as plain tensors (:meth:`NeuronPCA.save`).
 
 Calibration costs one forward pass over the data plus ``O(n d^2)`` per layer for the moments;
-the eigendecompositions (``O(d^3)`` per side) and the rank decisions behind
-:attr:`NeuronPCA.learnables_reduction_range` run only when something asks for them.
+with ``loss_fn`` the same pass also runs one backward pass per batch for the gradient statistics
+of the loss criterion (:mod:`rankwise.statistics.gradients`). The eigendecompositions
+(``O(d^3)`` per side) and the rank decisions behind :attr:`NeuronPCA.learnables_reduction_range`
+run only when something asks for them. Under an initialised ``torch.distributed`` process group,
+each rank calibrates on its shard and the moments are summed over the group
+(:mod:`rankwise.distributed`), so every rank ends with the statistics of the whole data.
 """
 
 from __future__ import annotations
@@ -22,13 +26,17 @@ from tqdm.auto import tqdm
 
 from rankwise.batches import run_batches
 from rankwise.checks import check_max_batches, check_regularization, check_verbosity
+from rankwise.distributed import all_reduce_count, all_reduce_tensors
+from rankwise.kinds import kind_of
 from rankwise.learnables import count_learnables
-from rankwise.moments import NonFiniteActivationError, Spectrum
-from rankwise.statistics import Statistics, from_plain, statistics_for, to_plain
+from rankwise.metric import OutputMetric, whitened_statistics
+from rankwise.moments import Moments, NonFiniteActivationError, Spectrum
+from rankwise.statistics import Statistics, from_plain, moment_tensors, statistics_for, to_plain
+from rankwise.statistics.gradients import check_loss_fn, gradient_moments
 from rankwise.targets import select_layers
 
 SIDES = ("input", "output")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: gradient statistics of the loss criterion
 """Version of the :meth:`NeuronPCA.save` file layout; files of every version up to it load."""
 READABLE_VERSIONS = tuple(range(1, FORMAT_VERSION + 1))
 PROGRESS_DELAY_SECONDS = 1.0
@@ -81,6 +89,17 @@ class NeuronPCA:
         ``alpha = d / (n + d)`` per layer (``n`` observations, ``d`` its largest analysed width).
     exclude : str or list of str, optional
         Names or patterns of layers not to analyse.
+    loss_fn : {"kl", "mse"} or callable, optional
+        Also gather, in the same pass with one backward pass per batch, the Fisher information
+        of every dense layer's output that ``criterion="loss"`` needs
+        (:mod:`rankwise.statistics.gradients`): ``"kl"`` for classifiers (targets sampled from
+        the network's own softmax), ``"mse"`` for embeddings and regression outputs, or a
+        callable ``loss_fn(outputs, batch) -> scalar`` (e.g. a loss against the batch's labels).
+        ``None`` (the default): no gradients, no backward pass.
+    process_group : torch.distributed.ProcessGroup, optional
+        Under an initialised ``torch.distributed``, the group whose ranks' moments are summed
+        (the default group when ``None``); every rank then holds the same statistics. Give each
+        rank its own shard of the data (e.g. with a ``DistributedSampler``).
 
     Attributes
     ----------
@@ -92,28 +111,98 @@ class NeuronPCA:
 
     def __init__(self, model: nn.Module, data, layer_names=None, verbosity: str = "summary",
                  forward_fn=None, max_batches: int | None = None, regularization="auto",
-                 exclude=None):
+                 exclude=None, loss_fn=None, process_group=None):
         check_verbosity(verbosity)
         check_regularization(regularization)
         check_max_batches(max_batches)
+        if loss_fn is not None:
+            check_loss_fn(loss_fn)
         layers = select_layers(model, layer_names, exclude)
         self._init_state({name: statistics_for(m) for name, m in layers.items()},
                          count_learnables(model), regularization)
         start = time.perf_counter()
-        self.num_batches = _calibrate(model, data, layers, self._stats, forward_fn, max_batches,
-                                      show_progress=verbosity != "off")
+        self._calibrate(model, data, layers, forward_fn, max_batches, verbosity != "off", loss_fn)
+        self._sum_over(process_group)
         seconds = time.perf_counter() - start
         self._check_observations()
         if verbosity != "off":
             print(f"NeuronPCA: {len(self.layer_names)} layers, {self.num_batches} batches, "
                   f"{seconds:.1f} s calibration{self._range_note(verbosity)}")
 
-    def _init_state(self, stats: dict, network_learnables: int, regularization, num_batches=0):
+    def _init_state(self, stats: dict, network_learnables: int, regularization, num_batches=0,
+                    gradients=None, gradient_samples=0):
         self._stats = stats
         self.network_learnables = network_learnables
         self._regularization = regularization
         self.num_batches = num_batches
+        self._gradients = gradients or {}
+        self._gradient_samples = gradient_samples
         self._spectra = {}
+
+    def _calibrate(self, model, data, layers, forward_fn, max_batches, show_progress, loss_fn) -> None:
+        """One pass over ``data``: the activation hooks, and with ``loss_fn`` the gradients."""
+        handles = [layer.register_forward_hook(self._stats[name].hook(name, layer), with_kwargs=True)
+                   for name, layer in layers.items()]
+        progress = "NeuronPCA" if show_progress else None
+        if loss_fn is None:
+            self.num_batches = run_batches(
+                model, data, handles, forward_fn, max_batches, progress=progress,
+                empty_message="data: the iterable yielded no batch. Pass a DataLoader or a list of "
+                              "tensors holding representative inputs.")
+            return
+        dense = {name: layer for name, layer in layers.items() if kind_of(layer).family == "dense"}
+        self._gradients, self._gradient_samples, self.num_batches = gradient_moments(
+            model, data, dense, loss_fn, forward_fn, max_batches, progress, handles=handles)
+
+    def _sum_over(self, process_group) -> None:
+        """Sum the moments over ``process_group`` (nothing outside an initialised group)."""
+        tensors = [t for stats in self._stats.values() for t in moment_tensors(stats)]
+        tensors += [t for moments in self._gradients.values() for t in moments.tensors()]
+        all_reduce_tensors(tensors, process_group)
+        self.num_batches = all_reduce_count(self.num_batches, process_group)
+        self._gradient_samples = all_reduce_count(self._gradient_samples, process_group)
+
+    @property
+    def has_gradients(self) -> bool:
+        """Whether the gradient statistics of ``criterion="loss"`` were gathered (``loss_fn``)."""
+        return bool(self._gradients)
+
+    def fisher(self, name: str) -> torch.Tensor:
+        """``G = sum_t g_t g_t^T / samples``: the Fisher information of layer ``name``'s output
+        rows per sample (float64, ``out x out``), from the gradients gathered with ``loss_fn``."""
+        if name not in self._gradients:
+            raise ValueError(f"criterion: layer {name!r} has no gradient statistics; compute the "
+                             "NeuronPCA with loss_fn='kl' (classifiers), 'mse' (embeddings) or a "
+                             "callable loss to use criterion='loss' (only Linear and convolution "
+                             "layers have them).")
+        return self._gradients[name].outer / max(self._gradient_samples, 1)
+
+    @property
+    def gradient_samples(self) -> int:
+        """Samples the gradient statistics were gathered on (0 without ``loss_fn``)."""
+        return self._gradient_samples
+
+    def whitened(self, metrics: dict[str, OutputMetric], layers: dict) -> "NeuronPCA":
+        """These statistics as the whitened layers ``R W`` would have gathered them.
+
+        Parameters
+        ----------
+        metrics : dict of str to OutputMetric
+            The output metric of some analysed layers (:mod:`rankwise.metric`).
+        layers : dict of str to torch.nn.Module
+            The dense layers, by name.
+
+        Returns
+        -------
+        NeuronPCA
+            A new NeuronPCA sharing everything but the whitened layers' statistics.
+        """
+        stats = {name: whitened_statistics(s, layers[name], metrics[name]) if name in metrics else s
+                 for name, s in self._stats.items()}
+        result = NeuronPCA.__new__(NeuronPCA)
+        result._init_state(stats, self.network_learnables, self._regularization, self.num_batches,
+                           self._gradients, self._gradient_samples)
+        return result
 
     @property
     def layer_names(self) -> list[str]:
@@ -189,17 +278,24 @@ class NeuronPCA:
             if type(mine) is not type(theirs) or mine.shape != theirs.shape:
                 raise ValueError(f"merge: layer {name!r} has different shapes in the two NeuronPCA.")
             merged[name] = mine + theirs
+        if set(self._gradients) != set(other._gradients):
+            raise ValueError("merge: only one of the two NeuronPCA has gradient statistics (loss_fn); "
+                             "compute both with the same loss_fn.")
+        gradients = {name: moments + other._gradients[name] for name, moments in self._gradients.items()}
         result = NeuronPCA.__new__(NeuronPCA)
         result._init_state(merged, self.network_learnables, self._regularization,
-                           self.num_batches + other.num_batches)
+                           self.num_batches + other.num_batches, gradients,
+                           self._gradient_samples + other._gradient_samples)
         return result
 
     def save(self, path) -> None:
         """Write the statistics to ``path`` (plain tensors; load with :meth:`load`)."""
         layers = {name: to_plain(stats) for name, stats in self._stats.items()}
+        gradients = {name: vars(m) for name, m in self._gradients.items()}
         torch.save({"format_version": FORMAT_VERSION, "layers": layers,
                     "network_learnables": self.network_learnables,
-                    "regularization": self._regularization, "num_batches": self.num_batches}, path)
+                    "regularization": self._regularization, "num_batches": self.num_batches,
+                    "gradients": gradients, "gradient_samples": self._gradient_samples}, path)
 
     @classmethod
     def load(cls, path) -> "NeuronPCA":
@@ -211,8 +307,9 @@ class NeuronPCA:
                              f"{', '.join(map(str, READABLE_VERSIONS))} (found {version!r}).")
         stats = {name: from_plain(plain) for name, plain in state["layers"].items()}
         npca = cls.__new__(cls)
+        gradients = {name: Moments(**m) for name, m in state.get("gradients", {}).items()}
         npca._init_state(stats, state["network_learnables"], state["regularization"],
-                         state["num_batches"])
+                         state["num_batches"], gradients, state.get("gradient_samples", 0))
         return npca
 
     def __repr__(self) -> str:
@@ -230,13 +327,3 @@ class NeuronPCA:
                               "covariance is rank-deficient and is regularised toward the spectrum "
                               "of its weights. More calibration data gives better projections.",
                               ThinDataWarning, stacklevel=3)
-
-
-def _calibrate(model, data, layers, stats, forward_fn, max_batches, show_progress) -> int:
-    """Run the batches through ``model`` with hooks filling ``stats``; return the batch count."""
-    handles = [layer.register_forward_hook(stats[name].hook(name, layer), with_kwargs=True)
-               for name, layer in layers.items()]
-    return run_batches(model, data, handles, forward_fn, max_batches,
-                       progress="NeuronPCA" if show_progress else None,
-                       empty_message="data: the iterable yielded no batch. Pass a DataLoader or a "
-                                     "list of tensors holding representative inputs.")

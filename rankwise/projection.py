@@ -24,7 +24,8 @@ from rankwise.layers import ProjectedLayer
 from rankwise.layers.build import project_layer
 from rankwise.learnables import count_learnables
 from rankwise.pca import NeuronPCA
-from rankwise.ranks import choose_ranks, layer_options
+from rankwise.correction import build_sequentially
+from rankwise.ranks import choose_ranks, criterion_named, measured_options
 from rankwise.tables import format_ranks
 from rankwise.targets import select_layers
 
@@ -56,7 +57,9 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
                                       learnables_reduction_goal: float | None = None,
                                       layer_names=None, unpack: bool = False,
                                       verbosity: str = "summary", inplace: bool = False,
-                                      forward_fn=None, latency_input=None, exclude=None):
+                                      forward_fn=None, latency_input=None, exclude=None,
+                                      criterion: str = "variance", loss_fn=None,
+                                      correction: str | None = None, correction_data=None):
     """Replace layers by projected layers acting in their high-variance subspaces.
 
     PyTorch counterpart of MATLAB's ``compressNetworkUsingProjection``. For each analysed
@@ -68,6 +71,22 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
     ``nn.GRU`` becomes a :class:`~rankwise.layers.ProjectedLSTM` /
     :class:`~rankwise.layers.ProjectedGRU`, projected on the input and the hidden state of
     each stacked layer and direction (:mod:`rankwise.layers.recurrent`).
+
+    **Where errors are measured** (``criterion``, :mod:`rankwise.ranks.criterion`). With
+    ``"variance"`` each option is judged by the fraction of the layer's output variance it loses,
+    measured after the eval-mode BatchNorm that follows the layer, if one does (the BatchNorm's
+    ``gamma / sigma`` weights the output channels: the low-variance channels it amplifies are
+    not dropped as negligible). With ``"loss"`` each option is judged by its estimated increase
+    of the network's loss, ``1/2 E[d^T G d]`` with ``G`` the Fisher information of the layer's
+    output (``NeuronPCA(..., loss_fn=...)``), in one unit across layers, and the projection is
+    the one minimising that error (the truncated SVD of ``G^(1/2) W C_x^(1/2)``).
+
+    **Sequential correction** (``correction="sequential"``). Layers are built in the order the
+    forward calls them, each first refitted by least squares to the original layer's output
+    given the inputs the compressed network now feeds it, then projected at its chosen ranks
+    (:mod:`rankwise.correction`), so that errors do not compound over depth. It needs the
+    calibration data (``npca_or_data`` given as data, or ``correction_data``) and costs, per
+    projected layer, a pass of both networks up to that layer and one calibration pass.
 
     **Latency-aware projection.** Fewer learnables do not always make a layer faster (a
     factored layer runs two or three smaller kernels instead of one). With ``latency_input``,
@@ -116,6 +135,18 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
         Modify ``model`` itself instead of a copy.
     forward_fn : callable, optional
         ``forward_fn(model, batch)``, used when data is given (see :class:`NeuronPCA`).
+    criterion : {"variance", "loss"}
+        How each option's error is estimated (see above). ``"loss"`` needs a NeuronPCA computed
+        with ``loss_fn`` (or ``loss_fn`` here, when data is given).
+    loss_fn : {"kl", "mse"} or callable, optional
+        With data and ``criterion="loss"``: the loss whose gradients the NeuronPCA gathers
+        (see :class:`NeuronPCA`).
+    correction : {None, "sequential"}
+        ``"sequential"``: refit each layer to the original's output given the compressed
+        network's input before projecting it (see above).
+    correction_data : iterable, optional
+        The calibration batches of the sequential correction when ``npca_or_data`` is a
+        NeuronPCA (the NeuronPCA keeps statistics, not data).
     latency_input : torch.Tensor, tuple, list or dict, optional
         An example batch at the batch size and on the device the compressed model will be
         deployed to (e.g. 32 MNIST images), on the model's device: keep only the projected
@@ -138,12 +169,15 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
     """
     check_verbosity(verbosity)
     goal_name, goal = check_goals(explained_variance_goal, learnables_reduction_goal)
+    criterion_named(criterion)
+    correction_data = _correction_data(correction, correction_data, npca_or_data)
     layers = select_layers(model, layer_names, exclude=exclude)
     calls = None if latency_input is None else record_layer_calls(model, layers, latency_input)
     npca = npca_or_data if isinstance(npca_or_data, NeuronPCA) else NeuronPCA(
-        model, npca_or_data, layer_names=list(layers), verbosity=verbosity, forward_fn=forward_fn)
+        model, npca_or_data, layer_names=list(layers), verbosity=verbosity, forward_fn=forward_fn,
+        loss_fn=loss_fn)
     check_statistics(npca, layers)
-    options = {name: layer_options(npca, name) for name in layers}
+    options = measured_options(model, npca, layers, criterion)
     learnables_before = count_learnables(model)
     timings, kept_dense = {}, []
     if calls is None:
@@ -154,13 +188,31 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
     decisions = Decisions(f"{goal_name}={goal:g}", choices, goal_reached, timings, kept_dense,
                           None if calls is None else str(latency.device_of(model, latency_input)),
                           excluded_layers(model, layer_names, layers))
-    compressed, info = build_projected(model, layers, options, decisions, unpack=unpack, inplace=inplace)
+    compressed, info = build_projected(model, layers, options, decisions, unpack=unpack, inplace=inplace,
+                                       correction_data=correction_data, forward_fn=forward_fn,
+                                       verbosity=verbosity)
     _report(info, verbosity)
     return compressed, info
 
 
+def _correction_data(correction, correction_data, npca_or_data):
+    """The batches of the sequential correction (``None`` without one), or a ValueError."""
+    if correction not in (None, "sequential"):
+        raise ValueError(f"correction: expected None or 'sequential', got {correction!r}.")
+    if correction is None:
+        if correction_data is not None:
+            raise ValueError("correction_data: it is only used with correction='sequential'.")
+        return None
+    if correction_data is None and isinstance(npca_or_data, NeuronPCA):
+        raise ValueError("correction_data: correction='sequential' refits each layer on calibration "
+                         "data, which a NeuronPCA does not keep; pass the batches as correction_data "
+                         "(or pass data instead of the NeuronPCA).")
+    return npca_or_data if correction_data is None else correction_data
+
+
 def build_projected(model: nn.Module, layers: dict, options: dict, decisions: Decisions, *,
-                    unpack: bool = False, inplace: bool = False, build: bool = True):
+                    unpack: bool = False, inplace: bool = False, build: bool = True,
+                    correction_data=None, forward_fn=None, verbosity: str = "off"):
     """Turn explicit decisions into projected modules and the :class:`ProjectionInfo`.
 
     Each layer ``l`` of ``layers`` whose choice projects it is replaced by
@@ -186,6 +238,13 @@ def build_projected(model: nn.Module, layers: dict, options: dict, decisions: De
         Modify ``model`` itself instead of a copy.
     build : bool
         ``False``: build no module and return ``None`` as the model.
+    correction_data : iterable, optional
+        Build with the sequential correction on these batches
+        (:func:`rankwise.correction.build_sequentially`).
+    forward_fn : callable, optional
+        Runs a batch of ``correction_data``.
+    verbosity : str
+        Anything but ``"off"`` shows the sequential correction's progress bar.
 
     Returns
     -------
@@ -197,7 +256,12 @@ def build_projected(model: nn.Module, layers: dict, options: dict, decisions: De
     projections = {name: describe_choice(name, layer, decisions.choices[name], decisions.timings.get(name))
                    for name, layer in layers.items()}
     compressed = None
-    if build:
+    if build and correction_data is not None:
+        compressed = build_sequentially(model, layers, options, decisions.choices, correction_data,
+                                        forward_fn=forward_fn, unpack=unpack, inplace=inplace,
+                                        progress=None if verbosity == "off" else "sequential correction")
+        learnables_after = count_learnables(compressed)
+    elif build:
         replacements = {name: project_layer(layers[name], options[name], choice, unpack)
                         for name, choice in decisions.choices.items() if choice.side != "dense"}
         compressed = model if inplace else copy.deepcopy(model)

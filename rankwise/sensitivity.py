@@ -18,7 +18,7 @@ from rankwise.checks import check_verbosity
 from rankwise.learnables import count_learnables
 from rankwise.pca import NeuronPCA
 from rankwise.projection import Decisions, build_projected, check_statistics
-from rankwise.ranks import choose_ranks, layer_options
+from rankwise.ranks import choose_ranks, measured_options
 from rankwise.tables import format_table
 from rankwise.targets import select_layers
 
@@ -104,7 +104,7 @@ def probe_sensitivity(model: nn.Module, npca_or_data, eval_fn, *,
         model, npca_or_data, layer_names=layer_names, verbosity="off", forward_fn=forward_fn)
     layers = select_layers(model, npca.layer_names if layer_names is None else layer_names)
     check_statistics(npca, layers)
-    options = {name: layer_options(npca, name) for name in layers}
+    options = measured_options(model, npca, layers)
     network_learnables = count_learnables(model)
     result = Sensitivity(float(eval_fn(model)))
     probes = [(name, goal) for name in layers for goal in goals]

@@ -7,6 +7,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
+
+import rankwise as rw
 
 from rankwise import distributed
 
@@ -17,7 +20,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _sum_in_buckets(rank, world, port, results):
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 5))
+
+
+def _data():
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randn(4, 2, 6, 6, generator=generator) for _ in range(4)]
+
+
+def _on_two_ranks(rank, world, port, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -25,21 +38,36 @@ def _sum_in_buckets(rank, world, port, results):
         tensors = [torch.full((2, 2), float(rank + 1), dtype=torch.float64),
                    torch.arange(3, dtype=torch.float64) * (rank + 1), torch.tensor(1.0 + rank, dtype=torch.float64)]
         distributed.all_reduce_tensors(tensors)
-        results[rank] = ([t.clone() for t in tensors], distributed.all_reduce_count(10 + rank))
+        distributed.BUCKET_ELEMENTS = 1 << 25
+        shard = _data()[rank::world]  # what a DistributedSampler would give this rank
+        npca = rw.NeuronPCA(_model(), shard, verbosity="off", loss_fn="kl")
+        net, info = rw.compress_network_using_projection(_model(), npca, learnables_reduction_goal=0.4,
+                                                         verbosity="off")
+        results[rank] = ([t.clone() for t in tensors], distributed.all_reduce_count(10 + rank),
+                         {name: (npca.statistics(name).output.outer, npca.statistics(name).input.sum)
+                          for name in npca.layer_names}, npca.fisher("3"), npca.num_batches,
+                         net.state_dict())
     finally:
         dist.destroy_process_group()
 
 
-def test_tensors_are_summed_over_the_group_in_buckets():
+def test_statistics_are_summed_over_the_group_and_every_rank_builds_the_same_model():
     manager = mp.Manager()
     results = manager.dict()
-    mp.spawn(_sum_in_buckets, args=(2, _free_port(), results), nprocs=2, join=True)
+    mp.spawn(_on_two_ranks, args=(2, _free_port(), results), nprocs=2, join=True)
+    whole = rw.NeuronPCA(_model(), _data(), verbosity="off", loss_fn="kl")
     for rank in range(2):
-        tensors, count = results[rank]
+        tensors, count, stats, fisher, batches, _ = results[rank]
         torch.testing.assert_close(tensors[0], torch.full((2, 2), 3.0, dtype=torch.float64))
         torch.testing.assert_close(tensors[1], torch.arange(3, dtype=torch.float64) * 3)
         torch.testing.assert_close(tensors[2], torch.tensor(3.0, dtype=torch.float64))
-        assert count == 21
+        assert count == 21 and batches == 4
+        for name, (outer, total) in stats.items():  # the moments of all the data, on every rank
+            torch.testing.assert_close(outer, whole.statistics(name).output.outer, rtol=1e-12, atol=1e-10)
+            torch.testing.assert_close(total, whole.statistics(name).input.sum, rtol=1e-12, atol=1e-10)
+        assert fisher.shape == (5, 5)
+    first, second = results[0][5], results[1][5]
+    assert all(torch.equal(first[key], second[key]) for key in first)  # bit-identical models
 
 
 def test_outside_a_group_nothing_is_reduced_and_a_named_group_is_refused():

@@ -9,11 +9,14 @@ bases are per cell (stacked layer and direction) and the ranks tuples over its c
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import nn
 
 import rankwise.layers
 from rankwise.kinds import kind_of
 from rankwise.layers.base import ProjectedLayer
+from rankwise.metric import unwhiten_output, whitened_layer
 
 
 def project_layer(layer: nn.Module, options, choice, unpack: bool = False) -> nn.Module:
@@ -36,7 +39,11 @@ def project_layer(layer: nn.Module, options, choice, unpack: bool = False) -> nn
     """
     kind = kind_of(layer)
     wrapper: type[ProjectedLayer] = getattr(rankwise.layers, kind.wrapper)
-    if kind.family == "recurrent":
+    metric = getattr(options, "metric", None)
+    if metric is not None:  # the bases are those of the whitened layer R W: build it, then undo R
+        projected = unwhiten_output(project_layer(whitened_layer(layer, metric), _unmeasured(options), choice),
+                                    metric)
+    elif kind.family == "recurrent":
         projected = wrapper.from_dense(layer, input_basis=_cell_bases(choice.rank_in, options, options.input_basis),
                                        input_mean=options.input_mean,
                                        output_basis=_cell_bases(choice.rank_out, options, options.output_basis),
@@ -46,6 +53,11 @@ def project_layer(layer: nn.Module, options, choice, unpack: bool = False) -> nn
             layer, input_basis=_leading(options.input_basis, choice.rank_in), input_mean=options.input_mean,
             output_basis=_leading(options.output_basis, choice.rank_out), output_mean=options.output_mean)
     return projected.unpack() if unpack else projected
+
+
+def _unmeasured(options):
+    """``options`` without their metric (to build the whitened layer itself)."""
+    return dataclasses.replace(options, metric=None)
 
 
 def _leading(basis, rank):

@@ -3,18 +3,20 @@
 - :mod:`rankwise.ranks.frontier`: every layer's options, their learnables and estimated
   residuals, filtered to the frontier (one enumeration per family of :mod:`rankwise.kinds`);
 - :mod:`rankwise.ranks.criterion`: the estimated error of each option that the frontier and
-  the allocation compare (the variance criterion today; a new criterion is one function);
+  the allocation compare (variance or loss), measured in the metric where the layer's error
+  matters (after a following BatchNorm; the Fisher information of the loss);
 - :mod:`rankwise.ranks.allocation`: the goals (per-layer explained variance, global learnables
   reduction), the trade-off curve and the reduction range.
 """
 
 from rankwise.ranks.allocation import (Allocation, allocate_learnables_reduction, choose_by_explained_variance,
                                        choose_ranks, reduction_range, tradeoff_curve)
-from rankwise.ranks.criterion import CRITERIA, Candidates, criterion_named, variance_error
+from rankwise.ranks.criterion import (CRITERIA, Candidates, criterion_named, loss_error, output_metrics,
+                                      variance_error)
 from rankwise.ranks.frontier import (LOSSLESS, SIDE_NAMES, LayerOptions, RankChoice, RecurrentOptions,
-                                     layer_options)
+                                     layer_options, measured_options)
 
 __all__ = ["Allocation", "CRITERIA", "Candidates", "LOSSLESS", "LayerOptions", "RankChoice",
            "RecurrentOptions", "SIDE_NAMES", "allocate_learnables_reduction", "choose_by_explained_variance",
-           "choose_ranks", "criterion_named", "layer_options", "reduction_range", "tradeoff_curve",
-           "variance_error"]
+           "choose_ranks", "criterion_named", "layer_options", "loss_error", "measured_options",
+           "output_metrics", "reduction_range", "tradeoff_curve", "variance_error"]

@@ -18,8 +18,27 @@ error: the ``explained_variance_goal``, the infos and the trade-off curve speak 
 the criterion.
 
 Adding a criterion is one function ``criterion(npca, name, cell, candidates) -> error`` and one
-entry of :data:`CRITERIA`; e.g. a ``"loss"`` criterion giving each option's estimated increase
-of the network's loss (absolute, hence comparable across layers and additive across cells).
+entry of :data:`CRITERIA`, plus the metric it measures in (:func:`output_metrics`).
+
+**Where the error is measured** (:mod:`rankwise.metric`). Both criteria judge a layer in a
+metric ``M`` of its output, by analysing the statistics of the whitened layer ``R W``
+(``R = M^(1/2)``):
+
+- ``"variance"``: ``M = I``, except for a layer whose output feeds only an eval-mode
+  BatchNorm, where ``M = diag(gamma / sigma)^2``: the error is measured after the BatchNorm, in
+  the normalised space the rest of the network sees. The error of an option is the fraction
+  of the layer's (normalised) output variance it loses, a relative number per layer.
+- ``"loss"``: ``M = G``, the Fisher information of the layer's output per sample, gathered by
+  ``NeuronPCA(..., loss_fn=...)`` (:mod:`rankwise.statistics.gradients`) and shrunk toward
+  isotropy as ``(1 - a) G + a (tr G / d) I`` with ``a = d / (n + d)``, ``n`` the samples and
+  ``d`` the layer's width (a Fisher estimated from few samples is trusted only as far as its
+  scale). The error of an option is its estimated increase of the loss,
+
+      E[dL] ~ 1/2 E[d^T G d] = 1/2 res_M * tr(R C_y R),
+
+  the second-order Taylor term around the original network (the Fisher is the Hessian of the
+  KL divergence to the original's outputs), in the same absolute unit for every layer: the
+  allocation then removes learnables where the network's output is least sensitive.
 """
 
 from __future__ import annotations
@@ -28,6 +47,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+
+from rankwise.kinds import kind_of
+from rankwise.metric import OutputMetric, batchnorm_metrics
 
 
 @dataclass(frozen=True)
@@ -88,7 +110,54 @@ def variance_error(npca, name: str, cell: str | None, candidates: Candidates) ->
     return candidates.residual * candidates.variance_share
 
 
-CRITERIA: dict[str, Criterion] = {"variance": variance_error}
+def loss_error(npca, name: str, cell: str | None, candidates: Candidates) -> np.ndarray:
+    """The loss criterion: the estimated increase of the network's loss, ``res_M tr(R C_y R) / 2``.
+
+    ``npca`` holds the statistics whitened in the layer's Fisher metric (see the module
+    docstring), so ``res`` is the fraction of ``E |R (y - mu_y)|^2 = tr(G C_y)`` an option loses.
+
+    Raises
+    ------
+    ValueError
+        For a recurrent layer (no gradient statistics are gathered for its gates).
+    """
+    if cell is not None:
+        raise ValueError(f"criterion: 'loss' judges Linear and convolution layers only; layer "
+                         f"{name!r} is an LSTM/GRU. Leave it out with exclude=, or use "
+                         "criterion='variance'.")
+    total = float(npca.spectrum(name, "output").eigenvalues.sum())
+    return candidates.residual * total / 2
+
+
+CRITERIA: dict[str, Criterion] = {"variance": variance_error, "loss": loss_error}
+
+
+def output_metrics(model, npca, layers: dict, criterion: str) -> dict:
+    """The :class:`~rankwise.metric.OutputMetric` of each layer that ``criterion`` measures in a
+    metric other than the identity (see the module docstring), by name.
+
+    Raises
+    ------
+    ValueError
+        For ``criterion="loss"`` with a ``npca`` gathered without ``loss_fn``.
+    """
+    if criterion == "variance":
+        dense = {name: layer for name, layer in layers.items() if kind_of(layer).family == "dense"}
+        return batchnorm_metrics(model, dense)
+    recurrent = [name for name, layer in layers.items() if kind_of(layer).family == "recurrent"]
+    if recurrent:
+        raise ValueError(f"criterion: 'loss' judges Linear and convolution layers only; "
+                         f"{', '.join(map(repr, recurrent))} are LSTM/GRU layers. Leave them out "
+                         "with exclude=, or use criterion='variance'.")
+    if not npca.has_gradients:
+        raise ValueError("criterion: 'loss' needs the gradient statistics of the network's loss; "
+                         "compute the NeuronPCA with loss_fn='kl' (classifiers), 'mse' (embeddings) "
+                         "or a callable loss, or use criterion='variance'.")
+    metrics = {}
+    for name in layers:
+        fisher = npca.fisher(name)
+        metrics[name] = OutputMetric.from_gram(fisher, len(fisher) / (npca.gradient_samples + len(fisher)))
+    return metrics
 
 
 def criterion_named(name: str) -> Criterion:

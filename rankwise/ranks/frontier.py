@@ -47,7 +47,7 @@ import torch
 
 from rankwise.kinds import kind_named
 from rankwise.learnables import dense_learnables, factored_learnables, recurrent_learnables
-from rankwise.ranks.criterion import Candidates, Criterion, criterion_named
+from rankwise.ranks.criterion import Candidates, Criterion, criterion_named, output_metrics
 from rankwise.rnn import GATES
 
 SIDE_NAMES = ("dense", "input", "output", "both")
@@ -92,6 +92,9 @@ class LayerOptions:
 
     ``residual`` holds each option's variance estimate and ``error`` the criterion's (the
     allocation minimises the sum of errors; the explained variance goal reads the residuals).
+    ``metric``, when set, is the :class:`~rankwise.metric.OutputMetric` the statistics were
+    whitened in: the bases then belong to the whitened layer ``R W`` (see :mod:`rankwise.metric`)
+    and the residuals are fractions of the output variance measured in that metric.
     ``input_basis`` holds the input eigenvectors ordered by output-space variance (``None``
     where the input side was not analysed), and ``output_basis`` the output eigenvectors by
     eigenvalue (for one cell of a recurrent layer: those of its hidden state, by gate
@@ -112,6 +115,7 @@ class LayerOptions:
     output_basis: torch.Tensor
     output_mean: torch.Tensor
     side_residuals: dict[str, np.ndarray] = field(default_factory=dict)
+    metric: object = None  # the OutputMetric the bases are expressed in (rankwise.metric), or None
 
     @property
     def dense_learnables(self) -> int:
@@ -160,6 +164,36 @@ class RecurrentOptions(LayerOptions):
             rank_in, rank_out = rank_in[0], rank_out[0]
         return RankChoice(side, rank_in, rank_out, int(self.learnables[index]),
                           float(self.residual[index]), float(self.error[index]))
+
+
+def measured_options(model, npca, layers: dict, criterion: str = "variance") -> dict[str, LayerOptions]:
+    """Every layer's options, judged by ``criterion`` in the metric it measures errors in.
+
+    The statistics of each layer with a metric (:func:`rankwise.ranks.criterion.output_metrics`:
+    a following BatchNorm, or the Fisher information) are whitened (:meth:`NeuronPCA.whitened`)
+    before the options are enumerated, and the options carry the metric, so that the builder
+    (:func:`rankwise.layers.build.project_layer`) projects in the same space.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The network holding ``layers`` (its graph tells which layers feed a BatchNorm).
+    npca : NeuronPCA
+    layers : dict of str to torch.nn.Module
+    criterion : {"variance", "loss"}
+
+    Returns
+    -------
+    dict of str to LayerOptions
+    """
+    criterion_named(criterion)
+    metrics = output_metrics(model, npca, layers, criterion)
+    analysed = npca.whitened(metrics, layers) if metrics else npca
+    options = {}
+    for name in layers:
+        options[name] = layer_options(analysed, name, criterion)
+        options[name].metric = metrics.get(name)
+    return options
 
 
 def layer_options(npca, name: str, criterion: str = "variance") -> LayerOptions:

@@ -26,7 +26,7 @@ from rankwise.learnables import count_learnables
 from rankwise.checks import check_fraction, check_verbosity
 from rankwise.pca import NeuronPCA
 from rankwise.projection import Decisions, ProjectionInfo, build_projected, check_statistics, excluded_layers
-from rankwise.ranks import LayerOptions, choose_ranks, layer_options, tradeoff_curve
+from rankwise.ranks import LayerOptions, choose_ranks, measured_options, tradeoff_curve
 from rankwise.report.html import write_html
 from rankwise.report.serialize import report_to_dict, write_json
 from rankwise.report.table import report_table
@@ -165,7 +165,8 @@ class AnalysisReport:
 def analyze(model: nn.Module, npca_or_data, *, layer_names=None, exclude=None,
             explained_variance_goals=DEFAULT_EXPLAINED_VARIANCE_GOALS,
             learnables_reduction_goals=DEFAULT_LEARNABLES_REDUCTION_GOALS,
-            verbosity: str = "summary", forward_fn=None, eval_fn=None) -> AnalysisReport:
+            verbosity: str = "summary", forward_fn=None, eval_fn=None,
+            criterion: str = "variance") -> AnalysisReport:
     """Analyse how far each layer of ``model`` can be compressed by projection.
 
     Parameters
@@ -191,6 +192,8 @@ def analyze(model: nn.Module, npca_or_data, *, layer_names=None, exclude=None,
         ``eval_fn(model) -> float`` (higher is better). When given, every analysed layer is
         also projected alone at each explained variance goal and the network scored, so the
         report shows which layers project poorly before any training time is spent.
+    criterion : {"variance", "loss"}
+        How options are judged, as in :func:`~rankwise.compress_network_using_projection`.
 
     Returns
     -------
@@ -204,7 +207,7 @@ def analyze(model: nn.Module, npca_or_data, *, layer_names=None, exclude=None,
     excluded = excluded_layers(model, layer_names, selected)
     npca, analysed = _statistics(model, npca_or_data, selected, layer_names is None,
                                  verbosity, forward_fn)
-    options = {name: layer_options(npca, name) for name in analysed}
+    options = measured_options(model, npca, analysed, criterion)
     network_learnables = count_learnables(model)
     reduction, explained = tradeoff_curve(options, network_learnables)
     report = AnalysisReport(

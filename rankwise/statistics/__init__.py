@@ -49,6 +49,18 @@ def from_plain(plain: dict) -> Statistics:
     return family(**{name: _restored(value) for name, value in plain.items()})
 
 
+def moment_tensors(stats: Statistics) -> list:
+    """Every tensor of ``stats`` that is a sum over observations (what a process group sums):
+    the ``count``, ``sum``, ``square_sum`` and ``outer`` of each of its :class:`Moments`."""
+    found = []
+    for f in fields(stats):
+        value = getattr(stats, f.name)
+        for moments in value if isinstance(value, list) else [value]:
+            if isinstance(moments, Moments):
+                found += moments.tensors()
+    return found
+
+
 def _plain(value):
     if isinstance(value, list):
         return [_plain(v) for v in value]
@@ -66,4 +78,4 @@ def _restored(value):
 
 
 __all__ = ["FAMILIES", "LayerStatistics", "RecurrentStatistics", "Statistics", "from_plain",
-           "statistics_for", "to_plain"]
+           "moment_tensors", "statistics_for", "to_plain"]

@@ -104,16 +104,8 @@ class LayerStatistics:
 
     def hook(self, name: str, layer: nn.Module):
         """A forward hook (``with_kwargs=True``) adding one call of ``layer`` to these moments."""
-        spatial_dims = layer.weight.dim() - 2
-
-        def channel_rows(t: torch.Tensor) -> torch.Tensor:
-            if self.kind == "linear":
-                return t.reshape(-1, t.shape[-1])
-            channel_dim = 1 if t.dim() == spatial_dims + 2 else 0  # batched or unbatched
-            return t.movedim(channel_dim, -1).reshape(-1, t.shape[channel_dim])
-
         def update(side: str, t: torch.Tensor) -> None:
-            self.moments(side).update_of(channel_rows(t.detach()), name, f"{side} activations")
+            self.moments(side).update_of(channel_rows(t.detach(), layer), name, f"{side} activations")
 
         def hook(module, args, kwargs, output):
             update("input", args[0] if args else next(iter(kwargs.values())))
@@ -126,3 +118,15 @@ class LayerStatistics:
             raise ValueError("the two statistics describe layers of different shapes")
         return LayerStatistics(**{**vars(self), "input": self.input + other.input,
                                   "output": self.output + other.output})
+
+
+def channel_rows(tensor: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """``(rows, channels)``: the channel vectors of an activation (or gradient) of ``layer``.
+
+    A ``Linear`` (2-d weight) has its channels last and every leading position is a row; a
+    convolution has them on axis 1 (axis 0 unbatched) and every spatial position is a row.
+    """
+    if layer.weight.dim() == 2:
+        return tensor.reshape(-1, tensor.shape[-1])
+    channel_dim = 1 if tensor.dim() == layer.weight.dim() else 0  # batched or unbatched
+    return tensor.movedim(channel_dim, -1).reshape(-1, tensor.shape[channel_dim])

@@ -21,7 +21,7 @@ from the original network's outputs, the Hessian at the original is the Fisher i
 Per batch this costs one forward and one backward pass. The gradients are taken with
 ``torch.autograd.grad`` on the layers' outputs, so the parameters' ``.grad`` are never touched;
 parameters that do not require gradients are switched on for the pass and restored afterwards.
-Rows follow the activation convention of :mod:`rankwise.pca` (a ``Linear``: every leading
+Rows follow the activation convention of :mod:`rankwise.statistics.dense` (a ``Linear``: every leading
 position; a convolution: every spatial position), and the per-row moments are accumulated in
 float64 (:class:`~rankwise.moments.Moments`).
 """
@@ -32,8 +32,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from rankwise.batches import as_batches, default_forward, model_device, move_to
+from rankwise.batches import as_batches, batch_count, default_forward, model_device, move_to, run_batch
 from rankwise.moments import Moments
+from rankwise.statistics.dense import channel_rows
 
 LOSSES = ("kl", "mse")
 
@@ -48,7 +49,7 @@ def check_loss_fn(loss_fn) -> None:
 
 def gradient_moments(model: nn.Module, data, layers: dict[str, nn.Module], loss_fn="kl",
                      forward_fn=None, max_batches: int | None = None, progress: str | None = None,
-                     seed: int = 0) -> tuple[dict[str, Moments], int]:
+                     seed: int = 0, handles: list = ()) -> tuple[dict[str, Moments], int, int]:
     """Moments of the loss gradients with respect to each layer's output rows.
 
     Parameters
@@ -69,6 +70,9 @@ def gradient_moments(model: nn.Module, data, layers: dict[str, nn.Module], loss_
         Label of a progress bar (none when ``None``).
     seed : int
         Seed of the sampled targets, so that the statistics are reproducible.
+    handles : list of RemovableHandle
+        Other hooks riding on the same pass (the activation statistics of
+        :class:`~rankwise.NeuronPCA`); removed with this function's own when the pass ends.
 
     Returns
     -------
@@ -77,43 +81,47 @@ def gradient_moments(model: nn.Module, data, layers: dict[str, nn.Module], loss_
     samples : int
         The number of samples (the batch dimension summed over batches), the denominator that
         makes ``outer / samples`` the Fisher information per sample.
+    batches : int
+        The number of batches run.
     """
     check_loss_fn(loss_fn)
     forward_fn = forward_fn or default_forward
-    generator = torch.Generator(device=model_device(model)).manual_seed(seed)
-    moments = {name: Moments.zeros(_out_channels(layer), device=model_device(model))
-               for name, layer in layers.items()}
+    device = model_device(model)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    moments = {name: Moments.zeros(layer.weight.shape[0], device=device) for name, layer in layers.items()}
     captured: dict[str, torch.Tensor] = {}
-    handles = [layer.register_forward_hook(_capture(name, captured)) for name, layer in layers.items()]
+    handles = list(handles) + [layer.register_forward_hook(_capture(name, captured))
+                               for name, layer in layers.items()]
     frozen = [p for p in model.parameters() if not p.requires_grad]
     was_training = model.training
-    samples = 0
+    samples = batches = 0
     try:
         for p in frozen:
             p.requires_grad_(True)
         model.eval()
-        for index, batch in enumerate(tqdm(as_batches(data), desc=progress, disable=progress is None)):
-            if max_batches is not None and index >= max_batches:
-                break
-            batch = move_to(batch, model_device(model))
+        for batches, batch in enumerate(tqdm(as_batches(data), total=batch_count(data), desc=progress,
+                                             disable=progress is None), start=1):
+            batch = move_to(batch, device)
             captured.clear()
-            outputs = forward_fn(model, batch)
-            loss = _sampled_loss(outputs, batch, loss_fn, generator)
+            loss = _sampled_loss(run_batch(model, batch, forward_fn, batches - 1), batch, loss_fn, generator)
             names = [name for name in layers if name in captured]
-            grads = torch.autograd.grad(loss, [captured[name] for name in names], allow_unused=True)
+            grads = torch.autograd.grad(loss, [captured[name] for name in names], allow_unused=True) if names else ()
             for name, grad in zip(names, grads):
                 if grad is not None:
-                    moments[name].update(_rows(grad.detach(), layers[name]))
+                    moments[name].update_of(channel_rows(grad.detach(), layers[name]), name, "output gradients")
             samples += _batch_size(batch)
+            if max_batches is not None and batches >= max_batches:
+                break
     finally:
         for handle in handles:
             handle.remove()
         for p in frozen:
             p.requires_grad_(False)
         model.train(was_training)
-    if samples == 0:
-        raise ValueError("data: the iterable yielded no batch; pass calibration batches.")
-    return moments, samples
+    if batches == 0:
+        raise ValueError("data: the iterable yielded no batch. Pass a DataLoader or a list of "
+                         "tensors holding representative inputs.")
+    return moments, samples, batches
 
 
 def _capture(name: str, captured: dict):
@@ -121,17 +129,6 @@ def _capture(name: str, captured: dict):
         if isinstance(output, torch.Tensor) and output.requires_grad:
             captured[name] = output
     return hook
-
-
-def _out_channels(layer: nn.Module) -> int:
-    return layer.weight.shape[0]
-
-
-def _rows(grad: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-    if isinstance(layer, nn.Linear):
-        return grad.reshape(-1, grad.shape[-1])
-    channel_dim = 1 if grad.dim() == layer.weight.dim() else 0  # batched or unbatched
-    return grad.movedim(channel_dim, -1).reshape(-1, grad.shape[channel_dim])
 
 
 def _sampled_loss(outputs, batch, loss_fn, generator) -> torch.Tensor:
