@@ -31,6 +31,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
+from rankwise.layers import ProjectedGRU, ProjectedLSTM
+
 
 def median_latency(module: nn.Module, example_input, *, repeats: int = 20, warmup: int = 3) -> float:
     """Median wall-clock seconds of one forward pass of ``module`` on ``example_input``.
@@ -185,12 +187,7 @@ def recurrent_flops(module: nn.Module, input) -> int:
 
 def _recurrent_gates(module: nn.Module) -> int:
     """Gates of a layer run by torch's fused recurrent kernel (0 for any other module)."""
-    from rankwise.layers.recurrent import ProjectedRecurrent
-    from rankwise.rnn import GATES
-
-    if isinstance(module, ProjectedRecurrent):
-        return GATES[module.kind]
-    for kind, gates in ((nn.LSTM, 4), (nn.GRU, 3), (nn.RNN, 1)):
+    for kind, gates in ((nn.LSTM | ProjectedLSTM, 4), (nn.GRU | ProjectedGRU, 3), (nn.RNN, 1)):
         if isinstance(module, kind):
             return gates
     return 0
