@@ -195,7 +195,7 @@ def accuracy(model, images, labels, batch_size=1000):
 
 
 def train_classifier(model, images, labels, epochs, lr=1e-3, batch_size=128, seed=0,
-                     schedule="cosine", max_steps=None, progress=True):
+                     schedule="cosine", max_steps=None, progress=True, description="training"):
     """Train a classifier in place with Adam on the cross-entropy loss.
 
     Each epoch visits the images once in an order drawn from a generator seeded with
@@ -222,6 +222,8 @@ def train_classifier(model, images, labels, epochs, lr=1e-3, batch_size=128, see
         Stop after this many optimisation steps (a smoke-test budget); no limit by default.
     progress : bool, default True
         Show a tqdm progress bar.
+    description : str, default "training"
+        The progress bar's label.
 
     Returns
     -------
@@ -236,7 +238,7 @@ def train_classifier(model, images, labels, epochs, lr=1e-3, batch_size=128, see
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, _lr_factor(schedule, total))
     model.train()
     steps = itertools.islice(_shuffled_batches(len(images), batch_size, epochs, seed), total)
-    for batch in tqdm(steps, total=total, desc="training", unit="batch", disable=not progress):
+    for batch in tqdm(steps, total=total, desc=description, unit="batch", disable=not progress):
         loss = nn.functional.cross_entropy(model(images[batch]), labels[batch])
         optimiser.zero_grad()
         loss.backward()
@@ -357,7 +359,7 @@ def train_with_recipe(model, recipe, description, verbose):
     start = time.perf_counter()
     train_classifier(model, images, labels, recipe["epochs"], lr=recipe["lr"],
                      batch_size=recipe["batch_size"], seed=recipe["seed"],
-                     max_steps=recipe["max_steps"], progress=verbose)
+                     max_steps=recipe["max_steps"], progress=verbose, description=f"training {description}")
     if verbose:
         seconds = time.perf_counter() - start
         test_accuracy = accuracy(model, *load_mnist("test"))
