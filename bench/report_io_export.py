@@ -78,7 +78,8 @@ def measure(name, calibration, test_images, folder):
               f"{'yes' if identical else 'NO'} |")
 
     onnx_path = os.path.join(folder, f"{name}.onnx")
-    export = median_seconds(lambda: rw.export_onnx(net, onnx_path, test_images[:BATCH_SIZE]), REPEATS)
+    export = median_seconds(lambda: rw.export_onnx(net, onnx_path, test_images[:BATCH_SIZE], verbosity="off"),
+                            REPEATS)
     session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
     difference = np.abs(onnx_logits(session, test_images) - expected).max()
     torch_time = median_seconds(lambda: torch_logits(net, test_images), REPEATS)

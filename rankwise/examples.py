@@ -30,7 +30,13 @@ PRETRAINED_RECIPES = {
     "small_resnet": {"epochs": 2, "lr": 1e-3, "batch_size": 128, "seed": 0, "max_steps": None},
 }
 """Training settings of each pretrained network: Adam with a cosine learning-rate decay on the
-60 000 MNIST training images; about 30 s (CNN) and 4 s (MLP) on 2 CPU cores."""
+60 000 MNIST training images."""
+
+TRAINING_TIME = {"cnn": "about 30 s", "mlp": "about 5 s", "vanilla_cnn": "about 1.5 min",
+                 "small_resnet": "about 3 min"}
+"""How long the first call of `pretrained_mnist` trains each network on 2 CPU cores (measured
+with an empty cache: 29 s, 4.4 s, 96 s and 179 s, the last two on a machine also running other
+jobs)."""
 
 RECIPE_VERSION = 1
 """Part of the cache file names: bump it when a recipe or an architecture changes."""
@@ -189,7 +195,7 @@ def accuracy(model, images, labels, batch_size=1000):
 
 
 def train_classifier(model, images, labels, epochs, lr=1e-3, batch_size=128, seed=0,
-                     schedule="cosine", max_steps=None, progress=True):
+                     schedule="cosine", max_steps=None, progress=True, description="training"):
     """Train a classifier in place with Adam on the cross-entropy loss.
 
     Each epoch visits the images once in an order drawn from a generator seeded with
@@ -216,6 +222,8 @@ def train_classifier(model, images, labels, epochs, lr=1e-3, batch_size=128, see
         Stop after this many optimisation steps (a smoke-test budget); no limit by default.
     progress : bool, default True
         Show a tqdm progress bar.
+    description : str, default "training"
+        The progress bar's label.
 
     Returns
     -------
@@ -230,7 +238,7 @@ def train_classifier(model, images, labels, epochs, lr=1e-3, batch_size=128, see
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, _lr_factor(schedule, total))
     model.train()
     steps = itertools.islice(_shuffled_batches(len(images), batch_size, epochs, seed), total)
-    for batch in tqdm(steps, total=total, desc="training", unit="batch", disable=not progress):
+    for batch in tqdm(steps, total=total, desc=description, unit="batch", disable=not progress):
         loss = nn.functional.cross_entropy(model(images[batch]), labels[batch])
         optimiser.zero_grad()
         loss.backward()
@@ -280,8 +288,9 @@ def pretrained_mnist(name, verbose=True):
 
     The first call builds the network with ``torch.manual_seed(recipe["seed"])``, trains it
     with `train_classifier` on the 60 000 training images using ``PRETRAINED_RECIPES[name]``
-    (2 or 3 epochs of Adam with a cosine decay; about 30 s for the CNN on 2 CPU cores) and writes
-    its ``state_dict`` to `pretrained_path` atomically. Later calls load that file with ``weights_only=True``.
+    (2 or 3 epochs of Adam with a cosine decay; `TRAINING_TIME` says how long on 2 CPU cores) and
+    writes its ``state_dict`` to `pretrained_path` atomically; with `verbose` it says so before
+    training starts. Later calls load that file with ``weights_only=True``.
 
     Parameters
     ----------
@@ -309,10 +318,27 @@ def pretrained_mnist(name, verbose=True):
         if verbose:
             print(f"loaded pretrained MNIST {name} from {path}")
         return model.eval()
+    if verbose:
+        print(f"training MNIST {name} once ({PRETRAINED_RECIPES[name]['epochs']} epochs on the 60 000 "
+              f"training images, {TRAINING_TIME[name]} on 2 CPU cores); its weights will be cached in "
+              f"{path} and loaded from there by later runs{_busy_machine_note()}")
     with torch.random.fork_rng(devices=[]):
         model = _train_pretrained(name, verbose)
     _save_atomically(model.state_dict(), path)
     return model
+
+
+def _busy_machine_note() -> str:
+    """A warning to append when other processes keep the CPU cores busy, else ``""``.
+
+    On 2 cores at a load average of 8-9, the CNN's training took 484 s instead of 29 s: the
+    torch threads wait for each other while other processes hold the cores.
+    """
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load <= cores:
+        return ""
+    return (f"; the machine is busy (load average {load:.1f} on {cores} cores), so training may take "
+            f"many times longer")
 
 
 def _train_pretrained(name, verbose):
@@ -333,7 +359,7 @@ def train_with_recipe(model, recipe, description, verbose):
     start = time.perf_counter()
     train_classifier(model, images, labels, recipe["epochs"], lr=recipe["lr"],
                      batch_size=recipe["batch_size"], seed=recipe["seed"],
-                     max_steps=recipe["max_steps"], progress=verbose)
+                     max_steps=recipe["max_steps"], progress=verbose, description=f"training {description}")
     if verbose:
         seconds = time.perf_counter() - start
         test_accuracy = accuracy(model, *load_mnist("test"))

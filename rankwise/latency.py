@@ -9,7 +9,8 @@ device they deploy to:
 - :func:`count_flops`: the floating-point operations of one forward pass, counted by
   ``torch.utils.flop_counter.FlopCounterMode``;
 - :func:`compare_speed`: both, for an original and a compressed network, as a
-  :class:`SpeedComparison` (FLOP reduction, realised speedup and their ratio).
+  :class:`SpeedComparison` (FLOP reduction, realised speedup and their ratio), timed in
+  alternating rounds until the timings settle, and marked unreliable when they do not.
 
 Every measurement runs the module in eval mode under ``torch.inference_mode()`` and restores
 the train/eval mode of each submodule afterwards. An example input is a tensor (or
@@ -23,11 +24,14 @@ import math
 import numbers
 import statistics
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
+
+from rankwise.layers import ProjectedGRU, ProjectedLSTM
 
 
 def median_latency(module: nn.Module, example_input, *, repeats: int = 20, warmup: int = 3) -> float:
@@ -66,6 +70,20 @@ def median_latency(module: nn.Module, example_input, *, repeats: int = 20, warmu
     >>> median_latency(layer, torch.randn(32, 64), repeats=5) > 0
     True
     """
+    return statistics.median(latency_samples(module, example_input, repeats=repeats, warmup=warmup))
+
+
+def latency_samples(module: nn.Module, example_input, *, repeats: int = 20, warmup: int = 3) -> list[float]:
+    """Wall-clock seconds of ``repeats`` forward passes, each timed alone, after ``warmup`` untimed ones.
+
+    What :func:`median_latency` takes the median of; same arguments, mode handling and CUDA
+    synchronisation.
+
+    Returns
+    -------
+    list of float
+        Seconds, in the order the calls ran.
+    """
     repeats = _check_count(repeats, "repeats", 1)
     warmup = _check_count(warmup, "warmup", 0)
     args, kwargs = as_call(example_input)
@@ -83,7 +101,7 @@ def median_latency(module: nn.Module, example_input, *, repeats: int = 20, warmu
             if sync:
                 sync()
             times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
 
 
 def count_flops(model: nn.Module, example_input) -> int:
@@ -92,11 +110,16 @@ def count_flops(model: nn.Module, example_input) -> int:
     Counted by ``torch.utils.flop_counter.FlopCounterMode`` (``display=False``), which knows
     the formulas of torch's matrix products and convolutions and counts **2 FLOPs per
     multiply-add** (so ``nn.Linear(20, 30)`` on a batch of 4 gives ``2 * 4 * 20 * 30 = 4800``).
-    Operations it has no formula for count zero: element-wise operations, activations,
-    normalisations, and torch's fused recurrent kernels (an ``nn.LSTM`` / ``nn.GRU`` counts
-    zero on the CPU; a :class:`~rankwise.layers.ProjectedLSTM` on its factored path is
-    counted through its matrix products). The model runs in eval mode under
-    ``torch.inference_mode()``; the mode of each submodule is restored afterwards.
+    torch's fused recurrent kernels have no formula there; they are added here
+    (:func:`recurrent_flops`) for every ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN``, and for a
+    :class:`~rankwise.layers.ProjectedLSTM` / ``ProjectedGRU`` on its dense path (its factored
+    path is made of matrix products, which the counter sees, as it sees the dense path's
+    rebuilding of the weights); where the counter does see a fused kernel's products (a
+    ``PackedSequence`` on the CPU), the formula replaces them. Operations without a formula
+    still count zero: element-wise
+    operations, activations, normalisations, the gates' element-wise arithmetic and biases.
+    The model runs in eval mode under ``torch.inference_mode()``; the mode of each submodule
+    is restored afterwards.
 
     Parameters
     ----------
@@ -113,9 +136,116 @@ def count_flops(model: nn.Module, example_input) -> int:
 
     args, kwargs = as_call(example_input)
     counter = FlopCounterMode(display=False)
-    with eval_mode(model), torch.inference_mode(), counter:
-        model(*args, **kwargs)
-    return int(counter.get_total_flops())
+    corrections = []
+    hooks = [hook for module in model.modules() if _recurrent_gates(module)
+             for hook in _recurrent_hooks(module, counter, corrections)]
+    try:
+        with eval_mode(model), torch.inference_mode(), counter:
+            model(*args, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return int(counter.get_total_flops()) + sum(corrections)
+
+
+def recurrent_flops(module: nn.Module, input) -> int:
+    """FLOPs of torch's fused kernel for one call of a recurrent layer on ``input``.
+
+    Per time step of each sequence, each stacked layer ``l`` and each direction, the gate
+    pre-activations ``W_ih x_t + W_hh h_{t-1}`` cost ``G H (D_l + R)`` multiply-adds, with ``G``
+    gates (4 for an LSTM, 3 for a GRU, 1 for a plain RNN), hidden size ``H``, ``D_l`` the input
+    width of layer ``l`` (``input_size``, then ``R`` times the directions) and ``R`` the width of
+    the recurrent state (``proj_size`` of an LSTM with a projection, else ``H``); an LSTM's
+    projection adds ``H R``. At 2 FLOPs per multiply-add::
+
+        2 * T_total * sum_{l, direction} (G H (D_l + R) + [proj_size] H R)
+
+    with ``T_total`` the time steps of all sequences (``T N`` padded, the rows of a
+    ``PackedSequence``). The gates' element-wise arithmetic and the biases are not counted, as
+    :func:`count_flops` counts no element-wise operation.
+
+    Parameters
+    ----------
+    module : nn.LSTM, nn.GRU, nn.RNN or ProjectedLSTM / ProjectedGRU
+    input : torch.Tensor or PackedSequence
+        The layer's input: ``(T, D)`` unbatched, ``(T, N, D)`` (``(N, T, D)`` with
+        ``batch_first``) or packed.
+
+    Returns
+    -------
+    int
+    """
+    gates, hidden = _recurrent_gates(module), module.hidden_size
+    projection = getattr(module, "proj_size", 0) or 0
+    state = projection or hidden
+    directions = 2 if module.bidirectional else 1
+    per_step = sum(directions * (gates * hidden * (width + state) + hidden * projection)
+                   for width in [module.input_size] + [state * directions] * (module.num_layers - 1))
+    steps = input.data.shape[0] if isinstance(input, PackedSequence) else math.prod(input.shape[:-1])
+    return 2 * steps * per_step
+
+
+def _recurrent_gates(module: nn.Module) -> int:
+    """Gates of a layer run by torch's fused recurrent kernel (0 for any other module)."""
+    for kind, gates in ((nn.LSTM | ProjectedLSTM, 4), (nn.GRU | ProjectedGRU, 3), (nn.RNN, 1)):
+        if isinstance(module, kind):
+            return gates
+    return 0
+
+
+def _recurrent_hooks(module: nn.Module, counter, corrections: list) -> list:
+    """Hooks on a recurrent layer making ``counter``'s count of each fused call the formula's.
+
+    Around each call the counter's total is read: it saw the weights being rebuilt (a projected
+    layer's dense path) and, on some paths (a ``PackedSequence`` on the CPU), the fused kernel's
+    own products; those of the kernel are replaced by :func:`recurrent_flops`, appended to
+    ``corrections``. A factored call is left to the counter.
+    """
+    started = []
+
+    def before(module, args, kwargs):
+        started.append(counter.get_total_flops())
+
+    def after(module, args, kwargs, output):
+        input = args[0] if args else kwargs["input"]
+        seen = counter.get_total_flops() - started.pop()
+        if not _runs_factored(module, input):
+            corrections.append(recurrent_flops(module, input) - (seen - _rebuilding_flops(module)))
+
+    return [module.register_forward_pre_hook(before, with_kwargs=True),
+            module.register_forward_hook(after, with_kwargs=True)]
+
+
+def _rebuilding_flops(module: nn.Module) -> int:
+    """FLOPs of a projected layer's dense path rebuilding ``W Q^T`` of every projected side (0 else)."""
+    total = 0
+    for projectors, weight in ((getattr(module, "in_proj", None), "weight_ih"),
+                               (getattr(module, "out_proj", None), "weight_hh")):
+        for cell, basis in ({} if projectors is None else projectors).items():
+            total += 2 * module.core[f"{weight}_{cell}"].shape[0] * basis.shape[0] * basis.shape[1]
+    return total
+
+
+def _runs_factored(module: nn.Module, input) -> bool:
+    """Whether a projected recurrent layer takes its factored path (no fused kernel) on ``input``."""
+    if not hasattr(module, "uses_factored"):
+        return False
+    if isinstance(input, PackedSequence):
+        batch, device = int(input.batch_sizes[0]), input.data.device
+    else:
+        batch = 1 if input.dim() == 2 else input.shape[0 if module.batch_first else 1]
+        device = input.device
+    return module.uses_factored(batch, device)
+
+
+STABLE_DRIFT = 0.05
+"""Timings are stable when the medians of two successive rounds differ by at most this fraction."""
+WIDE_SPREAD = 0.25
+"""A round whose interquartile range exceeds this fraction of its median is not stable."""
+
+
+class UnstableTimingWarning(RuntimeWarning):
+    """The latencies :func:`compare_speed` measured did not settle: their ratio is unreliable."""
 
 
 @dataclass(frozen=True)
@@ -127,9 +257,16 @@ class SpeedComparison:
     flops_before, flops_after : int
         FLOPs of the original and the compressed network (:func:`count_flops`).
     seconds_before, seconds_after : float
-        Their median latencies (:func:`median_latency`).
+        Their median latencies in the last round of timing (see :func:`compare_speed`).
     device : str, optional
         The device measured, e.g. ``"cpu"`` or ``"cuda:0"``.
+    spread_before, spread_after : float, optional
+        Interquartile range of each network's timings in that round, as a fraction of its median.
+    stable : bool
+        Whether the timings settled (see :func:`compare_speed`); when not, the speedup and the
+        efficiency are unreliable and ``str`` says so.
+    rounds : int, optional
+        Timing rounds run, the warm-up round not counted.
     """
 
     flops_before: int
@@ -137,6 +274,10 @@ class SpeedComparison:
     seconds_before: float
     seconds_after: float
     device: str | None = None
+    spread_before: float | None = None
+    spread_after: float | None = None
+    stable: bool = True
+    rounds: int | None = None
 
     @property
     def flop_reduction(self) -> float:
@@ -155,15 +296,32 @@ class SpeedComparison:
 
     def __str__(self) -> str:
         where = f" on {self.device}" if self.device else ""
-        return (f"FLOPs {_si(self.flops_before)} -> {_si(self.flops_after)} "
-                f"({self.flop_reduction:.2f}x fewer), latency{where} "
+        spread = ("" if self.spread_before is None else
+                  f", spread {self.spread_before:.0%} / {self.spread_after:.0%}")
+        line = (f"FLOPs {_si(self.flops_before)} -> {_si(self.flops_after)} "
+                f"({_times(self.flop_reduction, 'fewer FLOPs', 'more FLOPs')}), latency{where} "
                 f"{format_seconds(self.seconds_before)} -> {format_seconds(self.seconds_after)} "
-                f"({self.realised_speedup:.2f}x faster), speedup efficiency {self.speedup_efficiency:.2f}")
+                f"({_times(self.realised_speedup, 'faster', 'slower')}{spread}), "
+                f"speedup efficiency {self.speedup_efficiency:.2f}")
+        if self.stable:
+            return line
+        return (f"{line}; UNSTABLE timings (not settled after {self.rounds} rounds): the speed ratio "
+                f"and the efficiency are unreliable")
 
 
 def compare_speed(original: nn.Module, compressed: nn.Module, example_input, *,
-                  repeats: int = 20) -> SpeedComparison:
-    """FLOPs and median latency of ``original`` and ``compressed`` on the same input.
+                  repeats: int = 20, max_rounds: int = 10) -> SpeedComparison:
+    """FLOPs and latency of ``original`` and ``compressed`` on the same input, timed until stable.
+
+    The first calls of a network are slow (allocations, kernel selection, lazy initialisation),
+    and a shared machine adds noise, so one median is not a measurement. Both networks first
+    run one untimed warm-up round of ``repeats + 3`` calls; then rounds of ``repeats`` timed
+    calls each (:func:`latency_samples`) alternate between them, so that drift hits both alike.
+    The timings are *stable* once, for both networks, the median of a round differs from the
+    previous round's by at most ``STABLE_DRIFT`` (5%) and the round's interquartile range is at
+    most ``WIDE_SPREAD`` (25%) of its median; the last round's medians and spreads are
+    reported. When ``max_rounds`` rounds pass without that, the comparison is marked unstable,
+    its ``str`` says the ratio is unreliable, and an :class:`UnstableTimingWarning` is issued.
 
     Parameters
     ----------
@@ -173,7 +331,9 @@ def compare_speed(original: nn.Module, compressed: nn.Module, example_input, *,
         One batch as deployed (its batch size and device are those measured); see
         :func:`median_latency`.
     repeats : int
-        Timed calls per network (the median is kept).
+        Timed calls per network and round.
+    max_rounds : int
+        Timing rounds at most (at least 2: stability compares two rounds).
 
     Returns
     -------
@@ -187,11 +347,49 @@ def compare_speed(original: nn.Module, compressed: nn.Module, example_input, *,
     >>> comparison.flop_reduction
     1.0
     """
+    repeats = _check_count(repeats, "repeats", 1)
+    max_rounds = _check_count(max_rounds, "max_rounds", 2)
     device = device_of(original, example_input)
-    return SpeedComparison(count_flops(original, example_input), count_flops(compressed, example_input),
-                           median_latency(original, example_input, repeats=repeats),
-                           median_latency(compressed, example_input, repeats=repeats),
-                           None if device is None else str(device))
+    flops = count_flops(original, example_input), count_flops(compressed, example_input)
+    (before, after), rounds, stable = _settled_timings((original, compressed), example_input,
+                                                       repeats, max_rounds)
+    comparison = SpeedComparison(*flops, statistics.median(before), statistics.median(after),
+                                 None if device is None else str(device), _spread(before),
+                                 _spread(after), stable, rounds)
+    if not stable:
+        warnings.warn(str(comparison), UnstableTimingWarning, stacklevel=2)
+    return comparison
+
+
+def _settled_timings(modules, example_input, repeats: int, max_rounds: int):
+    """``(samples of the last round per module, rounds run, stable)``; see :func:`compare_speed`."""
+    for module in modules:
+        latency_samples(module, example_input, repeats=repeats, warmup=3)
+    previous = None
+    for rounds in range(1, max_rounds + 1):
+        samples = [latency_samples(module, example_input, repeats=repeats, warmup=0) for module in modules]
+        medians = [statistics.median(times) for times in samples]
+        if previous is not None and all(
+                abs(now - before) <= STABLE_DRIFT * before and _spread(times) <= WIDE_SPREAD
+                for now, before, times in zip(medians, previous, samples)):
+            return samples, rounds, True
+        previous = medians
+    return samples, max_rounds, False
+
+
+def _spread(times: list[float]) -> float:
+    """Interquartile range of ``times`` over their median (0 for fewer than two)."""
+    if len(times) < 2:
+        return 0.0
+    first, _, third = statistics.quantiles(times, n=4)
+    return _ratio(third - first, statistics.median(times))
+
+
+def _times(ratio: float, smaller: str, larger: str) -> str:
+    """``"1.33x fewer FLOPs"`` for ``ratio = before / after = 1.33``, ``"1.33x more FLOPs"`` for 0.75."""
+    if ratio >= 1:
+        return f"{ratio:.2f}x {smaller}"
+    return f"{1 / ratio:.2f}x {larger}" if ratio > 0 else f"{larger}, from none"
 
 
 def as_call(example_input) -> tuple[tuple, dict]:

@@ -1,5 +1,7 @@
 """truncate_kernels: argument checks, model safety, data-aware truncation, TruncatedConv structure."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -22,7 +24,8 @@ BAD_CALLS = {
     "bad order": (dict(method="tt", order="ihw", ranks=2), "order:"),
     "bad modes": (dict(method="tucker", modes="ox", ranks=2), "modes:"),
     "rank zero": (dict(method="cut", ranks=0), "ranks:"),
-    "rank too large": (dict(method="cut", cut="o|ihw", ranks=9), "ranks:"),
+    "rank too large for its layer": (dict(method="cut", cut="o|ihw", ranks={"0": (9,), "2": 1}), "ranks:"),
+    "tuple rank too large": (dict(method="cut", cut="o|ihw", ranks=(9,)), "ranks:"),
     "rank not an int": (dict(method="cp", ranks=2.5), "ranks:"),
     "wrong rank count": (dict(method="tucker", ranks=(2, 2, 2)), "ranks:"),
     "inconsistent train": (dict(method="tt", ranks=(1, 9, 1)), "ranks:"),
@@ -73,10 +76,11 @@ def test_the_input_model_is_not_modified_unless_inplace():
     torch.manual_seed(0)
     model = tiny_cnn()
     snapshot = state_of(model)
-    truncated, _ = rw.truncate_kernels(model, "tt", norm_retained=0.7, verbosity="off")
+    truncated, _ = rw.truncate_kernels(model, "tt", norm_retained=0.7, verbosity="off", allow_larger=True)
     assert_unchanged(model, snapshot)
     assert isinstance(truncated[0], rw.TruncatedConv)
-    same, _ = rw.truncate_kernels(model, "tt", norm_retained=0.7, inplace=True, verbosity="off")
+    same, _ = rw.truncate_kernels(model, "tt", norm_retained=0.7, inplace=True, verbosity="off",
+                                  allow_larger=True)
     assert same is model and isinstance(model[0], rw.TruncatedConv)
 
 
@@ -91,9 +95,10 @@ def test_ranks_chosen_by_norm_retained_can_be_given_back_explicitly():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(16, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 3))
     for method in ("cut", "tucker", "tt"):
-        _, chosen = rw.truncate_kernels(model, method, norm_retained=0.6, verbosity="off")
+        _, chosen = rw.truncate_kernels(model, method, norm_retained=0.6, verbosity="off",
+                                        allow_larger=True)
         _, again = rw.truncate_kernels(model, method, ranks={n: t.ranks for n, t in chosen.layers.items()},
-                                       verbosity="off")
+                                       verbosity="off", allow_larger=True)
         for name, layer in chosen.layers.items():
             assert again.layers[name].relative_norm_loss == pytest.approx(layer.relative_norm_loss, abs=1e-9)
 
@@ -166,3 +171,77 @@ def test_summary_prints_a_table(capsys):
     rw.truncate_kernels(tiny_cnn(), "cut", cut="oi|hw", ranks=2)
     printed = capsys.readouterr().out
     assert "oi|hw" in printed and "learnables" in printed and printed.count("\n") >= 4
+
+
+def one_channel_cnn():
+    """A CNN whose first convolution has one input channel: its CP rank is at most 9 (1 x 3 x 3)."""
+    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(32 * 4 * 4, 10))
+
+
+def test_an_integer_rank_is_clipped_to_what_each_kernel_allows_and_said_so():
+    torch.manual_seed(0)
+    truncated, info = rw.truncate_kernels(one_channel_cnn(), "cp", ranks=24, verbosity="off")   # the README's
+    first, second = info.kept_dense["0"], info.layers["2"]     # 9 (1 + 3 + 3 + 16) > 16 * 9 learnables
+    assert (first.ranks, first.requested_rank) == ((9,), 24)   # R_max = 1 * 16 * 3 * 3 / 16 = 9
+    assert (second.ranks, second.requested_rank) == ((24,), None)
+    assert "ranks clipped to what the kernel allows: 0 (24 -> 9)" in info.table()
+    with torch.no_grad():
+        assert truncated(torch.randn(2, 1, 4, 4)).shape == (2, 10)
+    _, tucker = rw.truncate_kernels(one_channel_cnn(), "tucker", ranks=12, verbosity="off")
+    assert tucker.layers["2"].ranks == (12, 12) and tucker.layers["2"].requested_rank is None
+    assert tucker.kept_dense["0"].ranks == (12, 1) and tucker.kept_dense["0"].requested_rank == 12
+
+
+def test_a_layer_whose_truncated_form_is_not_smaller_stays_dense_unless_allowed():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(64, 64, 3), nn.ReLU(), nn.Conv2d(64, 8, 3))
+    snapshot = state_of(model)
+    kept, info = rw.truncate_kernels(model, "tucker", ranks={"0": (64, 64), "2": (8, 16)}, verbosity="off")
+    assert_unchanged(model, snapshot)
+    assert info.layer_names == ["2"] and list(info.kept_dense) == ["0"]
+    assert (info.kept_dense["0"].learnables_before, info.kept_dense["0"].learnables_after) == (36_928, 45_120)
+    assert type(kept[0]) is nn.Conv2d and isinstance(kept[2], rw.TruncatedConv)
+    assert info.learnables_after == rw.count_learnables(kept) < info.learnables_before
+    assert "kept dense, the truncated form not smaller (allow_larger=True truncates them): 0 " \
+           "(36,928 -> 45,120 learnables)" in info.table()
+    grown, allowed = rw.truncate_kernels(model, "tucker", ranks={"0": (64, 64), "2": (8, 16)},
+                                         allow_larger=True, verbosity="off")
+    assert allowed.layer_names == ["0", "2"] and not allowed.kept_dense
+    assert isinstance(grown[0], rw.TruncatedConv) and allowed.learnables_after > info.learnables_after
+
+
+def test_a_progress_bar_runs_over_the_layers_unless_verbosity_is_off(capsys):
+    torch.manual_seed(0)
+    rw.truncate_kernels(tiny_cnn(), "cut", ranks=1)
+    assert "truncate_kernels: 100%" in capsys.readouterr().err
+    rw.truncate_kernels(tiny_cnn(), "cut", ranks=1, verbosity="off")
+    assert capsys.readouterr() == ("", "")
+
+
+def effective_kernel(layer, shape):
+    """``W'`` of a layer computing a convolution without padding whose output is 1 x 1: the
+    Jacobian of its output, read off unit inputs."""
+    inputs = torch.eye(math.prod(shape)).reshape(-1, *shape)
+    with torch.no_grad():
+        outputs = layer(inputs) - layer(torch.zeros(1, *shape))
+    return outputs.reshape(len(inputs), -1).T.reshape(-1, *shape).to(torch.float64)
+
+
+def test_with_calibration_norm_retained_bounds_the_kernel_in_whitened_coordinates():
+    from rankwise.decompose.calibration import input_weighting
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(6, 8, 3))
+    npca = rw.NeuronPCA(model, correlated_batches(), verbosity="off")
+    truncated, info = rw.truncate_kernels(model, "cut", cut="ohw|i", norm_retained=0.7, calibration=npca,
+                                          verbosity="off", allow_larger=True)
+    kernel = model[0].weight.detach().to(torch.float64)
+    error = kernel - effective_kernel(truncated[0], (6, 3, 3))
+    root = input_weighting(npca, "0").root
+
+    def whitened(k):
+        return float(torch.tensordot(k, root, dims=([1], [0])).norm())
+
+    assert whitened(error) / whitened(kernel) <= math.sqrt(1 - 0.7 ** 2) + 1e-9
+    assert info.layers["0"].relative_norm_loss > math.sqrt(1 - 0.7 ** 2)    # not a bound on W itself

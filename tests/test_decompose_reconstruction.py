@@ -53,7 +53,8 @@ def test_full_rank_reproduces_the_output(name):
     model, x = nn.Sequential(layer), torch.randn(*shape)
     for method, structure in structures(layer):
         truncated, info = rw.truncate_kernels(model, method, ranks=full_ranks(method, layer, structure),
-                                              verbosity="off", **{STRUCTURE_KEYWORD[method]: structure})
+                                              verbosity="off", allow_larger=True,
+                                              **{STRUCTURE_KEYWORD[method]: structure})
         torch.testing.assert_close(truncated(x), model(x), atol=1e-5, rtol=1e-5,
                                    msg=f"{method} {structure}")
         assert info.layers["0"].relative_norm_loss < 1e-6
@@ -78,7 +79,7 @@ def test_norm_loss_is_the_loss_of_the_kernel_the_layer_computes(method, structur
     layer = nn.Conv2d(4, 6, (3, 2))
     kwargs = {} if structure is None else {STRUCTURE_KEYWORD[method]: structure}
     truncated, info = rw.truncate_kernels(nn.Sequential(layer), method, ranks=ranks, verbosity="off",
-                                          **kwargs)
+                                          allow_larger=True, **kwargs)
     computed = effective_kernel(truncated[0], 4, (3, 2)).double()
     weight = layer.weight.detach().double()
     expected = float((weight - computed).norm() / weight.norm())
@@ -94,7 +95,8 @@ def test_cut_loss_is_the_singular_value_tail(cut):
     order = [("oihw".index(leg)) for leg in left + right]
     weight = layer.weight.detach().double().permute(order)
     singular_values = torch.linalg.svdvals(weight.reshape(math.prod(weight.shape[:len(left)]), -1))
-    _, info = rw.truncate_kernels(nn.Sequential(layer), "cut", cut=cut, ranks=1, verbosity="off")
+    _, info = rw.truncate_kernels(nn.Sequential(layer), "cut", cut=cut, ranks=1, verbosity="off",
+                                  allow_larger=True)
     tail = singular_values[1:].square().sum() / singular_values.square().sum()
     assert info.layers["0"].relative_norm_loss == pytest.approx(float(tail.sqrt()), rel=1e-9)
 
@@ -108,12 +110,13 @@ def test_norm_retained_is_met_and_minimal_for_cuts(method, keyword, structure, n
     torch.manual_seed(3)
     model = nn.Sequential(nn.Conv2d(3, 6, 3))
     kwargs = {} if keyword is None else {keyword: structure}
-    _, info = rw.truncate_kernels(model, method, norm_retained=norm_retained, verbosity="off", **kwargs)
+    _, info = rw.truncate_kernels(model, method, norm_retained=norm_retained, verbosity="off",
+                                  allow_larger=True, **kwargs)
     layer_info = info.layers["0"]
     assert layer_info.relative_norm_loss <= math.sqrt(1 - norm_retained ** 2) + 1e-9
     if method == "cut" and layer_info.ranks[0] > 1:
         _, smaller = rw.truncate_kernels(model, "cut", cut=structure, ranks=layer_info.ranks[0] - 1,
-                                         verbosity="off")
+                                         verbosity="off", allow_larger=True)
         assert smaller.layers["0"].relative_norm_loss > math.sqrt(1 - norm_retained ** 2)
 
 
@@ -123,16 +126,17 @@ def test_cp_recovers_a_kernel_of_known_rank():
     layer = nn.Conv2d(4, 6, 3)
     with torch.no_grad():
         layer.weight.copy_(torch.einsum("or,ir,hr,wr->oihw", *factors))
-    _, info = rw.truncate_kernels(nn.Sequential(layer), "cp", ranks=3, verbosity="off")
+    _, info = rw.truncate_kernels(nn.Sequential(layer), "cp", ranks=3, verbosity="off", allow_larger=True)
     assert info.layers["0"].relative_norm_loss < 1e-4
-    _, searched = rw.truncate_kernels(nn.Sequential(layer), "cp", norm_retained=0.9999, verbosity="off")
+    _, searched = rw.truncate_kernels(nn.Sequential(layer), "cp", norm_retained=0.9999, verbosity="off",
+                                      allow_larger=True)
     assert searched.layers["0"].ranks == (3,)
 
 
 def test_learnables_and_flops_are_counted_from_the_built_layers():
     torch.manual_seed(5)
     model = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2), nn.ReLU(), nn.Conv2d(16, 16, 3))
-    truncated, info = rw.truncate_kernels(model, "cp", ranks=4, verbosity="off")
+    truncated, info = rw.truncate_kernels(model, "cp", ranks=4, verbosity="off", allow_larger=True)
     assert info.learnables_after == rw.count_learnables(truncated)
     assert info.learnables_before == rw.count_learnables(model)
     first = info.layers["0"]

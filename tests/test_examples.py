@@ -112,3 +112,28 @@ def test_pretrained_training_is_reproducible_and_leaves_the_global_rng(tiny_budg
 def test_pretrained_unknown_name():
     with pytest.raises(ValueError, match="'cnn', 'mlp'"):
         pretrained_mnist("resnet")
+
+
+def test_before_training_it_says_the_network_is_trained_once_and_where_it_is_cached(tiny_budget, monkeypatch,
+                                                                                    capsys):
+    monkeypatch.setattr(examples.os, "getloadavg", lambda: (1.0, 1.0, 1.0))
+    monkeypatch.setattr(examples.os, "cpu_count", lambda: 2)
+    pretrained_mnist("mlp")
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == (f"training MNIST mlp once (3 epochs on the 60 000 training images, about 5 s on 2 CPU "
+                     f"cores); its weights will be cached in {pretrained_path('mlp')} and loaded from there "
+                     f"by later runs")
+    pretrained_mnist("mlp")
+    assert capsys.readouterr().out == f"loaded pretrained MNIST mlp from {pretrained_path('mlp')}\n"
+
+
+def test_a_busy_machine_is_named_before_training(tiny_budget, monkeypatch, capsys):
+    monkeypatch.setattr(examples.os, "getloadavg", lambda: (8.5, 8.0, 7.0))
+    monkeypatch.setattr(examples.os, "cpu_count", lambda: 2)
+    pretrained_mnist("mlp")
+    assert capsys.readouterr().out.splitlines()[0].endswith(
+        "; the machine is busy (load average 8.5 on 2 cores), so training may take many times longer")
+
+
+def test_every_example_network_has_a_recipe_and_an_expected_training_time():
+    assert set(examples.PRETRAINED_RECIPES) == set(examples.TRAINING_TIME) == set(examples.EXAMPLE_MODELS)

@@ -37,6 +37,53 @@ def test_count_flops_adds_the_layers_and_takes_positional_arguments():
     assert model.training
 
 
+def lstm_flops(gates, hidden, widths, steps, directions=1, projection=0):
+    """The fused kernel's FLOPs written out: 2 per multiply-add, per step and cell."""
+    state = projection or hidden
+    return 2 * steps * directions * sum(gates * hidden * (width + state) + hidden * projection
+                                        for width in widths)
+
+
+@pytest.mark.parametrize("layer, widths, directions, projection", [
+    (nn.LSTM(5, 7), [5], 1, 0),
+    (nn.LSTM(5, 7, num_layers=2, bidirectional=True), [5, 14], 2, 0),
+    (nn.LSTM(5, 7, num_layers=2, proj_size=3), [5, 3], 1, 3),
+    (nn.GRU(5, 7, num_layers=2), [5, 7], 1, 0),
+    (nn.RNN(5, 7), [5], 1, 0)])
+def test_count_flops_counts_the_fused_recurrent_kernels(layer, widths, directions, projection):
+    gates = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}[type(layer)]
+    expected = lstm_flops(gates, 7, widths, 4 * 3, directions, projection)
+    assert rw.count_flops(layer, torch.randn(4, 3, 5)) == expected          # T=4, N=3
+    assert rw.count_flops(layer, torch.randn(4, 5)) == expected // 3        # unbatched
+    packed = pack_sequence([torch.randn(4, 5), torch.randn(2, 5)])
+    assert rw.count_flops(layer, packed) == lstm_flops(gates, 7, widths, 6, directions, projection)
+
+
+class Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(6, 8, batch_first=True)
+
+    def forward(self, x):
+        return self.rnn(x)[0]
+
+
+def test_a_projected_lstm_counts_the_fused_kernel_on_its_dense_path_and_its_products_otherwise():
+    torch.manual_seed(0)
+    model, data = Recurrent(), [torch.randn(4, 5, 6) for _ in range(6)]
+    net, _ = rw.compress_network_using_projection(model, data, learnables_reduction_goal=0.3, verbosity="off")
+    r_in, r_out = net.rnn.rank_in or 0, net.rnn.rank_out or 0
+    assert r_in or r_out
+    x = torch.randn(4, 5, 6)
+    net.rnn.execution = "dense"      # rebuilds W_ih Q Q^T and W_hh Q Q^T, then the fused kernel
+    rebuild = 2 * 4 * 8 * (r_in * 6 + r_out * 8)
+    assert rw.count_flops(net, x) == rw.count_flops(model, x) + rebuild
+    packed = pack_sequence(list(x))  # torch's CPU kernel on packed input: products the counter sees
+    assert rw.count_flops(net, packed) == rw.count_flops(model, packed) + rebuild
+    net.rnn.execution = "factored"
+    assert 0 < rw.count_flops(net, x) < rw.count_flops(model, x)
+
+
 # Latency ----------------------------------------------------------------------------------------
 
 class Counting(nn.Module):
@@ -86,14 +133,71 @@ def test_compare_speed_measures_both_networks(monkeypatch):
     model, data = tiny_mlp().eval(), make_batches((32, 12))
     net, _ = rw.compress_network_using_projection(model, data, learnables_reduction_goal=0.5, verbosity="off")
     times = {id(model): 3.0, id(net): 2.0}
-    monkeypatch.setattr(rankwise.latency, "median_latency", lambda module, x, **kw: times[id(module)])
+    monkeypatch.setattr(rankwise.latency, "latency_samples",
+                        lambda module, x, repeats, warmup: [times[id(module)]] * repeats)
     comparison = rw.compare_speed(model, net, data[0], repeats=3)
     assert comparison.flops_before == rw.count_flops(model, data[0]) == 2 * 32 * (12 * 24 + 24 * 16 + 16 * 5)
     assert comparison.flops_after == rw.count_flops(net, data[0]) < comparison.flops_before
     assert (comparison.seconds_before, comparison.seconds_after) == (3.0, 2.0)
     assert comparison.flop_reduction == comparison.flops_before / comparison.flops_after
     assert comparison.speedup_efficiency == pytest.approx(1.5 / comparison.flop_reduction)
-    assert comparison.device == "cpu"
+    assert comparison.device == "cpu" and comparison.stable and comparison.rounds == 2
+    assert comparison.spread_before == comparison.spread_after == 0.0
+
+
+def scripted_samples(monkeypatch, rounds_of):
+    """Patch ``latency_samples``: the n-th call on a module returns ``rounds_of[module][n]``
+    (the warm-up round first), as many times as the repeats asked."""
+    calls = {}
+
+    def fake(module, example_input, repeats, warmup):
+        index = calls[id(module)] = calls.get(id(module), -1) + 1
+        times = rounds_of[id(module)][index]
+        return list(times) if isinstance(times, list) else [times] * repeats
+
+    monkeypatch.setattr(rankwise.latency, "latency_samples", fake)
+
+
+def test_compare_speed_times_rounds_until_the_medians_settle(monkeypatch):
+    model, other = tiny_mlp(), tiny_mlp()
+    # warm-up round, then medians 2.0, 1.0, 1.02 (within 5%: settled at round 3)
+    scripted_samples(monkeypatch, {id(model): [50.0, 2.0, 1.0, 1.02], id(other): [9.0, 0.5, 0.5, 0.51]})
+    comparison = rw.compare_speed(model, other, torch.randn(8, 12), repeats=4)
+    assert comparison.stable and comparison.rounds == 3
+    assert (comparison.seconds_before, comparison.seconds_after) == (1.02, 0.51)
+    assert "UNSTABLE" not in str(comparison) and "2.00x faster" in str(comparison)
+
+
+def test_compare_speed_that_never_settles_says_the_ratio_is_unreliable(monkeypatch):
+    model, other = tiny_mlp(), tiny_mlp()
+    scripted_samples(monkeypatch, {id(model): [5.0] + [1.0, 2.0] * 3, id(other): [5.0] + [1.0] * 6})
+    with pytest.warns(rankwise.latency.UnstableTimingWarning, match="unreliable"):
+        comparison = rw.compare_speed(model, other, torch.randn(8, 12), repeats=2, max_rounds=6)
+    assert not comparison.stable and comparison.rounds == 6
+    assert "UNSTABLE timings (not settled after 6 rounds)" in str(comparison)
+
+
+def test_compare_speed_with_a_wide_spread_is_not_stable(monkeypatch):
+    model, other = tiny_mlp(), tiny_mlp()
+    wide = [1.0, 1.0, 3.0, 3.0]                      # the same median every round, IQR 200% of it
+    scripted_samples(monkeypatch, {id(model): [wide] * 4, id(other): [1.0] * 4})
+    with pytest.warns(rankwise.latency.UnstableTimingWarning):
+        comparison = rw.compare_speed(model, other, torch.randn(8, 12), repeats=4, max_rounds=3)
+    assert not comparison.stable and comparison.spread_before == pytest.approx(2.0 / 2.0)
+    assert "spread 100% / 0%" in str(comparison)
+
+
+@pytest.mark.parametrize("kwargs, message", [({"max_rounds": 1}, "max_rounds: expected an integer >= 2"),
+                                             ({"repeats": 0}, "repeats: expected an integer >= 1")])
+def test_compare_speed_rejects_bad_counts(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        rw.compare_speed(nn.Linear(2, 2), nn.Linear(2, 2), torch.randn(1, 2), **kwargs)
+
+
+def test_ratios_below_one_are_written_as_more_and_slower():
+    text = str(rw.SpeedComparison(flops_before=300, flops_after=400, seconds_before=1.0, seconds_after=1.08))
+    assert "1.33x more FLOPs" in text and "1.08x slower" in text
+    assert "fewer" not in text and "faster" not in text
 
 
 def test_compare_speed_with_real_timings_is_consistent():

@@ -12,10 +12,12 @@ model is never modified unless ``inplace=True``, and not at all when an error is
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import numbers
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from rankwise.decompose.calibration import InputWeighting, calibration_statistics, input_weighting
 from rankwise.decompose.execution import TruncatedConv, macs_per_output_position, network_convs
@@ -53,6 +55,9 @@ class LayerTruncation:
         With calibration data: the estimated relative error of the layer's centred output,
         ``sqrt(sum_k tr(D_k C D_k^T) / sum_k tr(W_k C W_k^T))`` for ``D = W - W'`` (kernel taps
         taken as independent); ``None`` without.
+    requested_rank : int or None
+        The integer rank asked for the whole network when this layer's kernel allows less and the
+        ranks were clipped to ``ranks``; ``None`` when nothing was clipped.
     """
 
     name: str
@@ -66,6 +71,7 @@ class LayerTruncation:
     flops_before: int
     flops_after: int
     relative_output_loss: float | None = None
+    requested_rank: int | None = None
 
 
 @dataclass(frozen=True)
@@ -79,12 +85,16 @@ class TruncationInfo:
         Learnables of the whole network.
     layers : dict of str to LayerTruncation
         Every truncated convolution, in model order.
+    kept_dense : dict of str to LayerTruncation
+        The convolutions left dense because their truncated form would not have had fewer
+        learnables (what that form would have been), unless ``allow_larger=True``.
     """
 
     method: str
     learnables_before: int
     learnables_after: int
     layers: dict
+    kept_dense: dict = field(default_factory=dict)
 
     @property
     def learnables_reduction(self) -> float:
@@ -109,6 +119,15 @@ class TruncationInfo:
                 row.insert(5, f"{t.relative_output_loss:.4f}")
         footer = (f"network: {self.learnables_before:,} -> {self.learnables_after:,} learnables "
                   f"({100 * self.learnables_reduction:.1f}% removed), method {self.method!r}")
+        clipped = [f"{t.name} ({t.requested_rank} -> {','.join(map(str, t.ranks))})"
+                   for t in (*self.layers.values(), *self.kept_dense.values())
+                   if t.requested_rank is not None]
+        if clipped:
+            footer += f"\nranks clipped to what the kernel allows: {', '.join(clipped)}"
+        if self.kept_dense:
+            footer += ("\nkept dense, the truncated form not smaller (allow_larger=True truncates them): "
+                       + ", ".join(f"{t.name} ({t.learnables_before:,} -> {t.learnables_after:,} learnables)"
+                                   for t in self.kept_dense.values()))
         return format_table(header, rows, footer)
 
     def __str__(self) -> str:
@@ -117,8 +136,8 @@ class TruncationInfo:
 
 def truncate_kernels(model: nn.Module, method: str, *, cut: str | None = None, modes: str | None = None,
                      order: str | None = None, ranks=None, norm_retained: float | None = None,
-                     layer_names=None, exclude=None, calibration=None, inplace: bool = False,
-                     verbosity: str = "summary"):
+                     layer_names=None, exclude=None, calibration=None, allow_larger: bool = False,
+                     inplace: bool = False, verbosity: str = "summary"):
     """Replace convolution kernels by truncated tensor networks, run as standard convolutions.
 
     Following Singh, Jahromi and Orus (arXiv 2403.14379), the kernel ``W[o, i, h, w]`` of each
@@ -151,11 +170,18 @@ def truncate_kernels(model: nn.Module, method: str, *, cut: str | None = None, m
         The chain of a tensor train, every leg once (default ``"ihwo"`` / ``"iwo"``).
     ranks : int, tuple of int, or dict, optional
         The cut's rank; one per Tucker mode (in the order of ``modes``); the CP rank; one per
-        bond of the train. An int means that rank everywhere; a dict maps layer names to ranks
-        (and, without ``layer_names``, selects those layers). Exclusive with ``norm_retained``.
+        bond of the train. An int means that rank everywhere, clipped in each layer to the
+        largest its kernel allows (``info.layers[name].requested_rank`` and the table say where);
+        a tuple is taken as given. A dict maps layer names to ranks (and, without
+        ``layer_names``, selects those layers). Exclusive with ``norm_retained``.
     norm_retained : float in (0, 1], optional
         Per layer, the smallest ranks with ``|W - W'| / |W| <= sqrt(1 - f^2)``, i.e. keeping at
-        least the fraction ``f`` of the kernel norm (see :mod:`~rankwise.decompose.selection`).
+        least the fraction ``f`` of the kernel norm (see :mod:`~rankwise.decompose.selection`;
+        for CP, where the largest rank misses it, that fit). With ``calibration`` the bound
+        holds in whitened input coordinates, ``|(W - W') x_i S| / |W x_i S| <= sqrt(1 - f^2)``
+        with ``S = (C + delta I)^{1/2}``: for the estimated output error (close to
+        ``relative_output_loss``), not for the kernel itself, whose ``relative_norm_loss`` can
+        be much larger.
     layer_names : str or list of str, optional
         The convolutions to truncate, by qualified name, glob pattern (``"features.*"``) or
         ``"re:"``-prefixed regular expression (see :mod:`rankwise.targets`); every ``Conv1d`` /
@@ -167,11 +193,14 @@ def truncate_kernels(model: nn.Module, method: str, *, cut: str | None = None, m
         ranks and the truncation minimise the estimated output error rather than the kernel
         error, and the mean error is folded into the bias (a bias is added to a layer without
         one). See :mod:`~rankwise.decompose.calibration`.
+    allow_larger : bool
+        Truncate a layer even when its truncated form has at least as many learnables as the
+        dense one. By default such a layer stays dense and is listed in ``info.kept_dense``.
     inplace : bool
         Modify ``model`` itself instead of a copy.
     verbosity : {"off", "summary", "steps", "iterations"}
-        ``"summary"`` prints the before/after table, ``"steps"`` and ``"iterations"`` also a line
-        per layer.
+        ``"off"`` prints nothing; ``"summary"`` shows a progress bar over the layers and prints the
+        before/after table, ``"steps"`` and ``"iterations"`` also a line per layer.
 
     Returns
     -------
@@ -202,17 +231,22 @@ def truncate_kernels(model: nn.Module, method: str, *, cut: str | None = None, m
              for name, layer in layers.items()}
     npca = None if calibration is None else calibration_statistics(calibration, model, layers)
     results = {}
-    for name, layer in layers.items():
+    for name, layer in tqdm(layers.items(), desc="truncate_kernels", unit="layer",
+                            disable=verbosity == "off"):
         weighting = None if npca is None else input_weighting(npca, name)
         results[name] = _truncate(name, layer, method, chosen, *plans[name], norm_retained, weighting)
         if verbosity in ("steps", "iterations"):
-            print(_describe_step(results[name][1]))
+            tqdm.write(_describe_step(results[name][1]))
+    smaller = {name: result for name, result in results.items()
+               if allow_larger or result[1].learnables_after < result[1].learnables_before}
     learnables_before = count_learnables(model)
     truncated = model if inplace else copy.deepcopy(model)
-    for name, (module, _) in results.items():
+    for name, (module, _) in smaller.items():
         truncated.set_submodule(name, module)
     info = TruncationInfo(method, learnables_before, count_learnables(truncated),
-                          {name: description for name, (_, description) in results.items()})
+                          {name: description for name, (_, description) in smaller.items()},
+                          {name: description for name, (_, description) in results.items()
+                           if name not in smaller})
     if verbosity != "off":
         print(info.table())
     return truncated, info
@@ -244,22 +278,32 @@ def _ranks_of(ranks, name: str, layers: dict):
     return ranks[name]
 
 
-def _plan(name: str, layer: nn.Module, method: Method, value, ranks) -> tuple[str, object, tuple | None]:
-    """``(legs, structure, ranks)`` for one layer, checked; errors say which layer."""
+def _plan(name: str, layer: nn.Module, method: Method, value, ranks):
+    """``(legs, structure, ranks, requested_rank)`` for one layer, checked; errors say which layer.
+
+    An integer rank is clipped to the largest ranks of this kernel; ``requested_rank`` is that
+    integer where it was clipped, else ``None``.
+    """
     legs = kernel_legs(layer)
     try:
         structure = method.parse(method.default(legs) if value is None else value, legs)
         if ranks is None:
-            return legs, structure, None
-        count = method.rank_count(structure)
-        given = (ranks,) * count if not isinstance(ranks, tuple | list) else tuple(ranks)
-        return legs, structure, method.check_ranks(dict(zip(legs, layer.weight.shape)), structure, given)
+            return legs, structure, None, None
+        sizes = dict(zip(legs, layer.weight.shape))
+        if isinstance(ranks, tuple | list):
+            given = tuple(ranks)
+        elif isinstance(ranks, numbers.Real) and not isinstance(ranks, bool):
+            given = tuple(min(ranks, largest) for largest in method.largest_ranks(sizes, structure))
+        else:
+            given = (ranks,) * method.rank_count(structure)
+        clipped = ranks if given != (ranks,) * len(given) and not isinstance(ranks, tuple | list) else None
+        return legs, structure, method.check_ranks(sizes, structure, given), clipped
     except ValueError as error:
         raise ValueError(f"{error} (layer {name!r}, kernel {tuple(layer.weight.shape)})") from None
 
 
 def _truncate(name: str, layer: nn.Module, method_name: str, method: Method, legs: str, structure,
-              ranks, norm_retained, weighting: InputWeighting | None):
+              ranks, requested_rank, norm_retained, weighting: InputWeighting | None):
     """The truncated layer and its :class:`LayerTruncation`."""
     kernel = layer.weight.detach().to(torch.float64)
     target = kernel if weighting is None else _mode_product(kernel, weighting.root)
@@ -275,7 +319,7 @@ def _truncate(name: str, layer: nn.Module, method_name: str, method: Method, leg
         name, layer_kind(layer), method_name, method.name_of(structure), network.ranks,
         _ratio(float(error.norm()), float(kernel.norm())), count_learnables(layer),
         count_learnables(module), macs_per_output_position([layer]), macs_per_output_position(module),
-        output_loss)
+        output_loss, requested_rank)
 
 
 def _mode_product(kernel: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
