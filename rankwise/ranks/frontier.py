@@ -268,7 +268,7 @@ def _recurrent_options(npca, name: str, kind, criterion: Criterion) -> Recurrent
     return RecurrentOptions(name, per_cell("side"), per_cell("rank_in"), per_cell("rank_out"),
                             learnables, residual, error, by_cell("input_basis"), by_cell("input_mean"),
                             by_cell("output_basis"), by_cell("output_mean"),
-                            frontiers[0][0].side_residuals if len(cells) == 1 else {}, tuple(cells))
+                            frontiers[0][0].side_residuals if len(cells) == 1 else {}, cells=tuple(cells))
 
 
 def _cell_directions(npca, name: str, cell: str) -> dict:
