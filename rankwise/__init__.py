@@ -5,8 +5,9 @@ from rankwise.evolve import EvolutionHistory, WidthEvolver, WidthGroup, analyze_
 from rankwise.export import export_onnx
 from rankwise.incremental import IncrementalHistory, compress_incrementally
 from rankwise.io import load, save
-from rankwise.latency import SpeedComparison, compare_speed, count_flops, median_latency
-from rankwise.layers import ProjectedConv, ProjectedGRU, ProjectedLayer, ProjectedLinear, ProjectedLSTM
+from rankwise.latency import SpeedComparison, UnstableTimingWarning, compare_speed, count_flops, median_latency
+from rankwise.layers import (ProjectedConv, ProjectedEmbedding, ProjectedGRU, ProjectedLayer, ProjectedLinear,
+                             ProjectedLSTM)
 from rankwise.learnables import count_learnables
 from rankwise.pca import NeuronPCA, NonFiniteActivationError, ThinDataWarning
 from rankwise.projection import (LayerProjection, ProjectionInfo, compress_network_using_projection,
@@ -24,7 +25,7 @@ __all__ = [
     "analyze", "AnalysisReport", "LayerReport", "save", "load", "export_onnx",
     "truncate_kernels", "TruncationInfo", "LayerTruncation", "TruncatedConv",
     "WidthEvolver", "EvolutionHistory", "WidthGroup", "analyze_widths",
-    "ProjectedLSTM", "ProjectedGRU",
-    "median_latency", "count_flops", "compare_speed", "SpeedComparison",
+    "ProjectedLSTM", "ProjectedGRU", "ProjectedEmbedding",
+    "median_latency", "count_flops", "compare_speed", "SpeedComparison", "UnstableTimingWarning",
 ]
 __version__ = "0.1.0"

@@ -8,6 +8,8 @@
 - ``family``: how its statistics are gathered and its options enumerated. ``"dense"``: a
   weight ``W`` of shape ``(out, in, *kernel)`` acting on channel vectors, one observation per
   sample (a ``Linear``, leading dimensions pooled) or per spatial position (a convolution);
+  ``"embedding"``: a lookup table ``E`` (``num_embeddings x dim``), which is the ``Linear``
+  layer ``W = E^T`` acting on one-hot token vectors, one observation per token;
   ``"recurrent"``: an LSTM or GRU, observed per stacked layer and direction at every time
   step. The statistics of each family are in :mod:`rankwise.statistics`, its options in
   :mod:`rankwise.ranks.frontier`;
@@ -47,7 +49,12 @@ class LayerKind:
         """What identifies ``layer``'s statistics (to check that statistics belong to it)."""
         if self.family == "recurrent":
             return self.name, layer.input_size, layer.hidden_size, layer.num_layers, layer.bidirectional
-        return tuple(layer.weight.shape[:2])
+        return tuple(self.weight(layer).shape[:2])
+
+    def weight(self, layer: nn.Module):
+        """The layer's weight as the matrix ``W`` of ``y = W x + b``: ``(out, in, *kernel)``
+        (an embedding's table transposed)."""
+        return layer.weight.T if self.family == "embedding" else layer.weight
 
 
 def _lazy(layer: nn.Module) -> str | None:
@@ -74,6 +81,13 @@ def _accepted(layer: nn.Module) -> None:
     return None
 
 
+def _embedding(table: nn.Embedding) -> str | None:
+    if table.max_norm is not None:
+        return (f"it renormalises the rows it looks up (max_norm={table.max_norm}), which a factored "
+                "table cannot reproduce")
+    return None
+
+
 KINDS: tuple[LayerKind, ...] = (
     LayerKind("linear", (nn.Linear,), "dense", ("output",), "ProjectedLinear", _lazy),
     LayerKind("conv1d", (nn.Conv1d,), "dense", ("input", "output"), "ProjectedConv", _grouped),
@@ -81,6 +95,7 @@ KINDS: tuple[LayerKind, ...] = (
     LayerKind("conv3d", (nn.Conv3d,), "dense", ("input", "output"), "ProjectedConv", _grouped),
     LayerKind("lstm", (nn.LSTM,), "recurrent", ("input", "output"), "ProjectedLSTM", _lstm),
     LayerKind("gru", (nn.GRU,), "recurrent", ("input", "output"), "ProjectedGRU", _accepted),
+    LayerKind("embedding", (nn.Embedding,), "embedding", ("output",), "ProjectedEmbedding", _embedding),
 )
 
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from rankwise.kinds import kind_of
 from rankwise.moments import Moments
 
 FLOOR = 1e-6  # smallest eigenvalue of R kept, relative to the largest (R must be invertible)
@@ -120,8 +121,9 @@ def whitened_statistics(stats, layer: nn.Module, metric: OutputMetric):
 
 
 def whitened_weight(layer: nn.Module, metric: OutputMetric) -> torch.Tensor:
-    """``R W`` in float64, ``W`` of shape ``(out, in, *kernel)``."""
-    weight = layer.weight.detach().to(torch.float64)
+    """``R W`` in float64, ``W`` of shape ``(out, in, *kernel)`` (an embedding's table transposed,
+    :meth:`rankwise.kinds.LayerKind.weight`)."""
+    weight = kind_of(layer).weight(layer).detach().to(torch.float64)
     return torch.tensordot(metric.root.to(weight.device), weight, dims=([1], [0]))
 
 
@@ -130,8 +132,9 @@ def whitened_layer(layer: nn.Module, metric: OutputMetric) -> nn.Module:
     layer has none)."""
     whitened = copy.deepcopy(layer)
     dtype = layer.weight.dtype
+    weight = whitened_weight(layer, metric)
     with torch.no_grad():
-        whitened.weight.copy_(whitened_weight(layer, metric).to(dtype))
+        whitened.weight.copy_((weight.T if kind_of(layer).family == "embedding" else weight).to(dtype))
         if layer.bias is not None:
             whitened.bias.copy_((metric.root.to(layer.bias.device) @ layer.bias.detach().to(torch.float64)).to(dtype))
     return whitened

@@ -92,16 +92,38 @@ def why_not_projectable(module: nn.Module) -> str | None:
 def projectable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every projectable layer of ``model``, by qualified name, in model order.
 
-    Layers inside an existing :class:`ProjectedLayer` are not listed.
+    Layers inside an existing :class:`ProjectedLayer` are not listed, nor layers whose
+    parameters another module holds too (:func:`tied_layers`).
     """
     inside_projected = set()
+    tied = tied_layers(model)
     layers = {}
     for name, module in model.named_modules():
         if isinstance(module, ProjectedLayer):
             inside_projected.update(id(m) for m in module.modules())
-        if id(module) not in inside_projected and why_not_projectable(module) is None:
+        if id(module) not in inside_projected and name not in tied and why_not_projectable(module) is None:
             layers[name] = module
     return layers
+
+
+def tied_layers(model: nn.Module) -> dict[str, str]:
+    """``{layer: why}`` for the modules holding a parameter that another module holds too.
+
+    A tied pair (a language model's output head sharing the token embedding's table) is one
+    set of learnables used twice: replacing either side would break the tie and add the
+    factored form's learnables to the shared table, making the network larger.
+    """
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for parameter in module.parameters(recurse=False):
+            owners.setdefault(id(parameter), []).append(name)
+    tied = {}
+    for names in owners.values():
+        for name in names if len(names) > 1 else ():
+            others = ", ".join(repr(other) for other in names if other != name)
+            tied[name] = (f"its weight is tied to {others} (the same tensor): projecting it would break "
+                          "the tie and add learnables; leave it out, or untie the weights first")
+    return tied
 
 
 def select_layers(model: nn.Module, layer_names=None, exclude=None) -> dict[str, nn.Module]:
@@ -129,7 +151,9 @@ def select_layers(model: nn.Module, layer_names=None, exclude=None) -> dict[str,
         valid regular expression, or when ``exclude`` leaves nothing; naming ``model`` when it
         has no projectable layer.
     """
-    candidates = Candidates(projectable_layers(model), why_not_projectable, "projected",
+    tied = {id(model.get_submodule(name)): why for name, why in tied_layers(model).items()}
+    candidates = Candidates(projectable_layers(model),
+                            lambda module: tied.get(id(module)) or why_not_projectable(module), "projected",
                             "Projectable layers", "it lies inside a projected layer",
                             f"model: it has no projectable layer ({supported_names()}).")
     return select(model, candidates, layer_names, exclude)

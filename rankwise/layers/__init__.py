@@ -2,8 +2,9 @@
 
 from rankwise.layers.base import ProjectedLayer
 from rankwise.layers.conv import ProjectedConv
+from rankwise.layers.embedding import ProjectedEmbedding
 from rankwise.layers.linear import ProjectedLinear
 from rankwise.layers.recurrent import ProjectedGRU, ProjectedLSTM, ProjectedRecurrent
 
-__all__ = ["ProjectedLayer", "ProjectedLinear", "ProjectedConv", "ProjectedLSTM", "ProjectedGRU",
+__all__ = ["ProjectedLayer", "ProjectedLinear", "ProjectedConv", "ProjectedEmbedding", "ProjectedLSTM", "ProjectedGRU",
            "ProjectedRecurrent"]

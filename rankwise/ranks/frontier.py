@@ -372,4 +372,4 @@ def _frontier(learnables: np.ndarray, error: np.ndarray) -> np.ndarray:
     return np.append(pareto[learnables[pareto] < learnables[dense]], dense)
 
 
-FRONTIERS = {"dense": _dense_options, "recurrent": _recurrent_options}
+FRONTIERS = {"dense": _dense_options, "embedding": _dense_options, "recurrent": _recurrent_options}

@@ -4,6 +4,7 @@ Each family of :data:`rankwise.kinds.KINDS` has one statistics class, chosen thr
 ``kind_of(layer).family`` (:data:`FAMILIES`):
 
 - ``"dense"``: :class:`~rankwise.statistics.dense.LayerStatistics` (``Linear``, convolutions);
+- ``"embedding"``: :class:`~rankwise.statistics.embedding.EmbeddingStatistics` (``Embedding``);
 - ``"recurrent"``: :class:`~rankwise.statistics.recurrent.RecurrentStatistics` (LSTM, GRU).
 
 Every class answers the same questions: ``for_layer(layer, kind)`` (empty statistics),
@@ -24,12 +25,13 @@ from torch import nn
 from rankwise.kinds import kind_named, kind_of
 from rankwise.moments import Moments
 from rankwise.statistics.dense import LayerStatistics
+from rankwise.statistics.embedding import EmbeddingStatistics
 from rankwise.statistics.recurrent import RecurrentStatistics
 
-FAMILIES = {"dense": LayerStatistics, "recurrent": RecurrentStatistics}
+FAMILIES = {"dense": LayerStatistics, "embedding": EmbeddingStatistics, "recurrent": RecurrentStatistics}
 """The statistics class of each family of :data:`rankwise.kinds.KINDS`."""
 
-Statistics = LayerStatistics | RecurrentStatistics
+Statistics = LayerStatistics | EmbeddingStatistics | RecurrentStatistics
 
 
 def statistics_for(layer: nn.Module) -> Statistics:
@@ -77,5 +79,5 @@ def _restored(value):
     return value
 
 
-__all__ = ["FAMILIES", "LayerStatistics", "RecurrentStatistics", "Statistics", "from_plain",
+__all__ = ["EmbeddingStatistics", "FAMILIES", "LayerStatistics", "RecurrentStatistics", "Statistics", "from_plain",
            "moment_tensors", "statistics_for", "to_plain"]

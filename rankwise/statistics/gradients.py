@@ -33,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rankwise.batches import as_batches, batch_count, default_forward, model_device, move_to, run_batch
+from rankwise.kinds import kind_of
 from rankwise.moments import Moments
 from rankwise.statistics.dense import channel_rows
 
@@ -88,7 +89,8 @@ def gradient_moments(model: nn.Module, data, layers: dict[str, nn.Module], loss_
     forward_fn = forward_fn or default_forward
     device = model_device(model)
     generator = torch.Generator(device=device).manual_seed(seed)
-    moments = {name: Moments.zeros(layer.weight.shape[0], device=device) for name, layer in layers.items()}
+    moments = {name: Moments.zeros(kind_of(layer).weight(layer).shape[0], device=device)
+               for name, layer in layers.items()}
     captured: dict[str, torch.Tensor] = {}
     handles = list(handles) + [layer.register_forward_hook(_capture(name, captured))
                                for name, layer in layers.items()]

@@ -1,0 +1,54 @@
+"""Statistics of an embedding table, seen as a ``Linear`` layer on one-hot tokens.
+
+An ``nn.Embedding`` with table ``E`` (``V x d``) maps token ``t`` to ``y = E[t] = W e_t`` with
+``W = E^T`` (``d x V``) and ``e_t`` the one-hot vector of the token: a ``Linear`` layer without
+bias whose inputs are one-hot. Its statistics are therefore those of
+:class:`~rankwise.statistics.dense.LayerStatistics` with
+
+- output moments over every looked-up token (one row per token position);
+- input moments of the one-hot rows, kept without their ``V x V`` outer product (as for every
+  ``Linear``): ``count = n``, ``sum = `` the token counts, ``square_sum = n`` (each one-hot row
+  has norm 1), gathered with a ``bincount`` instead of materialising the rows;
+- ``W W^T = E^T E``, the Gram of the whole table.
+
+So the thin-data shrinkage of :mod:`rankwise.statistics.spectra` pulls the output covariance
+toward ``s E^T E`` with ``s = tr(C_x) / V = (1 - sum_t p_t^2) / V ~ 1 / V``: the covariance of a
+token drawn uniformly from the whole vocabulary. Directions of tokens that calibration never
+showed keep that prior weight, which is what makes a projected table robust for them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rankwise.moments import Moments
+from rankwise.statistics.dense import LayerStatistics
+
+
+class EmbeddingStatistics(LayerStatistics):
+    """:class:`LayerStatistics` of ``W = E^T`` on one-hot inputs (see the module docstring)."""
+
+    @classmethod
+    def for_layer(cls, layer: nn.Embedding, kind: str) -> "EmbeddingStatistics":
+        table = layer.weight.detach()
+        vocabulary, dim = table.shape
+        gram = (table.T @ table).to(torch.float64)
+        return cls(kind, vocabulary, dim, 1, False, Moments.zeros(vocabulary, table.device, outer=False),
+                   Moments.zeros(dim, table.device), None, gram)
+
+    def hook(self, name: str, layer: nn.Module):
+        """A forward hook adding the looked-up tokens (input) and their embeddings (output)."""
+        def hook(module, args, kwargs, output):
+            tokens = (args[0] if args else next(iter(kwargs.values()))).reshape(-1)
+            counts = torch.bincount(tokens, minlength=self.in_channels).to(torch.float64)
+            self.input.count += len(tokens)
+            self.input.sum += counts
+            self.input.square_sum += len(tokens)
+            self.output.update_of(output.detach().reshape(-1, output.shape[-1]), name, "output activations")
+
+        return hook
+
+    def __add__(self, other: "EmbeddingStatistics") -> "EmbeddingStatistics":
+        total = super().__add__(other)
+        return EmbeddingStatistics(**vars(total))
