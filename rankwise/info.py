@@ -32,6 +32,14 @@ class LayerProjection:
     LSTM or GRU layer the sides are its input and its hidden state, the output variance that of
     its gate pre-activations, and the ranks, for a layer of several cells (stacked layers,
     directions), tuples over the cells ``l0, l0_reverse, l1, ...`` (see :mod:`rankwise.ranks`).
+
+    ``explained_variance`` is an estimate from the calibration statistics, never a measurement:
+    exact on them for an output projection but for the thin-data shrinkage, an estimate
+    (positions treated as independent) for a convolution's input side, and for both sides a
+    lower bound (the two errors are added). ``space`` says where it is measured: ``"output"``
+    (the layer's own output), ``"batchnorm"`` (after the BatchNorm that follows the layer) or
+    ``"fisher"`` (weighted by the Fisher information of the loss, ``criterion="loss"``), and
+    ``error`` is the criterion's estimate (with ``"loss"``, the estimated increase of the loss).
     """
 
     name: str
@@ -44,6 +52,8 @@ class LayerProjection:
     explained_variance: float
     dense_seconds: float | None = None
     projected_seconds: float | None = None
+    space: str = "output"
+    error: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,9 @@ class ProjectionInfo:
     excluded : list of str
         Layers that ``layer_names`` selected and ``exclude`` left out, in model order (empty
         when nothing was excluded).
+    warnings : list of str
+        What the user should know about the outcome (a goal that could not be reached: the
+        maximum that could); each was also issued as a ``UserWarning``.
     """
 
     goal: str
@@ -79,6 +92,7 @@ class ProjectionInfo:
     kept_dense_for_latency: list = field(default_factory=list)
     latency_device: str | None = None
     excluded: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)
 
     @property
     def learnables_reduction(self) -> float:
@@ -104,9 +118,10 @@ class ProjectionInfo:
         dense and projected latencies and a last line the layers kept dense for speed; a line
         lists the layers left out by ``exclude``.
         """
-        header = ("layer", "type", "side", "rank in", "rank out", "learnables", "explained var.")
+        header = ("layer", "type", "side", "rank in", "rank out", "learnables", "explained var. (est.)")
         rows = [(p.name, p.kind, p.side, format_ranks(p.rank_in), format_ranks(p.rank_out),
-                 f"{p.learnables_before:,} -> {p.learnables_after:,}", f"{p.explained_variance:.4f}")
+                 f"{p.learnables_before:,} -> {p.learnables_after:,}",
+                 ("≥" if p.side == "both" else "") + f"{p.explained_variance:.4f}" + _SPACE_MARKS[p.space])
                 for p in self.layers.values()]
         footer = (f"network: {self.learnables_before:,} -> {self.learnables_after:,} learnables "
                   f"({100 * self.learnables_reduction:.1f}% removed), explained variance "
@@ -119,22 +134,42 @@ class ProjectionInfo:
             footer += "\n" + (f"kept dense: not faster on {self.latency_device}: "
                               + ", ".join(self.kept_dense_for_latency) if self.kept_dense_for_latency
                               else f"latency on {self.latency_device}: every projected layer is faster")
+        footer += self._notes()
         if self.excluded:
             footer += "\nexcluded: " + ", ".join(self.excluded)
         return format_table(header, rows, footer=footer)
+
+    def _notes(self) -> str:
+        """The legend of the explained-variance column and the warnings, one line each."""
+        spaces = {p.space for p in self.layers.values()} - {"output"}
+        notes = ["explained variance: estimated from the calibration statistics"
+                 + ("; ≥ marks a lower bound (both sides projected)" if any(
+                     p.side == "both" for p in self.layers.values()) else "")]
+        notes += [_SPACE_LEGENDS[space] for space in sorted(spaces)]
+        if "fisher" in spaces:
+            loss = sum(p.error for p in self.layers.values())
+            notes.append(f"estimated increase of the loss (second order, summed over layers): {loss:.4g}")
+        notes += [f"warning: {warning}" for warning in self.warnings]
+        return "".join("\n" + note for note in notes)
 
     def __str__(self) -> str:
         return self.table()
 
 
+_SPACE_MARKS = {"output": "", "batchnorm": " (bn)", "fisher": " (F)"}
+_SPACE_LEGENDS = {"batchnorm": "(bn): measured after the BatchNorm that follows the layer",
+                  "fisher": "(F): weighted by the Fisher information of the loss (criterion='loss')"}
+
+
 def describe_choice(name: str, layer: nn.Module, choice: RankChoice,
-                    timing: tuple[float, float] | None = None) -> LayerProjection:
+                    timing: tuple[float, float] | None = None, space: str = "output") -> LayerProjection:
     """What choosing ``choice`` for the dense ``layer`` called ``name`` does to it, with its
-    measured ``(dense_seconds, projected_seconds)`` if any."""
+    measured ``(dense_seconds, projected_seconds)`` if any and the ``space`` its explained
+    variance is measured in."""
     return LayerProjection(name, kind_of(layer).name, choice.side, choice.rank_in, choice.rank_out,
                            count_learnables(layer),
                            count_learnables(layer) if choice.side == "dense" else choice.learnables,
-                           choice.explained_variance, *(timing or (None, None)))
+                           choice.explained_variance, *(timing or (None, None)), space, choice.error)
 
 
 def _format_latency(p: LayerProjection, kept_dense: bool) -> str:

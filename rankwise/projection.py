@@ -11,6 +11,7 @@ unless ``inplace=True``; on any error it is left as it was.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -50,6 +51,7 @@ class Decisions:
     kept_dense_for_latency: list = field(default_factory=list)
     latency_device: str | None = None
     excluded: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)
 
 
 def compress_network_using_projection(model: nn.Module, npca_or_data, *,
@@ -187,7 +189,10 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
             layers, options, calls, goal_name, goal, learnables_before, unpack, verbosity)
     decisions = Decisions(f"{goal_name}={goal:g}", choices, goal_reached, timings, kept_dense,
                           None if calls is None else str(latency.device_of(model, latency_input)),
-                          excluded_layers(model, layer_names, layers))
+                          excluded_layers(model, layer_names, layers),
+                          unreached_goal(goal_name, goal, goal_reached, options, learnables_before))
+    for message in decisions.warnings:
+        warnings.warn(message, UserWarning, stacklevel=2)
     compressed, info = build_projected(model, layers, options, decisions, unpack=unpack, inplace=inplace,
                                        correction_data=correction_data, forward_fn=forward_fn,
                                        verbosity=verbosity)
@@ -253,7 +258,8 @@ def build_projected(model: nn.Module, layers: dict, options: dict, decisions: De
     info : ProjectionInfo
     """
     learnables_before = count_learnables(model)
-    projections = {name: describe_choice(name, layer, decisions.choices[name], decisions.timings.get(name))
+    projections = {name: describe_choice(name, layer, decisions.choices[name], decisions.timings.get(name),
+                                         getattr(options[name], "space", "output"))
                    for name, layer in layers.items()}
     compressed = None
     if build and correction_data is not None:
@@ -273,8 +279,19 @@ def build_projected(model: nn.Module, layers: dict, options: dict, decisions: De
                                                    for p in projections.values())
     info = ProjectionInfo(decisions.goal, decisions.goal_reached, learnables_before, learnables_after,
                           projections, list(decisions.kept_dense_for_latency), decisions.latency_device,
-                          list(decisions.excluded))
+                          list(decisions.excluded), list(decisions.warnings))
     return compressed, info
+
+
+def unreached_goal(goal_name: str, goal: float, goal_reached: bool, options: dict,
+                   network_learnables: int) -> list[str]:
+    """``[message]`` naming the maximum when a reduction goal could not be reached, else ``[]``."""
+    if goal_reached:
+        return []
+    most = sum(o.dense_learnables - int(o.learnables.min()) for o in options.values()) / network_learnables
+    return [f"{goal_name}={goal:g} is above what projection can remove from these layers "
+            f"({most:.2%} of the network's learnables, every layer at its smallest useful form); "
+            "that maximum was removed"]
 
 
 def excluded_layers(model: nn.Module, layer_names, layers: dict) -> list[str]:

@@ -116,6 +116,7 @@ class LayerOptions:
     output_mean: torch.Tensor
     side_residuals: dict[str, np.ndarray] = field(default_factory=dict)
     metric: object = None  # the OutputMetric the bases are expressed in (rankwise.metric), or None
+    space: str = "output"  # where the residuals are measured: "output", "batchnorm" or "fisher"
 
     @property
     def dense_learnables(self) -> int:
@@ -193,6 +194,8 @@ def measured_options(model, npca, layers: dict, criterion: str = "variance") -> 
     for name in layers:
         options[name] = layer_options(analysed, name, criterion)
         options[name].metric = metrics.get(name)
+        if name in metrics:
+            options[name].space = "fisher" if criterion == "loss" else "batchnorm"
     return options
 
 

@@ -25,7 +25,8 @@ from rankwise.layers import ProjectedLayer
 from rankwise.learnables import count_learnables
 from rankwise.checks import check_fraction, check_verbosity
 from rankwise.pca import NeuronPCA
-from rankwise.projection import Decisions, ProjectionInfo, build_projected, check_statistics, excluded_layers
+from rankwise.projection import (Decisions, ProjectionInfo, build_projected, check_statistics, excluded_layers,
+                                 unreached_goal)
 from rankwise.ranks import LayerOptions, choose_ranks, measured_options, tradeoff_curve
 from rankwise.report.html import write_html
 from rankwise.report.serialize import report_to_dict, write_json
@@ -296,5 +297,7 @@ def _goal_outcome(model: nn.Module, goal_name: str, goal: float, layers: dict, o
     """The :class:`ProjectionInfo` that compressing with this goal would return (a dry run of
     :func:`~rankwise.projection.build_projected`: no module is built)."""
     choices, goal_reached = choose_ranks(options, goal_name, goal, count_learnables(model))
-    decisions = Decisions(f"{goal_name}={goal:g}", choices, goal_reached, excluded=excluded)
+    decisions = Decisions(f"{goal_name}={goal:g}", choices, goal_reached, excluded=excluded,
+                          warnings=unreached_goal(goal_name, goal, goal_reached, options,
+                                                  count_learnables(model)))
     return build_projected(model, layers, options, decisions, build=False)[1]
