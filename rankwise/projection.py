@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from rankwise import latency
+from rankwise.forms import unpack_forms
 from rankwise.layers import ProjectedConv, ProjectedGRU, ProjectedLayer, ProjectedLinear, ProjectedLSTM
 from rankwise.learnables import count_learnables
 from rankwise.pca import NeuronPCA, check_verbosity, statistics_shape
@@ -241,7 +242,7 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
 
 
 def unpack_projected_layers(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """Replace every :class:`ProjectedLayer` by the equivalent plain torch layers.
+    """Replace every :class:`ProjectedLayer` (every compressed form) by the equivalent plain torch layers.
 
     Counterpart of MATLAB's ``unpackProjectedLayers``: each wrapper becomes an
     ``nn.Sequential`` of ``nn.Linear`` / ``nn.ConvNd`` layers computing the same outputs.
@@ -260,15 +261,7 @@ def unpack_projected_layers(model: nn.Module, inplace: bool = False) -> nn.Modul
     -------
     torch.nn.Module
     """
-    if isinstance(model, ProjectedLayer):
-        return (model if inplace else copy.deepcopy(model)).unpack()
-    unpacked = model if inplace else copy.deepcopy(model)
-    names = [name for name, m in unpacked.named_modules() if isinstance(m, ProjectedLayer)]
-    for name in names:
-        if any(name.startswith(outer + ".") for outer in names):
-            continue
-        unpacked.set_submodule(name, unpacked.get_submodule(name).unpack())
-    return unpacked
+    return unpack_forms(model, inplace)  # every compressed form, TruncatedConv too
 
 
 def choose_ranks(options: dict[str, LayerOptions], goal_name: str, goal: float,

@@ -9,6 +9,7 @@ from torch import nn
 
 import rankwise as rw
 from conftest import assert_unchanged, make_batches, state_of, tiny_cnn
+from rankwise import forms
 from rankwise import io as rankwise_io
 
 DENSE_LAYERS = {
@@ -121,8 +122,9 @@ def test_new_wrapper_types_plug_into_the_registry():
     class ProjectedToy(rw.ProjectedLinear):
         pass
 
-    registry = rankwise_io.wrapper_types()
-    assert {"ProjectedLinear", "ProjectedConv", "ProjectedToy"} <= set(registry)
+    registry = forms.form_types()
+    assert {"ProjectedLinear", "ProjectedConv", "ProjectedLSTM", "ProjectedGRU", "TruncatedConv",
+            "ProjectedToy"} <= set(registry)
     assert registry["ProjectedToy"] is ProjectedToy
 
 
@@ -145,8 +147,10 @@ def test_errors_name_the_argument_and_leave_the_model_untouched(tmp_path):
     assert_unchanged(wrong, snapshot)
     with pytest.raises(ValueError, match="model: it has no layer '0'"):
         rw.load(path, model=nn.Sequential())
-    with pytest.raises(ValueError, match="model: its layer '0' is already projected"):
+    with pytest.raises(ValueError, match="model: its layer '0' is already compressed"):
         rw.load(path, model=model)
+    with pytest.raises(ValueError, match="info: expected the ProjectionInfo"):
+        rw.save(model, path, info={"goal": 0.5})
 
     text = tmp_path / "notes.txt"
     text.write_text("not a model")
@@ -221,3 +225,35 @@ def test_recurrent_round_trip_is_bit_exact(tmp_path, dense_type, kwargs):
     assert spec["type"] == f"Projected{dense_type.__name__}" and not spec["unpacked"]
     for loaded in (rw.load(path, model=Recurrent(dense_type, **kwargs)), rw.load(path)):
         assert_identical(loaded.eval(), net, data[1])
+
+
+def test_version_1_files_still_load(tmp_path):
+    """A file as rankwise 0.1 wrote it: format_version 1, no "shapes"."""
+    model = projected_model("linear", "both", unpacked=False)
+    spec = {"format": "rankwise-model", "format_version": 1, "rankwise_version": "0.1.0",
+            "learnables": rw.count_learnables(model),
+            "layers": {"0": {"type": "ProjectedLinear", "rank_in": 4, "rank_out": 5, "unpacked": False}},
+            "aliases": {}, "projection": None}
+    path = tmp_path / "v1.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path,
+              metadata={"rankwise": json.dumps(spec)})
+    assert rankwise_io.read_spec(path)["shapes"] == {}
+    assert_identical(rw.load(path, model=architecture("linear")), model, torch.randn(4, 10))
+    spec["format_version"] = 7
+    save_file({"w": torch.zeros(1)}, path, metadata={"rankwise": json.dumps(spec)})
+    with pytest.raises(ValueError, match="path: .* version 7; this rankwise reads 'rankwise-model' versions 1, 2"):
+        rw.load(path)
+
+
+def test_resized_layers_are_rebuilt_from_the_shape_spec(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 7), nn.BatchNorm1d(7), nn.Linear(7, 3)).eval()
+    evolved = nn.Sequential(nn.Linear(10, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)).eval()
+    path = tmp_path / "evolved.safetensors"
+    rw.save(evolved, path)
+    assert rankwise_io.read_spec(path)["shapes"]["1"] == {"type": "BatchNorm1d", "num_features": 5}
+    snapshot = state_of(model)
+    assert_identical(rw.load(path, model=model), evolved, torch.randn(4, 10))
+    assert_unchanged(model, snapshot)
+    with pytest.raises(ValueError, match="model: the file holds a BatchNorm1d '1', but model has a ReLU"):
+        rw.load(path, model=nn.Sequential(nn.Linear(10, 7), nn.ReLU(), nn.Linear(7, 3)))
