@@ -3,7 +3,8 @@
 Each :class:`Case` names a model factory (the structures of :mod:`structures`: chains, residual
 additions, concatenations, a flatten into a Linear, a module used twice, recurrent layers), one
 batch shape and a *method*: project with either goal (packed or unpacked), truncate with a cut,
-Tucker, CP or a tensor train, evolve widths (grow, shrink), compress incrementally. The tester
+Tucker, CP or a tensor train, evolve widths (grow, shrink), compress incrementally, or all of
+evolve, truncate and project in one model. The tester
 checks, for every row:
 
 1. the input model is unchanged (structure and every tensor of its state, bit for bit);
@@ -32,7 +33,8 @@ import torch
 from torch import nn
 
 import rankwise as rw
-from conftest import SequenceModel, assert_unchanged, make_batches, state_of, tiny_cnn, tiny_mlp
+from conftest import (SequenceModel, assert_identical, assert_unchanged, make_batches, state_of, tiny_cnn,
+                      tiny_mlp)
 from evolve_helpers import outputs
 from rankwise.forms import compressed_forms, form_spec, form_types, unpack_forms
 from rankwise.rnn import cell_input_sizes
@@ -110,14 +112,33 @@ def _full_ranks(spec, dense):
     return {**spec, **full}
 
 
-def truncate(method_name, **options):
-    """truncate_kernels; exact (for cuts, Tucker, trains): the same call keeping the whole norm."""
+def truncate(method_name, calibrated=False, **options):
+    """truncate_kernels (on the batches when ``calibrated``: a bias is added to a layer without
+    one); exact (for cuts, Tucker, trains): the same call keeping the whole norm."""
     def method(model, data):
-        net, info = rw.truncate_kernels(model, method_name, **options, verbosity="off")
-        return net, Outcome(info.learnables_after,
-                            {n: t.learnables_after for n, t in info.layers.items()},
-                            {n: {"method": method_name, "ranks": list(t.ranks)} for n, t in info.layers.items()})
+        net, info = rw.truncate_kernels(model, method_name, **options, verbosity="off",
+                                        calibration=data if calibrated else None)
+        return net, truncation_outcome(info)
     return method
+
+
+def truncation_outcome(info, learnables=None):
+    return Outcome(info.learnables_after if learnables is None else learnables,
+                   {n: t.learnables_after for n, t in info.layers.items()},
+                   {n: {"method": t.method, "ranks": list(t.ranks)} for n, t in info.layers.items()})
+
+
+def mixed(model, data):
+    """Evolve (grow the first width), then truncate one convolution, then project the head."""
+    evolved = copy.deepcopy(model)
+    rw.WidthEvolver(evolved, data[0][:1], verbosity="off").grow("0", 2)
+    truncated, truncation = rw.truncate_kernels(evolved, "tt", order="hiwo", ranks=(2, 4, 3),
+                                                layer_names=["2"], verbosity="off")
+    net, projection = rw.compress_network_using_projection(truncated, data, layer_names=["5"],
+                                                           explained_variance_goal=0.9, verbosity="off")
+    outcome = truncation_outcome(truncation, projection.learnables_after)
+    outcome.layers["5"] = projection.layers["5"].learnables_after
+    return net, outcome
 
 
 def truncated_at_full_rank(method_name, **options):
@@ -255,6 +276,8 @@ TEST_CASES = {
                        exact=truncated_at_full_rank("tt", layer_names=["block1.conv1", "block2.conv2"])),
     "tucker-concat": row(CONCAT, truncate("tucker", modes="oihw", ranks=(3, 4, 2, 2), layer_names=["mix"]),
                          exact=truncated_at_full_rank("tucker", modes="oihw", layer_names=["mix"])),
+    "cut-residual-calibrated": row(RESIDUAL, truncate("cut", calibrated=True, ranks=2,
+                                                      layer_names=["block1.conv2", "block2.conv1"])),
     # width evolution: growing is exact, shrinking only what is dead is exact --------------------
     "grow-chain": row(CHAIN, evolve("grow", **{"0": 5, "3": 5, "5": 5}), exact=lambda o, net: net, atol=1e-12,
                       train_mode=True, expect={"widths": {"0": 21, "3": 17, "5": 13}}),
@@ -308,8 +331,9 @@ TEST_CASES = {
     "shrink-duplicate-residual": row(
         (with_changes(residual_net, duplicated_block_channel), RESIDUAL[1]), evolve("shrink", TINY_TOLERANCE),
         exact=lambda o, net: net, atol=1e-7, expect={"changed": {"block1.conv1": (10, 9)}}),
-    # layer by layer with fine-tuning ------------------------------------------------------------
+    # layer by layer with fine-tuning; every form in one model -----------------------------------
     "incremental-mlp": row(MLP, incremental),
+    "mixed-cnn": row(CNN, mixed),
 }
 
 
@@ -359,13 +383,7 @@ def assert_save_load_bit_exact(model, architecture, x, path):
     snapshot = state_of(architecture)
     loaded = rw.load(path, model=architecture)
     assert_unchanged(architecture, snapshot)
-    assert repr(loaded) == repr(model)
-    ours, theirs = loaded.state_dict(), model.state_dict()
-    assert ours.keys() == theirs.keys()
-    for key, value in theirs.items():
-        assert ours[key].dtype == value.dtype and torch.equal(ours[key], value), key
-    with torch.no_grad():
-        assert torch.equal(loaded.eval()(x), model.eval()(x))
+    assert_identical(loaded.eval(), model.eval(), x)
 
 
 def assert_onnx_matches(model, x, path):

@@ -8,9 +8,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 import rankwise as rw
-from conftest import assert_unchanged, make_batches, state_of, tiny_cnn
+from conftest import assert_identical, assert_unchanged, make_batches, state_of, tiny_cnn
 from rankwise import forms
 from rankwise import io as rankwise_io
+from structures import Recurrent
 
 DENSE_LAYERS = {
     "linear": (lambda: nn.Linear(10, 7), (4, 10)),
@@ -43,16 +44,6 @@ def projected_model(kind, side, unpacked):
     projected = cls.from_dense(dense, **basis)
     model[0] = projected.unpack() if unpacked else projected
     return model
-
-
-def assert_identical(loaded, original, x):
-    assert repr(loaded) == repr(original)
-    ours, theirs = loaded.state_dict(), original.state_dict()
-    assert ours.keys() == theirs.keys()
-    for key, value in theirs.items():
-        assert ours[key].dtype == value.dtype and torch.equal(ours[key], value), key
-    with torch.no_grad():
-        assert torch.equal(loaded(x), original(x))
 
 
 @pytest.mark.parametrize("kind, side", [(kind, side) for kind in DENSE_LAYERS for side in RANKS])
@@ -196,18 +187,6 @@ def test_model_without_stored_architecture_needs_the_original(tmp_path):
         rw.load(path)
     x = make_batches((2, 3, 8, 8))[0]
     assert torch.equal(rw.load(path, model=local_model())(x), model(x))
-
-
-class Recurrent(nn.Module):
-    """An LSTM or GRU over (N, T, D) sequences, a linear head on its last outputs."""
-
-    def __init__(self, dense_type, **kwargs):
-        super().__init__()
-        self.rnn = dense_type(6, 12, batch_first=True, **kwargs)
-        self.head = nn.Linear(12 * (2 if kwargs.get("bidirectional") else 1), 4)
-
-    def forward(self, x):
-        return self.head(self.rnn(x)[0][:, -1])
 
 
 @pytest.mark.parametrize("dense_type, kwargs", [(nn.LSTM, {}),
