@@ -145,4 +145,4 @@ def lstm_net():
 
 def gru_net():
     torch.manual_seed(0)
-    return Recurrent(nn.GRU, num_layers=2, bidirectional=True).eval()
+    return Recurrent(nn.GRU, bidirectional=True).eval()
