@@ -12,7 +12,7 @@ from rankwise.projection import unpack_projected_layers
 
 def export_onnx(model: nn.Module, path, example_input: torch.Tensor, *,
                 dynamic_batch: bool = True) -> None:
-    """Write ``model`` to ``path`` as ONNX, its projected wrappers unpacked into plain layers.
+    """Write ``model`` to ``path`` as ONNX, its compressed forms unpacked into plain layers.
 
     A copy of the model is unpacked (:func:`~rankwise.unpack_projected_layers`, so the graph
     holds only ``Linear`` / ``Conv`` nodes) and exported in eval mode with

@@ -254,7 +254,12 @@ def _rebuild(skeleton: nn.Module, layers: dict) -> nn.Module:
             raise ValueError(f"path: layer {name!r} is a {spec['type']!r}, which is not a known "
                              f"compressed form (known: {', '.join(registry)}); import the "
                              "module that defines it before loading.")
-        replacement = registry[spec["type"]].from_spec(dense, spec)
+        try:
+            replacement = registry[spec["type"]].from_spec(dense, spec)
+        except (AttributeError, TypeError, ValueError, RuntimeError) as error:
+            raise ValueError(f"model: its layer {name!r} ({type(dense).__name__}) cannot become the "
+                             f"file's {spec['type']} ({_gist(error)}). Pass the architecture the saved "
+                             "model was compressed from.") from None
         skeleton = _replaced(skeleton, name, replacement.unpack() if spec["unpacked"] else replacement)
     return skeleton
 

@@ -136,6 +136,8 @@ def test_errors_name_the_argument_and_leave_the_model_untouched(tmp_path):
     with pytest.raises(ValueError, match="model: it does not match the file"):
         rw.load(path, model=wrong)
     assert_unchanged(wrong, snapshot)
+    with pytest.raises(ValueError, match=r"model: its layer '0' \(ReLU\) cannot become the file's"):
+        rw.load(path, model=nn.Sequential(nn.ReLU(), nn.Tanh()))
     with pytest.raises(ValueError, match="model: it has no layer '0'"):
         rw.load(path, model=nn.Sequential())
     with pytest.raises(ValueError, match="model: its layer '0' is already compressed"):
