@@ -123,21 +123,41 @@ def size_attributes(module: nn.Module) -> tuple[str, ...]:
 
 
 def shape_spec(model: nn.Module) -> dict[str, dict]:
-    """The sizes of the resizable layers of ``model`` outside its forms, by qualified name.
+    """The sizes of the resizable layers of ``model``, by qualified name, read from the layers.
 
     ``{"conv1": {"type": "Conv2d", "in_channels": 3, "out_channels": 12}, "bn1": {"type":
-    "BatchNorm2d", "num_features": 12}, ...}``: read from the layers themselves, so a model
-    whose widths changed in place (by :class:`~rankwise.WidthEvolver` or by hand, keeping the
-    attributes in step with the parameters) is described without knowing how it changed.
+    "BatchNorm2d", "num_features": 12}, ...}``: every Linear, convolution and BatchNorm outside
+    the compressed forms, and for each form made of such layers (projected Linear / conv,
+    truncated conv, packed or unpacked) the sizes of the dense layer it replaced (the inputs of
+    its first layer, the outputs of its last). A model whose widths changed in place (by
+    :class:`~rankwise.WidthEvolver`, or by hand keeping attributes and parameters in step) is
+    described without knowing how it changed.
     """
-    inside = {id(m) for form in compressed_forms(model).values() for m in form.modules()}
-    return {name: {"type": type(module).__name__, **{a: getattr(module, a) for a in attributes}}
-            for name, module in model.named_modules()
-            if id(module) not in inside and (attributes := size_attributes(module))}
+    forms = compressed_forms(model)
+    inside = {id(m) for form in forms.values() for m in form.modules()}
+    shapes = {name: _sizes(module, module, module) for name, module in model.named_modules()
+              if id(module) not in inside and size_attributes(module)}
+    for name, form in forms.items():
+        layers = list(form.children())
+        family = size_attributes(layers[0]) if layers else ()
+        if family and all(size_attributes(layer) == family for layer in layers):
+            shapes[name] = _sizes(layers[0], layers[0], layers[-1])
+    return {name: shapes[name] for name in dict(model.named_modules()) if name in shapes}
 
 
-def resize_to(model: nn.Module, shapes: dict[str, dict], tensor_shapes: dict[str, tuple]) -> None:
+def _sizes(kind: nn.Module, first: nn.Module, last: nn.Module) -> dict:
+    """``{"type": ..., <input size>: of first, <output size>: of last}`` (one size for a BatchNorm)."""
+    attributes = size_attributes(kind)
+    return {"type": type(kind).__name__, attributes[0]: getattr(first, attributes[0]),
+            **{attribute: getattr(last, attribute) for attribute in attributes[1:]}}
+
+
+def resize_to(model: nn.Module, shapes: dict[str, dict]) -> None:
     """Give the layers of ``model`` (parameters on ``meta``) the sizes in ``shapes``, in place.
+
+    A resized layer's parameters and buffers become ``meta`` tensors of the shapes its new
+    sizes imply (:func:`tensor_shapes`), ready for ``load_state_dict(..., assign=True)`` or
+    for a form's ``from_spec``.
 
     Parameters
     ----------
@@ -145,9 +165,6 @@ def resize_to(model: nn.Module, shapes: dict[str, dict], tensor_shapes: dict[str
         A weightless skeleton (see :func:`rankwise.io.load`).
     shapes : dict
         A :func:`shape_spec`; layers already of those sizes are left alone.
-    tensor_shapes : dict of str to tuple of int
-        The shape of each tensor of the state dict to be loaded: the resized layers' parameters
-        and buffers become ``meta`` tensors of those shapes.
 
     Raises
     ------
@@ -161,12 +178,29 @@ def resize_to(model: nn.Module, shapes: dict[str, dict], tensor_shapes: dict[str
         for attribute, value in sizes.items():
             if attribute != "type":
                 setattr(layer, attribute, value)
+        expected = tensor_shapes(layer)
         for key, tensor in [*layer.named_parameters(recurse=False), *layer.named_buffers(recurse=False)]:
-            shape = tensor_shapes.get(f"{name}.{key}" if name else key)
-            if shape is not None and tuple(tensor.shape) != tuple(shape):
-                resized = torch.empty(shape, dtype=tensor.dtype, device="meta")
+            if key in expected and tuple(tensor.shape) != expected[key]:
+                resized = torch.empty(expected[key], dtype=tensor.dtype, device="meta")
                 setattr(layer, key, nn.Parameter(resized, tensor.requires_grad)
                         if isinstance(tensor, nn.Parameter) else resized)
+
+
+def tensor_shapes(layer: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The shapes of a Linear's, convolution's or BatchNorm's tensors implied by its size attributes.
+
+    Linear: ``weight (out, in)``; convolution: ``weight (out, in / groups, *kernel)``
+    (transposed: ``(in, out / groups, *kernel)``); both ``bias (out,)``; BatchNorm: ``(C,)`` for
+    ``weight``, ``bias``, ``running_mean`` and ``running_var``.
+    """
+    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+        return dict.fromkeys(("weight", "bias", "running_mean", "running_var"), (layer.num_features,))
+    inputs, outputs = (getattr(layer, a) for a in size_attributes(layer))
+    if isinstance(layer, nn.Linear):
+        return {"weight": (outputs, inputs), "bias": (outputs,)}
+    kernel = tuple(layer.kernel_size)
+    weight = ((inputs, outputs // layer.groups) if layer.transposed else (outputs, inputs // layer.groups))
+    return {"weight": (*weight, *kernel), "bias": (outputs,)}
 
 
 def _layer(model: nn.Module, name: str, kind: str) -> nn.Module:

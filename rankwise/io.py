@@ -123,7 +123,7 @@ def load(path, model: nn.Module | None = None) -> nn.Module:
     state.update({alias: state[key] for alias, key in spec["aliases"].items()})
     if model is not None:
         skeleton = _skeleton(model)
-        resize_to(skeleton, spec["shapes"], {key: tensor.shape for key, tensor in state.items()})
+        resize_to(skeleton, spec["shapes"])
         skeleton = _rebuild(skeleton, spec["layers"])
     else:
         skeleton = _unpickled_skeleton(metadata, path)

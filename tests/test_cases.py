@@ -133,15 +133,17 @@ def truncation_outcome(info, learnables=None):
 
 
 def mixed(model, data):
-    """Evolve (grow the first width), then truncate one convolution, then project the head."""
+    """Evolve (grow the first width), then truncate the grown convolution and project the one
+    it feeds and the head: forms on resized layers."""
     evolved = copy.deepcopy(model)
     rw.WidthEvolver(evolved, data[0][:1], verbosity="off").grow("0", 2)
-    truncated, truncation = rw.truncate_kernels(evolved, "tt", order="hiwo", ranks=(2, 4, 3),
-                                                layer_names=["2"], verbosity="off")
-    net, projection = rw.compress_network_using_projection(truncated, data, layer_names=["5"],
-                                                           explained_variance_goal=0.9, verbosity="off")
+    truncated, truncation = rw.truncate_kernels(evolved, "tt", order="hiwo", ranks=(2, 3, 4),
+                                                layer_names=["0"], verbosity="off")
+    net, projection = rw.compress_network_using_projection(truncated, data, layer_names=["2", "5"],
+                                                           learnables_reduction_goal=0.3, verbosity="off")
     outcome = truncation_outcome(truncation, projection.learnables_after)
-    outcome.layers["5"] = projection.layers["5"].learnables_after
+    outcome.layers.update({name: projection.layers[name].learnables_after for name in projection.layer_names})
+    outcome.facts["projected"] = projection.layer_names
     return net, outcome
 
 
@@ -341,7 +343,7 @@ TEST_CASES = {
         exact=lambda o, net: net, atol=1e-7, expect={"changed": {"block1.conv1": (10, 9)}}, onnx=False),
     # layer by layer with fine-tuning; every form in one model -----------------------------------
     "incremental-mlp": row(MLP, incremental),
-    "mixed-cnn": row(CNN, mixed),
+    "mixed-cnn": row(CNN, mixed, expect={"projected": ["2", "5"]}),
 }
 
 
