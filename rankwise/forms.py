@@ -172,7 +172,7 @@ def resize_to(model: nn.Module, shapes: dict[str, dict]) -> None:
         Naming ``model`` when it lacks a layer of ``shapes`` or has one of another type.
     """
     for name, sizes in shapes.items():
-        layer = _layer(model, name, sizes["type"])
+        layer = original_layer(model, name, f"a {sizes['type']}", sizes["type"])
         if all(getattr(layer, a) == v for a, v in sizes.items() if a != "type"):
             continue
         for attribute, value in sizes.items():
@@ -203,13 +203,22 @@ def tensor_shapes(layer: nn.Module) -> dict[str, tuple[int, ...]]:
     return {"weight": (*weight, *kernel), "bias": (outputs,)}
 
 
-def _layer(model: nn.Module, name: str, kind: str) -> nn.Module:
+def original_layer(model: nn.Module, name: str, held: str, kind: str | None = None) -> nn.Module:
+    """Layer ``name`` of ``model``, the original architecture given to :func:`rankwise.load`.
+
+    Raises a ``ValueError`` naming ``model`` when it has no such layer, when the layer is
+    already a compressed form, or (with ``kind``) when it is not of type ``kind``; ``held``
+    says what the file holds there (e.g. ``"a ProjectedConv"``).
+    """
+    advice = "Pass the architecture the saved model was compressed or resized from."
     try:
         layer = model.get_submodule(name)
     except AttributeError:
-        layer = None
-    if type(layer).__name__ != kind:
-        found = "none" if layer is None else f"a {type(layer).__name__}"
-        raise ValueError(f"model: the file holds a {kind} {name!r}, but model has {found} there. "
-                         "Pass the architecture the saved model was compressed or resized from.")
+        raise ValueError(f"model: it has no layer {name!r}, where the file holds {held}. {advice}") from None
+    if form_spec(layer) is not None:
+        raise ValueError(f"model: its layer {name!r} is already compressed ({type(layer).__name__})."
+                         " Pass the uncompressed architecture (or load without model=).")
+    if kind is not None and type(layer).__name__ != kind:
+        raise ValueError(f"model: its layer {name!r} is a {type(layer).__name__}, where the file "
+                         f"holds {held}. {advice}")
     return layer

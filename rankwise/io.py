@@ -47,7 +47,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rankwise.forms import compressed_forms, form_spec, form_types, resize_to, shape_spec
+from rankwise.forms import (compressed_forms, form_spec, form_types, original_layer, resize_to,
+                            shape_spec)
 from rankwise.learnables import count_learnables
 from rankwise.projection import LayerProjection, ProjectionInfo
 
@@ -249,7 +250,7 @@ def _rebuild(skeleton: nn.Module, layers: dict) -> nn.Module:
     """``skeleton`` with each named dense layer replaced as the spec says."""
     registry = form_types()
     for name, spec in layers.items():
-        dense = _dense_layer(skeleton, name, spec)
+        dense = original_layer(skeleton, name, f"a {spec['type']}")
         if spec["type"] not in registry:
             raise ValueError(f"path: layer {name!r} is a {spec['type']!r}, which is not a known "
                              f"compressed form (known: {', '.join(registry)}); import the "
@@ -262,19 +263,6 @@ def _rebuild(skeleton: nn.Module, layers: dict) -> nn.Module:
                              "model was compressed from.") from None
         skeleton = _replaced(skeleton, name, replacement.unpack() if spec["unpacked"] else replacement)
     return skeleton
-
-
-def _dense_layer(model: nn.Module, name: str, spec: dict) -> nn.Module:
-    try:
-        layer = model.get_submodule(name)
-    except AttributeError:
-        raise ValueError(f"model: it has no layer {name!r}, which the file replaced by a "
-                         f"{spec['type']}. Pass the architecture the saved model was compressed "
-                         "from.") from None
-    if form_spec(layer) is not None:
-        raise ValueError(f"model: its layer {name!r} is already compressed ({type(layer).__name__})."
-                         " Pass the uncompressed architecture (or load without model=).")
-    return layer
 
 
 def _replaced(root: nn.Module, name: str, module: nn.Module) -> nn.Module:

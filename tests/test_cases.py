@@ -285,7 +285,8 @@ TEST_CASES = {
     "project-lr-lstm": row(LSTM, project(LR, 0.5), exact=projected_at_full_rank),
     "project-ev-gru-unpacked": row(GRU, project(EV, 0.9, unpack=True), exact=projected_at_full_rank),
     # kernel truncation, every method ----------------------------------------------------------
-    "cut-cnn": row(CNN, truncate("cut", cut="oh|iw", ranks=2), exact=truncated_at_full_rank("cut", cut="oh|iw")),
+    "cut-cnn": row(CNN, truncate("cut", cut="oh|iw", ranks=2),
+                   exact=truncated_at_full_rank("cut", cut="oh|iw")),
     "tucker-cnn": row(CNN, truncate("tucker", ranks=(4, 2)), exact=truncated_at_full_rank("tucker")),
     "cp-cnn": row(CNN, truncate("cp", ranks=3)),
     "tt-cnn": row(CNN, truncate("tt", order="hiwo", ranks=(2, 3, 2)),
