@@ -42,9 +42,6 @@ from rankwise.rnn import cell_input_sizes
 from structures import (average_pool_net, chain, concat_net, gru_net, lstm_net, max_pool_net,
                         residual_net, shared_net)
 
-ort = pytest.importorskip("onnxruntime")
-
-
 @dataclass
 class Outcome:
     """What a method reported: network learnables, and per built layer its learnables and the
@@ -408,6 +405,7 @@ def assert_save_load_bit_exact(model, architecture, x, path):
 
 
 def assert_onnx_matches(model, x, path):
+    ort = pytest.importorskip("onnxruntime")  # the last step: every other check has run
     single = copy.deepcopy(model).float().eval()
     x = x.float()
     rw.export_onnx(single, path, x)
