@@ -123,7 +123,7 @@ def run_compress(args) -> None:
 
 
 def run_info(args) -> None:
-    """``rankwise info``: the spec, tensors and projection kept in a rankwise file."""
+    """``rankwise info``: the compressed forms, layer sizes, tensors and projection of a rankwise file."""
     spec = _library(rankwise_io.read_spec, _readable(args.file, "FILE"), argument="FILE")
     tensors = rankwise_io.stored_tensors(args.file)
     dtypes = sorted({dtype for dtype, _ in tensors.values()})
@@ -133,18 +133,34 @@ def run_info(args) -> None:
           f"{spec['rankwise_version']})")
     print(f"learnables: {spec['learnables']:,} in {len(tensors)} tensors "
           f"({', '.join(dtypes) or '-'}); architecture {architecture}")
-    layers = spec["layers"]
-    if layers:
-        rows = [[name, s["type"], format_ranks(s["rank_in"]), format_ranks(s["rank_out"]),
-                 "unpacked" if s["unpacked"] else "wrapper"] for name, s in layers.items()]
-        print(format_table(["layer", "type", "rank in", "rank out", "form"], rows))
+    if spec["layers"]:
+        rows = [[name, s["type"], "unpacked" if s["unpacked"] else "wrapper", *_form_details(s)]
+                for name, s in spec["layers"].items()]
+        print(format_table(["layer", "type", "form", "method", "ranks"], rows))
     else:
-        print("no projected layer")
+        print("no compressed form (no projected or truncated layer)")
+    if spec["shapes"]:
+        rows = [[name, sizes["type"], ", ".join(f"{k}={v}" for k, v in sizes.items() if k != "type")]
+                for name, sizes in spec["shapes"].items()]
+        print(format_table(["layer", "type", "sizes"], rows,
+                           "layer sizes (evolved widths included): load(model=) resizes to these"))
     info = rankwise_io.projection_info(spec)
     if info is not None:
         print(f"projection ({info.goal}): {info.learnables_before:,} -> {info.learnables_after:,} "
               f"learnables ({info.learnables_reduction:.1%} removed), explained variance "
               f"{info.explained_variance:.4f}")
+
+
+def _form_details(spec: dict) -> tuple[str, str]:
+    """``(method, ranks)`` of a compressed form's spec: a projection's sides and ranks, a
+    truncation's method, structure and bond ranks."""
+    if "method" in spec:
+        return f"{spec['method']} {spec['structure']}", ",".join(map(str, spec["ranks"]))
+    ranks = {side: spec[f"rank_{side}"] for side in ("in", "out")}
+    projected = [side for side, r in ranks.items()
+                 if any(rank is not None for rank in (r if isinstance(r, list) else [r]))]
+    side = {("in",): "input", ("out",): "output"}.get(tuple(projected), "both")
+    return f"projection ({side})", f"in {format_ranks(ranks['in'])}, out {format_ranks(ranks['out'])}"
 
 
 def read_model(path: str) -> nn.Module:

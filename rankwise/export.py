@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from rankwise.layers import ProjectedGRU, ProjectedLSTM
-from rankwise.pca import check_verbosity
+from rankwise.checks import check_verbosity
 from rankwise.projection import unpack_projected_layers
 
 OPSET = 20
@@ -34,9 +34,9 @@ def export_onnx(model: nn.Module, path, example_input: torch.Tensor, *, dynamic_
                 verbosity: str = "summary") -> str:
     """Write ``model`` to ``path`` as one self-contained ONNX file of plain layers.
 
-    A copy of the model is made plain: its projected wrappers unpacked
+    A copy of the model is made plain: its compressed forms unpacked
     (:func:`~rankwise.unpack_projected_layers`, so the graph holds only ``Linear`` / ``Conv``
-    nodes) and each :class:`~rankwise.layers.ProjectedLSTM` / ``ProjectedGRU`` replaced by its
+    / ``Embedding`` nodes) and each :class:`~rankwise.layers.ProjectedLSTM` / ``ProjectedGRU`` replaced by its
     ``to_dense()`` (the ``nn.LSTM`` / ``nn.GRU`` with the rebuilt weights ``W Q Q^T``, which
     computes the same outputs; the projected recurrence has no ONNX form). The copy is
     exported in eval mode with ``torch.onnx.export(dynamo=True)``; where that exporter fails,

@@ -6,26 +6,32 @@ A file written by :func:`save` is one safetensors file:
   (tied weights) is stored once and named in the spec's ``aliases``;
 - its metadata ``"rankwise"`` is the *spec*, plain JSON saying what was replaced by what::
 
-      {"format": "rankwise-model", "format_version": 1, "rankwise_version": "0.1.0",
+      {"format": "rankwise-model", "format_version": 2, "rankwise_version": "0.1.0",
        "learnables": 81290,
        "layers": {"7": {"type": "ProjectedLinear", "rank_in": null, "rank_out": 24,
-                        "unpacked": false}, ...},
+                        "unpacked": false},
+                  "3": {"type": "TruncatedConv", "method": "tt", "ranks": [2, 3], ...}, ...},
+       "shapes": {"0": {"type": "Conv2d", "in_channels": 3, "out_channels": 12}, ...},
        "aliases": {"head.weight": "embed.weight"},
        "projection": {...}}        # the ProjectionInfo given to save, or null
 
-  Each entry of ``layers`` is :meth:`ProjectedLayer.spec` of a wrapper, or of an unpacked
-  wrapper (the ``nn.Sequential`` of plain layers that :meth:`ProjectedLayer.unpack` returns,
-  ``"unpacked": true``);
+  Each entry of ``layers`` is the ``spec()`` of a compressed form (:mod:`rankwise.forms`:
+  projected, recurrent or truncated), packed or unpacked (``"unpacked": true``: the plain
+  layers its ``unpack()`` returned). ``shapes`` is :func:`rankwise.forms.shape_spec`: the
+  sizes of the resizable plain layers (Linear, convolutions, BatchNorm), so that widths
+  changed in place (by :class:`~rankwise.WidthEvolver`) are rebuilt too. Version 1 files,
+  written before ``shapes`` existed, are read as having none;
 - its metadata ``"rankwise_architecture"`` (unless ``include_architecture=False``) is the
   model's structure without its weights (parameters on the ``meta`` device), pickled by
   ``torch.save`` and base64-encoded: the fallback for loading without the original code.
 
-:func:`load` with ``model``, the original uncompressed architecture, rebuilds the compressed
-structure from the spec alone, ``WRAPPER_TYPES()[type].from_spec(layer, spec)`` for each named
-layer, and reads the weights: nothing is unpickled. Without ``model`` it unpickles the
-stored architecture, which runs code from the file (as ``torch.load(weights_only=False)``
-does): use that only on files you trust. Either way the weights are the stored tensors
-themselves, so the round trip is bit-exact.
+:func:`load` with ``model``, the original uncompressed architecture, rebuilds the structure
+from the spec alone: the plain layers are given the recorded sizes, then each named layer is
+replaced by ``form_types()[type].from_spec(layer, spec)`` (unpacked where the spec says so), and
+the weights are read: nothing is unpickled. Without ``model`` it unpickles the stored
+architecture, which runs code from the file (as ``torch.load(weights_only=False)`` does): use
+that only on files you trust. Either way the weights are the stored tensors themselves, so
+the round trip is bit-exact.
 """
 
 from __future__ import annotations
@@ -41,44 +47,21 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rankwise.layers import ProjectedLayer
+from rankwise.forms import (compressed_forms, form_spec, form_types, original_layer, resize_to,
+                            shape_spec)
 from rankwise.learnables import count_learnables
 from rankwise.projection import LayerProjection, ProjectionInfo
 
 FORMAT = "rankwise-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 SPEC_KEY = "rankwise"
 ARCHITECTURE_KEY = "rankwise_architecture"
 
 
-def wrapper_types() -> dict[str, type]:
-    """The registry: spec ``"type"`` -> :class:`ProjectedLayer` subclass.
-
-    Every subclass defined so far is in it, under its class name: a new wrapper plugs into
-    :func:`save` / :func:`load` by subclassing :class:`ProjectedLayer` (and being imported).
-    """
-    types, pending = {}, [ProjectedLayer]
-    while pending:
-        for subclass in pending.pop().__subclasses__():
-            types[subclass.__name__] = subclass
-            pending.append(subclass)
-    return types
-
-
 def model_spec(model: nn.Module) -> dict[str, dict]:
-    """The projected layers of ``model`` by qualified name: their spec and whether unpacked."""
-    layers, inside = {}, set()
-    for name, module in model.named_modules():
-        if id(module) in inside:
-            continue
-        if isinstance(module, ProjectedLayer):
-            layers[name] = {**module.spec(), "unpacked": False}
-        elif isinstance(getattr(module, "rankwise_spec", None), dict):
-            layers[name] = {**module.rankwise_spec, "unpacked": True}
-        else:
-            continue
-        inside.update(id(m) for m in module.modules())
-    return layers
+    """The compressed forms of ``model`` by qualified name: their spec and whether unpacked."""
+    return {name: form_spec(form) for name, form in compressed_forms(model).items()}
 
 
 def save(model: nn.Module, path, *, info: ProjectionInfo | None = None,
@@ -93,15 +76,20 @@ def save(model: nn.Module, path, *, info: ProjectionInfo | None = None,
         The file to write (by convention ``*.safetensors``).
     info : ProjectionInfo, optional
         What :func:`~rankwise.compress_network_using_projection` reported; kept in the spec
-        for ``rankwise info``.
+        for ``rankwise info`` (the spec describes every form without it).
     include_architecture : bool
         Also store the weightless pickled structure, so that ``load(path)`` works without
         the model's code. Pass ``False`` for a model that cannot be pickled; loading then
         needs ``model=``.
     """
+    if info is not None and not isinstance(info, ProjectionInfo):
+        raise ValueError(f"info: expected the ProjectionInfo of compress_network_using_projection "
+                         f"or None, got {type(info).__name__}; the spec describes every compressed "
+                         "form without it.")
     tensors, aliases = _unique_tensors(model.state_dict())
     spec = {"format": FORMAT, "format_version": FORMAT_VERSION, "rankwise_version": _version(),
-            "learnables": count_learnables(model), "layers": model_spec(model), "aliases": aliases,
+            "learnables": count_learnables(model), "layers": model_spec(model),
+            "shapes": shape_spec(model), "aliases": aliases,
             "projection": None if info is None else dataclasses.asdict(info)}
     metadata = {SPEC_KEY: json.dumps(spec)}
     if include_architecture:
@@ -116,8 +104,8 @@ def load(path, model: nn.Module | None = None) -> nn.Module:
     ----------
     path : str or os.PathLike
     model : torch.nn.Module, optional
-        The original, uncompressed architecture the saved model was compressed from (its
-        weights do not matter). It is not modified. When ``None``, the architecture stored
+        The original, uncompressed architecture the saved model was compressed (or resized)
+        from (its weights do not matter). It is not modified. When ``None``, the architecture stored
         in the file is unpickled (only for files you trust).
 
     Returns
@@ -132,12 +120,14 @@ def load(path, model: nn.Module | None = None) -> nn.Module:
     """
     metadata = _metadata(path)
     spec = _spec(metadata, path)
-    if model is not None:
-        skeleton = _rebuild(_skeleton(model), spec["layers"])
-    else:
-        skeleton = _unpickled_skeleton(metadata, path)
     state = load_file(path)
     state.update({alias: state[key] for alias, key in spec["aliases"].items()})
+    if model is not None:
+        skeleton = _skeleton(model)
+        resize_to(skeleton, spec["shapes"])
+        skeleton = _rebuild(skeleton, spec["layers"])
+    else:
+        skeleton = _unpickled_skeleton(metadata, path)
     try:
         skeleton.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as error:
@@ -148,7 +138,8 @@ def load(path, model: nn.Module | None = None) -> nn.Module:
 
 
 def read_spec(path) -> dict:
-    """The spec stored in a file written by :func:`save` (see the module docstring)."""
+    """The spec stored in a file written by :func:`save` (see the module docstring), in the
+    current format (a version-1 spec gets empty ``shapes``)."""
     return _spec(_metadata(path), path)
 
 
@@ -157,11 +148,12 @@ def _spec(metadata: dict, path) -> dict:
         raise ValueError(f"path: {str(path)!r} is a safetensors file but not one written by "
                          "rankwise.save (no rankwise spec in it).")
     spec = json.loads(metadata[SPEC_KEY])
-    if spec.get("format") != FORMAT or spec.get("format_version") != FORMAT_VERSION:
+    if spec.get("format") != FORMAT or spec.get("format_version") not in READABLE_VERSIONS:
         raise ValueError(f"path: {str(path)!r} holds a rankwise spec of format "
                          f"{spec.get('format')!r} version {spec.get('format_version')!r}; this "
-                         f"rankwise reads {FORMAT!r} version {FORMAT_VERSION}.")
-    return spec
+                         f"rankwise reads {FORMAT!r} versions "
+                         f"{', '.join(map(str, READABLE_VERSIONS))}.")
+    return {"shapes": {}, **spec}
 
 
 def is_rankwise_file(path) -> bool:
@@ -256,29 +248,21 @@ def _unpickled_skeleton(metadata: dict, path) -> nn.Module:
 
 def _rebuild(skeleton: nn.Module, layers: dict) -> nn.Module:
     """``skeleton`` with each named dense layer replaced as the spec says."""
-    registry = wrapper_types()
+    registry = form_types()
     for name, spec in layers.items():
-        dense = _dense_layer(skeleton, name, spec)
+        dense = original_layer(skeleton, name, f"a {spec['type']}")
         if spec["type"] not in registry:
             raise ValueError(f"path: layer {name!r} is a {spec['type']!r}, which is not a known "
-                             f"projected layer type (known: {', '.join(registry)}); import the "
+                             f"compressed form (known: {', '.join(registry)}); import the "
                              "module that defines it before loading.")
-        replacement = registry[spec["type"]].from_spec(dense, spec)
+        try:
+            replacement = registry[spec["type"]].from_spec(dense, spec)
+        except (AttributeError, TypeError, ValueError, RuntimeError) as error:
+            raise ValueError(f"model: its layer {name!r} ({type(dense).__name__}) cannot become the "
+                             f"file's {spec['type']} ({_gist(error)}). Pass the architecture the saved "
+                             "model was compressed from.") from None
         skeleton = _replaced(skeleton, name, replacement.unpack() if spec["unpacked"] else replacement)
     return skeleton
-
-
-def _dense_layer(model: nn.Module, name: str, spec: dict) -> nn.Module:
-    try:
-        layer = model.get_submodule(name)
-    except AttributeError:
-        raise ValueError(f"model: it has no layer {name!r}, which the file replaced by a "
-                         f"{spec['type']}. Pass the architecture the saved model was compressed "
-                         "from.") from None
-    if isinstance(layer, ProjectedLayer) or hasattr(layer, "rankwise_spec"):
-        raise ValueError(f"model: its layer {name!r} is already projected. Pass the uncompressed "
-                         "architecture (or load without model=).")
-    return layer
 
 
 def _replaced(root: nn.Module, name: str, module: nn.Module) -> nn.Module:

@@ -18,10 +18,10 @@ from torch import nn
 
 from rankwise import latency
 from rankwise.checks import check_goals, check_verbosity
+from rankwise.forms import unpack_forms
 from rankwise.info import LayerProjection, ProjectionInfo, describe_choice
 from rankwise.kinds import kind_of
 from rankwise.latency_aware import choose_faster_ranks, record_layer_calls
-from rankwise.layers import ProjectedLayer
 from rankwise.layers.build import project_layer
 from rankwise.learnables import count_learnables
 from rankwise.pca import NeuronPCA
@@ -301,7 +301,7 @@ def excluded_layers(model: nn.Module, layer_names, layers: dict) -> list[str]:
 
 
 def unpack_projected_layers(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """Replace every :class:`ProjectedLayer` by the equivalent plain torch layers.
+    """Replace every :class:`ProjectedLayer` (every compressed form) by the equivalent plain torch layers.
 
     Counterpart of MATLAB's ``unpackProjectedLayers``: each wrapper becomes an
     ``nn.Sequential`` of ``nn.Linear`` / ``nn.ConvNd`` layers computing the same outputs.
@@ -320,15 +320,7 @@ def unpack_projected_layers(model: nn.Module, inplace: bool = False) -> nn.Modul
     -------
     torch.nn.Module
     """
-    if isinstance(model, ProjectedLayer):
-        return (model if inplace else copy.deepcopy(model)).unpack()
-    unpacked = model if inplace else copy.deepcopy(model)
-    names = [name for name, m in unpacked.named_modules() if isinstance(m, ProjectedLayer)]
-    for name in names:
-        if any(name.startswith(outer + ".") for outer in names):
-            continue
-        unpacked.set_submodule(name, unpacked.get_submodule(name).unpack())
-    return unpacked
+    return unpack_forms(model, inplace)  # every compressed form, TruncatedConv too
 
 
 def check_statistics(npca: NeuronPCA, layers: dict) -> None:

@@ -73,6 +73,17 @@ def assert_unchanged(model, snapshot):
         torch.testing.assert_close(current[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
 
 
+def assert_identical(loaded, original, x):
+    """The same structure, state dict (dtypes and values, bit for bit) and outputs on ``x``."""
+    assert repr(loaded) == repr(original)
+    ours, theirs = loaded.state_dict(), original.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key, value in theirs.items():
+        assert ours[key].dtype == value.dtype and torch.equal(ours[key], value), key
+    with torch.no_grad():
+        assert torch.equal(loaded(x), original(x))
+
+
 def blob_task(seed=0, classes=4, dim=16, per_class=64):
     """A small trained classifier on Gaussian blobs, with train/val batches and an accuracy.
 

@@ -198,3 +198,22 @@ def test_the_process_exits_2_without_traceback(folder):
     assert (run.returncode, run.stdout) == (2, "")
     assert run.stderr.startswith("rankwise: error: ") and run.stderr.count("\n") == 1
     assert message in run.stderr and "Traceback" not in run.stderr
+
+
+def test_info_describes_truncated_and_resized_layers(tmp_path, capsys):
+    from rankwise.cli import main
+
+    torch.manual_seed(0)
+    model = tiny_cnn().eval()
+    rw.WidthEvolver(model, make_batches((1, 3, 8, 8))[0], verbosity="off").grow("0", 2)
+    truncated, _ = rw.truncate_kernels(model, "tt", order="hiwo", ranks=(2, 4, 3), layer_names=["2"],
+                                       verbosity="off")
+    projected, _ = rw.compress_network_using_projection(truncated, make_batches((16, 3, 8, 8)),
+                                                        layer_names=["5"], verbosity="off")
+    rw.save(projected, tmp_path / "mixed.safetensors")
+    assert main(["info", str(tmp_path / "mixed.safetensors")]) == 0
+    printed = capsys.readouterr().out
+    assert "no compressed form" not in printed
+    assert "TruncatedConv" in printed and "tt hiwo" in printed and "2,4,3" in printed
+    assert "ProjectedLinear" in printed and "projection (" in printed
+    assert "in_channels=3, out_channels=10" in printed and "layer sizes" in printed

@@ -160,7 +160,8 @@ def test_truncated_conv_unpacks_and_rebuilds_from_its_spec():
     x = torch.randn(2, 8, 8, 8)
     plain = layer.unpack()
     assert type(plain) is nn.Sequential and plain[0].weight is layer[0].weight
-    rebuilt = rw.TruncatedConv.from_spec(layer.spec())
+    assert plain.rankwise_spec == layer.spec()
+    rebuilt = rw.TruncatedConv.from_spec(tiny_cnn()[2], layer.spec())
     rebuilt.load_state_dict(layer.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x), layer(x))

@@ -1,4 +1,7 @@
-"""Width evolution on plain chains: Linear/ReLU/BatchNorm stacks, the evolver's API and errors."""
+"""Width evolution on plain chains: Linear/ReLU/BatchNorm stacks, the evolver's API and errors.
+
+Growing every width, shrinking with zero tolerance and removing dead, proportional or rotated
+directions exactly are rows of the table in test_cases.py."""
 
 import pytest
 import torch
@@ -6,16 +9,8 @@ from torch import nn
 
 import rankwise as rw
 from conftest import assert_unchanged, state_of
-from evolve_helpers import (assert_same_function, assert_state_matches, loss_drops_after_one_step,
-                            outputs, randomise_batchnorms)
-
-
-def chain():
-    """fc1 -> BN -> ReLU -> fc2 -> fc3 (no activation: a rotatable width) -> out."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(20, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 12),
-                          nn.ReLU(), nn.Linear(12, 8), nn.Linear(8, 3)).double()
-    return randomise_batchnorms(model).eval()
+from evolve_helpers import assert_state_matches, loss_drops_after_one_step
+from structures import chain, shared_net
 
 
 def inputs(count=64, seed=1):
@@ -37,17 +32,6 @@ def test_the_graph_lists_every_width_and_freezes_the_output():
     assert "frozen" in ev.summary()
 
 
-@pytest.mark.parametrize("train", [False, True])
-def test_growth_is_exactly_function_preserving(train):
-    model, x = chain(), inputs()
-    reference = outputs(model, x, train=train)
-    ev = evolver(model)
-    for name in ev.widths():
-        ev.grow(name, 5)
-    assert ev.widths() == {"0": 21, "3": 17, "5": 13}
-    torch.testing.assert_close(outputs(model, x, train=train), reference, rtol=0, atol=1e-12)
-
-
 def test_new_rows_are_orthogonal_to_the_existing_ones():
     model = chain()
     old_rows = model[3].weight.detach().clone()
@@ -56,48 +40,6 @@ def test_new_rows_are_orthogonal_to_the_existing_ones():
     assert torch.allclose(new_rows @ old_rows.T, torch.zeros(2, 12, dtype=torch.float64), atol=1e-10)
     assert torch.allclose(new_rows @ new_rows.T, torch.diag(new_rows.norm(dim=1) ** 2), atol=1e-10)
     assert torch.count_nonzero(model[5].weight[:, 12:]) == 0
-
-
-def test_shrinking_with_zero_tolerance_is_function_preserving():
-    model, x = chain(), inputs()
-    reference = outputs(model, x)
-    ev = evolver(model, shrink_tol=0.0)
-    assert ev.shrink(data=[x]) == {} and ev.shrink() == {}
-    assert_same_function(model, x, reference)
-
-
-def test_rotatable_width_keeps_its_top_singular_subspace_exactly():
-    model, x = chain(), inputs()
-    with torch.no_grad():  # fc3 of rank 3 and no bias: 5 of its 8 directions are zero
-        model[5].weight.copy_(torch.randn(8, 3, dtype=torch.float64) @ torch.randn(3, 12, dtype=torch.float64))
-        model[5].bias.zero_()
-    reference = outputs(model, x)
-    ev = evolver(model, shrink_tol=1e-9)
-    assert ev.shrink() == {"5": (8, 3)}
-    assert_same_function(model, x, reference)
-
-
-def test_dead_and_proportional_units_are_removed_exactly():
-    model, x = chain(), inputs()
-    with torch.no_grad():
-        model[3].weight[4].zero_()                            # dead: zero row and bias
-        model[3].bias[4] = 0.0
-        model[3].weight[7] = 2.5 * model[3].weight[2]         # relu(2.5 h) = 2.5 relu(h)
-        model[3].bias[7] = 2.5 * model[3].bias[2]
-    reference = outputs(model, x)
-    ev = evolver(model, shrink_tol=1e-9)
-    assert ev.shrink(data=[x]) == {"3": (12, 10)}
-    assert_same_function(model, x, reference, atol=1e-7)
-
-
-def test_removed_units_without_data_only_drop_their_columns():
-    model, x = chain(), inputs()
-    with torch.no_grad():
-        model[3].weight[4].zero_()
-        model[3].bias[4] = 0.0
-    reference = outputs(model, x)
-    assert evolver(model, shrink_tol=1e-9).shrink() == {"3": (12, 11)}
-    assert_same_function(model, x, reference)
 
 
 def test_optimizer_state_follows_every_change_and_training_goes_on():
@@ -171,15 +113,7 @@ def test_bad_settings_are_refused(settings, message):
 
 
 def test_a_layer_called_twice_is_frozen():
-    class Shared(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc, self.square, self.out = nn.Linear(20, 20), nn.Linear(20, 20), nn.Linear(20, 3)
-
-        def forward(self, x):
-            return self.out(self.square(torch.relu(self.square(torch.relu(self.fc(x))))))
-
-    ev = evolver(Shared().double())
+    ev = evolver(shared_net())
     assert ev.widths() == {}
     assert "called more than once" in ev.frozen["fc"][0]
 

@@ -8,8 +8,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 import rankwise as rw
-from conftest import assert_unchanged, make_batches, state_of, tiny_cnn
+from conftest import assert_identical, assert_unchanged, make_batches, state_of, tiny_cnn
+from rankwise import forms
 from rankwise import io as rankwise_io
+from structures import Recurrent
 
 DENSE_LAYERS = {
     "linear": (lambda: nn.Linear(10, 7), (4, 10)),
@@ -42,16 +44,6 @@ def projected_model(kind, side, unpacked):
     projected = cls.from_dense(dense, **basis)
     model[0] = projected.unpack() if unpacked else projected
     return model
-
-
-def assert_identical(loaded, original, x):
-    assert repr(loaded) == repr(original)
-    ours, theirs = loaded.state_dict(), original.state_dict()
-    assert ours.keys() == theirs.keys()
-    for key, value in theirs.items():
-        assert ours[key].dtype == value.dtype and torch.equal(ours[key], value), key
-    with torch.no_grad():
-        assert torch.equal(loaded(x), original(x))
 
 
 @pytest.mark.parametrize("kind, side", [(kind, side) for kind in DENSE_LAYERS for side in RANKS])
@@ -121,8 +113,9 @@ def test_new_wrapper_types_plug_into_the_registry():
     class ProjectedToy(rw.ProjectedLinear):
         pass
 
-    registry = rankwise_io.wrapper_types()
-    assert {"ProjectedLinear", "ProjectedConv", "ProjectedToy"} <= set(registry)
+    registry = forms.form_types()
+    assert {"ProjectedLinear", "ProjectedConv", "ProjectedLSTM", "ProjectedGRU", "TruncatedConv",
+            "ProjectedToy"} <= set(registry)
     assert registry["ProjectedToy"] is ProjectedToy
 
 
@@ -138,15 +131,21 @@ def test_errors_name_the_argument_and_leave_the_model_untouched(tmp_path):
     model = projected_model("conv2d", "output", unpacked=False)
     path = tmp_path / "model.safetensors"
     rw.save(model, path)
-    wrong = nn.Sequential(nn.Conv2d(6, 9, 3), nn.Tanh())
+    wider = nn.Sequential(nn.Conv2d(6, 9, 3, stride=2, padding=1, padding_mode="reflect"), nn.Tanh())
+    assert_identical(rw.load(path, model=wider), model, torch.randn(2, 6, 9, 9))
+    wrong = nn.Sequential(nn.Conv2d(6, 8, 5), nn.Tanh())
     snapshot = state_of(wrong)
     with pytest.raises(ValueError, match="model: it does not match the file"):
         rw.load(path, model=wrong)
     assert_unchanged(wrong, snapshot)
+    with pytest.raises(ValueError, match="model: its layer '0' is a ReLU, where the file holds a Conv2d"):
+        rw.load(path, model=nn.Sequential(nn.ReLU(), nn.Tanh()))
     with pytest.raises(ValueError, match="model: it has no layer '0'"):
         rw.load(path, model=nn.Sequential())
-    with pytest.raises(ValueError, match="model: its layer '0' is already projected"):
+    with pytest.raises(ValueError, match="model: its layer '0' is already compressed"):
         rw.load(path, model=model)
+    with pytest.raises(ValueError, match="info: expected the ProjectionInfo"):
+        rw.save(model, path, info={"goal": 0.5})
 
     text = tmp_path / "notes.txt"
     text.write_text("not a model")
@@ -194,18 +193,6 @@ def test_model_without_stored_architecture_needs_the_original(tmp_path):
     assert torch.equal(rw.load(path, model=local_model())(x), model(x))
 
 
-class Recurrent(nn.Module):
-    """An LSTM or GRU over (N, T, D) sequences, a linear head on its last outputs."""
-
-    def __init__(self, dense_type, **kwargs):
-        super().__init__()
-        self.rnn = dense_type(6, 12, batch_first=True, **kwargs)
-        self.head = nn.Linear(12 * (2 if kwargs.get("bidirectional") else 1), 4)
-
-    def forward(self, x):
-        return self.head(self.rnn(x)[0][:, -1])
-
-
 @pytest.mark.parametrize("dense_type, kwargs", [(nn.LSTM, {}),
                                                 (nn.GRU, {"num_layers": 2, "bidirectional": True})])
 def test_recurrent_round_trip_is_bit_exact(tmp_path, dense_type, kwargs):
@@ -221,3 +208,39 @@ def test_recurrent_round_trip_is_bit_exact(tmp_path, dense_type, kwargs):
     assert spec["type"] == f"Projected{dense_type.__name__}" and not spec["unpacked"]
     for loaded in (rw.load(path, model=Recurrent(dense_type, **kwargs)), rw.load(path)):
         assert_identical(loaded.eval(), net, data[1])
+    not_recurrent = Recurrent(dense_type, **kwargs)
+    not_recurrent.rnn = nn.Linear(6, 12)
+    with pytest.raises(ValueError, match=r"model: its layer 'rnn' \(Linear\) cannot become the file's"):
+        rw.load(path, model=not_recurrent)
+
+
+def test_version_1_files_still_load(tmp_path):
+    """A file as rankwise 0.1 wrote it: format_version 1, no "shapes"."""
+    model = projected_model("linear", "both", unpacked=False)
+    spec = {"format": "rankwise-model", "format_version": 1, "rankwise_version": "0.1.0",
+            "learnables": rw.count_learnables(model),
+            "layers": {"0": {"type": "ProjectedLinear", "rank_in": 4, "rank_out": 5, "unpacked": False}},
+            "aliases": {}, "projection": None}
+    path = tmp_path / "v1.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path,
+              metadata={"rankwise": json.dumps(spec)})
+    assert rankwise_io.read_spec(path)["shapes"] == {}
+    assert_identical(rw.load(path, model=architecture("linear")), model, torch.randn(4, 10))
+    spec["format_version"] = 7
+    save_file({"w": torch.zeros(1)}, path, metadata={"rankwise": json.dumps(spec)})
+    with pytest.raises(ValueError, match="path: .* version 7; this rankwise reads .* versions 1, 2"):
+        rw.load(path)
+
+
+def test_resized_layers_are_rebuilt_from_the_shape_spec(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 7), nn.BatchNorm1d(7), nn.Linear(7, 3)).eval()
+    evolved = nn.Sequential(nn.Linear(10, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)).eval()
+    path = tmp_path / "evolved.safetensors"
+    rw.save(evolved, path)
+    assert rankwise_io.read_spec(path)["shapes"]["1"] == {"type": "BatchNorm1d", "num_features": 5}
+    snapshot = state_of(model)
+    assert_identical(rw.load(path, model=model), evolved, torch.randn(4, 10))
+    assert_unchanged(model, snapshot)
+    with pytest.raises(ValueError, match="model: its layer '1' is a ReLU, where the file holds a BatchNorm1d"):
+        rw.load(path, model=nn.Sequential(nn.Linear(10, 7), nn.ReLU(), nn.Linear(7, 3)))

@@ -35,10 +35,11 @@ from torch import nn
 
 from rankwise.decompose.legs import CONV_LEGS, kernel_legs, spatial_legs
 from rankwise.decompose.network import KernelNetwork, Node
+from rankwise.forms import SPEC_ATTRIBUTE, CompressedForm
 from rankwise.layers.base import fill
 
 
-class TruncatedConv(nn.Sequential):
+class TruncatedConv(CompressedForm, nn.Sequential):
     """A convolution with a truncated kernel, run as a sequence of standard convolutions.
 
     Built by :func:`rankwise.truncate_kernels`; it holds only ``nn.Conv1d`` / ``nn.Conv2d``
@@ -69,8 +70,11 @@ class TruncatedConv(nn.Sequential):
         return f"method={self.method!r}, structure={self.structure!r}, ranks={self.ranks}"
 
     def unpack(self) -> nn.Sequential:
-        """The same convolutions as a plain ``torch.nn.Sequential`` (parameters shared)."""
-        return nn.Sequential(*self)
+        """The same convolutions as a plain ``torch.nn.Sequential`` (parameters shared), carrying
+        :meth:`spec` as its attribute ``rankwise_spec``."""
+        unpacked = nn.Sequential(*self)
+        setattr(unpacked, SPEC_ATTRIBUTE, self.spec())
+        return unpacked
 
     def spec(self) -> dict:
         """A plain, JSON-friendly description from which :meth:`from_spec` rebuilds the structure."""
@@ -78,11 +82,18 @@ class TruncatedConv(nn.Sequential):
                 "ranks": list(self.ranks), "convs": [_conv_spec(conv) for conv in self]}
 
     @classmethod
-    def from_spec(cls, spec: dict) -> "TruncatedConv":
-        """A wrapper with the structure in ``spec`` (see :meth:`spec`); load its state dict after."""
-        if spec.get("type") != cls.__name__:
-            raise ValueError(f"spec: describes a {spec.get('type')!r}, not a {cls.__name__}.")
-        convs = [CONV_TYPES[conv["dims"]](**{k: _tuple(v) for k, v in conv.items() if k != "dims"})
+    def from_spec(cls, layer: nn.Module, spec: dict) -> "TruncatedConv":
+        """A wrapper with the structure in ``spec`` (see :meth:`spec`) for the convolution ``layer``
+        it replaced, which gives the dtype and trainability; load its state dict after.
+
+        The spec lists every convolution, so the sizes do not depend on ``layer``'s (a
+        calibrated truncation may add a bias the layer lacked).
+        """
+        cls.check_spec_type(spec)
+        like = layer.weight
+        convs = [CONV_TYPES[conv["dims"]](**{k: _tuple(v) for k, v in conv.items() if k != "dims"},
+                                          device=like.device, dtype=like.dtype
+                                          ).requires_grad_(like.requires_grad)
                  for conv in spec["convs"]]
         return cls(convs, spec["method"], spec["structure"], spec["ranks"])
 

@@ -19,15 +19,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from rankwise import forms
+
 BATCHNORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
 """The per-channel tensors of a BatchNorm (``None`` ones are skipped)."""
 
 
 def size_attributes(module: nn.Module) -> tuple[str, str]:
     """``(input size attribute, output size attribute)`` of a Linear or convolution."""
-    if isinstance(module, nn.Linear):
-        return "in_features", "out_features"
-    return "in_channels", "out_channels"
+    return forms.size_attributes(module)
 
 
 @dataclass

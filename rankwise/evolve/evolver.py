@@ -27,6 +27,7 @@ from rankwise.evolve.history import EvolutionEvent, EvolutionHistory
 from rankwise.evolve.optimizer import holds_any, sync_optimizer
 from rankwise.evolve.shrink import plan_shrink
 from rankwise.evolve.spectrum import is_saturated, kept_count, spectrum
+from rankwise.forms import shape_spec
 from rankwise.learnables import count_learnables
 from rankwise.batches import move_to
 from rankwise.tables import format_table
@@ -104,6 +105,7 @@ class WidthEvolver:
         self._generator = torch.Generator().manual_seed(seed)
         self._optimizers: list = []
         self._groups = None
+        self._initial_shapes = shape_spec(model)
         self._record("start", {})
         if verbosity != "off":
             print(self.summary())
@@ -127,6 +129,17 @@ class WidthEvolver:
     def widths(self) -> dict:
         """``{name: channels}`` of every width that may change (tied widths under one name)."""
         return {name: group.width for name, group in self.groups.items() if not group.frozen}
+
+    def shape_spec(self) -> dict:
+        """The layers whose sizes changed since this evolver started, with their new sizes.
+
+        ``{"conv1": {"type": "Conv2d", "in_channels": 3, "out_channels": 12}, "bn1": {"type":
+        "BatchNorm2d", "num_features": 12}}`` (see :func:`rankwise.forms.shape_spec`, which
+        :func:`rankwise.save` records for every resizable layer, so that ``rw.load(path,
+        model=original)`` rebuilds the evolved widths without the evolver).
+        """
+        return {name: sizes for name, sizes in shape_spec(self.model).items()
+                if sizes != self._initial_shapes.get(name)}
 
     def spectrum(self, name: str) -> torch.Tensor:
         """Singular values of width ``name`` (see :mod:`rankwise.evolve.spectrum`), descending."""

@@ -26,8 +26,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rankwise.forms import SPEC_ATTRIBUTE, CompressedForm
 
-class ProjectedLayer(nn.Module):
+
+class ProjectedLayer(CompressedForm, nn.Module):
     """Base class of every projected wrapper: ``out_proj(core(in_proj(x)))``.
 
     Parameters
@@ -84,7 +86,7 @@ class ProjectedLayer(nn.Module):
         sets it too.
         """
         unpacked = nn.Sequential(*(m for m in (self.in_proj, self.core, self.out_proj) if m is not None))
-        unpacked.rankwise_spec = self.spec()
+        setattr(unpacked, SPEC_ATTRIBUTE, self.spec())
         return unpacked
 
     def extra_repr(self) -> str:
@@ -105,7 +107,7 @@ class ProjectedLayer(nn.Module):
         Its weights are placeholders (the first columns of the identity as bases): load the
         saved state dict into it.
         """
-        cls._check_spec_type(spec)
+        cls.check_spec_type(spec)
         out_channels, in_channels = layer.weight.shape[:2]
 
         def leading_columns(dim, rank):
@@ -113,11 +115,6 @@ class ProjectedLayer(nn.Module):
 
         return cls.from_dense(layer, input_basis=leading_columns(in_channels, spec["rank_in"]),
                               output_basis=leading_columns(out_channels, spec["rank_out"]))
-
-    @classmethod
-    def _check_spec_type(cls, spec: dict) -> None:
-        if spec.get("type") != cls.__name__:
-            raise ValueError(f"spec: describes a {spec.get('type')!r}, not a {cls.__name__}.")
 
     # Construction ---------------------------------------------------------------------------
     @classmethod

@@ -57,6 +57,6 @@ class ProjectedEmbedding(ProjectedLayer):
     def from_spec(cls, layer: nn.Embedding, spec: dict) -> "ProjectedEmbedding":
         """A wrapper of the structure ``spec`` describes for the table ``layer`` (placeholder
         weights: the first ``rank_out`` columns of the identity as ``P``)."""
-        cls._check_spec_type(spec)
+        cls.check_spec_type(spec)
         basis = torch.eye(layer.weight.shape[1], dtype=torch.float64)[:, :spec["rank_out"]]
         return cls.from_dense(layer, output_basis=basis)

@@ -305,7 +305,7 @@ class ProjectedRecurrent(ProjectedLayer):
         Its weights are placeholders (the first columns of the identity as bases): load the
         saved state dict into it.
         """
-        cls._check_spec_type(spec)
+        cls.check_spec_type(spec)
         cells = cell_names(layer.num_layers, layer.bidirectional)
 
         def bases(key: str, dims: list[int]) -> dict:
