@@ -83,3 +83,18 @@ def test_a_tied_embedding_and_head_are_left_alone_with_the_reason():
     assert rw.count_learnables(net) <= rw.count_learnables(model)
     with pytest.raises(ValueError, match="'head' cannot be projected: its weight is tied to 'emb'"):
         rw.compress_network_using_projection(model, npca, layer_names="head", verbosity="off")
+
+
+def test_save_load_and_onnx_of_a_projected_table(tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    model, data = _Bag(), _tokens()
+    net, info = rw.compress_network_using_projection(model, data, learnables_reduction_goal=0.3, verbosity="off")
+    rw.save(net, tmp_path / "bag.safetensors", info=info)
+    loaded = rw.load(tmp_path / "bag.safetensors", model=_Bag())
+    assert isinstance(loaded.emb, rw.ProjectedEmbedding)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in loaded.state_dict().items())
+    torch.testing.assert_close(loaded(data[0]), net(data[0]), rtol=0, atol=0)
+    rw.export_onnx(net, tmp_path / "bag.onnx", data[0], verbosity="off")
+    session = onnxruntime.InferenceSession(str(tmp_path / "bag.onnx"))
+    (output,) = session.run(None, {"input": data[1].numpy()})
+    torch.testing.assert_close(torch.from_numpy(output), net(data[1]).detach(), atol=1e-5, rtol=1e-4)
