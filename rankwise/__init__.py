@@ -5,7 +5,8 @@ from rankwise.evolve import EvolutionHistory, WidthEvolver, WidthGroup, analyze_
 from rankwise.export import export_onnx
 from rankwise.incremental import IncrementalHistory, compress_incrementally
 from rankwise.io import load, save
-from rankwise.latency import SpeedComparison, UnstableTimingWarning, compare_speed, count_flops, median_latency
+from rankwise.flops import count_flops
+from rankwise.latency import SpeedComparison, UnstableTimingWarning, compare_speed, median_latency
 from rankwise.layers import (ProjectedConv, ProjectedEmbedding, ProjectedGRU, ProjectedLayer, ProjectedLinear,
                              ProjectedLSTM)
 from rankwise.learnables import count_learnables

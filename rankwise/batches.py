@@ -15,6 +15,8 @@ to the model's device, forward hooks (registered by the caller) filling the stat
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
@@ -132,3 +134,28 @@ def batch_count(data) -> int | None:
         return len(data)
     except TypeError:
         return None
+
+
+def as_call(example_input) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of a call on ``example_input`` (a tensor or ``PackedSequence``: one positional argument; a tuple or list: positional arguments; a dict: keyword arguments)."""
+    if isinstance(example_input, torch.Tensor | PackedSequence):
+        return (example_input,), {}
+    if isinstance(example_input, tuple | list):
+        return tuple(example_input), {}
+    if isinstance(example_input, dict):
+        return (), dict(example_input)
+    raise TypeError(f"example_input: expected a tensor, a tuple or list of positional arguments "
+                    f"or a dict of keyword arguments, got {type(example_input).__name__}.")
+
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module):
+    """Context manager: ``module`` in eval mode, then every submodule's own train/eval mode back."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training

@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from rankwise import latency
+from rankwise.batches import as_call, eval_mode
 from rankwise.layers.build import project_layer
 from rankwise.ranks import LayerOptions, choose_ranks
 from rankwise.tables import format_ranks
@@ -48,7 +49,7 @@ def record_layer_calls(model: nn.Module, layers: dict, latency_input) -> dict[st
         the forward fail, or does not make it call every layer. The model is left as it was.
     """
     try:
-        args, kwargs = latency.as_call(latency_input)
+        args, kwargs = as_call(latency_input)
     except TypeError:
         raise ValueError(f"latency_input: expected a tensor, a tuple or list of positional arguments "
                          f"or a dict of keyword arguments, got {type(latency_input).__name__}.") from None
@@ -67,7 +68,7 @@ def record_layer_calls(model: nn.Module, layers: dict, latency_input) -> dict[st
 
     handles = [layer.register_forward_hook(recorder(name), with_kwargs=True) for name, layer in layers.items()]
     try:
-        with latency.eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(*args, **kwargs)
     except Exception as error:
         raise ValueError(f"latency_input: the model's forward failed on it ({type(error).__name__}: "

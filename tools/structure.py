@@ -26,7 +26,7 @@ STAGES = (  # earliest first
     ("statistics", ("statistics", "recurrent_statistics", "targets", "selection", "gradients", "metric",
                     "pca")),
     ("decisions", ("ranks",)),
-    ("construction", ("forms", "info", "projection", "latency", "latency_aware", "batchnorm",
+    ("construction", ("forms", "info", "projection", "flops", "latency", "latency_aware", "batchnorm",
                       "correction")),
     ("methods", ("decompose", "evolve", "train", "sensitivity", "incremental")),
     ("outputs", ("report", "io", "export", "cli", "datasets", "examples", "demo", "__init__")),
