@@ -95,19 +95,9 @@ def compressed_forms(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def unpack_forms(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """``model`` with every compressed form replaced by its plain torch layers (:meth:`unpack`).
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-    inplace : bool
-        Modify ``model`` itself instead of a copy.
-
-    Returns
-    -------
-    torch.nn.Module
-        The model (itself unpacked when it is a form).
-    """
+    """``model`` (a copy unless ``inplace``) with every compressed form replaced by its plain torch
+    layers (:meth:`CompressedForm.unpack`); the model itself unpacked when it is a form. The public
+    name is :func:`rankwise.unpack_projected_layers`."""
     unpacked = model if inplace else copy.deepcopy(model)
     for name, form in compressed_forms(unpacked).items():
         if isinstance(form, CompressedForm):
