@@ -45,7 +45,8 @@ import pretrained_data as data
 import pretrained_methods as pm
 import rankwise as rw
 from environment import write_result
-from rankwise.batchnorm import batchnorm_scale, fold_batchnorm, recalibrate_batchnorm
+from rankwise.batchnorm import fold_batchnorm, recalibrate_batchnorm
+from rankwise.metric import batchnorm_scale
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 BUDGETS = (0.1, 0.2, 0.3, 0.4)

@@ -1,5 +1,6 @@
 """rankwise: compress trained PyTorch networks by finding the low-rank structure inside them."""
 
+from rankwise.batchnorm import fold_batchnorm, recalibrate_batchnorm
 from rankwise.decompose import LayerTruncation, TruncatedConv, TruncationInfo, truncate_kernels
 from rankwise.evolve import EvolutionHistory, WidthEvolver, WidthGroup, analyze_widths
 from rankwise.export import export_onnx
@@ -27,6 +28,7 @@ __all__ = [
     "truncate_kernels", "TruncationInfo", "LayerTruncation", "TruncatedConv",
     "WidthEvolver", "EvolutionHistory", "WidthGroup", "analyze_widths",
     "ProjectedLSTM", "ProjectedGRU", "ProjectedEmbedding",
+    "fold_batchnorm", "recalibrate_batchnorm",
     "median_latency", "count_flops", "compare_speed", "SpeedComparison", "UnstableTimingWarning",
 ]
 __version__ = "0.1.0"

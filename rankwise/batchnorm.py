@@ -15,31 +15,11 @@ import copy
 import torch
 from torch import nn
 
+from rankwise.batches import default_forward, model_device, move_to
+from rankwise.checks import check_max_batches
+from rankwise.metric import batchnorm_scale, following_batchnorms
+
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
-def batchnorm_scale(norm):
-    """``d = gamma / sqrt(running_var + eps)`` of an eval-mode BatchNorm (``gamma = 1`` without affine)."""
-    scale = torch.rsqrt(norm.running_var + norm.eps)
-    return scale * norm.weight if norm.affine else scale
-
-
-def _layer_batchnorm_pairs(model):
-    """``(layer name, BN name)`` for each Linear/Conv immediately followed, in an ``nn.Sequential``,
-    by a BatchNorm with running statistics and as many channels as the layer has outputs."""
-    pairs = []
-    for prefix, module in model.named_modules():
-        if not isinstance(module, nn.Sequential):
-            continue
-        children = list(module.named_children())
-        for (name, layer), (next_name, norm) in zip(children, children[1:]):
-            if isinstance(layer, _LAYERS) and isinstance(norm, _NORMS) and \
-                    norm.running_var is not None and norm.num_features == layer.weight.shape[0]:
-                join = f"{prefix}." if prefix else ""
-                pairs.append((join + name, join + next_name))
-    return pairs
-
 
 @torch.no_grad()
 def _fold_pair(layer, norm):
@@ -55,8 +35,9 @@ def _fold_pair(layer, norm):
 def fold_batchnorm(model):
     """A copy of `model` with every eval-mode BatchNorm that directly follows a layer folded into it.
 
-    A ``Linear`` / ``Conv1d`` / ``Conv2d`` / ``Conv3d`` followed in the same ``nn.Sequential`` by a
-    ``BatchNorm1d/2d/3d`` of matching width becomes ``W' = D W``, ``b' = D (b - m) + beta`` with
+    A ``Linear`` / ``Conv1d`` / ``Conv2d`` / ``Conv3d`` whose output feeds only a ``BatchNorm1d/2d/3d``
+    of matching width (read from the graph with ``torch.fx``, else from the order of an
+    ``nn.Sequential``'s children: :func:`rankwise.metric.following_batchnorms`) becomes ``W' = D W``, ``b' = D (b - m) + beta`` with
     ``D = diag(gamma / sqrt(v + eps))`` (see the module docstring), and the BatchNorm becomes
     ``nn.Identity``. In eval mode the copy computes exactly what `model` computes (up to
     rounding); `model` is not modified.
@@ -75,7 +56,9 @@ def fold_batchnorm(model):
     if not isinstance(model, nn.Module):
         raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}.")
     folded = copy.deepcopy(model)
-    mapping = dict(_layer_batchnorm_pairs(folded))
+    layers = {name: m for name, m in folded.named_modules() if isinstance(m, _LAYERS)}
+    modules = {id(m): name for name, m in folded.named_modules()}
+    mapping = {name: modules[id(norm)] for name, norm in following_batchnorms(folded, layers).items()}
     for layer_name, norm_name in mapping.items():
         _fold_pair(folded.get_submodule(layer_name), folded.get_submodule(norm_name))
         parent, _, child = norm_name.rpartition(".")
@@ -86,8 +69,7 @@ def fold_batchnorm(model):
 def _check_recalibration(model, data, max_batches):
     if not isinstance(model, nn.Module):
         raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}.")
-    if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
-        raise ValueError(f"max_batches: expected a positive integer or None, got {max_batches!r}.")
+    check_max_batches(max_batches)
     if isinstance(data, torch.Tensor) or not hasattr(data, "__iter__"):
         raise ValueError("data: expected an iterable of batches (e.g. a DataLoader or a list of "
                          "tensors), not a single tensor; wrap it as [tensor].")
@@ -96,14 +78,6 @@ def _check_recalibration(model, data, max_batches):
     if not norms:
         raise ValueError("model: it has no BatchNorm layer tracking running statistics to recalibrate.")
     return norms
-
-
-def _run_batch(model, batch, forward_fn):
-    if forward_fn is not None:
-        return forward_fn(model, batch)
-    if isinstance(batch, (tuple, list)):
-        return model(batch[0])
-    return model(**batch) if isinstance(batch, dict) else model(batch)
 
 
 @torch.no_grad()
@@ -152,7 +126,7 @@ def recalibrate_batchnorm(model, data, forward_fn=None, max_batches=None):
         for batch in data:
             if max_batches is not None and seen >= max_batches:
                 break
-            _run_batch(model, batch, forward_fn)
+            (forward_fn or default_forward)(model, move_to(batch, model_device(model)))
             seen += 1
         if seen == 0:
             raise ValueError("data: it yielded no batch.")

@@ -177,18 +177,24 @@ def batchnorm_metrics(model: nn.Module, layers: dict[str, nn.Module]) -> dict[st
     dict of str to OutputMetric
         Only the layers followed by a BatchNorm.
     """
+    return {name: OutputMetric.diagonal(batchnorm_scale(norm).detach().to(torch.float64))
+            for name, norm in following_batchnorms(model, layers).items()}
+
+
+def batchnorm_scale(norm: nn.Module) -> torch.Tensor:
+    """``d = gamma / sqrt(running_var + eps)`` of an eval-mode BatchNorm (``gamma = 1`` without affine)."""
+    scale = torch.rsqrt(norm.running_var + norm.eps)
+    return scale * norm.weight if norm.affine else scale
+
+
+def following_batchnorms(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """``{layer name: the BatchNorm it alone feeds}`` (see :func:`batchnorm_metrics` for the rules):
+    BatchNorms with running statistics over the layer's output channels."""
     pairs = _traced_pairs(model, layers)
     if pairs is None:
         pairs = _sequential_pairs(model, layers)
-    metrics = {}
-    for name, norm in pairs.items():
-        if norm.running_var is None or norm.num_features != layers[name].weight.shape[0]:
-            continue
-        scale = (norm.running_var.detach().to(torch.float64) + norm.eps).rsqrt()
-        if norm.weight is not None:
-            scale = scale * norm.weight.detach().to(torch.float64)
-        metrics[name] = OutputMetric.diagonal(scale)
-    return metrics
+    return {name: norm for name, norm in pairs.items()
+            if norm.running_var is not None and norm.num_features == kind_of(layers[name]).weight(layers[name]).shape[0]}
 
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
