@@ -18,7 +18,14 @@ Budgets are fractions of ALL the network's learnables (MiniLM's embeddings inclu
   (sequential correction: each layer fitted to the original output given the compressed
   network's input), ``+recal`` (BatchNorm statistics re-estimated on the calibration crops);
 - ``rankwise``: ``rw.compress_network_using_projection(model, npca,
-  learnables_reduction_goal=f)`` with today's variance criterion.
+  learnables_reduction_goal=f)`` with the default criterion of the rankwise it runs on (rows
+  measured before the wave-2 criteria are kept in the results as ``rankwise``; they are the
+  wave-1 variance criterion);
+- ``rw-<criterion>[+seq][+emb][+uniform]``: the library's own options, on the library's own
+  statistics: ``criterion="variance"`` (BatchNorm-aware) or ``"loss"`` (``NeuronPCA(...,
+  loss_fn="kl")`` for MobileNetV2, ``"mse"`` on the embeddings for MiniLM), ``+seq``:
+  ``correction="sequential"``, ``+emb``: MiniLM's token embedding table projected too,
+  ``+uniform``: ``allocation="uniform"`` (the same fraction of each layer's learnables).
 
 MiniLM is calibrated one sentence per batch (no padding enters any statistic); it is evaluated
 on padded batches with attention masks. Each run adds its rows to bench/results/pretrained-<network>.json
@@ -84,8 +91,10 @@ def mobilenet_network(quick):
         labels = torch.distributions.Categorical(logits=logits.detach()).sample()
         return F.cross_entropy(logits, labels, reduction="sum")
 
-    return Network("MobileNetV2", data.mobilenet_v2(), batches["calibration"], batches["validation"],
-                   batches["test"], lambda m, b: m(b), agreement, sampled_nll)
+    network = Network("MobileNetV2", data.mobilenet_v2(), batches["calibration"], batches["validation"],
+                      batches["test"], lambda m, b: m(b), agreement, sampled_nll)
+    network.loss = "kl"
+    return network
 
 
 def minilm_network(quick):
@@ -102,9 +111,11 @@ def minilm_network(quick):
         return (torch.randn(embeddings.shape, generator=generator) * embeddings).sum()
 
     skip = [name for name, _ in model.named_modules() if name.startswith("pooler")]
-    return Network("all-MiniLM-L6-v2", model, calibration, data.tokenize(tokenizer, sentences["validation"], 32),
-                   data.tokenize(tokenizer, sentences["test"], 32), data.mean_pooled, cosine,
-                   gaussian_probe, skip)
+    network = Network("all-MiniLM-L6-v2", model, calibration, data.tokenize(tokenizer, sentences["validation"], 32),
+                      data.tokenize(tokenizer, sentences["test"], 32), data.mean_pooled, cosine,
+                      gaussian_probe, skip)
+    network.loss = "mse"
+    return network
 
 
 NETWORKS = {"mobilenetv2": mobilenet_network, "minilm": minilm_network}
@@ -114,7 +125,7 @@ class Statistics:
     """Calibration statistics shared by all methods of one network (computed on first use)."""
 
     def __init__(self, network):
-        self.network, self._moments, self._fisher, self._plans, self._npca = network, None, None, {}, None
+        self.network, self._moments, self._fisher, self._plans, self._npca = network, None, None, {}, {}
         self.seconds = 0.0
 
     def moments(self):
@@ -151,15 +162,18 @@ class Statistics:
             self._plans[kind, alpha] = self._new_plans(kind, alpha)
         return self._plans[kind, alpha]
 
-    def neuron_pca(self):
-        """rankwise's statistics of the factorable layers (cached)."""
-        if self._npca is None:
+    def neuron_pca(self, loss=False, embeddings=False):
+        """rankwise's statistics of the factorable layers (and of the embedding table), with the
+        gradients of ``criterion="loss"`` when ``loss`` (cached)."""
+        key = (loss, embeddings)
+        if key not in self._npca:
             start = time.perf_counter()
-            self._npca = rw.NeuronPCA(self.network.model, self.network.calibration,
-                                      layer_names=list(self.network.layers), verbosity="off",
-                                      forward_fn=self.network.run)
+            self._npca[key] = rw.NeuronPCA(self.network.model, self.network.calibration,
+                                           layer_names=library_layers(self.network, embeddings),
+                                           verbosity="off", forward_fn=self.network.run,
+                                           loss_fn=self.network.loss if loss else None)
             self.seconds += time.perf_counter() - start
-        return self._npca
+        return self._npca[key]
 
     def _new_plans(self, kind, alpha):
         layers, metric = self.network.layers, self.metric("ones" if kind in ("svd", "white") else kind)
@@ -197,6 +211,29 @@ def one_shot(network, plans, ranks):
     return compressed
 
 
+EMBEDDING = {"all-MiniLM-L6-v2": "embeddings.word_embeddings"}
+
+
+def library_layers(network, embeddings=False):
+    """The layers the library methods compress: the factorable ones, and the token table."""
+    return list(network.layers) + ([EMBEDDING[network.name]] if embeddings else [])
+
+
+def library_compress(network, statistics, method, budget):
+    """``rw-<criterion>[+seq][+emb][+uniform]`` through the library's public API."""
+    base, *options = method.split("+")
+    criterion = base.split("-")[1]
+    npca = statistics.neuron_pca(loss=criterion == "loss", embeddings="emb" in options)
+    sequential = "seq" in options
+    compressed, _ = rw.compress_network_using_projection(
+        network.model, npca, learnables_reduction_goal=budget,
+        layer_names=library_layers(network, "emb" in options), criterion=criterion,
+        allocation="uniform" if "uniform" in options else "global", verbosity="off",
+        forward_fn=network.run, correction="sequential" if sequential else None,
+        correction_data=network.calibration if sequential else None)
+    return compressed
+
+
 def compress(network, statistics, method, budget):
     """The compressed copy of the network for `method` at `budget` (fraction of all learnables)."""
     target = budget * network.learnables
@@ -205,6 +242,8 @@ def compress(network, statistics, method, budget):
             network.model, statistics.neuron_pca(), learnables_reduction_goal=budget,
             layer_names=list(network.layers), verbosity="off")
         return compressed
+    if method.startswith("rw-"):
+        return library_compress(network, statistics, method, budget)
     kind, allocation, alpha, sequential, recalibrate = parse_method(method)
     plans = statistics.plans(kind, alpha)
     ranks = ranks_for(plans, network.layers, allocation, target)

@@ -85,7 +85,8 @@ def record_layer_calls(model: nn.Module, layers: dict, latency_input) -> dict[st
 
 
 def choose_faster_ranks(layers: dict, options: dict[str, LayerOptions], calls: dict, goal_name: str,
-                        goal: float, network_learnables: int, unpack: bool, verbosity: str = "off"):
+                        goal: float, network_learnables: int, unpack: bool, verbosity: str = "off",
+                        allocation: str = "global"):
     """:func:`choose_ranks`, keeping dense the layers whose projected form is not faster.
 
     Each round chooses ranks over the layers not yet excluded, times every layer to be
@@ -100,7 +101,7 @@ def choose_faster_ranks(layers: dict, options: dict[str, LayerOptions], calls: d
     options : dict of str to LayerOptions
     calls : dict of str to (tuple, dict)
         Each layer's recorded arguments (:func:`record_layer_calls`).
-    goal_name, goal, network_learnables, verbosity
+    goal_name, goal, network_learnables, verbosity, allocation
         As for :func:`choose_ranks`.
     unpack : bool
         Time the projected forms as plain torch layers (as they will be built).
@@ -120,7 +121,7 @@ def choose_faster_ranks(layers: dict, options: dict[str, LayerOptions], calls: d
     rejected: dict[str, tuple[float, float]] = {}
     for _ in range(len(options) + 1):  # every round but the last excludes a layer
         active = {name: opts for name, opts in options.items() if name not in rejected}
-        choices, goal_reached = choose_ranks(active, goal_name, goal, network_learnables, verbosity)
+        choices, goal_reached = choose_ranks(active, goal_name, goal, network_learnables, verbosity, allocation)
         slower = {}
         for name, choice in choices.items():
             if choice.side == "dense":

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from rankwise import latency
-from rankwise.checks import check_goals, check_verbosity
+from rankwise.checks import check_allocation, check_goals, check_verbosity
 from rankwise.forms import unpack_forms
 from rankwise.info import LayerProjection, ProjectionInfo, describe_choice
 from rankwise.kinds import kind_of
@@ -60,7 +60,7 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
                                       layer_names=None, unpack: bool = False,
                                       verbosity: str = "summary", inplace: bool = False,
                                       forward_fn=None, latency_input=None, exclude=None,
-                                      criterion: str = "variance", loss_fn=None,
+                                      criterion: str = "variance", loss_fn=None, allocation: str = "global",
                                       correction: str | None = None, correction_data=None):
     """Replace layers by projected layers acting in their high-variance subspaces.
 
@@ -137,6 +137,10 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
         Modify ``model`` itself instead of a copy.
     forward_fn : callable, optional
         ``forward_fn(model, batch)``, used when data is given (see :class:`NeuronPCA`).
+    allocation : {"global", "uniform"}
+        How a ``learnables_reduction_goal`` is spread: ``"global"`` (the least total estimated
+        error, :mod:`rankwise.ranks.allocation`) or ``"uniform"`` (every layer keeps the same
+        fraction of its learnables, each at its least lossy option within it).
     criterion : {"variance", "loss"}
         How each option's error is estimated (see above). ``"loss"`` needs a NeuronPCA computed
         with ``loss_fn`` (or ``loss_fn`` here, when data is given).
@@ -172,6 +176,7 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
     check_verbosity(verbosity)
     goal_name, goal = check_goals(explained_variance_goal, learnables_reduction_goal)
     criterion_named(criterion)
+    check_allocation(allocation, goal_name)
     correction_data = _correction_data(correction, correction_data, npca_or_data)
     layers = select_layers(model, layer_names, exclude=exclude)
     calls = None if latency_input is None else record_layer_calls(model, layers, latency_input)
@@ -183,10 +188,10 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
     learnables_before = count_learnables(model)
     timings, kept_dense = {}, []
     if calls is None:
-        choices, goal_reached = choose_ranks(options, goal_name, goal, learnables_before, verbosity)
+        choices, goal_reached = choose_ranks(options, goal_name, goal, learnables_before, verbosity, allocation)
     else:
         choices, goal_reached, timings, kept_dense = choose_faster_ranks(
-            layers, options, calls, goal_name, goal, learnables_before, unpack, verbosity)
+            layers, options, calls, goal_name, goal, learnables_before, unpack, verbosity, allocation)
     decisions = Decisions(f"{goal_name}={goal:g}", choices, goal_reached, timings, kept_dense,
                           None if calls is None else str(latency.device_of(model, latency_input)),
                           excluded_layers(model, layer_names, layers),

@@ -157,3 +157,22 @@ def test_sequential_correction_needs_data_and_a_known_name():
                                                     correction_data=data, verbosity="off",
                                                     learnables_reduction_goal=0.3)
     assert rw.count_learnables(net_c) < rw.count_learnables(net)
+
+
+def test_uniform_allocation_keeps_the_same_fraction_of_every_layer():
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 16))
+    data = [torch.randn(128, 32) for _ in range(2)]
+    npca = rw.NeuronPCA(net, data, verbosity="off")
+    compressed, info = rw.compress_network_using_projection(net, npca, learnables_reduction_goal=0.4,
+                                                            allocation="uniform", verbosity="off")
+    assert info.goal_reached and info.learnables_reduction >= 0.4
+    assert info.learnables_after == rw.count_learnables(compressed)
+    kept = [p.learnables_after / p.learnables_before for p in info.layers.values()]
+    assert max(kept) - min(kept) < 0.25  # one common fraction, up to each layer's rank steps
+    with pytest.raises(ValueError, match="allocation: expected 'global' or 'uniform'"):
+        rw.compress_network_using_projection(net, npca, learnables_reduction_goal=0.4, allocation="greedy",
+                                             verbosity="off")
+    with pytest.raises(ValueError, match="allocation: 'uniform' spreads a learnables_reduction_goal"):
+        rw.compress_network_using_projection(net, npca, explained_variance_goal=0.9, allocation="uniform",
+                                             verbosity="off")

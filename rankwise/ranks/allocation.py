@@ -18,6 +18,12 @@ the layer's output variance lost) and an *error* (the criterion's estimate,
   of the last step then takes the least lossy point of its whole frontier that still meets the
   goal. Steps that cost no error are always taken, and when the goal is above what is possible
   every layer goes to its cheapest option.
+- ``allocation="uniform"`` (:func:`allocate_uniformly`): every layer keeps the same fraction
+  ``k`` of its learnables, taking its least lossy option with ``L_l(o_l) <= k L_l``, with ``k``
+  the largest (by bisection) that meets the goal. It ignores how the errors of different layers
+  compare, which is what it is for: where those estimates are not comparable (a transformer's
+  layers, whose errors compound through normalisations and residual streams), a uniform ratio
+  can beat any allocation driven by them (BENCHMARKS.md measures both).
 """
 
 from __future__ import annotations
@@ -65,8 +71,33 @@ def allocate_learnables_reduction(options: dict[str, LayerOptions], goal: float,
     return Allocation(chosen, goal_reached, steps)
 
 
+ALLOCATIONS = ("global", "uniform")
+BISECTION_STEPS = 50
+
+
+def allocate_uniformly(options: dict[str, LayerOptions], goal: float, network_learnables: int) -> Allocation:
+    """Remove at least ``goal`` of ``network_learnables`` keeping the same fraction of every layer."""
+    needed = math.ceil(goal * network_learnables - 1e-9)
+
+    def keeping(fraction: float) -> dict[str, int]:
+        return {name: int(np.nonzero(opts.learnables <= fraction * opts.dense_learnables)[0].max(initial=0))
+                for name, opts in options.items()}
+
+    def removed(chosen: dict[str, int]) -> int:
+        return sum(_saving(options[name], index) for name, index in chosen.items())
+
+    low, high = 0.0, 1.0  # removed(keeping(low)) >= needed is kept true while it can be
+    if removed(keeping(low)) < needed:
+        return Allocation(keeping(low), False, [])
+    for _ in range(BISECTION_STEPS):
+        middle = (low + high) / 2
+        low, high = (middle, high) if removed(keeping(middle)) >= needed else (low, middle)
+    return Allocation(keeping(low), True, [])
+
+
 def choose_ranks(options: dict[str, LayerOptions], goal_name: str, goal: float,
-                 network_learnables: int, verbosity: str = "off") -> tuple[dict[str, RankChoice], bool]:
+                 network_learnables: int, verbosity: str = "off",
+                 allocation: str = "global") -> tuple[dict[str, RankChoice], bool]:
     """Each layer's option for one goal, and whether the goal was reached.
 
     Parameters
@@ -79,6 +110,8 @@ def choose_ranks(options: dict[str, LayerOptions], goal_name: str, goal: float,
         Learnables of the whole network (the reduction goal's denominator).
     verbosity : str
         ``"iterations"`` prints every step of the global allocation.
+    allocation : {"global", "uniform"}
+        How a learnables reduction goal is spread over the layers (see the module docstring).
 
     Returns
     -------
@@ -88,10 +121,11 @@ def choose_ranks(options: dict[str, LayerOptions], goal_name: str, goal: float,
     if goal_name == "explained_variance_goal":
         chosen, goal_reached = choose_by_explained_variance(options, goal), True
     else:
-        allocation = allocate_learnables_reduction(options, goal, network_learnables)
-        chosen, goal_reached = allocation.chosen, allocation.goal_reached
+        allocate = allocate_uniformly if allocation == "uniform" else allocate_learnables_reduction
+        outcome = allocate(options, goal, network_learnables)
+        chosen, goal_reached = outcome.chosen, outcome.goal_reached
         if verbosity == "iterations":
-            _print_allocation(allocation, options, network_learnables)
+            _print_allocation(outcome, options, network_learnables)
     return {name: options[name].choice(index) for name, index in chosen.items()}, goal_reached
 
 
