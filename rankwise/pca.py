@@ -150,7 +150,7 @@ class NeuronPCA:
                 empty_message="data: the iterable yielded no batch. Pass a DataLoader or a list of "
                               "tensors holding representative inputs.")
             return
-        dense = {name: layer for name, layer in layers.items() if kind_of(layer).family == "dense"}
+        dense = {name: layer for name, layer in layers.items() if kind_of(layer).family != "recurrent"}
         self._gradients, self._gradient_samples, self.num_batches = gradient_moments(
             model, data, dense, loss_fn, forward_fn, max_batches, progress, handles=handles)
 
