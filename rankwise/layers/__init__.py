@@ -4,7 +4,9 @@ from rankwise.layers.base import ProjectedLayer
 from rankwise.layers.conv import ProjectedConv
 from rankwise.layers.embedding import ProjectedEmbedding
 from rankwise.layers.linear import ProjectedLinear
-from rankwise.layers.recurrent import ProjectedGRU, ProjectedLSTM, ProjectedRecurrent
+from rankwise.layers.gru import ProjectedGRU
+from rankwise.layers.lstm import ProjectedLSTM
+from rankwise.layers.recurrent import ProjectedRecurrent
 
 __all__ = ["ProjectedLayer", "ProjectedLinear", "ProjectedConv", "ProjectedEmbedding", "ProjectedLSTM", "ProjectedGRU",
            "ProjectedRecurrent"]

@@ -369,58 +369,6 @@ class ProjectedRecurrent(ProjectedLayer):
         return projected.train(layer.training)
 
 
-class ProjectedLSTM(ProjectedRecurrent):
-    """A projected ``nn.LSTM`` (MATLAB's ``lstmProjectedLayer``); see :mod:`rankwise.layers.recurrent`.
-
-    Gates ``i, f, g, o = W_ih x_t + b_ih + W_hh h_{t-1} + b_hh`` (split in four),
-    ``c_t = sigma(f) c_{t-1} + sigma(i) tanh(g)``, ``h_t = sigma(o) tanh(c_t)``, with ``W_ih`` and
-    ``W_hh`` acting through their projections.
-    """
-
-    kind = "lstm"
-    dense_type = nn.LSTM
-
-    def _input_gates(self, cell, sequence):
-        bias = self.core[f"bias_ih_{cell}"] + self.core[f"bias_hh_{cell}"] if self.bias else None
-        return F.linear(self._project_input(cell, sequence), self.core[f"weight_ih_{cell}"], bias)
-
-    @staticmethod
-    def _step(gates, state, recurrent):
-        h, c = state
-        i, f, g, o = recurrent(h, gates).chunk(4, 1)
-        c = torch.addcmul(torch.sigmoid(f) * c, torch.sigmoid(i), torch.tanh(g))
-        return torch.sigmoid(o) * torch.tanh(c), c
-
-
-class ProjectedGRU(ProjectedRecurrent):
-    """A projected ``nn.GRU`` (MATLAB's ``gruProjectedLayer``); see :mod:`rankwise.layers.recurrent`.
-
-    ``r, z = sigma(W_ir x + b_ir + W_hr h + b_hr), sigma(W_iz x + b_iz + W_hz h + b_hz)``,
-    ``n = tanh(W_in x + b_in + r (W_hn h + b_hn))``, ``h_t = (1 - z) n + z h_{t-1}``, with ``W_ih``
-    and ``W_hh`` acting through their projections.
-    """
-
-    kind = "gru"
-    dense_type = nn.GRU
-
-    def _input_gates(self, cell, sequence):
-        bias = self.core[f"bias_ih_{cell}"] if self.bias else None
-        return F.linear(self._project_input(cell, sequence), self.core[f"weight_ih_{cell}"], bias)
-
-    def _recurrent(self, cell):
-        """``h -> W_hh Q_out Q_out^T h + b_hh`` (kept apart: ``b_hn`` sits inside ``r (...)``)."""
-        product, bias = super()._recurrent(cell), self.core[f"bias_hh_{cell}"] if self.bias else None
-        return lambda h: product(h, bias)
-
-    @staticmethod
-    def _step(gates, state, recurrent):
-        (h,) = state
-        x_r, x_z, x_n = gates.chunk(3, 1)
-        h_r, h_z, h_n = recurrent(h).chunk(3, 1)
-        r, z = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
-        return (torch.lerp(torch.tanh(x_n + r * h_n), h, z),)
-
-
 def _projector(projectors: nn.ParameterDict | None, cell: str) -> torch.Tensor | None:
     return projectors[cell] if projectors is not None and cell in projectors else None
 
@@ -466,3 +414,12 @@ def _parameters(tensors: dict, like: torch.Tensor) -> nn.ParameterDict | None:
     return nn.ParameterDict({name: nn.Parameter(t.to(like.dtype).contiguous(),
                                                 requires_grad=like.requires_grad)
                              for name, t in tensors.items()})
+
+
+def __getattr__(name: str):
+    """``ProjectedLSTM`` / ``ProjectedGRU`` under their former home, for structures pickled by older
+    versions (their classes now live in :mod:`rankwise.layers.lstm` and :mod:`rankwise.layers.gru`)."""
+    if name in ("ProjectedLSTM", "ProjectedGRU"):
+        from rankwise import layers
+        return getattr(layers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
