@@ -135,7 +135,7 @@ def whitened_layer(layer: nn.Module, metric: OutputMetric) -> nn.Module:
     weight = whitened_weight(layer, metric)
     with torch.no_grad():
         whitened.weight.copy_((weight.T if kind_of(layer).family == "embedding" else weight).to(dtype))
-        if layer.bias is not None:
+        if getattr(layer, "bias", None) is not None:  # an embedding table has none
             whitened.bias.copy_((metric.root.to(layer.bias.device) @ layer.bias.detach().to(torch.float64)).to(dtype))
     return whitened
 

@@ -98,3 +98,14 @@ def test_save_load_and_onnx_of_a_projected_table(tmp_path):
     session = onnxruntime.InferenceSession(str(tmp_path / "bag.onnx"))
     (output,) = session.run(None, {"input": data[1].numpy()})
     torch.testing.assert_close(torch.from_numpy(output), net(data[1]).detach(), atol=1e-5, rtol=1e-4)
+
+
+def test_the_loss_criterion_judges_a_table_in_its_fisher_metric():
+    model, data = _Bag(), _tokens()
+    npca = rw.NeuronPCA(model, data, verbosity="off", loss_fn="kl")
+    net, info = rw.compress_network_using_projection(model, npca, learnables_reduction_goal=0.3,
+                                                     criterion="loss", verbosity="off")
+    assert info.layers["emb"].space == "fisher" and info.learnables_after == rw.count_learnables(net)
+    options = rw.ranks.measured_options(model, npca, {"emb": model.emb}, criterion="loss")["emb"]
+    full = project_layer(model.emb, options, RankChoice("output", None, 16, 0, 0.0, 0.0))
+    torch.testing.assert_close(full(data[0]), model.emb(data[0]), atol=1e-5, rtol=1e-5)
