@@ -77,3 +77,44 @@ def test_outside_a_group_nothing_is_reduced_and_a_named_group_is_refused():
     assert distributed.all_reduce_count(4) == 4
     with pytest.raises(ValueError, match="process_group: torch.distributed is not initialised"):
         distributed.active_group(object())
+
+
+class _Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn, self.head = nn.GRU(3, 8, batch_first=True), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0])
+
+
+def _sequences():
+    generator = torch.Generator().manual_seed(2)
+    return [torch.randn(2, 9, 3, generator=generator) for _ in range(4)]
+
+
+def _recurrent_on_two_ranks(rank, world, port, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        npca = rw.NeuronPCA(_Recurrent(), _sequences()[rank::world], verbosity="off")
+        net, _ = rw.compress_network_using_projection(_Recurrent(), npca, explained_variance_goal=0.9,
+                                                      verbosity="off")
+        results[rank] = npca.statistics("rnn").reservoir, net.state_dict()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_measures_recurrent_layers_on_the_first_ranks_sequences():
+    """The reservoir is a sample, not a sum: every rank takes the first rank's, so all decide alike."""
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_recurrent_on_two_ranks, args=(2, _free_port(), results), nprocs=2, join=True)
+    first_shard = [sequence for batch in _sequences()[0::2] for sequence in batch]
+    for rank in range(2):
+        reservoir, _ = results[rank]
+        assert len(reservoir) == len(first_shard)
+        assert all(torch.equal(a, b) for a, b in zip(reservoir, first_shard))
+    first, second = results[0][1], results[1][1]
+    assert all(torch.equal(first[key], second[key]) for key in first)
