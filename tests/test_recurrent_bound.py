@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_sequence
 
 import rankwise as rw
+from rankwise import io as rankwise_io
 from rankwise.statistics.recurrent import RESERVOIR_STEPS
 from test_pca import OldFormatModel
 
@@ -92,7 +93,7 @@ def test_the_per_step_variance_alone_does_not_bound_it(calibrated):
     assert measured_sequence_explained_variance(model, net, data) < 0.9
 
 
-def test_a_reduction_goal_reports_the_measured_value_and_keeps_the_allocation(calibrated):
+def test_a_reduction_goal_reports_the_measured_value_and_keeps_the_allocation(calibrated, tmp_path):
     model, data, npca = calibrated
     net, info = rw.compress_network_using_projection(model, npca, learnables_reduction_goal=0.4,
                                                      verbosity="off")
@@ -105,6 +106,9 @@ def test_a_reduction_goal_reports_the_measured_value_and_keeps_the_allocation(ca
     assert info.layers["rnn"].measured_explained_variance == pytest.approx(
         measured_sequence_explained_variance(model, net, data), abs=1e-5)
     assert "output sequence explained variance measured" in info.table()
+    rw.save(net, tmp_path / "net.safetensors", info=info)
+    stored = rankwise_io.projection_info(rankwise_io.read_spec(tmp_path / "net.safetensors"))
+    assert stored.layers["rnn"].measured_explained_variance == info.layers["rnn"].measured_explained_variance
 
 
 def test_the_reservoir_survives_save_load_and_merge(calibrated, tmp_path):
