@@ -146,3 +146,15 @@ def test_old_files_load_and_fall_back_to_the_variance_choice_with_a_warning():
                                                        verbosity="off")
     assert info.layers["rnn"].measured_explained_variance is None
     assert any("calibration sequences" in warning for warning in info.warnings)
+
+
+def test_the_analysis_and_the_sensitivity_probe_choose_as_compress_does(calibrated):
+    model, data, npca = calibrated
+    net, info = rw.compress_network_using_projection(model, npca, explained_variance_goal=0.9,
+                                                     verbosity="off")
+    report = rw.analyze(model, npca, explained_variance_goals=(0.9,), learnables_reduction_goals=(),
+                        verbosity="off")
+    assert report.goals["explained_variance_goal=0.9"].layers["rnn"] == info.layers["rnn"]
+    sensitivity = rw.probe_sensitivity(model, npca, lambda network: 0.0, explained_variance_goals=(0.9,),
+                                       verbosity="off")
+    assert sensitivity.layers["rnn"][0].layer_learnables == info.layers["rnn"].learnables_after
