@@ -30,31 +30,40 @@ def _data():
     return [torch.randn(4, 2, 6, 6, generator=generator) for _ in range(4)]
 
 
-def _on_two_ranks(rank, world, port, results):
+def _in_group(rank, world, port, results, job):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        distributed.BUCKET_ELEMENTS = 5  # force several buckets
-        tensors = [torch.full((2, 2), float(rank + 1), dtype=torch.float64),
-                   torch.arange(3, dtype=torch.float64) * (rank + 1), torch.tensor(1.0 + rank, dtype=torch.float64)]
-        distributed.all_reduce_tensors(tensors)
-        distributed.BUCKET_ELEMENTS = 1 << 25
-        shard = _data()[rank::world]  # what a DistributedSampler would give this rank
-        npca = rw.NeuronPCA(_model(), shard, verbosity="off", loss_fn="kl")
-        net, info = rw.compress_network_using_projection(_model(), npca, learnables_reduction_goal=0.4,
-                                                         verbosity="off")
-        results[rank] = ([t.clone() for t in tensors], distributed.all_reduce_count(10 + rank),
-                         {name: (npca.statistics(name).output.outer, npca.statistics(name).input.sum)
-                          for name in npca.layer_names}, npca.fisher("3"), npca.num_batches,
-                         net.state_dict())
+        results[rank] = job(rank, world)
     finally:
         dist.destroy_process_group()
 
 
-def test_statistics_are_summed_over_the_group_and_every_rank_builds_the_same_model():
+def _on_two_ranks(job):
+    """``{rank: job(rank, world)}`` over a gloo group of two processes."""
     manager = mp.Manager()
     results = manager.dict()
-    mp.spawn(_on_two_ranks, args=(2, _free_port(), results), nprocs=2, join=True)
+    mp.spawn(_in_group, args=(2, _free_port(), results, job), nprocs=2, join=True)
+    return dict(results)
+
+
+def _summed_statistics(rank, world):
+    distributed.BUCKET_ELEMENTS = 5  # force several buckets
+    tensors = [torch.full((2, 2), float(rank + 1), dtype=torch.float64),
+               torch.arange(3, dtype=torch.float64) * (rank + 1), torch.tensor(1.0 + rank, dtype=torch.float64)]
+    distributed.all_reduce_tensors(tensors)
+    distributed.BUCKET_ELEMENTS = 1 << 25
+    shard = _data()[rank::world]  # what a DistributedSampler would give this rank
+    npca = rw.NeuronPCA(_model(), shard, verbosity="off", loss_fn="kl")
+    net, info = rw.compress_network_using_projection(_model(), npca, learnables_reduction_goal=0.4,
+                                                     verbosity="off")
+    return ([t.clone() for t in tensors], distributed.all_reduce_count(10 + rank),
+            {name: (npca.statistics(name).output.outer, npca.statistics(name).input.sum)
+             for name in npca.layer_names}, npca.fisher("3"), npca.num_batches, net.state_dict())
+
+
+def test_statistics_are_summed_over_the_group_and_every_rank_builds_the_same_model():
+    results = _on_two_ranks(_summed_statistics)
     whole = rw.NeuronPCA(_model(), _data(), verbosity="off", loss_fn="kl")
     for rank in range(2):
         tensors, count, stats, fisher, batches, _ = results[rank]
@@ -94,23 +103,16 @@ def _sequences():
     return [torch.randn(2, 9, 3, generator=generator) for _ in range(4)]
 
 
-def _recurrent_on_two_ranks(rank, world, port, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        npca = rw.NeuronPCA(_Recurrent(), _sequences()[rank::world], verbosity="off")
-        net, _ = rw.compress_network_using_projection(_Recurrent(), npca, explained_variance_goal=0.9,
-                                                      verbosity="off")
-        results[rank] = npca.statistics("rnn").reservoir, net.state_dict()
-    finally:
-        dist.destroy_process_group()
+def _recurrent_choices(rank, world):
+    npca = rw.NeuronPCA(_Recurrent(), _sequences()[rank::world], verbosity="off")
+    net, _ = rw.compress_network_using_projection(_Recurrent(), npca, explained_variance_goal=0.9,
+                                                  verbosity="off")
+    return npca.statistics("rnn").reservoir, net.state_dict()
 
 
 def test_every_rank_measures_recurrent_layers_on_the_first_ranks_sequences():
     """The reservoir is a sample, not a sum: every rank takes the first rank's, so all decide alike."""
-    manager = mp.Manager()
-    results = manager.dict()
-    mp.spawn(_recurrent_on_two_ranks, args=(2, _free_port(), results), nprocs=2, join=True)
+    results = _on_two_ranks(_recurrent_choices)
     first_shard = [sequence for batch in _sequences()[0::2] for sequence in batch]
     for rank in range(2):
         reservoir, _ = results[rank]
