@@ -11,7 +11,12 @@ on the 270 training sequences, then, for each learnables reduction goal:
 - test accuracy (370 sequences) without fine-tuning, then after a few epochs of fine-tuning
   on the training sequences; the original network fine-tuned the same way is the control;
 - the residual of the recurrent layer's gate pre-activations measured over one step with the
-  original's inputs and hidden states (teacher forcing), against the estimate that ranked it.
+  original's inputs and hidden states (teacher forcing), against the estimate that ranked it;
+
+and for each explained variance goal (``explained_variance_goal=goal``): the learnables, the
+test accuracy, and the explained variance of the recurrent layer's output sequence,
+``1 - E|h - h'|^2 / E|h - mean h|^2``, measured here by running the original and the projected
+layer on the training (calibration) and on the test sequences.
 
 CPU latency (one torch thread, median of repeats) of the original and of the projected
 network with either execution path of the projected layer: the whole test set as one packed
@@ -33,8 +38,10 @@ from torch.nn.utils.rnn import pack_sequence
 import rankwise as rw
 from environment import write_result
 from rankwise.datasets import load_japanese_vowels
+from rankwise.statistics.recurrent import RESERVOIR_STEPS
 
 GOALS = (0.5, 0.6, 0.7, 0.8, 0.9)
+EXPLAINED_VARIANCE_GOALS = (0.999, 0.99, 0.95)
 HIDDEN, CLASSES, FEATURES = 100, 9, 12
 TRAIN = {"epochs": 60, "lr": 3e-3, "batch_size": 27, "clip": 1.0, "seed": 0}
 FINE_TUNE = {"epochs": 8, "lr": 1e-3, "batch_size": 27, "clip": 1.0, "seed": 1}
@@ -99,6 +106,14 @@ def one_step_residual(original, projected, sequences):
              + h @ (w_hh - rnn.weight_hh_l0).T + b_hh - rnn.bias_hh_l0) ** 2).sum()
     total = sum(((z - z.mean(0)) ** 2).sum() for z in (x @ rnn.weight_ih_l0.T, h @ rnn.weight_hh_l0.T))
     return (lost / total).item()
+
+
+@torch.no_grad()
+def sequence_explained_variance(original, projected, sequences):
+    """``1 - E|h - h'|^2 / E|h - mean h|^2`` over every time step of the recurrent layer's output."""
+    packed = pack_sequence(sequences, enforce_sorted=False)
+    h, h_projected = original.rnn(packed)[0].data, projected.rnn(packed)[0].data
+    return (1 - ((h - h_projected) ** 2).sum() / ((h - h.mean(0)) ** 2).sum()).item()
 
 
 def interleaved_medians(calls: dict, repeats: int) -> dict:
@@ -167,7 +182,15 @@ def benchmark(kind, data):
         row["fine_tuned"] = accuracy(tuned, test_x, test_y)
         rows.append(row)
         networks[goal] = net
-    return {"kind": kind, "original": original, "rows": rows, "calibration_time": calibration_time,
+    variance_rows = []
+    for goal in EXPLAINED_VARIANCE_GOALS:
+        net, info = rw.compress_network_using_projection(model, npca, explained_variance_goal=goal,
+                                                         verbosity="off")
+        variance_rows.append({"goal": goal, "info": info, "accuracy": accuracy(net, test_x, test_y),
+                              "calibration": sequence_explained_variance(model, net, train_x),
+                              "test": sequence_explained_variance(model, net, test_x)})
+    return {"kind": kind, "original": original, "rows": rows, "variance_rows": variance_rows,
+            "calibration_time": calibration_time,
             "reduction_range": npca.learnables_reduction_range, "latency": latencies(networks, test_x)}
 
 
@@ -189,14 +212,37 @@ def accuracy_table(result):
              "|---:|---:|---|---|---:|---:|---:|---:|"]
     for row in result["rows"]:
         info = row["info"]
-        fc = info.layers["fc"]
         lines.append(
-            f"| {row['goal']:.0%} | {info.learnables_after:,} ({info.learnables_reduction:.1%}) "
-            f"| {ranks(info.layers['rnn'])} | {'dense' if fc.side == 'dense' else ranks(fc)} "
-            f"| {info.explained_variance:.4f} "
+            f"| {row['goal']:.0%} | {layer_columns(info)} | {info.explained_variance:.4f} "
             f"| {1 - info.layers['rnn'].explained_variance:.4f} / {row['one_step']:.4f} "
-            f"| {row['accuracy']:.2%} ({100 * (row['accuracy'] - o['accuracy']):+.2f}) "
-            f"| {row['fine_tuned']:.2%} ({100 * (row['fine_tuned'] - o['accuracy']):+.2f}) |")
+            f"| {with_change(row['accuracy'], o)} | {with_change(row['fine_tuned'], o)} |")
+    return "\n".join(lines)
+
+
+def layer_columns(info):
+    """``learnables (removed) | recurrent layer's side and ranks | fc's`` of a table row."""
+    fc = info.layers["fc"]
+    return (f"{info.learnables_after:,} ({info.learnables_reduction:.1%}) | {ranks(info.layers['rnn'])} "
+            f"| {'dense' if fc.side == 'dense' else ranks(fc)}")
+
+
+def with_change(accuracy, original):
+    return f"{accuracy:.2%} ({100 * (accuracy - original['accuracy']):+.2f})"
+
+
+def variance_goal_table(result):
+    o = result["original"]
+    lines = [f"### {result['kind'].upper()}: explained variance goals (test accuracy of the original "
+             f"{o['accuracy']:.2%})", "",
+             "| goal | learnables (removed) | recurrent layer: side, ranks | fc "
+             "| recurrent output sequence explained var.: calibration / test (measured here) "
+             "| the same, as rankwise measured it on its reservoir | accuracy, no fine-tuning (change) |",
+             "|---:|---:|---|---|---:|---:|---:|"]
+    for row in result["variance_rows"]:
+        info = row["info"]
+        reported = info.layers["rnn"].measured_explained_variance
+        lines.append(f"| {row['goal']:g} | {layer_columns(info)} | {row['calibration']:.4f} / {row['test']:.4f} "
+                     f"| {'-' if reported is None else f'{reported:.4f}'} | {with_change(row['accuracy'], o)} |")
     return "\n".join(lines)
 
 
@@ -236,8 +282,11 @@ def main():
         f"{LATENCY_REPEATS['batch']} (whole test set) and {LATENCY_REPEATS['sequence']} "
         "(one sequence of median length, unbatched) calls after a warm-up, all networks and "
         "paths of one kind taking turns; *auto picks* is the path `execution=\"auto\"` takes "
-        "there.")
-    tables = [accuracy_table(r) for r in results] + ["### CPU latency", latency_table(results)]
+        "there. Explained variance goals: *calibration / test* is measured here on all 270 "
+        f"training ({sum(map(len, data[0][0])):,} steps) and all 370 test sequences; rankwise "
+        f"measures it on the first {RESERVOIR_STEPS:,} calibration steps it keeps (its reservoir).")
+    tables = ([accuracy_table(r) for r in results] + [variance_goal_table(r) for r in results]
+              + ["### CPU latency", latency_table(results)])
     body = "\n\n".join([notes, *tables])
     write_result(RESULT, "Projected LSTM and GRU on Japanese Vowels", body)
 

@@ -66,6 +66,18 @@ def all_reduce_count(count: int, process_group=None) -> int:
     return int(total.item())
 
 
+def broadcast_from_first(objects: list, process_group=None) -> list:
+    """``objects`` (picklable, e.g. lists of CPU tensors) as the group's first rank holds them;
+    ``objects`` itself outside an initialised group. For what is a sample, not a sum (the
+    reservoir of a recurrent layer's calibration sequences), so that every rank decides alike."""
+    group = active_group(process_group)
+    if group is None:
+        return objects
+    message = [objects]
+    dist.broadcast_object_list(message, src=dist.get_global_rank(group, 0), group=group)
+    return message[0]
+
+
 def _buckets(tensors: list[torch.Tensor]):
     bucket, size = [], 0
     for t in tensors:

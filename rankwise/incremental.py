@@ -30,7 +30,7 @@ from rankwise.learnables import count_learnables
 from rankwise.checks import check_goals, check_verbosity
 from rankwise.pca import NeuronPCA
 from rankwise.projection import Decisions, build_projected
-from rankwise.ranks import RankChoice, choose_ranks, measured_options
+from rankwise.ranks import RankChoice, SequenceBound, choose_ranks, measured_options
 from rankwise.tables import format_ranks, format_table
 from rankwise.targets import select_layers
 from rankwise.train import FineTuneHistory, fine_tune
@@ -202,6 +202,8 @@ def compress_incrementally(model: nn.Module, data, *, train_data, eval_fn,
         candidates = names[position:] if goal_name == "learnables_reduction_goal" else [name]
         options = measured_options(network, npca, {n: network.get_submodule(n) for n in candidates})
         choice = _choice(options, name, goal_name, goal, network, needed, history.original_learnables)
+        choice = SequenceBound({name: network.get_submodule(name)}, options, npca, goal_name, goal)(
+            {name: choice})[name]
         if choice.side == "dense":
             continue
         candidate, info = build_projected(network, {name: network.get_submodule(name)}, options,

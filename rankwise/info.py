@@ -40,6 +40,12 @@ class LayerProjection:
     (the layer's own output), ``"batchnorm"`` (after the BatchNorm that follows the layer) or
     ``"fisher"`` (weighted by the Fisher information of the loss, ``criterion="loss"``), and
     ``error`` is the criterion's estimate (with ``"loss"``, the estimated increase of the loss).
+
+    ``measured_explained_variance`` is, for an LSTM or GRU layer, a measurement: the explained
+    variance of its output sequence, ``1 - E|h - h'|^2 / E|h - mean h|^2`` over the time steps of
+    the calibration sequences kept by the NeuronPCA, the original and the projected layer run
+    through the whole recurrence (:mod:`rankwise.ranks.sequence`); ``None`` where not measured
+    (other kinds, or a NeuronPCA without calibration sequences).
     """
 
     name: str
@@ -54,6 +60,7 @@ class LayerProjection:
     projected_seconds: float | None = None
     space: str = "output"
     error: float = 0.0
+    measured_explained_variance: float | None = None
 
 
 @dataclass(frozen=True)
@@ -146,6 +153,9 @@ class ProjectionInfo:
                  + ("; ≥ marks a lower bound (both sides projected)" if any(
                      p.side == "both" for p in self.layers.values()) else "")]
         notes += [_SPACE_LEGENDS[space] for space in sorted(spaces)]
+        notes += [f"{p.name}: output sequence explained variance measured on the calibration "
+                  f"sequences: {p.measured_explained_variance:.4f}"
+                  for p in self.layers.values() if p.measured_explained_variance is not None]
         if "fisher" in spaces:
             loss = sum(p.error for p in self.layers.values())
             notes.append(f"estimated increase of the loss (second order, summed over layers): {loss:.4g}")
@@ -169,7 +179,8 @@ def describe_choice(name: str, layer: nn.Module, choice: RankChoice,
     return LayerProjection(name, kind_of(layer).name, choice.side, choice.rank_in, choice.rank_out,
                            count_learnables(layer),
                            count_learnables(layer) if choice.side == "dense" else choice.learnables,
-                           choice.explained_variance, *(timing or (None, None)), space, choice.error)
+                           choice.explained_variance, *(timing or (None, None)), space, choice.error,
+                           choice.measured_explained_variance)
 
 
 def _format_latency(p: LayerProjection, kept_dense: bool) -> str:

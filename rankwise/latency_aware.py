@@ -86,7 +86,7 @@ def record_layer_calls(model: nn.Module, layers: dict, latency_input) -> dict[st
 
 def choose_faster_ranks(layers: dict, options: dict[str, LayerOptions], calls: dict, goal_name: str,
                         goal: float, network_learnables: int, unpack: bool, verbosity: str = "off",
-                        allocation: str = "global"):
+                        allocation: str = "global", refine=None):
     """:func:`choose_ranks`, keeping dense the layers whose projected form is not faster.
 
     Each round chooses ranks over the layers not yet excluded, times every layer to be
@@ -105,6 +105,9 @@ def choose_faster_ranks(layers: dict, options: dict[str, LayerOptions], calls: d
         As for :func:`choose_ranks`.
     unpack : bool
         Time the projected forms as plain torch layers (as they will be built).
+    refine : callable, optional
+        ``refine(choices) -> choices``, applied to each round's choices before they are timed
+        (e.g. :class:`rankwise.ranks.SequenceBound`).
 
     Returns
     -------
@@ -122,6 +125,8 @@ def choose_faster_ranks(layers: dict, options: dict[str, LayerOptions], calls: d
     for _ in range(len(options) + 1):  # every round but the last excludes a layer
         active = {name: opts for name, opts in options.items() if name not in rejected}
         choices, goal_reached = choose_ranks(active, goal_name, goal, network_learnables, verbosity, allocation)
+        if refine is not None:
+            choices = refine(choices)
         slower = {}
         for name, choice in choices.items():
             if choice.side == "dense":

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from rankwise.batches import run_batches
 from rankwise.checks import check_max_batches, check_regularization, check_verbosity
-from rankwise.distributed import all_reduce_count, all_reduce_tensors
+from rankwise.distributed import all_reduce_count, all_reduce_tensors, broadcast_from_first
 from rankwise.kinds import kind_of
 from rankwise.learnables import count_learnables
 from rankwise.metric import OutputMetric, whitened_statistics
@@ -36,7 +36,7 @@ from rankwise.statistics.gradients import check_loss_fn, gradient_moments
 from rankwise.targets import select_layers
 
 SIDES = ("input", "output")
-FORMAT_VERSION = 2  # 2: gradient statistics of the loss criterion
+FORMAT_VERSION = 3  # 2: gradient statistics of the loss criterion; 3: recurrent layers' reservoir
 """Version of the :meth:`NeuronPCA.save` file layout; files of every version up to it load."""
 READABLE_VERSIONS = tuple(range(1, FORMAT_VERSION + 1))
 PROGRESS_DELAY_SECONDS = 1.0
@@ -155,10 +155,16 @@ class NeuronPCA:
             model, data, dense, loss_fn, forward_fn, max_batches, progress, handles=handles)
 
     def _sum_over(self, process_group) -> None:
-        """Sum the moments over ``process_group`` (nothing outside an initialised group)."""
+        """Sum the moments over ``process_group`` (nothing outside an initialised group); the
+        recurrent layers' reservoirs of calibration sequences are those of the group's first rank."""
         tensors = [t for stats in self._stats.values() for t in moment_tensors(stats)]
         tensors += [t for moments in self._gradients.values() for t in moments.tensors()]
         all_reduce_tensors(tensors, process_group)
+        sampled = [stats for stats in self._stats.values() if getattr(stats, "reservoir", None) is not None]
+        if sampled:
+            reservoirs = broadcast_from_first([stats.reservoir for stats in sampled], process_group)
+            for stats, reservoir in zip(sampled, reservoirs):
+                stats.reservoir = reservoir
         self.num_batches = all_reduce_count(self.num_batches, process_group)
         self._gradient_samples = all_reduce_count(self._gradient_samples, process_group)
 

@@ -26,7 +26,7 @@ from rankwise.layers.build import project_layer
 from rankwise.learnables import count_learnables
 from rankwise.pca import NeuronPCA
 from rankwise.correction import build_sequentially
-from rankwise.ranks import choose_ranks, criterion_named, measured_options
+from rankwise.ranks import SequenceBound, choose_ranks, criterion_named, measured_options
 from rankwise.tables import format_ranks
 from rankwise.targets import select_layers
 
@@ -72,7 +72,12 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
     learnable. A layer whose factored form would not be smaller stays dense. An ``nn.LSTM`` /
     ``nn.GRU`` becomes a :class:`~rankwise.layers.ProjectedLSTM` /
     :class:`~rankwise.layers.ProjectedGRU`, projected on the input and the hidden state of
-    each stacked layer and direction (:mod:`rankwise.layers.recurrent`).
+    each stacked layer and direction (:mod:`rankwise.layers.recurrent`). Its per-step gate
+    variance does not bound the error that accumulates through the recurrence, so its choice is
+    checked on the calibration sequences the NeuronPCA keeps (:mod:`rankwise.ranks.sequence`):
+    under ``explained_variance_goal=g`` it moves toward more learnables until the measured
+    explained variance of its output sequence reaches ``g``; under a learnables reduction goal
+    the measurement is reported (:attr:`LayerProjection.measured_explained_variance`).
 
     **Where errors are measured** (``criterion``, :mod:`rankwise.ranks.criterion`). With
     ``"variance"`` each option is judged by the fraction of the layer's output variance it loses,
@@ -186,16 +191,20 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
     check_statistics(npca, layers)
     options = measured_options(model, npca, layers, criterion)
     learnables_before = count_learnables(model)
+    bound = SequenceBound(layers, options, npca, goal_name, goal)
     timings, kept_dense = {}, []
     if calls is None:
         choices, goal_reached = choose_ranks(options, goal_name, goal, learnables_before, verbosity, allocation)
+        choices = bound(choices)
     else:
         choices, goal_reached, timings, kept_dense = choose_faster_ranks(
-            layers, options, calls, goal_name, goal, learnables_before, unpack, verbosity, allocation)
+            layers, options, calls, goal_name, goal, learnables_before, unpack, verbosity, allocation,
+            refine=bound)
     decisions = Decisions(f"{goal_name}={goal:g}", choices, goal_reached, timings, kept_dense,
                           None if calls is None else str(latency.device_of(model, latency_input)),
                           excluded_layers(model, layer_names, layers),
-                          unreached_goal(goal_name, goal, goal_reached, options, learnables_before))
+                          unreached_goal(goal_name, goal, goal_reached, options, learnables_before)
+                          + bound.warnings)
     for message in decisions.warnings:
         warnings.warn(message, UserWarning, stacklevel=2)
     compressed, info = build_projected(model, layers, options, decisions, unpack=unpack, inplace=inplace,

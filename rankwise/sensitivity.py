@@ -18,7 +18,7 @@ from rankwise.checks import check_verbosity
 from rankwise.learnables import count_learnables
 from rankwise.pca import NeuronPCA
 from rankwise.projection import Decisions, build_projected, check_statistics
-from rankwise.ranks import choose_ranks, measured_options
+from rankwise.ranks import SequenceBound, choose_ranks, measured_options
 from rankwise.tables import format_table
 from rankwise.targets import select_layers
 
@@ -110,6 +110,7 @@ def probe_sensitivity(model: nn.Module, npca_or_data, eval_fn, *,
     probes = [(name, goal) for name in layers for goal in goals]
     for name, goal in tqdm(probes, desc="sensitivity", disable=verbosity == "off"):
         choices, _ = choose_ranks({name: options[name]}, "explained_variance_goal", goal, network_learnables)
+        choices = SequenceBound({name: layers[name]}, options, npca, "explained_variance_goal", goal)(choices)
         net, info = build_projected(model, {name: layers[name]}, options,
                                     Decisions(f"explained_variance_goal={goal:g}", choices))
         layer = info.layers[name]

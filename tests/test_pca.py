@@ -299,6 +299,6 @@ def test_files_written_before_the_statistics_package_still_load():
 
 def test_a_file_of_another_format_is_refused(tmp_path):
     torch.save({"format_version": 99, "layers": {}}, tmp_path / "future.pt")
-    with pytest.raises(ValueError, match="path: .*future.pt is not a NeuronPCA file of format version 1, 2 "
+    with pytest.raises(ValueError, match="path: .*future.pt is not a NeuronPCA file of format version 1, 2, 3 "
                                          r"\(found 99\)"):
         rw.NeuronPCA.load(tmp_path / "future.pt")

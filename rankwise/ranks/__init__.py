@@ -6,7 +6,9 @@
   the allocation compare (variance or loss), measured in the metric where the layer's error
   matters (after a following BatchNorm; the Fisher information of the loss);
 - :mod:`rankwise.ranks.allocation`: the goals (per-layer explained variance, global learnables
-  reduction), the trade-off curve and the reduction range.
+  reduction), the trade-off curve and the reduction range;
+- :mod:`rankwise.ranks.sequence`: recurrent layers' choices bounded by the explained variance of
+  their output sequence, measured on calibration sequences through the recurrence.
 """
 
 from rankwise.ranks.allocation import (Allocation, allocate_learnables_reduction, choose_by_explained_variance,
@@ -15,8 +17,10 @@ from rankwise.ranks.criterion import (CRITERIA, Candidates, criterion_named, los
                                       variance_error)
 from rankwise.ranks.frontier import (LOSSLESS, SIDE_NAMES, LayerOptions, RankChoice, RecurrentOptions,
                                      layer_options, measured_options)
+from rankwise.ranks.sequence import SequenceBound, sequence_explained_variance
 
 __all__ = ["Allocation", "CRITERIA", "Candidates", "LOSSLESS", "LayerOptions", "RankChoice",
-           "RecurrentOptions", "SIDE_NAMES", "allocate_learnables_reduction", "choose_by_explained_variance",
+           "RecurrentOptions", "SIDE_NAMES", "SequenceBound", "allocate_learnables_reduction", "choose_by_explained_variance",
            "choose_ranks", "criterion_named", "layer_options", "loss_error", "measured_options",
-           "output_metrics", "reduction_range", "tradeoff_curve", "variance_error"]
+           "output_metrics", "reduction_range", "sequence_explained_variance", "tradeoff_curve",
+           "variance_error"]

@@ -72,6 +72,9 @@ class RankChoice:
         Estimated fraction of the layer's output variance lost.
     error : float
         The criterion's estimated error of this option (:mod:`rankwise.ranks.criterion`).
+    measured_explained_variance : float or None
+        For a recurrent layer, the explained variance of its output sequence measured on the
+        calibration reservoir (:mod:`rankwise.ranks.sequence`); ``None`` where not measured.
     """
 
     side: str
@@ -80,6 +83,7 @@ class RankChoice:
     learnables: int
     residual: float
     error: float
+    measured_explained_variance: float | None = None
 
     @property
     def explained_variance(self) -> float:

@@ -27,7 +27,7 @@ from rankwise.checks import check_fraction, check_verbosity
 from rankwise.pca import NeuronPCA
 from rankwise.projection import (Decisions, ProjectionInfo, build_projected, check_statistics, excluded_layers,
                                  unreached_goal)
-from rankwise.ranks import LayerOptions, choose_ranks, measured_options, tradeoff_curve
+from rankwise.ranks import LayerOptions, SequenceBound, choose_ranks, measured_options, tradeoff_curve
 from rankwise.report.html import write_html
 from rankwise.report.serialize import report_to_dict, write_json
 from rankwise.report.table import report_table
@@ -215,7 +215,7 @@ def analyze(model: nn.Module, npca_or_data, *, layer_names=None, exclude=None,
         network_learnables,
         {name: _layer_report(name, module, selected, excluded, options.get(name), npca)
          for name, module in _listed_modules(model)},
-        {f"{goal_name}={goal:g}": _goal_outcome(model, goal_name, goal, analysed, options, excluded)
+        {f"{goal_name}={goal:g}": _goal_outcome(model, goal_name, goal, analysed, options, excluded, npca)
          for goal_name, goal in goals},
         reduction, explained, None if eval_fn is None else _sensitivity(model, npca, eval_fn, goals, analysed))
     if verbosity != "off":
@@ -293,11 +293,13 @@ def _layer_report(name: str, module: nn.Module, selected: dict, excluded: list,
 
 
 def _goal_outcome(model: nn.Module, goal_name: str, goal: float, layers: dict, options: dict,
-                  excluded: list) -> ProjectionInfo:
+                  excluded: list, npca) -> ProjectionInfo:
     """The :class:`ProjectionInfo` that compressing with this goal would return (a dry run of
-    :func:`~rankwise.projection.build_projected`: no module is built)."""
+    :func:`~rankwise.projection.build_projected`: no network is built; a recurrent layer's
+    projected form is, to measure its output sequence, :class:`~rankwise.ranks.SequenceBound`)."""
     choices, goal_reached = choose_ranks(options, goal_name, goal, count_learnables(model))
-    decisions = Decisions(f"{goal_name}={goal:g}", choices, goal_reached, excluded=excluded,
+    bound = SequenceBound(layers, options, npca, goal_name, goal)
+    decisions = Decisions(f"{goal_name}={goal:g}", bound(choices), goal_reached, excluded=excluded,
                           warnings=unreached_goal(goal_name, goal, goal_reached, options,
-                                                  count_learnables(model)))
+                                                  count_learnables(model)) + bound.warnings)
     return build_projected(model, layers, options, decisions, build=False)[1]

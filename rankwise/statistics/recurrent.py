@@ -26,6 +26,16 @@ with ``w = max(D_l, H)``, the cell's largest width. A module without biases has 
 a mean into, so its sides are analysed on the uncentred second moment ``S / n`` (mean zero).
 Directions are judged by what they carry into the gates, through the Grams ``W_ih^T W_ih`` and
 ``W_hh^T W_hh`` kept here (see :mod:`rankwise.ranks`).
+
+**The reservoir.** Moments of one time step do not tell how an error of the gates grows through
+the recurrence (``h_t`` feeds ``h_{t+1}``: a small per-step error can accumulate over the
+sequence). So the statistics also keep a bounded sample of the module's calibration input, the
+first sequences it was called with, whole, up to :data:`RESERVOIR_STEPS` time steps in all (the
+one crossing the cap cut to fit), as plain CPU tensors ``(T_i, input_size)``: the decisions run
+the original and the projected layer on it and measure the error of the output sequence itself
+(:mod:`rankwise.ranks.sequence`). The reservoir is a sample, not a moment: shards' reservoirs
+are concatenated up to the cap, and statistics loaded from a file written before it existed
+have ``reservoir = None``.
 """
 
 from __future__ import annotations
@@ -34,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence
+from torch.nn.utils.rnn import PackedSequence, unpack_sequence
 
 from rankwise.moments import Moments, Spectrum
 from rankwise.rnn import cell_input_sizes, cell_names, normalise, run_layer
@@ -44,6 +54,9 @@ SIDES = ("input", "output")
 
 SIDE_WEIGHTS = {"input": "weight_ih", "output": "weight_hh"}
 """The weights reading each side of a cell: ``"output"`` is the hidden state ``h_t``."""
+
+RESERVOIR_STEPS = 4096
+"""Time steps of calibration input kept in :attr:`RecurrentStatistics.reservoir` (all sequences)."""
 
 
 @dataclass
@@ -61,6 +74,10 @@ class RecurrentStatistics:
         Per stacked layer, of its output rows ``h_t`` (both directions, ``D H`` wide).
     input_grams, hidden_grams : list of torch.Tensor
         Per cell (torch's order), ``W_ih^T W_ih`` (``D_l x D_l``) and ``W_hh^T W_hh`` (``H x H``).
+    reservoir : list of torch.Tensor or None
+        The first calibration sequences, ``(T_i, input_size)`` each on the CPU, at most
+        :data:`RESERVOIR_STEPS` steps in all (see the module docstring); ``None`` for
+        statistics read from a file written before the reservoir existed.
     """
 
     kind: str
@@ -73,6 +90,7 @@ class RecurrentStatistics:
     outputs: list
     input_grams: list
     hidden_grams: list
+    reservoir: list | None = None
 
     @classmethod
     def for_layer(cls, module: nn.Module, kind: str) -> "RecurrentStatistics":
@@ -88,7 +106,7 @@ class RecurrentStatistics:
         return cls(kind, module.input_size, module.hidden_size, module.num_layers,
                    module.bidirectional, module.bias, Moments.zeros(module.input_size, device),
                    [Moments.zeros(width, device) for _ in range(module.num_layers)],
-                   grams("input"), grams("output"))
+                   grams("input"), grams("output"), [])
 
     @property
     def cells(self) -> list[str]:
@@ -152,15 +170,26 @@ class RecurrentStatistics:
     def __add__(self, other: "RecurrentStatistics") -> "RecurrentStatistics":
         if self.shape != other.shape:
             raise ValueError("the two statistics describe layers of different shapes")
+        reservoir = None
+        if self.reservoir is not None or other.reservoir is not None:
+            reservoir = _fill([*(self.reservoir or [])], other.reservoir or [])
         return RecurrentStatistics(**{**vars(self), "input": self.input + other.input,
-                                      "outputs": [a + b for a, b in zip(self.outputs, other.outputs)]})
+                                      "outputs": [a + b for a, b in zip(self.outputs, other.outputs)],
+                                      "reservoir": reservoir})
+
+    @property
+    def reservoir_steps(self) -> int:
+        """Time steps held in the reservoir (0 without one)."""
+        return sum(len(sequence) for sequence in self.reservoir or [])
 
     def hook(self, name: str, layer: nn.Module):
         """A forward hook (``with_kwargs=True``) adding one call of ``layer`` to these moments."""
 
         def hook(module, args, kwargs, output):
-            call = normalise(self.kind, module, args[0] if args else kwargs["input"],
-                             args[1] if len(args) > 1 else kwargs.get("hx"))
+            given = args[0] if args else kwargs["input"]
+            call = normalise(self.kind, module, given, args[1] if len(args) > 1 else kwargs.get("hx"))
+            if self.reservoir is not None and self.reservoir_steps < RESERVOIR_STEPS:
+                _fill(self.reservoir, _sequences(given, module.batch_first))
             sequence = call.input
             _record(self.input, sequence, name, "input")
             for stacked in range(self.num_layers - 1):
@@ -177,6 +206,27 @@ class RecurrentStatistics:
 
     def _index(self, cell: str) -> int:
         return self.cells.index(self.resolve_cell(cell))
+
+
+def _sequences(given, batch_first: bool) -> list[torch.Tensor]:
+    """The sequences of one call's input, ``(T_i, D)`` each, unpadded for a ``PackedSequence``."""
+    if isinstance(given, PackedSequence):
+        return unpack_sequence(given)
+    if given.dim() == 2:
+        return [given]
+    return list(given.unbind(0 if batch_first else 1))
+
+
+def _fill(reservoir: list, sequences) -> list:
+    """Append ``sequences`` (detached, on the CPU) to ``reservoir`` while it holds fewer than
+    :data:`RESERVOIR_STEPS` steps, the last one cut to the cap; returns ``reservoir``."""
+    room = RESERVOIR_STEPS - sum(len(s) for s in reservoir)
+    for sequence in sequences:
+        if room <= 0:
+            break
+        reservoir.append(sequence[:room].detach().cpu().clone())
+        room -= len(reservoir[-1])
+    return reservoir
 
 
 def _record(moments: Moments, sequence: torch.Tensor, name: str, what: str) -> None:
