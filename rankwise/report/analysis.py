@@ -28,7 +28,7 @@ from rankwise.pca import NeuronPCA
 from rankwise.projection import (Decisions, ProjectionInfo, build_projected, check_statistics, excluded_layers,
                                  unreached_goal)
 from rankwise.ranks import LayerOptions, choose_ranks, measured_options, tradeoff_curve
-from rankwise.report.html import write_html
+from rankwise.report.html import report_tables_html, write_html
 from rankwise.report.serialize import report_to_dict, write_json
 from rankwise.report.table import report_table
 from rankwise.sensitivity import Sensitivity, probe_sensitivity
@@ -161,6 +161,17 @@ class AnalysisReport:
 
     def __str__(self) -> str:
         return self.table()
+
+    def __repr__(self) -> str:
+        """One line: the network, the layers analysed, the reduction range and the goals."""
+        lossless, maximum = self.learnables_reduction_range
+        return (f"<AnalysisReport: {self.network_learnables:,} learnables, {len(self.analysed_layers)} of "
+                f"{len(self.layers)} layers analysed, {lossless:.1%} removable losslessly, at most "
+                f"{maximum:.1%}; {len(self.goals)} goals; print(report) for the tables>")
+
+    def _repr_html_(self) -> str:
+        """The goals and layers tables, for notebooks (the plots: :meth:`to_html`)."""
+        return report_tables_html(self)
 
 
 def analyze(model: nn.Module, npca_or_data, *, layer_names=None, exclude=None,
