@@ -155,8 +155,9 @@ def run_info(args) -> None:
                     if rankwise_io.has_architecture(args.file) else "not stored (load needs model=)")
     print(f"{args.file}: rankwise model (format {spec['format_version']}, rankwise "
           f"{spec['rankwise_version']})")
+    mode = {True: "training", False: "eval"}.get(spec.get("training"), "not recorded")
     print(f"learnables: {spec['learnables']:,} in {len(tensors)} tensors "
-          f"({', '.join(dtypes) or '-'}); architecture {architecture}")
+          f"({', '.join(dtypes) or '-'}); mode {mode}; architecture {architecture}")
     if spec["layers"]:
         rows = [[name, s["type"], "unpacked" if s["unpacked"] else "wrapper", *_form_details(s)]
                 for name, s in spec["layers"].items()]

@@ -107,7 +107,7 @@ def test_compress_writes_a_file_that_info_describes_and_rw_load_reads(folder):
     assert run.returncode == 0, run.stderr
     assert "ProjectedConv" in run.stdout and "wrapper" in run.stdout
     assert f"{info.learnables_after:,} learnables" in run.stdout
-    assert "architecture stored as a pickle" in run.stdout
+    assert "architecture stored as a pickle" in run.stdout and "mode eval" in run.stdout
 
 
 def test_compress_quietly_unpacked_selected_layers_then_analyze_the_result(folder):

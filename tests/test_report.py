@@ -215,10 +215,10 @@ def test_report_groups_layers_of_no_projectable_kind_and_keeps_refusals():
 
 def test_repr_is_short_and_notebooks_get_the_tables(mixed):
     _, _, report = mixed
-    assert repr(report) == ("<AnalysisReport: 8,714 learnables, 2 of 5 layers analysed, "
-                            f"{report.learnables_reduction_range[0]:.1%} removable losslessly, at most "
-                            f"{report.learnables_reduction_range[1]:.1%}; 6 goals; print(report) for "
-                            "the tables>")
+    lossless, maximum = report.learnables_reduction_range
+    assert repr(report) == (f"<AnalysisReport network: 8,714 learnables, 2 layers analysed; projection "
+                            f"removes {lossless:.1%} without losing variance, at most {maximum:.1%}; "
+                            "6 goals; print(report) for the tables>")
     fragment = report._repr_html_()
     assert fragment.count("<table") == 2 and "<img" not in fragment
     assert "explained variance \u2265 0.95" in fragment

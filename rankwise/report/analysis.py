@@ -30,7 +30,7 @@ from rankwise.projection import (Decisions, ProjectionInfo, build_projected, che
 from rankwise.ranks import LayerOptions, choose_ranks, measured_options, tradeoff_curve
 from rankwise.report.html import report_tables_html, write_html
 from rankwise.report.serialize import report_to_dict, write_json
-from rankwise.report.table import report_table
+from rankwise.report.table import report_table, summary_line
 from rankwise.sensitivity import Sensitivity, probe_sensitivity
 from rankwise.targets import select_layers, why_not_projectable
 
@@ -163,11 +163,8 @@ class AnalysisReport:
         return self.table()
 
     def __repr__(self) -> str:
-        """One line: the network, the layers analysed, the reduction range and the goals."""
-        lossless, maximum = self.learnables_reduction_range
-        return (f"<AnalysisReport: {self.network_learnables:,} learnables, {len(self.analysed_layers)} of "
-                f"{len(self.layers)} layers analysed, {lossless:.1%} removable losslessly, at most "
-                f"{maximum:.1%}; {len(self.goals)} goals; print(report) for the tables>")
+        """One line: the summary of the network (:func:`.table.summary_line`) and the goals."""
+        return f"<AnalysisReport {summary_line(self)}; {len(self.goals)} goals; print(report) for the tables>"
 
     def _repr_html_(self) -> str:
         """The goals and layers tables, for notebooks (the plots: :meth:`to_html`)."""
