@@ -64,10 +64,11 @@ def report_tables_html(report) -> str:
     """The summary, goals and layers tables with their legends, as an HTML fragment (no plot:
     no matplotlib needed); a notebook shows it for ``report``."""
     goals = _table(*goal_rows(report, spelled_out=True), "goals") if report.goals else ""
+    layers = _table(*layer_rows(report, spelled_out=True), "layers")
     unsupported = unsupported_line(report)
     return (f"<p>{html.escape(summary_line(report))}</p>\n"
             f"<h2>Goals</h2>\n{_legend('goals')}\n{goals}\n"
-            f"<h2>Layers</h2>\n{_legend('layers')}\n{_table(*layer_rows(report, spelled_out=True), 'layers')}\n"
+            f"<h2>Layers</h2>\n{_legend('layers')}\n{layers}\n"
             + (f"<p>{html.escape(unsupported)}.</p>\n" if unsupported else ""))
 
 

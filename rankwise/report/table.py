@@ -45,7 +45,8 @@ def goal_rows(report, spelled_out: bool = False) -> tuple[list[str], list[list[s
     learnables after, reduction and explained variance."""
     header = ["goal", *(["argument"] if spelled_out else []), "learnables", "removed",
               "explained var.", "reached"]
-    rows = [[*([goal_label(goal, spelled_out=True)] if spelled_out else []), goal, f"{info.learnables_after:,}", f"{info.learnables_reduction:.1%}",
+    rows = [[*([goal_label(goal, spelled_out=True)] if spelled_out else []), goal,
+             f"{info.learnables_after:,}", f"{info.learnables_reduction:.1%}",
              f"{info.explained_variance:.4f}", "yes" if info.goal_reached else "no (maximum removed)"]
             for goal, info in report.goals.items()]
     return header, rows
