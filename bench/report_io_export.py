@@ -6,8 +6,9 @@ For the pretrained MNIST CNN and MLP, with a NeuronPCA of 16 batches of 256 trai
   variance goals, three learnables reduction goals) once the spectra are computed;
 - HTML / JSON: ``report.to_html`` and ``report.to_json``, time and file size;
 - save / load: the network compressed at ``learnables_reduction_goal=0.9`` written by
-  ``rw.save`` and read back by ``rw.load(path, model=...)`` (rebuilt from the spec) and
-  ``rw.load(path)`` (stored architecture); file size against ``torch.save(net)``; whether
+  ``rw.save(..., include_architecture=True)`` and read back by ``rw.load(path, model=...)``
+  (rebuilt from the spec) and ``rw.load(path, trust_pickle=True)`` (the stored architecture);
+  file size against ``torch.save(net)``; whether
   the loaded networks give bit-identical outputs on the 10 000 test images;
 - ONNX: ``rw.export_onnx`` of the same network, the largest absolute difference between the
   onnxruntime (CPU) and torch logits on the test images, and both inference times.
@@ -65,14 +66,14 @@ def measure(name, calibration, test_images, folder):
     net, _ = rw.compress_network_using_projection(model, npca, learnables_reduction_goal=GOAL,
                                                   verbosity="off")
     saved, pickled = os.path.join(folder, f"{name}.safetensors"), os.path.join(folder, f"{name}.pt")
-    save = median_seconds(lambda: rw.save(net, saved), REPEATS)
+    save = median_seconds(lambda: rw.save(net, saved, include_architecture=True), REPEATS)
     torch.save(net, pickled)
     architecture = EXAMPLE_MODELS[name]()
     from_spec = median_seconds(lambda: rw.load(saved, model=architecture), REPEATS)
-    stored = median_seconds(lambda: rw.load(saved), REPEATS)
+    stored = median_seconds(lambda: rw.load(saved, trust_pickle=True), REPEATS)
     expected = torch_logits(net, test_images)
     identical = all(np.array_equal(torch_logits(loaded, test_images), expected)
-                    for loaded in (rw.load(saved, model=architecture), rw.load(saved)))
+                    for loaded in (rw.load(saved, model=architecture), rw.load(saved, trust_pickle=True)))
     io_row = (f"| MNIST {name.upper()} | {rw.count_learnables(net):,} | {kilobytes(saved)} | "
               f"{kilobytes(pickled)} | {save:.3f} s | {from_spec:.3f} s | {stored:.3f} s | "
               f"{'yes' if identical else 'NO'} |")
@@ -101,7 +102,7 @@ def main():
         "| network | layers analysed | rw.analyze | to_html (size) | to_json size |",
         "|---|---:|---:|---:|---:|", *report_rows, "",
         f"## Saving and loading (compressed at learnables_reduction_goal={GOAL})", "",
-        "| network | learnables | rw.save file | torch.save file | save | load(model=) | load() "
+        "| network | learnables | rw.save file | torch.save file | save | load(model=) | load(trust_pickle=True) "
         "| outputs bit-identical |",
         "|---|---:|---:|---:|---:|---:|---:|---:|", *io_rows, "",
         "## ONNX export (same networks; 10 000 test images in batches of 1000)", "",

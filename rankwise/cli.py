@@ -7,25 +7,35 @@
                       [--layers A,B] [--unpack] --output FILE
     rankwise info FILE
 
-MODEL is a file written by ``torch.save(model)`` (a whole module: it is unpickled, so only
-use files you trust) or by :func:`rankwise.save`. DATA holds calibration inputs: a ``.pt``
-file with a tensor or a list/tuple of tensors, or a ``.npy`` / ``.npz`` file; every tensor
-or array is inputs stacked along its first dimension and is split into batches of
-``--batch-size``. ``--quiet`` hides progress bars and tables. The exit status is 0 on
-success and 2, with a one-line message, on bad arguments or unreadable files.
+MODEL is a file written by ``torch.save(model)`` (a whole module) or by
+:func:`rankwise.save` with ``include_architecture=True`` (as ``rankwise compress`` writes).
+Either way the model's structure is a pickle, and unpickling runs code from the file: the
+command refuses it unless given ``--trust-pickle`` (as ``torch.load`` defaults to
+``weights_only=True``). As ``python -m`` does, the current folder is on the import path, so
+a model whose class lives in a module there can be unpickled. DATA holds calibration
+inputs, read without unpickling anything: a ``.pt`` file with a tensor or a list/tuple of
+tensors, or a ``.npy`` / ``.npz`` file; every tensor or array is inputs stacked along its first
+dimension and is split into batches of ``--batch-size``; each batch is given to the model as
+``model(batch)``. ``--quiet`` hides progress bars and tables. The exit status is 0 on success
+and 2, with a one-line message, on bad arguments or unreadable files.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import pathlib
+import pickle
 import sys
 import warnings
+import zipfile
 
 import numpy as np
 import torch
 from torch import nn
 
+from rankwise import __version__
 from rankwise import io as rankwise_io
 from rankwise.projection import compress_network_using_projection
 from rankwise.report import analyze
@@ -33,6 +43,11 @@ from rankwise.tables import format_ranks
 from rankwise.tables import format_table
 
 DEFAULT_BATCH_SIZE = 256
+DATA_FORMATS = {".pt": "torch.save of a tensor or a list of tensors",
+                ".pth": "torch.save of a tensor or a list of tensors",
+                ".npy": "numpy.save of an array", ".npz": "numpy.savez of arrays"}
+LIBRARY_ONLY_HINT = ", or pass forward_fn."  # the command line has no forward_fn
+CLI_DATA_HINT = " as model(batch), stacked along the first dimension."
 LIBRARY_TO_CLI_ARGUMENTS = {  # names in the library's error messages -> the options here
     "layer_names": "--layers", "exclude": "--exclude", "npca_or_data": "--data", "data": "--data", "model": "MODEL",
     "explained_variance_goal": "--explained-variance",
@@ -55,10 +70,14 @@ def build_parser() -> Parser:
     """The ``rankwise`` parser with its ``analyze``, ``compress`` and ``info`` subcommands."""
     parser = Parser(prog="rankwise", description="Compress trained PyTorch networks by projection "
                     "of their layers' activations onto their principal components.")
+    parser.add_argument("--version", action="version", version=f"rankwise {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     calibrated = Parser(add_help=False)
     calibrated.add_argument("model", metavar="MODEL",
-                            help="torch.save(model) file (trusted: it is unpickled) or rankwise.save file")
+                            help="torch.save(model) file, or rankwise.save file with its architecture")
+    calibrated.add_argument("--trust-pickle", action="store_true",
+                            help="unpickle MODEL's structure: this runs code from the file, so only "
+                                 "for files you trust (refused without it)")
     calibrated.add_argument("--data", required=True, metavar="DATA",
                             help="calibration inputs: .pt (tensor or list/tuple of tensors), .npy or .npz")
     calibrated.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
@@ -75,7 +94,8 @@ def build_parser() -> Parser:
     analyse.set_defaults(run=run_analyze)
 
     compress = commands.add_parser("compress", parents=[calibrated],
-                                   help="compress by projection and save with rankwise.save")
+                                   help="compress by projection and save with rankwise.save (with the "
+                                        "architecture pickled, as MODEL's was, for later commands)")
     goal = compress.add_mutually_exclusive_group(required=True)
     goal.add_argument("--explained-variance", type=_fraction, metavar="X",
                       help="each layer keeps at least this fraction of its output variance")
@@ -95,9 +115,12 @@ def build_parser() -> Parser:
 
 def run_analyze(args) -> None:
     """``rankwise analyze``: print the report's table, write its HTML and JSON."""
+    if args.quiet and not (args.html or args.json):
+        raise UsageError("--quiet: with neither --html nor --json, analyze would print and write "
+                         "nothing; drop --quiet or give --html FILE or --json FILE.")
     for option, path in (("--html", args.html), ("--json", args.json)):
         _check_output(path, option)
-    model = read_model(args.model)
+    model = read_model(args.model, args.trust_pickle)
     batches = read_data(args.data, model, args.batch_size)
     report = _library(analyze, model, batches, exclude=args.exclude,
                       verbosity="off" if args.quiet else "summary")
@@ -111,14 +134,15 @@ def run_analyze(args) -> None:
 def run_compress(args) -> None:
     """``rankwise compress``: compress by projection, write the result with rankwise.save."""
     _check_output(args.output, "--output")
-    model = read_model(args.model)
+    model = read_model(args.model, args.trust_pickle)
     batches = read_data(args.data, model, args.batch_size)
     net, info = _library(compress_network_using_projection, model, batches,
                          explained_variance_goal=args.explained_variance,
                          learnables_reduction_goal=args.learnables_reduction,
                          layer_names=args.layers, exclude=args.exclude, unpack=args.unpack,
                          verbosity="off" if args.quiet else "summary")
-    _write(lambda path: rankwise_io.save(net, path, info=info), args.output, "--output")
+    _write(lambda path: rankwise_io.save(net, path, info=info, include_architecture=True),
+           args.output, "--output")
     _say(args, f"wrote {args.output}")
 
 
@@ -127,12 +151,13 @@ def run_info(args) -> None:
     spec = _library(rankwise_io.read_spec, _readable(args.file, "FILE"), argument="FILE")
     tensors = rankwise_io.stored_tensors(args.file)
     dtypes = sorted({dtype for dtype, _ in tensors.values()})
-    architecture = ("stored" if rankwise_io.has_architecture(args.file)
-                    else "not stored (load needs model=)")
+    architecture = ("stored as a pickle (load with model=, or trust_pickle=True / --trust-pickle)"
+                    if rankwise_io.has_architecture(args.file) else "not stored (load needs model=)")
     print(f"{args.file}: rankwise model (format {spec['format_version']}, rankwise "
           f"{spec['rankwise_version']})")
+    mode = {True: "training", False: "eval"}.get(spec.get("training"), "not recorded")
     print(f"learnables: {spec['learnables']:,} in {len(tensors)} tensors "
-          f"({', '.join(dtypes) or '-'}); architecture {architecture}")
+          f"({', '.join(dtypes) or '-'}); mode {mode}; architecture {architecture}")
     if spec["layers"]:
         rows = [[name, s["type"], "unpacked" if s["unpacked"] else "wrapper", *_form_details(s)]
                 for name, s in spec["layers"].items()]
@@ -163,20 +188,75 @@ def _form_details(spec: dict) -> tuple[str, str]:
     return f"projection ({side})", f"in {format_ranks(ranks['in'])}, out {format_ranks(ranks['out'])}"
 
 
-def read_model(path: str) -> nn.Module:
-    """The module in ``path``: a rankwise.save file, else a torch.save file (unpickled)."""
+def read_model(path: str, trust_pickle: bool) -> nn.Module:
+    """The module in ``path``: a rankwise.save file, else a torch.save file; the structure of
+    either is unpickled only when ``trust_pickle``."""
     _readable(path, "MODEL")
-    if rankwise_io.is_rankwise_file(path):
-        return _library(rankwise_io.load, path, argument="MODEL")
+    if _is_safetensors(path):
+        return _rankwise_model(path, trust_pickle)
+    if not zipfile.is_zipfile(path):
+        raise UsageError(f"MODEL: {path!r} is neither a safetensors file nor a torch.save archive; "
+                         "give a file written by torch.save(model) or rankwise.save.")
     try:
-        model = torch.load(path, map_location="cpu", weights_only=False)
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # it holds more than tensors and containers: a module?
+        return _unpickled_model(path, trust_pickle)
+    except Exception:
+        raise UsageError(f"MODEL: {path!r} is a zip archive but not one written by torch.save; "
+                         "give a file written by torch.save(model) or rankwise.save.") from None
+    raise UsageError(f"MODEL: {path!r} holds an object of type {type(content).__name__}, not a "
+                     "model (a state dict holds weights only); write the whole module with "
+                     "torch.save(model, path).")
+
+
+def _is_safetensors(path: str) -> bool:
+    try:
+        rankwise_io.read_spec(path)
+    except ValueError as error:
+        return "not a safetensors file" not in str(error)
+    return True
+
+
+def _rankwise_model(path: str, trust_pickle: bool) -> nn.Module:
+    """A safetensors file: a rankwise one that stores its architecture, unpickled if trusted."""
+    _library(rankwise_io.read_spec, path, argument="MODEL")  # a rankwise file of a known format
+    if not rankwise_io.has_architecture(path):
+        raise UsageError(f"MODEL: {path!r} stores no architecture, which the command line needs; "
+                         "save it with rw.save(..., include_architecture=True), or load it in Python "
+                         "with rw.load(path, model=original).")
+    if not trust_pickle:
+        raise UsageError(f"MODEL: {path!r} stores its architecture as a pickle, and unpickling runs "
+                         "code from the file; pass --trust-pickle if you trust it.")
+    with _current_folder_importable():
+        return _library(rankwise_io.load, path, trust_pickle=True, argument="MODEL")
+
+
+def _unpickled_model(path: str, trust_pickle: bool) -> nn.Module:
+    """A torch.save file that holds more than tensors: unpickled if trusted, and a module."""
+    if not trust_pickle:
+        raise UsageError(f"MODEL: {path!r} is a torch.save pickle, and unpickling runs code from the "
+                         "file; pass --trust-pickle if you trust it.")
+    try:
+        with _current_folder_importable():
+            model = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # unpickling raises anything the file's code raises
-        raise UsageError(f"MODEL: {path!r} is not a model written by torch.save(model) or "
-                         f"rankwise.save ({type(error).__name__}: {_gist(error)})") from None
+        raise UsageError(f"MODEL: {path!r} cannot be unpickled "
+                         f"({rankwise_io.unpickling_failure(error)}).") from None
     if not isinstance(model, nn.Module):
         raise UsageError(f"MODEL: {path!r} holds an object of type {type(model).__name__}, not a "
                          "model; write the whole module with torch.save(model, path).")
     return model
+
+
+@contextlib.contextmanager
+def _current_folder_importable():
+    """The current folder first on ``sys.path`` (as ``python -m`` puts it), for unpickling."""
+    folder = os.getcwd()
+    sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        sys.path.remove(folder)
 
 
 def read_data(path: str, model: nn.Module, batch_size: int) -> list[torch.Tensor]:
@@ -231,8 +311,9 @@ def _arrays(path: str) -> list:
                 return [archive[key] for key in archive.files]
     except UsageError:
         raise
-    except Exception as error:
-        raise UsageError(f"--data: cannot read {path!r} ({type(error).__name__}: {_gist(error)})") from None
+    except Exception:
+        raise UsageError(f"--data: {path!r} is not a readable {suffix} file of tensors or arrays "
+                         f"({DATA_FORMATS[suffix]}); give inputs saved that way.") from None
     raise UsageError(f"--data: expected a .pt, .npy or .npz file, got {path!r}.")
 
 
@@ -255,7 +336,9 @@ def _library(function, *args, argument: str | None = None, **kwargs):
 
 
 def _cli_message(message: str, argument: str | None) -> str:
-    """The library's ``"name: ..."`` message with ``name`` spelled as on the command line."""
+    """The library's ``"name: ..."`` message with ``name`` spelled as on the command line, and
+    its hint to pass ``forward_fn`` (which the command line lacks) replaced."""
+    message = message.replace(LIBRARY_ONLY_HINT, CLI_DATA_HINT)
     name, separator, rest = message.partition(": ")
     named = bool(separator) and name.isidentifier()
     if argument is not None:
@@ -280,6 +363,15 @@ def _check_output(path: str | None, option: str) -> None:
         raise UsageError(f"{option}: {path!r} is a folder; give a file name.")
     if not target.parent.is_dir():
         raise UsageError(f"{option}: the folder {str(target.parent)!r} does not exist; create it first.")
+    existed = target.exists()
+    try:
+        with open(target, "a", encoding="utf-8"):  # nothing written: an existing file is unchanged
+            pass
+    except OSError as error:
+        raise UsageError(f"{option}: cannot write {path!r} ({error.strerror or error}); give a file "
+                         "in a folder you can write to.") from None
+    if not existed:
+        target.unlink()
 
 
 def _write(write, path: str, option: str) -> None:
@@ -316,10 +408,6 @@ def _names(text: str) -> list[str]:
     if not all(names):
         raise argparse.ArgumentTypeError(f"expected comma-separated layer names, got {text!r}")
     return names
-
-
-def _gist(error: Exception) -> str:
-    return " ".join(str(error).split())[:200]
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -7,7 +7,7 @@ A file written by :func:`save` is one safetensors file:
 - its metadata ``"rankwise"`` is the *spec*, plain JSON saying what was replaced by what::
 
       {"format": "rankwise-model", "format_version": 2, "rankwise_version": "0.1.0",
-       "learnables": 81290,
+       "learnables": 81290, "training": false, "training_differs": [],
        "layers": {"7": {"type": "ProjectedLinear", "rank_in": null, "rank_out": 24,
                         "unpacked": false},
                   "3": {"type": "TruncatedConv", "method": "tt", "ranks": [2, 3], ...}, ...},
@@ -20,18 +20,22 @@ A file written by :func:`save` is one safetensors file:
   layers its ``unpack()`` returned). ``shapes`` is :func:`rankwise.forms.shape_spec`: the
   sizes of the resizable plain layers (Linear, convolutions, BatchNorm), so that widths
   changed in place (by :class:`~rankwise.WidthEvolver`) are rebuilt too. Version 1 files,
-  written before ``shapes`` existed, are read as having none;
-- its metadata ``"rankwise_architecture"`` (unless ``include_architecture=False``) is the
-  model's structure without its weights (parameters on the ``meta`` device), pickled by
-  ``torch.save`` and base64-encoded: the fallback for loading without the original code.
+  written before ``shapes`` existed, are read as having none. ``training`` is the saved
+  model's mode (``model.training``) and ``training_differs`` the modules whose mode is the
+  other one; files written before these keys existed record no mode;
+- only with ``save(..., include_architecture=True)``, its metadata ``"rankwise_architecture"``
+  is the model's structure without its weights (parameters on the ``meta`` device), pickled by
+  ``torch.save`` and base64-encoded: a fallback for loading without the original code.
 
 :func:`load` with ``model``, the original uncompressed architecture, rebuilds the structure
 from the spec alone: the plain layers are given the recorded sizes, then each named layer is
 replaced by ``form_types()[type].from_spec(layer, spec)`` (unpacked where the spec says so), and
-the weights are read: nothing is unpickled. Without ``model`` it unpickles the stored
-architecture, which runs code from the file (as ``torch.load(weights_only=False)`` does): use
-that only on files you trust. Either way the weights are the stored tensors themselves, so
-the round trip is bit-exact.
+the weights are read: nothing is unpickled, whatever the file holds. Without ``model`` the
+stored architecture is unpickled only with ``trust_pickle=True``: unpickling runs code from the
+file (as ``torch.load(weights_only=False)`` does), which nobody expects of a ``.safetensors``
+file, so by default such a file is refused (as torch refuses since 2.6, ``weights_only=True``).
+Either way the weights are the stored tensors themselves, so the round trip is bit-exact, and
+the model comes back in the mode it was saved in.
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ def model_spec(model: nn.Module) -> dict[str, dict]:
 
 
 def save(model: nn.Module, path, *, info: ProjectionInfo | None = None,
-         include_architecture: bool = True) -> None:
+         include_architecture: bool = False) -> None:
     """Write ``model`` (compressed or not) to ``path`` as safetensors weights plus a spec.
 
     Parameters
@@ -78,9 +82,10 @@ def save(model: nn.Module, path, *, info: ProjectionInfo | None = None,
         What :func:`~rankwise.compress_network_using_projection` reported; kept in the spec
         for ``rankwise info`` (the spec describes every form without it).
     include_architecture : bool
-        Also store the weightless pickled structure, so that ``load(path)`` works without
-        the model's code. Pass ``False`` for a model that cannot be pickled; loading then
-        needs ``model=``.
+        Also store the weightless structure as a pickle, so that ``load(path,
+        trust_pickle=True)`` works without the original architecture. Off by default: loading
+        a pickle runs code, so :func:`load` refuses it unless told to trust it, and
+        ``load(path, model=original)`` needs no pickle.
     """
     if info is not None and not isinstance(info, ProjectionInfo):
         raise ValueError(f"info: expected the ProjectionInfo of compress_network_using_projection "
@@ -88,7 +93,7 @@ def save(model: nn.Module, path, *, info: ProjectionInfo | None = None,
                          "form without it.")
     tensors, aliases = _unique_tensors(model.state_dict())
     spec = {"format": FORMAT, "format_version": FORMAT_VERSION, "rankwise_version": _version(),
-            "learnables": count_learnables(model), "layers": model_spec(model),
+            "learnables": count_learnables(model), **mode_spec(model), "layers": model_spec(model),
             "shapes": shape_spec(model), "aliases": aliases,
             "projection": None if info is None else dataclasses.asdict(info)}
     metadata = {SPEC_KEY: json.dumps(spec)}
@@ -97,7 +102,7 @@ def save(model: nn.Module, path, *, info: ProjectionInfo | None = None,
     save_file(tensors, path, metadata=metadata)
 
 
-def load(path, model: nn.Module | None = None) -> nn.Module:
+def load(path, model: nn.Module | None = None, *, trust_pickle: bool = False) -> nn.Module:
     """Read a model written by :func:`save`.
 
     Parameters
@@ -105,36 +110,61 @@ def load(path, model: nn.Module | None = None) -> nn.Module:
     path : str or os.PathLike
     model : torch.nn.Module, optional
         The original, uncompressed architecture the saved model was compressed (or resized)
-        from (its weights do not matter). It is not modified. When ``None``, the architecture stored
-        in the file is unpickled (only for files you trust).
+        from (its weights do not matter). It is not modified. Nothing is unpickled.
+    trust_pickle : bool
+        Only when ``model`` is ``None``: unpickle the architecture the file stores
+        (``save(..., include_architecture=True)``). Unpickling runs code from the file: pass
+        ``True`` only for files you trust. Without it, such a file is refused.
 
     Returns
     -------
     torch.nn.Module
-        On the CPU, with the stored tensors, dtypes included.
+        On the CPU, with the stored tensors, dtypes included, in the mode (training or eval,
+        module by module) it was saved in. Files written before rankwise recorded the mode
+        keep the mode of ``model`` (of the unpickled structure without it, which is the saved one).
 
     Raises
     ------
     ValueError
-        When ``path`` is not a rankwise file, or ``model`` does not match it.
+        When ``path`` is not a rankwise file, ``model`` does not match it, or ``model`` is
+        ``None`` and the file stores no architecture or ``trust_pickle`` is not set.
     """
     metadata = _metadata(path)
     spec = _spec(metadata, path)
-    state = load_file(path)
-    state.update({alias: state[key] for alias, key in spec["aliases"].items()})
     if model is not None:
         skeleton = _skeleton(model)
         resize_to(skeleton, spec["shapes"])
         skeleton = _rebuild(skeleton, spec["layers"])
     else:
-        skeleton = _unpickled_skeleton(metadata, path)
+        skeleton = _unpickled_skeleton(metadata, path, trust_pickle)
+    state = load_file(path)
+    state.update({alias: state[key] for alias, key in spec["aliases"].items()})
     try:
         skeleton.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as error:
         raise ValueError(f"model: it does not match the file {str(path)!r} "
                          f"({_gist(error)}). Pass the architecture the saved model was "
                          "compressed from.") from None
+    _set_mode(skeleton, spec)
     return skeleton
+
+
+def mode_spec(model: nn.Module) -> dict:
+    """``{"training": model.training, "training_differs": [names of the modules in the other
+    mode]}``: the mode of every module, root first."""
+    return {"training": model.training,
+            "training_differs": [name for name, module in model.named_modules()
+                                 if module.training != model.training]}
+
+
+def _set_mode(model: nn.Module, spec: dict) -> None:
+    """Put every module of ``model`` in the mode :func:`mode_spec` recorded (files without
+    a recorded mode are left as they are)."""
+    if "training" not in spec:
+        return
+    model.train(spec["training"])
+    for name in spec["training_differs"]:
+        model.get_submodule(name).training = not spec["training"]
 
 
 def read_spec(path) -> dict:
@@ -172,7 +202,8 @@ def stored_tensors(path) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 
 def has_architecture(path) -> bool:
-    """Whether the file stores the pickled architecture (``load(path)`` works without ``model``)."""
+    """Whether the file stores the pickled architecture (``load(path, trust_pickle=True)``
+    works without ``model``)."""
     return ARCHITECTURE_KEY in _metadata(path)
 
 
@@ -189,9 +220,9 @@ def _metadata(path) -> dict:
     try:
         with safe_open(path, framework="pt") as stream:
             return stream.metadata() or {}
-    except SafetensorError as error:
-        raise ValueError(f"path: {str(path)!r} is not a safetensors file written by rankwise.save "
-                         f"({error}).") from None
+    except SafetensorError:
+        raise ValueError(f"path: {str(path)!r} is not a safetensors file (no safetensors header); "
+                         "give a file written by rankwise.save.") from None
 
 
 def _unique_tensors(state: dict) -> tuple[dict, dict]:
@@ -231,19 +262,45 @@ def _pickled_skeleton(model: nn.Module) -> str:
     try:
         torch.save(_skeleton(model), buffer)
     except Exception as error:
-        raise ValueError(f"model: its structure cannot be pickled ({type(error).__name__}: {error}); "
-                         "save it with include_architecture=False and pass model= to "
-                         "rankwise.load.") from None
+        raise ValueError(f"include_architecture: the model's structure cannot be pickled "
+                         f"({type(error).__name__}: {error}); save it without include_architecture "
+                         "and pass model= to rankwise.load.") from None
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _unpickled_skeleton(metadata: dict, path) -> nn.Module:
+def _unpickled_skeleton(metadata: dict, path, trust_pickle: bool) -> nn.Module:
+    """The stored architecture, unpickled only when the caller trusts the file."""
     if ARCHITECTURE_KEY not in metadata:
-        raise ValueError(f"model: {str(path)!r} stores no architecture (saved with "
-                         "include_architecture=False); pass model=, the uncompressed model it was "
+        raise ValueError(f"model: {str(path)!r} stores no architecture (saved without "
+                         "include_architecture=True); pass model=, the uncompressed model it was "
                          "compressed from.")
+    if not trust_pickle:
+        raise ValueError(f"model: {str(path)!r} stores its architecture only as a pickle, and "
+                         "unpickling runs code from the file; pass model=, the uncompressed model "
+                         "it was compressed from (nothing is unpickled), or trust_pickle=True if "
+                         "you trust the file.")
     data = io.BytesIO(base64.b64decode(metadata[ARCHITECTURE_KEY]))
-    return torch.load(data, weights_only=False)
+    try:
+        return torch.load(data, weights_only=False)
+    except Exception as error:  # unpickling raises anything the file's code raises
+        raise ValueError(f"path: the architecture stored in {str(path)!r} cannot be unpickled "
+                         f"({unpickling_failure(error)}); pass model=, the uncompressed model it "
+                         "was compressed from.") from None
+
+
+def unpickling_failure(error: Exception) -> str:
+    """What went wrong unpickling a model, and for a class that cannot be imported, how to fix it.
+
+    A missing module is one the unpickler could not import; a class defined in the script that
+    saved the model (``__main__``) exists only while that script runs.
+    """
+    if isinstance(error, ModuleNotFoundError):
+        return (f"it needs the module {error.name!r}, which cannot be imported: run from the "
+                "folder that holds it or add that folder to PYTHONPATH")
+    if isinstance(error, AttributeError) and "__main__" in str(error):
+        return (f"{_gist(error)}: the model's class was defined in the script that saved it; "
+                "move the class into a module, import it from there and save again")
+    return f"{type(error).__name__}: {_gist(error)}"
 
 
 def _rebuild(skeleton: nn.Module, layers: dict) -> nn.Module:

@@ -13,6 +13,8 @@ from torch import nn
 
 import rankwise as rw
 from conftest import make_batches, tiny_cnn
+from safetensors.torch import save_file
+from test_io import WritesMarker, crafted_file
 
 COMMAND = [sys.executable, "-m", "rankwise.cli"]
 ENVIRONMENT = {**os.environ, "PYTHONPATH": str(pathlib.Path(rw.__file__).parents[1])}  # this rankwise
@@ -42,11 +44,43 @@ def folder(tmp_path_factory):
     (path / "garbage.npy").write_text("not an array")
     (path / "images.csv").write_text("1,2,3")
     (path / "folder").mkdir()
+    (path / "empty.pt").write_bytes(b"")
+    (path / "text.safetensors").write_text("hello world, not tensors")
+    save_file({"w": torch.zeros(2)}, path / "foreign.safetensors")
+    rw.save(tiny_cnn(), path / "plain.safetensors")
+    rw.save(tiny_cnn(), path / "stored.safetensors", include_architecture=True)
+    write_pickled_models(path)
     return path
 
 
+def write_pickled_models(path):
+    """``elsewhere.pt``, whose class lives in a module of another folder, and ``script.pt``,
+    whose class was defined in the script that saved it (``__main__``)."""
+    (path / "elsewhere").mkdir()
+    (path / "elsewhere" / "elsewhere_net.py").write_text(NET_MODULE)
+    save = ("import torch, elsewhere_net; torch.save(elsewhere_net.Net(), {!r})\n"
+            "exec(open('elsewhere_net.py').read()); torch.save(Net(), {!r})")
+    subprocess.run([sys.executable, "-c", save.format(str(path / "elsewhere.pt"), str(path / "script.pt"))],
+                   cwd=path / "elsewhere", check=True, timeout=120)
+
+
+NET_MODULE = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+
+    def forward(self, x):
+        return self.body(x)
+"""
+
+
 def test_analyze_prints_the_table_and_writes_html_and_json(folder):
-    run = rankwise("analyze", "cnn.pt", "--data", "images.pt", "--html", "report.html",
+    run = rankwise("analyze", "cnn.pt", "--trust-pickle", "--data", "images.pt", "--html", "report.html",
                    "--json", "report.json", cwd=folder)
     assert run.returncode == 0, run.stderr
     assert "learnables_reduction_goal=0.9" in run.stdout and "wrote report.html" in run.stdout
@@ -57,7 +91,7 @@ def test_analyze_prints_the_table_and_writes_html_and_json(folder):
 
 
 def test_compress_writes_a_file_that_info_describes_and_rw_load_reads(folder):
-    run = rankwise("compress", "cnn.pt", "--data", "images.npy", "--learnables-reduction", "0.5",
+    run = rankwise("compress", "cnn.pt", "--trust-pickle", "--data", "images.npy", "--learnables-reduction", "0.5",
                    "--output", "half.safetensors", cwd=folder)
     assert run.returncode == 0, run.stderr
     assert "53.4% removed" in run.stdout
@@ -72,34 +106,39 @@ def test_compress_writes_a_file_that_info_describes_and_rw_load_reads(folder):
     run = rankwise("info", "half.safetensors", cwd=folder)
     assert run.returncode == 0, run.stderr
     assert "ProjectedConv" in run.stdout and "wrapper" in run.stdout
-    assert f"{info.learnables_after:,} learnables" in run.stdout and "architecture stored" in run.stdout
+    assert f"{info.learnables_after:,} learnables" in run.stdout
+    assert "architecture stored as a pickle" in run.stdout and "mode eval" in run.stdout
 
 
 def test_compress_quietly_unpacked_selected_layers_then_analyze_the_result(folder):
-    run = rankwise("compress", "cnn.pt", "--data", "images.npz", "--explained-variance", "0.9",
+    run = rankwise("compress", "cnn.pt", "--trust-pickle", "--data", "images.npz", "--explained-variance", "0.9",
                    "--layers", "2,5", "--unpack", "--output", "unpacked.safetensors", "--quiet",
                    "--batch-size", "50", cwd=folder)
     assert (run.returncode, run.stdout, run.stderr) == (0, "", "")
     spec = rw.io.read_spec(folder / "unpacked.safetensors")
     assert set(spec["layers"]) == {"2", "5"} and all(s["unpacked"] for s in spec["layers"].values())
-    run = rankwise("analyze", "unpacked.safetensors", "--data", "batches.pt", "--quiet", cwd=folder)
+    run = rankwise("analyze", "unpacked.safetensors", "--data", "batches.pt", "--quiet", "--trust-pickle",
+                   "--json", "unpacked.json", cwd=folder)
     assert (run.returncode, run.stdout) == (0, "")
+    assert json.loads((folder / "unpacked.json").read_text())["network"]["analysed_layers"][0] == "0"
 
 
 def test_compress_and_analyze_with_patterns_and_exclude(folder):
-    run = rankwise("compress", "cnn.pt", "--data", "images.pt", "--explained-variance", "0.9",
-                   "--layers", "*", "--exclude", "re:[05]", "--output", "middle.safetensors", "--quiet",
+    run = rankwise("compress", "cnn.pt", "--trust-pickle", "--data", "images.pt", "--explained-variance",
+                   "0.9", "--layers", "*", "--exclude", "re:[05]", "--output", "middle.safetensors", "--quiet",
                    cwd=folder)
     assert (run.returncode, run.stderr) == (0, ""), run.stderr
     assert set(rw.io.read_spec(folder / "middle.safetensors")["layers"]) == {"2"}
-    run = rankwise("analyze", "cnn.pt", "--data", "images.pt", "--exclude", "0", "--json", "rest.json",
+    run = rankwise("analyze", "cnn.pt", "--trust-pickle", "--data", "images.pt", "--exclude", "0", "--json",
+                   "rest.json",
                    "--quiet", cwd=folder)
     assert run.returncode == 0, run.stderr
     assert json.loads((folder / "rest.json").read_text())["network"]["analysed_layers"] == ["2", "5"]
 
 
-ANALYZE = ["analyze", "cnn.pt", "--data", "images.pt"]
-COMPRESS = ["compress", "cnn.pt", "--data", "images.pt", "--output", "x.safetensors"]
+TRUSTED = ["--trust-pickle", "cnn.pt"]
+ANALYZE = ["analyze", *TRUSTED, "--data", "images.pt"]
+COMPRESS = ["compress", *TRUSTED, "--data", "images.pt", "--output", "x.safetensors"]
 BAD_ARGUMENTS = {  # case -> (arguments, what the one-line message says)
     "no command": ([], "the following arguments are required: COMMAND"),
     "unknown command": (["shrink", "cnn.pt"], "invalid choice: 'shrink'"),
@@ -107,18 +146,51 @@ BAD_ARGUMENTS = {  # case -> (arguments, what the one-line message says)
     "missing model": (["analyze", "absent.pt", "--data", "images.pt"], "MODEL: 'absent.pt' does not exist"),
     "model is a folder": (["analyze", "folder", "--data", "images.pt"], "MODEL: 'folder' is a folder"),
     "model unreadable": (["analyze", "garbage.pt", "--data", "images.pt"],
-                         "MODEL: 'garbage.pt' is not a model written by torch.save"),
+                         "MODEL: 'garbage.pt' is neither a safetensors file nor a torch.save archive; "
+                         "give a file written by torch.save(model) or rankwise.save."),
+    "model empty": (["analyze", "empty.pt", "--data", "images.pt"],
+                    "MODEL: 'empty.pt' is neither a safetensors file nor a torch.save archive"),
+    "model text named safetensors": (["analyze", "text.safetensors", "--data", "images.pt"],
+                                     "MODEL: 'text.safetensors' is neither a safetensors file nor"),
+    "model a zip archive": (["analyze", "images.npz", "--data", "images.pt"],
+                            "MODEL: 'images.npz' is a zip archive but not one written by torch.save"),
     "model is a state dict": (["analyze", "state_dict.pt", "--data", "images.pt"],
-                              "MODEL: 'state_dict.pt' holds an object of type OrderedDict"),
-    "missing data": (["analyze", "cnn.pt", "--data", "absent.npy"], "--data: 'absent.npy' does not exist"),
-    "data of unknown type": (["analyze", "cnn.pt", "--data", "images.csv"],
-                             "--data: expected a .pt, .npy or .npz file"),
-    "data unreadable": (["analyze", "cnn.pt", "--data", "garbage.npy"], "--data: cannot read 'garbage.npy'"),
-    "data is a dict": (["analyze", "cnn.pt", "--data", "dict.pt"],
-                       "--data: 'dict.pt' holds an object of type dict"),
-    "data is a scalar": (["analyze", "cnn.pt", "--data", "scalar.pt"], "--data: 'scalar.pt' holds a scalar"),
-    "data the model rejects": (["analyze", "cnn.pt", "--data", "wrong_shape.pt"],
+                              "MODEL: 'state_dict.pt' holds an object of type OrderedDict, not a model"),
+    "model pickle not trusted": (["analyze", "cnn.pt", "--data", "images.pt"],
+                                 "MODEL: 'cnn.pt' is a torch.save pickle, and unpickling runs code from "
+                                 "the file; pass --trust-pickle if you trust it."),
+    "rankwise file pickle not trusted": (["analyze", "stored.safetensors", "--data", "images.pt"],
+                                         "MODEL: 'stored.safetensors' stores its architecture as a "
+                                         "pickle, and unpickling runs code from the file; pass "
+                                         "--trust-pickle if you trust it."),
+    "rankwise file without architecture": (["analyze", "--trust-pickle", "plain.safetensors", "--data",
+                                            "images.pt"],
+                                           "MODEL: 'plain.safetensors' stores no architecture, which the "
+                                           "command line needs; save it with rw.save(..., "
+                                           "include_architecture=True)"),
+    "foreign safetensors": (["analyze", "foreign.safetensors", "--data", "images.pt"],
+                            "MODEL: 'foreign.safetensors' is a safetensors file but not one written by "
+                            "rankwise.save"),
+    "model module missing": (["analyze", "--trust-pickle", "elsewhere.pt", "--data", "images.pt"],
+                             "MODEL: 'elsewhere.pt' cannot be unpickled (it needs the module "
+                             "'elsewhere_net', which cannot be imported: run from the folder that "
+                             "holds it or add that folder to PYTHONPATH)"),
+    "model class in __main__": (["analyze", "--trust-pickle", "script.pt", "--data", "images.pt"],
+                                "the model's class was defined in the script that saved it; move the "
+                                "class into a module"),
+    "missing data": ([*ANALYZE[:-1], "absent.npy"], "--data: 'absent.npy' does not exist"),
+    "data of unknown type": ([*ANALYZE[:-1], "images.csv"], "--data: expected a .pt, .npy or .npz file"),
+    "data unreadable": ([*ANALYZE[:-1], "garbage.npy"],
+                        "--data: 'garbage.npy' is not a readable .npy file of tensors or arrays "
+                        "(numpy.save of an array)"),
+    "data empty": ([*ANALYZE[:-1], "empty.pt"], "--data: 'empty.pt' is not a readable .pt file"),
+    "data is a dict": ([*ANALYZE[:-1], "dict.pt"], "--data: 'dict.pt' holds an object of type dict"),
+    "data is a scalar": ([*ANALYZE[:-1], "scalar.pt"], "--data: 'scalar.pt' holds a scalar"),
+    "data the model rejects": ([*ANALYZE[:-1], "wrong_shape.pt"],
                                "--data: the model rejected batch 0"),
+    "quiet analysis writes nothing": ([*ANALYZE, "--quiet"],
+                                      "--quiet: with neither --html nor --json, analyze would print"),
+    "html not writable": ([*ANALYZE, "--html", "/proc/r.html"], "--html: cannot write '/proc/r.html'"),
     "batch size zero": ([*ANALYZE, "--batch-size", "0"], "argument --batch-size: expected a positive integer"),
     "html folder missing": ([*ANALYZE, "--html", "nowhere/r.html"],
                             "--html: the folder 'nowhere' does not exist"),
@@ -130,9 +202,9 @@ BAD_ARGUMENTS = {  # case -> (arguments, what the one-line message says)
                        "argument --explained-variance: expected a number in [0, 1]"),
     "goal not a number": ([*COMPRESS, "--learnables-reduction", "half"],
                           "argument --learnables-reduction: expected a number"),
-    "no output": (["compress", "cnn.pt", "--data", "images.pt", "--explained-variance", "0.9"],
+    "no output": (["compress", *TRUSTED, "--data", "images.pt", "--explained-variance", "0.9"],
                   "the following arguments are required: --output"),
-    "output folder missing": (["compress", "cnn.pt", "--data", "images.pt", "--explained-variance", "0.9",
+    "output folder missing": (["compress", *TRUSTED, "--data", "images.pt", "--explained-variance", "0.9",
                                "--output", "nowhere/x.safetensors"],
                               "--output: the folder 'nowhere' does not exist"),
     "unknown layer": ([*COMPRESS, "--explained-variance", "0.9", "--layers", "2,9"],
@@ -149,7 +221,8 @@ BAD_ARGUMENTS = {  # case -> (arguments, what the one-line message says)
     "info without file": (["info"], "the following arguments are required: FILE"),
     "info on a missing file": (["info", "absent.safetensors"], "FILE: 'absent.safetensors' does not exist"),
     "info on a torch file": (["info", "cnn.pt"],
-                             "FILE: 'cnn.pt' is not a safetensors file written by rankwise"),
+                             "FILE: 'cnn.pt' is not a safetensors file (no safetensors header); give a "
+                             "file written by rankwise.save."),
 }
 
 
@@ -217,3 +290,39 @@ def test_info_describes_truncated_and_resized_layers(tmp_path, capsys):
     assert "TruncatedConv" in printed and "tt hiwo" in printed and "2,4,3" in printed
     assert "ProjectedLinear" in printed and "projection (" in printed
     assert "in_channels=3, out_channels=10" in printed and "layer sizes" in printed
+
+
+def test_a_crafted_pickle_never_runs_without_trust_pickle(tmp_path):
+    """A .safetensors file and a torch.save file whose pickles would write ``marker``: refused
+    with exit status 2 and one line, nothing written; trusted, the pickle does run."""
+    torch.manual_seed(0)
+    torch.save(torch.randn(4, 10), tmp_path / "inputs.pt")
+    crafted_file(tmp_path, nn.Sequential(nn.Linear(10, 3)))
+    torch.save(WritesMarker(tmp_path / "marker"), tmp_path / "crafted.pt")
+    for model, message in (("crafted.safetensors", "stores its architecture as a pickle"),
+                           ("crafted.pt", "is a torch.save pickle")):
+        run = rankwise("analyze", model, "--data", "inputs.pt", cwd=tmp_path)
+        assert (run.returncode, run.stdout) == (2, "")
+        assert run.stderr == (f"rankwise: error: MODEL: '{model}' {message}, and unpickling runs code "
+                              "from the file; pass --trust-pickle if you trust it.\n")
+        assert not (tmp_path / "marker").exists()
+    run = rankwise("analyze", "crafted.safetensors", "--data", "inputs.pt", "--trust-pickle", cwd=tmp_path)
+    assert run.returncode == 2 and "cannot be unpickled" in run.stderr and "Traceback" not in run.stderr
+    assert (tmp_path / "marker").exists()  # the crafted pickle is live
+
+
+def test_a_model_class_in_the_current_folder_is_found_as_python_m_finds_it(tmp_path):
+    """``-P``: no folder put on the import path by Python itself, as for the console script."""
+    (tmp_path / "local_net.py").write_text(NET_MODULE)
+    subprocess.run([sys.executable, "-c", "import torch, local_net; torch.save(local_net.Net(), 'net.pt'); "
+                    "torch.save(torch.randn(32, 3, 8, 8), 'inputs.pt')"], cwd=tmp_path, check=True,
+                   timeout=120)
+    run = rankwise("analyze", "net.pt", "--trust-pickle", "--data", "inputs.pt", "--json", "r.json",
+                   "--quiet", cwd=tmp_path, command=[sys.executable, "-P", "-m", "rankwise.cli"])
+    assert (run.returncode, run.stderr) == (0, ""), run.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["network"]["analysed_layers"] == ["body.1"]
+
+
+def test_version(tmp_path):
+    run = rankwise("--version", cwd=tmp_path)
+    assert (run.returncode, run.stdout) == (0, f"rankwise {rw.__version__}\n")

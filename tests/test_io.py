@@ -1,10 +1,14 @@
 """rw.save / rw.load: safetensors weights plus a plain spec, bit-exact round trips."""
 
+import base64
 import json
+import pathlib
+import pickle
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import rankwise as rw
@@ -52,7 +56,7 @@ def test_round_trip_is_bit_exact(tmp_path, kind, side, unpacked):
     model = projected_model(kind, side, unpacked)
     x = torch.randn(*DENSE_LAYERS[kind][1])
     path = tmp_path / "model.safetensors"
-    rw.save(model, path)
+    rw.save(model, path, include_architecture=True)
     layer_spec = rankwise_io.read_spec(path)["layers"]["0"]
     assert layer_spec == {"type": "ProjectedLinear" if kind == "linear" else "ProjectedConv",
                           "rank_in": RANKS[side][0], "rank_out": RANKS[side][1], "unpacked": unpacked}
@@ -60,7 +64,7 @@ def test_round_trip_is_bit_exact(tmp_path, kind, side, unpacked):
     snapshot = state_of(fresh)
     assert_identical(rw.load(path, model=fresh), model, x)   # rebuilt from the spec
     assert_unchanged(fresh, snapshot)
-    assert_identical(rw.load(path), model, x)                # stored architecture (fallback)
+    assert_identical(rw.load(path, trust_pickle=True), model, x)  # stored architecture (fallback)
 
 
 def test_compressed_network_round_trip_keeps_dtype_buffers_and_info(tmp_path):
@@ -72,7 +76,7 @@ def test_compressed_network_round_trip_keeps_dtype_buffers_and_info(tmp_path):
     net, info = rw.compress_network_using_projection(model, data, learnables_reduction_goal=0.5,
                                                      verbosity="off")
     path = tmp_path / "net.safetensors"
-    rw.save(net, path, info=info)
+    rw.save(net, path, info=info, include_architecture=True)
     spec = rankwise_io.read_spec(path)
     assert spec["learnables"] == rw.count_learnables(net) and spec["aliases"] == {}
     assert set(spec["layers"]) == set(info.layer_names)
@@ -80,7 +84,7 @@ def test_compressed_network_round_trip_keeps_dtype_buffers_and_info(tmp_path):
     json.dumps(spec)  # plain JSON throughout
     fresh = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
                           nn.Linear(8 * 6 * 6, 10)).double().eval()
-    for loaded in (rw.load(path, model=fresh), rw.load(path)):
+    for loaded in (rw.load(path, model=fresh), rw.load(path, trust_pickle=True)):
         assert_identical(loaded, net, data[1])
         assert loaded[1].num_batches_tracked.dtype == torch.int64
 
@@ -100,11 +104,11 @@ class TiedModel(nn.Module):
 def test_tied_weights_are_stored_once_and_non_persistent_buffers_survive(tmp_path):
     model = TiedModel()
     path = tmp_path / "tied.safetensors"
-    rw.save(model, path)
+    rw.save(model, path, include_architecture=True)
     assert rankwise_io.read_spec(path)["aliases"] == {"decode.weight": "encode.weight"}
     assert list(rankwise_io.stored_tensors(path)) == ["encode.weight"]
     x = torch.randn(3, 6)
-    for loaded in (rw.load(path, model=TiedModel()), rw.load(path)):
+    for loaded in (rw.load(path, model=TiedModel()), rw.load(path, trust_pickle=True)):
         assert torch.equal(loaded(x), model(x))
         assert loaded.scale == 2.0
 
@@ -182,13 +186,14 @@ def test_model_without_stored_architecture_needs_the_original(tmp_path):
     model = local_model()
     snapshot = state_of(model)
     path = tmp_path / "local.safetensors"
-    with pytest.raises(ValueError, match="include_architecture=False"):
-        rw.save(model, path)
+    with pytest.raises(ValueError, match="include_architecture: the model's structure cannot be pickled"):
+        rw.save(model, path, include_architecture=True)
     assert_unchanged(model, snapshot)
-    rw.save(model, path, include_architecture=False)
+    rw.save(model, path)  # no pickle by default
     assert not rankwise_io.has_architecture(path)
-    with pytest.raises(ValueError, match="stores no architecture.*pass model="):
-        rw.load(path)
+    for trust_pickle in (False, True):
+        with pytest.raises(ValueError, match="stores no architecture.*pass model="):
+            rw.load(path, trust_pickle=trust_pickle)
     x = make_batches((2, 3, 8, 8))[0]
     assert torch.equal(rw.load(path, model=local_model())(x), model(x))
 
@@ -203,10 +208,10 @@ def test_recurrent_round_trip_is_bit_exact(tmp_path, dense_type, kwargs):
                                                      unpack=True, verbosity="off")
     assert info.layers["rnn"].side != "dense"
     path = tmp_path / "recurrent.safetensors"
-    rw.save(net, path)
+    rw.save(net, path, include_architecture=True)
     spec = rankwise_io.read_spec(path)["layers"]["rnn"]
     assert spec["type"] == f"Projected{dense_type.__name__}" and not spec["unpacked"]
-    for loaded in (rw.load(path, model=Recurrent(dense_type, **kwargs)), rw.load(path)):
+    for loaded in (rw.load(path, model=Recurrent(dense_type, **kwargs)), rw.load(path, trust_pickle=True)):
         assert_identical(loaded.eval(), net, data[1])
     not_recurrent = Recurrent(dense_type, **kwargs)
     not_recurrent.rnn = nn.Linear(6, 12)
@@ -244,3 +249,73 @@ def test_resized_layers_are_rebuilt_from_the_shape_spec(tmp_path):
     assert_unchanged(model, snapshot)
     with pytest.raises(ValueError, match="model: its layer '1' is a ReLU, where the file holds a BatchNorm1d"):
         rw.load(path, model=nn.Sequential(nn.Linear(10, 7), nn.ReLU(), nn.Linear(7, 3)))
+
+
+class WritesMarker:
+    """Unpickled, it creates the file ``path``: what a crafted file could do (``os.system``)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (pathlib.Path(self.path),)
+
+
+def crafted_file(folder, model) -> pathlib.Path:
+    """A rankwise file of ``model`` whose stored "architecture" is a pickle that writes
+    ``folder / "marker"``."""
+    path = folder / "crafted.safetensors"
+    rw.save(model, path)
+    metadata = safe_open_metadata(path)
+    metadata[rankwise_io.ARCHITECTURE_KEY] = base64.b64encode(
+        pickle.dumps(WritesMarker(folder / "marker"))).decode("ascii")
+    save_file(load_file(path), path, metadata=metadata)
+    return path
+
+
+def safe_open_metadata(path) -> dict:
+    with safe_open(path, framework="pt") as stream:
+        return stream.metadata()
+
+
+def test_a_crafted_pickle_never_runs_without_trust_pickle(tmp_path):
+    model = projected_model("linear", "output", unpacked=False)
+    path = crafted_file(tmp_path, model)
+    with pytest.raises(ValueError, match="model: .* stores its architecture only as a pickle, and "
+                       "unpickling runs code from the file; pass model=.*or trust_pickle=True"):
+        rw.load(path)
+    assert_identical(rw.load(path, model=architecture("linear")), model, torch.randn(4, 10))
+    assert not (tmp_path / "marker").exists()
+    with pytest.raises(ValueError, match="path: the architecture stored in .* cannot be unpickled"):
+        rw.load(path, trust_pickle=True)  # the crafted pickle is live: trusted, it runs
+    assert (tmp_path / "marker").exists()
+
+
+@pytest.mark.parametrize("include_architecture", [False, True])
+def test_load_returns_the_mode_that_was_saved(tmp_path, include_architecture):
+    model = tiny_cnn()
+    model.eval()[1].train()  # eval, one module in training mode
+    path = tmp_path / "mode.safetensors"
+    rw.save(model, path, include_architecture=include_architecture)
+    assert rankwise_io.read_spec(path)["training"] is False
+    assert rankwise_io.read_spec(path)["training_differs"] == ["1"]
+    loaded = [rw.load(path, model=tiny_cnn().train())]
+    if include_architecture:
+        loaded.append(rw.load(path, trust_pickle=True))
+    for net in loaded:
+        assert [m.training for m in net.modules()] == [m.training for m in model.modules()]
+    rw.save(model.train(), path)
+    assert rw.load(path, model=tiny_cnn().eval()).training
+    assert all(m.training for m in rw.load(path, model=tiny_cnn().eval()).modules())
+
+
+def test_files_without_a_recorded_mode_keep_the_mode_of_the_model_given(tmp_path):
+    model = tiny_cnn().eval()
+    path = tmp_path / "old.safetensors"
+    rw.save(model, path)
+    metadata = safe_open_metadata(path)
+    spec = json.loads(metadata["rankwise"])
+    del spec["training"], spec["training_differs"]
+    save_file(load_file(path), path, metadata={"rankwise": json.dumps(spec)})
+    assert rw.load(path, model=tiny_cnn().train()).training
+    assert not rw.load(path, model=tiny_cnn().eval()).training

@@ -148,9 +148,13 @@ def test_statistics_of_another_model_are_refused(mixed):
 def test_table_lists_goals_layers_and_reasons(mixed, capsys):
     model, npca, report = mixed
     table = report.table()
-    for text in ("learnables_reduction_goal=0.8", "ev=0.95", "lr=0.9", "BatchNorm2d",
-                 "not projectable: it is a grouped convolution", "network: "):
-        assert text in table
+    for text in ("learnables_reduction_goal=0.8", "var>=0.95", "removed>=90%",
+                 "not projectable: it is a grouped convolution", "network: ",
+                 "not of a projectable kind, kept as they are: 1 BatchNorm2d (16 learnables)",
+                 "var>=X: explained_variance_goal=X", "'in 5 out 15', input projected onto its 5"):
+        assert text in " ".join(table.split())  # the legends are wrapped
+    assert "ev=" not in table and "lr=" not in table
+    assert not any(line.split()[1:2] == ["BatchNorm2d"] for line in table.splitlines())  # no row of its own
     rw.analyze(model, npca, verbosity="summary")
     assert capsys.readouterr().out.strip() == table
 
@@ -192,6 +196,46 @@ def html_page(mixed, tmp_path_factory):
     path = tmp_path_factory.mktemp("html") / "report.html"
     report.to_html(path)
     return path
+
+
+def test_report_groups_layers_of_no_projectable_kind_and_keeps_refusals():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3, padding=1, groups=2), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Flatten(), nn.LayerNorm(4 * 8 * 8), nn.Linear(4 * 8 * 8, 10))
+    report = rw.analyze(model, make_batches((16, 3, 8, 8)), verbosity="off")
+    assert list(report.layers) == ["0", "1", "3", "4", "7", "8"]  # the report itself lists all
+    table = report.table()
+    assert ("not of a projectable kind, kept as they are: 2 BatchNorm2d (16 learnables), "
+            "1 LayerNorm (512 learnables)") in table
+    rows = [line.split()[:2] for line in table.splitlines()]
+    assert ["3", "Conv2d"] in rows and ["1", "BatchNorm2d"] not in rows and ["7", "LayerNorm"] not in rows
+    assert "grouped convolution" in table
+
+
+def test_repr_is_short_and_notebooks_get_the_tables(mixed):
+    _, _, report = mixed
+    lossless, maximum = report.learnables_reduction_range
+    assert repr(report) == (f"<AnalysisReport network: 8,714 learnables, 2 layers analysed; projection "
+                            f"removes {lossless:.1%} without losing variance, at most {maximum:.1%}; "
+                            "6 goals; print(report) for the tables>")
+    fragment = report._repr_html_()
+    assert fragment.count("<table") == 2 and "<img" not in fragment
+    assert "explained variance \u2265 0.95" in fragment
+
+
+def test_html_spells_the_goals_out_and_says_how_to_read_each_part(html_page):
+    page = re.sub(r'src="data:image/png;base64,[^"]+"', "", html_page.read_text())
+    text = re.sub(r"<[^>]+>", " ", page)
+    assert "ev=" not in text and "lr=" not in text
+    for words in ("explained variance \u2265 0.9", "learnables removed \u2265 50%",
+                  "learnables_reduction_goal=0.5",  # the argument, beside its spelled-out form
+                  "&#x27;in 5 out 15&#x27;, input projected onto its 5 leading principal directions",
+                  "The curve: the explained variance the network keeps", "Per analysed layer: left",
+                  "not of a projectable kind, kept as they are: 1 BatchNorm2d (16 learnables)"):
+        assert words in text
+    assert text.count("BatchNorm2d") == 1
+    assert page.count('<p class="legend">') == 6
 
 
 def test_html_is_self_contained(html_page):

@@ -28,9 +28,9 @@ from rankwise.pca import NeuronPCA
 from rankwise.projection import (Decisions, ProjectionInfo, build_projected, check_statistics, excluded_layers,
                                  unreached_goal)
 from rankwise.ranks import LayerOptions, SequenceBound, choose_ranks, measured_options, tradeoff_curve
-from rankwise.report.html import write_html
+from rankwise.report.html import report_tables_html, write_html
 from rankwise.report.serialize import report_to_dict, write_json
-from rankwise.report.table import report_table
+from rankwise.report.table import report_table, summary_line
 from rankwise.sensitivity import Sensitivity, probe_sensitivity
 from rankwise.targets import select_layers, why_not_projectable
 
@@ -161,6 +161,14 @@ class AnalysisReport:
 
     def __str__(self) -> str:
         return self.table()
+
+    def __repr__(self) -> str:
+        """One line: the summary of the network (:func:`.table.summary_line`) and the goals."""
+        return f"<AnalysisReport {summary_line(self)}; {len(self.goals)} goals; print(report) for the tables>"
+
+    def _repr_html_(self) -> str:
+        """The goals and layers tables, for notebooks (the plots: :meth:`to_html`)."""
+        return report_tables_html(self)
 
 
 def analyze(model: nn.Module, npca_or_data, *, layer_names=None, exclude=None,

@@ -41,7 +41,8 @@ def tradeoff_png(report) -> bytes:
     axes.step(100 * report.tradeoff_reduction, report.tradeoff_explained_variance, where="pre",
               color="tab:blue", label="allocation across layers")
     for goal, info in report.goals.items():
-        axes.plot(100 * info.learnables_reduction, info.explained_variance, "o", label=goal_label(goal))
+        axes.plot(100 * info.learnables_reduction, info.explained_variance, "o",
+                  label=goal_label(goal, spelled_out=True))
     for fraction in report.learnables_reduction_range:
         axes.axvline(100 * fraction, color="grey", linestyle=":", linewidth=1)
     axes.set(xlabel="learnables removed (% of the network)",
@@ -56,8 +57,9 @@ def learnables_png(report) -> bytes:
     names = [name for name, layer in report.layers.items() if layer.learnables > 0]
     series = {"before": [report.layers[name].learnables for name in names]}
     for goal, info in report.goals.items():
-        series[goal_label(goal)] = [info.layers[name].learnables_after if name in info.layers
-                                    else report.layers[name].learnables for name in names]
+        series[goal_label(goal, spelled_out=True)] = [
+            info.layers[name].learnables_after if name in info.layers else report.layers[name].learnables
+            for name in names]
     figure = require_matplotlib()(figsize=(max(6.4, 0.35 * len(names) * len(series)), 3.8),
                                   layout="constrained")
     axes = figure.subplots()

@@ -5,9 +5,23 @@ The rows are plain strings, shared with the HTML report (:mod:`rankwise.report.h
 
 from __future__ import annotations
 
+import textwrap
+
 from rankwise.tables import format_ranks, format_table
 
-GOAL_ABBREVIATIONS = {"explained_variance_goal": "ev", "learnables_reduction_goal": "lr"}
+GOAL_LABELS = {  # goal name -> (column label, spelled out), formatted with the goal's value
+    "explained_variance_goal": ("var>={value:g}", "explained variance \u2265 {value:g}"),
+    "learnables_reduction_goal": ("removed>={percent:g}%", "learnables removed \u2265 {percent:g}%"),
+}
+GOALS_LEGEND = ("var>=X: explained_variance_goal=X, each layer keeps at least that fraction of its "
+                "output variance; removed>=Y%: learnables_reduction_goal=Y/100, at least that share of "
+                "the network's learnables removed")
+FORMS_LEGEND = ("in each goal's column, the form it gives the layer: 'dense', kept as it is; "
+                "'in 5 out 15', input projected onto its 5 leading principal directions and output "
+                "onto 15 (one side alone: 'out 12'); 'in -/3 out 2/1', an LSTM / GRU with a rank per "
+                "cell ('-': that side of the cell dense)")
+LEGEND_WIDTH = 100
+UNSUPPORTED_SUFFIX = " layers are not supported"  # why_not_projectable's reason for a type no kind covers
 
 
 def split_goal(goal: str) -> tuple[str, float]:
@@ -16,27 +30,41 @@ def split_goal(goal: str) -> tuple[str, float]:
     return name, float(value)
 
 
-def goal_label(goal: str) -> str:
-    """``"explained_variance_goal=0.95"`` -> ``"ev=0.95"``."""
-    name, _, value = goal.partition("=")
-    return f"{GOAL_ABBREVIATIONS.get(name, name)}={value}"
+def goal_label(goal: str, spelled_out: bool = False) -> str:
+    """``"explained_variance_goal=0.95"`` -> ``"var>=0.95"``, spelled out ``"explained variance
+    >= 0.95"``; ``"learnables_reduction_goal=0.5"`` -> ``"removed>=50%"``, ``"learnables removed
+    >= 50%"`` (never ``lr``, which reads as a learning rate)."""
+    name, value = split_goal(goal)
+    if name not in GOAL_LABELS:
+        return goal
+    return GOAL_LABELS[name][spelled_out].format(value=value, percent=round(100 * value, 6))
 
 
-def goal_rows(report) -> tuple[list[str], list[list[str]]]:
-    """Header and rows: per goal, the network's learnables after, reduction and explained variance."""
-    header = ["goal", "learnables", "removed", "explained var.", "reached"]
-    rows = [[goal, f"{info.learnables_after:,}", f"{info.learnables_reduction:.1%}",
+def goal_rows(report, spelled_out: bool = False) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: per goal (as the argument, spelled out first if asked), the network's
+    learnables after, reduction and explained variance."""
+    header = ["goal", *(["argument"] if spelled_out else []), "learnables", "removed",
+              "explained var.", "reached"]
+    rows = [[*([goal_label(goal, spelled_out=True)] if spelled_out else []), goal,
+             f"{info.learnables_after:,}", f"{info.learnables_reduction:.1%}",
              f"{info.explained_variance:.4f}", "yes" if info.goal_reached else "no (maximum removed)"]
             for goal, info in report.goals.items()]
     return header, rows
 
 
-def layer_rows(report) -> tuple[list[str], list[list[str]]]:
-    """Header and rows: per layer, learnables, reductions, the form each goal gives it, notes."""
-    header = ["layer", "type", "learnables", "max. reduction", "lossless", *map(goal_label, report.goals),
-              "note"]
+def layer_rows(report, spelled_out: bool = False) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: per layer, learnables, reductions, the form each goal gives it, notes.
+
+    Layers of no projectable kind (BatchNorm, LayerNorm, ...) are left to
+    :func:`unsupported_line`; a layer of a projectable kind that was refused (a grouped
+    convolution, a tied layer) keeps its row and its reason.
+    """
+    header = ["layer", "type", "learnables", "max. reduction", "lossless",
+              *(goal_label(goal, spelled_out) for goal in report.goals), "note"]
     rows = []
     for name, layer in report.layers.items():
+        if _unsupported(layer):
+            continue
         if layer.analysed:
             reductions = [f"{layer.max_reduction:.1%}", f"{layer.lossless_reduction:.1%}"]
             forms = [_form(info.layers[name]) for info in report.goals.values()]
@@ -48,6 +76,20 @@ def layer_rows(report) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def unsupported_line(report) -> str | None:
+    """``"not of a projectable kind, kept as they are: 20 BatchNorm2d (9,600 learnables)"``, or
+    ``None`` when every listed layer is of a projectable kind."""
+    counts, learnables = {}, {}
+    for layer in report.layers.values():
+        if _unsupported(layer):
+            counts[layer.type] = counts.get(layer.type, 0) + 1
+            learnables[layer.type] = learnables.get(layer.type, 0) + layer.learnables
+    if not counts:
+        return None
+    groups = ", ".join(f"{count} {kind} ({learnables[kind]:,} learnables)" for kind, count in counts.items())
+    return f"not of a projectable kind, kept as they are: {groups}"
+
+
 def summary_line(report) -> str:
     """One sentence on the whole network."""
     lossless, maximum = report.learnables_reduction_range
@@ -57,12 +99,13 @@ def summary_line(report) -> str:
 
 
 def report_table(report) -> str:
-    """The goals table, the layers table and a summary line; ``ev``/``lr`` name the goals."""
+    """The goals table, the layers table, the layers of no projectable kind in one line, a
+    summary line, and the legend of the goal columns."""
     parts = [] if not report.goals else [format_table(*goal_rows(report)), ""]
-    legend = "(ev = explained_variance_goal, lr = learnables_reduction_goal: side and ranks per goal)"
     parts.append(format_table(*layer_rows(report), footer=summary_line(report)))
+    parts += [line for line in [unsupported_line(report)] if line]
     if report.goals:
-        parts.append(legend)
+        parts += [textwrap.fill(legend, LEGEND_WIDTH) for legend in (GOALS_LEGEND, FORMS_LEGEND)]
     if report.sensitivity is not None:
         parts += ["", "sensitivity: the metric (layer learnables) with one layer projected alone",
                   report.sensitivity.table()]
@@ -76,6 +119,11 @@ def _form(projection) -> str:
         return "dense"
     sides = (("in", projection.rank_in), ("out", projection.rank_out))
     return " ".join(f"{label} {format_ranks(ranks)}" for label, ranks in sides if _projected(ranks))
+
+
+def _unsupported(layer) -> bool:
+    """Whether ``layer`` is of a type no projectable kind covers (not merely refused)."""
+    return not layer.projectable and (layer.reason or "").startswith(f"{layer.type}{UNSUPPORTED_SUFFIX}")
 
 
 def _projected(ranks) -> bool:
