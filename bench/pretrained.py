@@ -25,7 +25,8 @@ Budgets are fractions of ALL the network's learnables (MiniLM's embeddings inclu
   statistics: ``criterion="variance"`` (BatchNorm-aware) or ``"loss"`` (``NeuronPCA(...,
   loss_fn="kl")`` for MobileNetV2, ``"mse"`` on the embeddings for MiniLM), ``+seq``:
   ``correction="sequential"``, ``+emb``: MiniLM's token embedding table projected too,
-  ``+uniform``: ``allocation="uniform"`` (the same fraction of each layer's learnables).
+  ``+uniform``: ``allocation="uniform"`` (the same fraction of each layer's learnables),
+  ``+reg<alpha>``: ``NeuronPCA(..., regularization=alpha)`` instead of ``"auto"``.
 
 MiniLM is calibrated one sentence per batch (no padding enters any statistic); it is evaluated
 on padded batches with attention masks. Each run adds its rows to bench/results/pretrained-<network>.json
@@ -57,8 +58,10 @@ from rankwise.metric import batchnorm_scale
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 BUDGETS = (0.1, 0.2, 0.3, 0.4)
-METHODS = ("svd-uniform", "white-uniform", "white-relative", "rankwise", "white-global",
-           "bn-uniform", "bn-global", "fisher-uniform", "fisher-global")
+PROTOTYPES = ("svd-uniform", "white-uniform", "white-relative", "white-global", "bn-uniform", "bn-global",
+              "fisher-uniform", "fisher-global")
+METHODS = {"mobilenetv2": PROTOTYPES + ("rw-variance", "rw-variance+reg0.3", "rw-loss", "rw-variance+seq"),
+           "minilm": PROTOTYPES + ("rw-variance", "rw-variance+emb", "rw-loss+emb", "rw-loss+uniform")}
 QUICK_METHODS = ("svd-uniform", "white-uniform", "white-relative", "bn-global")
 
 
@@ -162,16 +165,17 @@ class Statistics:
             self._plans[kind, alpha] = self._new_plans(kind, alpha)
         return self._plans[kind, alpha]
 
-    def neuron_pca(self, loss=False, embeddings=False):
+    def neuron_pca(self, loss=False, embeddings=False, regularization="auto"):
         """rankwise's statistics of the factorable layers (and of the embedding table), with the
         gradients of ``criterion="loss"`` when ``loss`` (cached)."""
-        key = (loss, embeddings)
+        key = (loss, embeddings, regularization)
         if key not in self._npca:
             start = time.perf_counter()
             self._npca[key] = rw.NeuronPCA(self.network.model, self.network.calibration,
                                            layer_names=library_layers(self.network, embeddings),
                                            verbosity="off", forward_fn=self.network.run,
-                                           loss_fn=self.network.loss if loss else None)
+                                           loss_fn=self.network.loss if loss else None,
+                                           regularization=regularization)
             self.seconds += time.perf_counter() - start
         return self._npca[key]
 
@@ -223,7 +227,9 @@ def library_compress(network, statistics, method, budget):
     """``rw-<criterion>[+seq][+emb][+uniform]`` through the library's public API."""
     base, *options = method.split("+")
     criterion = base.split("-")[1]
-    npca = statistics.neuron_pca(loss=criterion == "loss", embeddings="emb" in options)
+    regularization = next((float(o[len("reg"):]) for o in options if o.startswith("reg")), "auto")
+    npca = statistics.neuron_pca(loss=criterion == "loss", embeddings="emb" in options,
+                                 regularization=regularization)
     sequential = "seq" in options
     compressed, _ = rw.compress_network_using_projection(
         network.model, npca, learnables_reduction_goal=budget,
@@ -297,8 +303,9 @@ def markdown(rows):
              "of 5 others, test 168 crops of 7 others; factored: the stem, every 1x1 conv and "
              "the classifier (depthwise convs stay). MiniLM: calibration 256 sentences (one "
              "per batch), validation 128, test 256, from disjoint standard-library modules; "
-             "factored: every encoder Linear (the unused pooler and the embeddings stay, "
-             "and count in the denominator). A budget not run for a method is an empty cell."]
+             "factored: every encoder Linear (the unused pooler stays; the embeddings stay except "
+             "in the +emb methods, which project the token table; they always count in the denominator). "
+             "rankwise-wave1: rankwise before the wave-2 criteria (commit 0594959's variance criterion). A budget not run for a method is an empty cell."]
     for network in dict.fromkeys(r["network"] for r in rows):
         for split in ("test", "validation"):
             parts.append(f"## {network}, {split} split\n\n{table(rows, network, split)}")
@@ -321,7 +328,7 @@ def main():
     networks = args.network or (["mobilenetv2"] if args.quick else sorted(NETWORKS))
     budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else \
         ([0.2, 0.3] if args.quick else list(BUDGETS))
-    methods = args.methods.split(",") if args.methods else list(QUICK_METHODS if args.quick else METHODS)
+    chosen = args.methods.split(",") if args.methods else None
     for key in [] if args.table_only else networks:
         path = os.path.join(RESULTS, f"{args.output}-{key}.json")
         rows = load_rows(path)
@@ -329,6 +336,7 @@ def main():
         network.stages = STAGES[key]
         statistics = Statistics(network)
         print(f"{network.name}: {network.learnables} learnables, {len(network.layers)} factorable layers", flush=True)
+        methods = chosen or list(QUICK_METHODS if args.quick else METHODS[key])
         for method in methods:
             for budget in budgets:
                 start, statistics_before = time.perf_counter(), statistics.seconds
