@@ -52,6 +52,7 @@ LIBRARY_TO_CLI_ARGUMENTS = {  # names in the library's error messages -> the opt
     "layer_names": "--layers", "exclude": "--exclude", "npca_or_data": "--data", "data": "--data", "model": "MODEL",
     "explained_variance_goal": "--explained-variance",
     "learnables_reduction_goal": "--learnables-reduction",
+    "criterion": "--criterion", "loss_fn": "--loss", "allocation": "--allocation", "correction": "--correction",
 }
 
 
@@ -104,6 +105,18 @@ def build_parser() -> Parser:
     compress.add_argument("--layers", type=_names, metavar="A,B",
                           help="project only these layers (names, globs or 're:' regular expressions)")
     compress.add_argument("--unpack", action="store_true", help="plain torch layers instead of wrappers")
+    compress.add_argument("--criterion", choices=("variance", "loss"), default="variance",
+                          help="judge options by each layer's output variance (after a following "
+                               "BatchNorm) or by the estimated increase of the loss (default: variance)")
+    compress.add_argument("--loss", choices=("kl", "mse"), default="kl",
+                          help="with --criterion loss: 'kl' for classifiers' logits, 'mse' for "
+                               "embeddings or regression outputs (default: kl)")
+    compress.add_argument("--allocation", choices=("global", "uniform"), default="global",
+                          help="spread --learnables-reduction by estimated error, or as the same "
+                               "fraction of every layer (default: global)")
+    compress.add_argument("--correction", choices=("sequential",),
+                          help="refit each layer to the original's output given the compressed "
+                               "network's input before projecting it")
     compress.add_argument("--output", required=True, metavar="FILE", help="the file to write")
     compress.set_defaults(run=run_compress)
 
@@ -140,6 +153,8 @@ def run_compress(args) -> None:
                          explained_variance_goal=args.explained_variance,
                          learnables_reduction_goal=args.learnables_reduction,
                          layer_names=args.layers, exclude=args.exclude, unpack=args.unpack,
+                         criterion=args.criterion, loss_fn=args.loss if args.criterion == "loss" else None,
+                         allocation=args.allocation, correction=args.correction,
                          verbosity="off" if args.quiet else "summary")
     _write(lambda path: rankwise_io.save(net, path, info=info, include_architecture=True),
            args.output, "--output")

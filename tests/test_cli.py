@@ -136,6 +136,25 @@ def test_compress_and_analyze_with_patterns_and_exclude(folder):
     assert json.loads((folder / "rest.json").read_text())["network"]["analysed_layers"] == ["2", "5"]
 
 
+def test_compress_with_the_loss_criterion_uniform_allocation_and_sequential_correction(folder):
+    run = rankwise("compress", "cnn.pt", "--trust-pickle", "--data", "images.pt", "--learnables-reduction", "0.3",
+                   "--criterion", "loss", "--allocation", "uniform", "--correction", "sequential",
+                   "--output", "loss.safetensors", "--quiet", cwd=folder)
+    assert (run.returncode, run.stderr) == (0, ""), run.stderr
+    model = torch.load(folder / "cnn.pt", weights_only=False)
+    data = torch.load(folder / "images.pt", weights_only=True)
+    batches = list(data) if isinstance(data, (list, tuple)) else [data]
+    expected, _ = rw.compress_network_using_projection(
+        model, batches, learnables_reduction_goal=0.3, criterion="loss", loss_fn="kl", allocation="uniform",
+        correction="sequential", verbosity="off")
+    loaded = rw.load(folder / "loss.safetensors", model=model)
+    x = make_batches((4, 3, 8, 8), seed=4)[0]
+    torch.testing.assert_close(loaded(x), expected(x), rtol=1e-5, atol=1e-6)
+    run = rankwise("compress", "cnn.pt", "--trust-pickle", "--data", "images.pt", "--explained-variance", "0.9",
+                   "--allocation", "uniform", "--output", "bad.safetensors", cwd=folder)
+    assert run.returncode == 2 and "--allocation: 'uniform' spreads a learnables_reduction_goal" in run.stderr
+
+
 TRUSTED = ["--trust-pickle", "cnn.pt"]
 ANALYZE = ["analyze", *TRUSTED, "--data", "images.pt"]
 COMPRESS = ["compress", *TRUSTED, "--data", "images.pt", "--output", "x.safetensors"]
