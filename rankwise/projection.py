@@ -26,7 +26,7 @@ from rankwise.layers.build import project_layer
 from rankwise.learnables import count_learnables
 from rankwise.pca import NeuronPCA
 from rankwise.correction import build_sequentially
-from rankwise.ranks import SequenceBound, choose_ranks, criterion_named, measured_options
+from rankwise.ranks import SequenceBound, choose_ranks, criterion_named, measured_options, most_removable
 from rankwise.tables import format_ranks
 from rankwise.targets import select_layers
 
@@ -302,7 +302,7 @@ def unreached_goal(goal_name: str, goal: float, goal_reached: bool, options: dic
     """``[message]`` naming the maximum when a reduction goal could not be reached, else ``[]``."""
     if goal_reached:
         return []
-    most = sum(o.dense_learnables - int(o.learnables.min()) for o in options.values()) / network_learnables
+    most = most_removable(options) / network_learnables
     return [f"{goal_name}={goal:g} is above what projection can remove from these layers "
             f"({most:.2%} of the network's learnables, every layer at its smallest useful form); "
             "that maximum was removed"]

@@ -209,12 +209,16 @@ def tradeoff_curve(options: dict[str, LayerOptions], network_learnables: int):
             np.clip(1.0 - np.array(lost) / total_weight, 0.0, 1.0))
 
 
+def most_removable(options: dict[str, LayerOptions]) -> int:
+    """Learnables removed with every layer at its cheapest option (the reduction's maximum)."""
+    return sum(_saving(o, 0) for o in options.values())
+
+
 def reduction_range(npca) -> tuple[float, float]:
     """``(lossless, maximum)`` fractions of the network's learnables that projection removes."""
-    options = [layer_options(npca, name) for name in npca.layer_names]
-    lossless = sum(_saving(o, o.cheapest_within(0.0)) for o in options)
-    maximum = sum(_saving(o, 0) for o in options)
-    return lossless / npca.network_learnables, maximum / npca.network_learnables
+    options = {name: layer_options(npca, name) for name in npca.layer_names}
+    lossless = sum(_saving(o, o.cheapest_within(0.0)) for o in options.values())
+    return lossless / npca.network_learnables, most_removable(options) / npca.network_learnables
 
 
 def _print_allocation(allocation: Allocation, options: dict, network_learnables: int) -> None:
