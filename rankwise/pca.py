@@ -67,9 +67,11 @@ class NeuronPCA:
     data : iterable or torch.Tensor
         Batches: a ``DataLoader``, a list of tensors, ... A tensor (or ``PackedSequence``)
         batch is the input; a tuple or list is ``(inputs, targets...)``; a dict is passed as
-        keyword arguments. A single tensor ``data`` is one batch. Variable-length sequences
-        are best given as ``PackedSequence`` batches (or one sequence per batch): padding
-        would enter the statistics.
+        keyword arguments. A single tensor ``data`` is one batch. Padded batches: a dict
+        batch's ``attention_mask`` (``(N, T)``, 1 for a token, 0 for padding), or
+        :func:`rankwise.token_mask` entered by ``forward_fn``, keeps the padding positions
+        out of every statistic (:mod:`rankwise.masks`); recurrent layers take
+        ``PackedSequence`` batches (or one sequence per batch) instead.
     layer_names : str or list of str, optional
         The layers to analyse, by qualified name, glob pattern (``"features.*"``) or
         ``"re:"``-prefixed regular expression (:mod:`rankwise.targets`); all projectable

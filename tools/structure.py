@@ -21,7 +21,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "rankwise"
 
 STAGES = (  # earliest first
-    ("foundations", ("checks", "batches", "moments", "rnn", "learnables", "tables", "kinds", "distributed",
+    ("foundations", ("checks", "masks", "batches", "moments", "rnn", "learnables", "tables", "kinds", "distributed",
                      "metric")),
     ("layers", ("forms", "layers")),
     ("statistics", ("statistics", "recurrent_statistics", "targets", "selection", "pca")),
