@@ -204,8 +204,7 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
     decisions = Decisions(f"{goal_name}={goal:g}", choices, goal_reached, timings, kept_dense,
                           None if calls is None else str(latency.device_of(model, latency_input)),
                           excluded_layers(model, layer_names, layers, tied),
-                          [f"layer {name!r} was left dense: {why}." for name, why in tied.items()]
-                          + unreached_goal(goal_name, goal, goal_reached, options, learnables_before)
+                          tie_warnings(tied) + unreached_goal(goal_name, goal, goal_reached, options, learnables_before)
                           + bound.warnings)
     for message in decisions.warnings:
         warnings.warn(message, UserWarning, stacklevel=2)
@@ -316,6 +315,12 @@ def excluded_layers(model: nn.Module, layer_names, layers: dict, tied=()) -> lis
     in model order."""
     left_out = {name for name in select_layers(model, layer_names) if name not in layers} | set(tied)
     return [name for name, _ in model.named_modules() if name in left_out]
+
+
+def tie_warnings(tied: dict) -> list[str]:
+    """One warning per layer left dense because its weight is tied (``{layer: why}`` of
+    :func:`~rankwise.targets.tied_left_out`)."""
+    return [f"layer {name!r} was left dense: {why}." for name, why in tied.items()]
 
 
 def unpack_projected_layers(model: nn.Module, inplace: bool = False) -> nn.Module:

@@ -145,6 +145,16 @@ def test_gpt2_keeps_its_tied_head_and_never_grows():
         rw.compress_network_using_projection(model, data, layer_names="lm_head", verbosity="off")
 
 
+def test_the_analysis_report_gives_the_tie_as_the_reason_and_the_infos_compression_gives():
+    model, data = build("gpt2"), batches()
+    npca = rw.NeuronPCA(model, data, verbosity="off")
+    report = rw.analyze(model, npca, learnables_reduction_goals=[0.3], verbosity="off")
+    head = report.layers["lm_head"]
+    assert not head.projectable and head.reason.startswith("its weight is tied to 'transformer.wte'")
+    _, built = rw.compress_network_using_projection(model, npca, learnables_reduction_goal=0.3, verbosity="off")
+    assert report.goals["learnables_reduction_goal=0.3"] == built
+
+
 def test_an_untied_gpt2_head_and_token_table_are_compressed():
     model, data = build("gpt2", tie_word_embeddings=False), batches()
     assert model.lm_head.weight is not model.transformer.wte.weight

@@ -29,20 +29,12 @@ class ProjectedConv1D(ProjectedLinear):
             return ProjectedLinear._width(module, end)
         return module.nf if end == "out" else module.nx
 
-    @classmethod
-    def _pointwise(cls, weight, bias, like):
-        return _conv1d(weight, bias, like)
-
-    @classmethod
-    def _core(cls, like, weight, bias):
-        return _conv1d(weight, bias, like)
-
-
-def _conv1d(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Module) -> nn.Module:
-    """``y = W x + b`` as a ``Conv1D`` of ``like``'s class (storing ``W^T``) when it has a bias,
-    as ``nn.Linear(bias=False)`` otherwise (a ``Conv1D`` always has a bias)."""
-    if bias is None:
-        return _linear(weight, None, like)
-    with torch.device(weight.device):
-        layer = type(like)(weight.shape[0], weight.shape[1]).to(weight.dtype)
-    return fill(layer, weight.T, bias, like)
+    @staticmethod
+    def _layer(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Module) -> nn.Module:
+        """``y = W x + b`` as a ``Conv1D`` of ``like``'s class (storing ``W^T``) when it has a
+        bias, as ``nn.Linear(bias=False)`` otherwise (a ``Conv1D`` always has a bias)."""
+        if bias is None:
+            return _linear(weight, None, like)
+        with torch.device(weight.device):
+            layer = type(like)(weight.shape[0], weight.shape[1]).to(weight.dtype)
+        return fill(layer, weight.T, bias, like)
