@@ -77,7 +77,10 @@ def compute_device(device) -> torch.device | None:
     except (RuntimeError, TypeError) as error:
         raise ValueError(f"device: {device!r} is not a torch device ({error}); pass e.g. 'cuda' or "
                          "'cpu'.") from None
-    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: CUDA is not available on this machine; pass device='cpu' or a device "
+                         "torch can reach.")
+    if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return device
 

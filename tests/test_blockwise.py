@@ -254,6 +254,12 @@ def test_refusals(kwargs, message):
     assert_unchanged(model, snapshot)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_refused():
+    with pytest.raises(ValueError, match="device: CUDA is not available"):
+        rw.NeuronPCA(stack(), double_batches((6, 5)), verbosity="off", blocks="auto", device="cuda")
+
+
 def test_auto_without_a_stack_is_refused():
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
     with pytest.raises(ValueError, match="blocks: 'auto' found no nn.ModuleList"):
