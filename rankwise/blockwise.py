@@ -317,7 +317,11 @@ def _single_device(name: str, module: nn.Module) -> torch.device:
     if len(devices) > 1:
         raise ValueError(f"blocks: block {name!r} has tensors on several devices "
                          f"({', '.join(map(str, devices))}); put each block on one device.")
-    return devices.pop() if devices else torch.device("cpu")
+    device = devices.pop() if devices else torch.device("cpu")
+    if device.type == "meta":
+        raise ValueError(f"blocks: block {name!r} is on the meta device (it holds no weights); load the "
+                         "model's weights (e.g. on the CPU) before calibrating it.")
+    return device
 
 
 def move_statistics(stats, device) -> None:
@@ -330,6 +334,8 @@ def _moved(value, device):
     """``value`` with every tensor in it moved to ``device``; a TypeError naming any other holder."""
     if isinstance(value, torch.Tensor):
         return value.to(device)
+    if isinstance(value, PLAIN_TYPES):
+        return value
     if is_dataclass(value) and not isinstance(value, type):
         return replace(value, **{f.name: _moved(getattr(value, f.name), device) for f in fields(value)
                                  if f.init})
@@ -339,6 +345,4 @@ def _moved(value, device):
         return type(value)(_moved(v, device) for v in value)
     if isinstance(value, dict):
         return type(value)({k: _moved(v, device) for k, v in value.items()})
-    if isinstance(value, PLAIN_TYPES):
-        return value
     raise TypeError(f"a {type(value).__name__}")

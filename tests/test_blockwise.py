@@ -260,6 +260,13 @@ def test_cuda_without_cuda_is_refused():
         rw.NeuronPCA(stack(), double_batches((6, 5)), verbosity="off", blocks="auto", device="cuda")
 
 
+def test_a_model_without_weights_is_refused():
+    with torch.device("meta"):
+        model = Stack()
+    with pytest.raises(ValueError, match="blocks: block 'blocks.0' is on the meta device"):
+        rw.NeuronPCA(model, [torch.zeros(6, 5, device="meta")], verbosity="off", blocks="auto")
+
+
 def test_auto_without_a_stack_is_refused():
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
     with pytest.raises(ValueError, match="blocks: 'auto' found no nn.ModuleList"):
