@@ -24,7 +24,7 @@ STAGES = (  # earliest first
     ("foundations", ("checks", "masks", "batches", "moments", "rnn", "learnables", "tables", "kinds", "distributed",
                      "metric")),
     ("layers", ("forms", "layers")),
-    ("statistics", ("statistics", "recurrent_statistics", "targets", "selection", "pca")),
+    ("statistics", ("statistics", "recurrent_statistics", "targets", "selection", "blockwise", "pca")),
     ("decisions", ("ranks",)),
     ("construction", ("info", "projection", "flops", "latency", "latency_aware", "batchnorm",
                       "correction")),
