@@ -28,7 +28,7 @@ from rankwise.pca import NeuronPCA
 from rankwise.correction import build_sequentially
 from rankwise.ranks import SequenceBound, choose_ranks, criterion_named, measured_options, most_removable
 from rankwise.tables import format_ranks
-from rankwise.targets import select_layers
+from rankwise.targets import select_layers, tied_left_out
 
 __all__ = ["Decisions", "LayerProjection", "ProjectionInfo", "build_projected", "check_statistics",
            "compress_network_using_projection", "unpack_projected_layers"]
@@ -184,6 +184,7 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
     check_allocation(allocation, goal_name)
     correction_data = _correction_data(correction, correction_data, npca_or_data)
     layers = select_layers(model, layer_names, exclude=exclude)
+    tied = tied_left_out(model, layer_names)
     calls = None if latency_input is None else record_layer_calls(model, layers, latency_input)
     npca = npca_or_data if isinstance(npca_or_data, NeuronPCA) else NeuronPCA(
         model, npca_or_data, layer_names=list(layers), verbosity=verbosity, forward_fn=forward_fn,
@@ -202,8 +203,9 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
             refine=bound)
     decisions = Decisions(f"{goal_name}={goal:g}", choices, goal_reached, timings, kept_dense,
                           None if calls is None else str(latency.device_of(model, latency_input)),
-                          excluded_layers(model, layer_names, layers),
-                          unreached_goal(goal_name, goal, goal_reached, options, learnables_before)
+                          excluded_layers(model, layer_names, layers, tied),
+                          [f"layer {name!r} was left dense: {why}." for name, why in tied.items()]
+                          + unreached_goal(goal_name, goal, goal_reached, options, learnables_before)
                           + bound.warnings)
     for message in decisions.warnings:
         warnings.warn(message, UserWarning, stacklevel=2)
@@ -308,10 +310,12 @@ def unreached_goal(goal_name: str, goal: float, goal_reached: bool, options: dic
             "that maximum was removed"]
 
 
-def excluded_layers(model: nn.Module, layer_names, layers: dict) -> list[str]:
+def excluded_layers(model: nn.Module, layer_names, layers: dict, tied=()) -> list[str]:
     """The layers that ``layer_names`` selects and that are not in ``layers`` (left out by
-    ``exclude``), in model order."""
-    return [name for name in select_layers(model, layer_names) if name not in layers]
+    ``exclude``), and the ``tied`` layers left out (:func:`~rankwise.targets.tied_left_out`),
+    in model order."""
+    left_out = {name for name in select_layers(model, layer_names) if name not in layers} | set(tied)
+    return [name for name, _ in model.named_modules() if name in left_out]
 
 
 def unpack_projected_layers(model: nn.Module, inplace: bool = False) -> nn.Module:

@@ -53,7 +53,7 @@ class LayerStatistics:
     @classmethod
     def for_layer(cls, layer: nn.Module, kind: str) -> "LayerStatistics":
         """Empty statistics of ``layer``, a row of :data:`rankwise.kinds.KINDS` called ``kind``."""
-        w = layer.weight.detach()
+        w = kind_named(kind).weight(layer).detach()
         out_c, in_c = w.shape[:2]
         linear = "input" not in kind_named(kind).sides
         per_position = w.reshape(out_c, in_c, -1).permute(2, 0, 1)  # (kernel, out, in)
