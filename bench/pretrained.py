@@ -279,8 +279,11 @@ def save_rows(path, rows, new_rows):
     return merged
 
 
-def table(rows, network, split):
-    """Markdown table: one row per method, one column per budget, `split` scores (removed %)."""
+def table(rows, network, split, cell=None):
+    """Markdown table: one row per method, one column per budget, `split` scores (removed %).
+
+    ``cell(row, split)`` writes a cell (default: score, removed %, seconds)."""
+    cell = cell or (lambda row, split: f"{row[split]:.3f} ({100 * row['removed']:.1f}%, {row['seconds']:.0f}s)")
     rows = [r for r in rows if r["network"] == network]
     budgets = sorted({r["budget"] for r in rows})
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -290,7 +293,7 @@ def table(rows, network, split):
         cells = []
         for budget in budgets:
             row = next((r for r in rows if r["method"] == method and r["budget"] == budget), None)
-            cells.append("" if row is None else f"{row[split]:.3f} ({100 * row['removed']:.1f}%, {row['seconds']:.0f}s)")
+            cells.append("" if row is None else cell(row, split))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

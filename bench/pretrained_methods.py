@@ -89,12 +89,11 @@ class Moments:
         return self.sum_bb / self.count - torch.outer(mean_b, mean_b)
 
 
-def input_moments(model, layers, batches, run):
-    """``{name: Moments}`` of each layer's input over `batches` (``run(model, batch)`` calls the model)."""
-    moments = {name: Moments() for name in layers}
-    hooks = [layer.register_forward_pre_hook(
-        lambda module, args, name=name: moments[name].add(layer_inputs(module, args[0])))
-        for name, layer in layers.items()]
+def feed_inputs(model, layers, batches, run, sink):
+    """Run `batches` (``run(model, batch)`` calls the model) with ``sink(name, module, input)``
+    called on each layer's input, without gradients."""
+    hooks = [layer.register_forward_pre_hook(lambda module, args, name=name: sink(name, module, args[0]))
+             for name, layer in layers.items()]
     try:
         with torch.no_grad():
             for batch in batches:
@@ -102,6 +101,12 @@ def input_moments(model, layers, batches, run):
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def input_moments(model, layers, batches, run):
+    """``{name: Moments}`` of each layer's input over `batches` (``run(model, batch)`` calls the model)."""
+    moments = {name: Moments() for name in layers}
+    feed_inputs(model, layers, batches, run, lambda name, module, inputs: moments[name].add(layer_inputs(module, inputs)))
     return moments
 
 
