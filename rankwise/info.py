@@ -84,8 +84,10 @@ class ProjectionInfo:
     latency_device : str or None
         The device latencies were measured on (``None`` when no ``latency_input`` was given).
     excluded : list of str
-        Layers that ``layer_names`` selected and ``exclude`` left out, in model order (empty
-        when nothing was excluded).
+        Layers that ``layer_names`` selected and ``exclude`` left out, and by default the
+        Linear layers whose parent uses their weight functionally (the ``out_proj`` of an
+        ``nn.MultiheadAttention``, :func:`rankwise.targets.functional_layers` says why), in
+        model order (empty when nothing was excluded).
     warnings : list of str
         What the user should know about the outcome (a goal that could not be reached: the
         maximum that could); each was also issued as a ``UserWarning``.

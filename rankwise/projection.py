@@ -28,7 +28,7 @@ from rankwise.pca import NeuronPCA
 from rankwise.correction import build_sequentially
 from rankwise.ranks import SequenceBound, choose_ranks, criterion_named, measured_options, most_removable
 from rankwise.tables import format_ranks
-from rankwise.targets import select_layers
+from rankwise.targets import functional_layers, select_layers
 
 __all__ = ["Decisions", "LayerProjection", "ProjectionInfo", "build_projected", "check_statistics",
            "compress_network_using_projection", "unpack_projected_layers"]
@@ -310,8 +310,13 @@ def unreached_goal(goal_name: str, goal: float, goal_reached: bool, options: dic
 
 def excluded_layers(model: nn.Module, layer_names, layers: dict) -> list[str]:
     """The layers that ``layer_names`` selects and that are not in ``layers`` (left out by
-    ``exclude``), in model order."""
-    return [name for name in select_layers(model, layer_names) if name not in layers]
+    ``exclude``), and by default (``layer_names`` is ``None``) the Linear layers left out because
+    their parent uses their weight functionally (:func:`rankwise.targets.functional_layers`:
+    the ``out_proj`` of an ``nn.MultiheadAttention``), in model order."""
+    left_out = set(select_layers(model, layer_names)) - set(layers)
+    if layer_names is None:
+        left_out |= set(functional_layers(model))
+    return [name for name, _ in model.named_modules() if name in left_out]
 
 
 def unpack_projected_layers(model: nn.Module, inplace: bool = False) -> nn.Module:
