@@ -150,7 +150,8 @@ class NeuronPCA:
                 empty_message="data: the iterable yielded no batch. Pass a DataLoader or a list of "
                               "tensors holding representative inputs.")
             return
-        dense = {name: layer for name, layer in layers.items() if kind_of(layer).family != "recurrent"}
+        dense = {name: layer for name, layer in layers.items()
+                 if kind_of(layer).family not in ("recurrent", "attention")}
         self._gradients, self._gradient_samples, self.num_batches = gradient_moments(
             model, data, dense, loss_fn, forward_fn, max_batches, progress, handles=handles)
 

@@ -135,13 +135,21 @@ def functional_layers(model: nn.Module) -> dict[str, str]:
     An ``nn.MultiheadAttention`` passes ``out_proj.weight`` and ``out_proj.bias`` to
     ``F.multi_head_attention_forward``, which computes ``y = W_o z + b_o`` itself: the
     ``out_proj`` Linear's own forward never runs, so a hook on it sees no observation and a
-    wrapper put in its place would never be called.
+    wrapper put in its place would never be called. The attention layer itself is the
+    candidate (:mod:`rankwise.layers.attention` projects its ``out_proj`` with the rest).
     """
     return {_child(name, "out_proj"): (
         f"it is the out_proj of the nn.MultiheadAttention {name!r}, which uses its weight "
         "functionally (F.multi_head_attention_forward) without calling it, so it cannot be "
-        "projected as a Linear layer; attention layers are not projected")
+        "projected as a Linear layer; " + _instead(name, module))
         for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)}
+
+
+def _instead(attention_name: str, attention: nn.Module) -> str:
+    reason = why_not_projectable(attention)
+    if reason is None:
+        return f"project the attention layer {attention_name!r} itself, which projects its out_proj"
+    return f"the attention layer {attention_name!r} cannot be projected either: {reason}"
 
 
 def _child(parent: str, child: str) -> str:
