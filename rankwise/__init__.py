@@ -11,6 +11,7 @@ from rankwise.latency import SpeedComparison, UnstableTimingWarning, compare_spe
 from rankwise.layers import (ProjectedConv, ProjectedEmbedding, ProjectedGRU, ProjectedLayer, ProjectedLinear,
                              ProjectedLSTM, ProjectedMultiheadAttention)
 from rankwise.learnables import count_learnables
+from rankwise.masks import token_mask
 from rankwise.pca import NeuronPCA, NonFiniteActivationError, ThinDataWarning
 from rankwise.projection import (LayerProjection, ProjectionInfo, compress_network_using_projection,
                                  unpack_projected_layers)
@@ -30,5 +31,6 @@ __all__ = [
     "ProjectedLSTM", "ProjectedGRU", "ProjectedEmbedding", "ProjectedMultiheadAttention",
     "fold_batchnorm", "recalibrate_batchnorm",
     "median_latency", "count_flops", "compare_speed", "SpeedComparison", "UnstableTimingWarning",
+    "token_mask",
 ]
 __version__ = "0.1.0"

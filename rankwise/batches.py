@@ -5,8 +5,10 @@ A batch is what an iterable of calibration or training data yields:
 - a tensor (or a ``PackedSequence``) is the model's input;
 - a tuple or list is ``(inputs, targets...)``: its first item is the input;
 - a dict is passed as keyword arguments (a Hugging Face batch with ``input_ids``,
-  ``attention_mask``, ...);
-- anything else needs ``forward_fn(model, batch)``.
+  ``attention_mask``, ...); its ``attention_mask``, when it has one, is the batch's token mask
+  (:mod:`rankwise.masks`: padding positions enter no statistic);
+- anything else needs ``forward_fn(model, batch)`` (which enters :func:`rankwise.token_mask`
+  around its model call to mask padding).
 
 :func:`run_batches` is the loop every statistic is gathered with (:class:`~rankwise.NeuronPCA`,
 the width evolver's refits): the model in eval mode under ``torch.no_grad()``, each batch moved
@@ -22,6 +24,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 from tqdm.auto import tqdm
 
+from rankwise.masks import TokenMaskError, masking
 from rankwise.moments import NonFiniteActivationError
 
 
@@ -117,12 +120,26 @@ def run_batches(model: nn.Module, data, handles: list, forward_fn=None, max_batc
     return count
 
 
+def batch_mask(batch):
+    """Context manager: a dict batch's ``attention_mask`` as the active token mask
+    (:mod:`rankwise.masks`) while the batch runs; nothing for any other batch."""
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    return contextlib.nullcontext() if mask is None else masking(mask, "attention_mask")
+
+
+def forward(model: nn.Module, batch, forward_fn=None):
+    """``forward_fn(model, batch)`` (:func:`default_forward` when ``None``) under the batch's
+    token mask (:func:`batch_mask`)."""
+    with batch_mask(batch):
+        return (forward_fn or default_forward)(model, batch)
+
+
 def run_batch(model, batch, forward_fn, index: int):
-    """``forward_fn(model, batch)``, its failures as errors naming ``data`` and the batch index."""
+    """:func:`forward`, its failures as errors naming ``data`` and the batch index."""
     try:
-        return forward_fn(model, batch)
-    except NonFiniteActivationError as error:
-        raise NonFiniteActivationError(f"data: batch {index}: {error}") from None
+        return forward(model, batch, forward_fn)
+    except (NonFiniteActivationError, TokenMaskError) as error:
+        raise type(error)(f"data: batch {index}: {error}") from None
     except Exception as error:
         raise ValueError(f"data: the model rejected batch {index} "
                          f"({type(error).__name__}: {error}). Check that the batches are inputs the "

@@ -8,7 +8,8 @@ layer by the affine map of ``u~`` closest to the original layer's output on the 
 
     min_{W', b'}  E | W u + b - (W' u~ + b') |^2,
 
-where a row is a layer's input as its weight reads it: a ``Linear`` input vector, or one patch
+where a row is a layer's input as its weight reads it: a ``Linear`` input vector (of a real
+token only, under a token mask: :mod:`rankwise.masks`), or one patch
 of a convolution (``in * kernel`` values, as ``torch.nn.functional.unfold`` lays them out, so
 that ``W`` is the ``(out, in * kernel)`` matrix). Written as a correction of the original,
 ``W' = W + D``, ``b' = b + e``, with ``z = [u~; 1]`` (``z = u~`` for a layer without bias):
@@ -38,9 +39,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from rankwise.batches import as_batches, default_forward, model_device, move_to
+from rankwise.batches import as_batches, default_forward, forward, model_device, move_to
 from rankwise.forms import fused_paths_off
 from rankwise.layers.build import project_layer
+from rankwise.masks import TokenMask, active_mask, token_rows
 from rankwise.pca import NeuronPCA, ThinDataWarning
 from rankwise.ranks import layer_options
 
@@ -81,10 +83,11 @@ def correctable(layer: nn.Module) -> bool:
             and not isinstance(layer.padding, str))
 
 
-def input_rows(layer: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """The rows ``W`` reads from ``inputs``: ``(rows, in * kernel)`` (see the module docstring)."""
+def input_rows(layer: nn.Module, inputs: torch.Tensor, mask: TokenMask | None = None) -> torch.Tensor:
+    """The rows ``W`` reads from ``inputs``: ``(rows, in * kernel)`` (see the module docstring);
+    a ``Linear``'s without the padding positions of ``mask`` (:mod:`rankwise.masks`)."""
     if isinstance(layer, nn.Linear):
-        return inputs.reshape(-1, inputs.shape[-1])
+        return token_rows(inputs, mask).reshape(-1, inputs.shape[-1])
     if inputs.dim() == layer.weight.dim() - 1:  # unbatched
         inputs = inputs.unsqueeze(0)
     if isinstance(layer, nn.Conv1d):
@@ -106,10 +109,9 @@ def paired_moments(original: nn.Module, compressed: nn.Module, name: str, data, 
     """:class:`PairedMoments` of layer ``name`` of ``original`` and ``compressed`` on ``data``.
 
     Both models run each batch in eval mode without gradients, each stopped as soon as the
-    layer's input is captured (its first call in the forward).
+    layer's input is captured (its first call in the forward), under the batch's token mask.
     """
     layer = original.get_submodule(name)
-    forward_fn = forward_fn or default_forward
     moments = PairedMoments.zeros(layer.weight[0].numel(), layer.bias is not None, model_device(original))
     modes = (original.training, compressed.training)
     original.eval(), compressed.eval()
@@ -119,7 +121,7 @@ def paired_moments(original: nn.Module, compressed: nn.Module, name: str, data, 
                 if max_batches is not None and index >= max_batches:
                     break
                 batch = move_to(batch, model_device(original))
-                rows = [input_rows(layer, _layer_input(model, name, batch, forward_fn))
+                rows = [input_rows(layer, *_layer_input(model, name, batch, forward_fn))
                         for model in (original, compressed)]
                 moments.update(*rows)
     finally:
@@ -127,16 +129,17 @@ def paired_moments(original: nn.Module, compressed: nn.Module, name: str, data, 
     return moments
 
 
-def _layer_input(model: nn.Module, name: str, batch, forward_fn) -> torch.Tensor:
+def _layer_input(model: nn.Module, name: str, batch, forward_fn) -> tuple[torch.Tensor, TokenMask | None]:
+    """The first input of layer ``name`` on ``batch`` and the token mask active at that call."""
     captured = []
 
     def hook(module, args):
-        captured.append(args[0].detach())
+        captured.append((args[0].detach(), active_mask()))
         raise _Stop
 
     handle = model.get_submodule(name).register_forward_pre_hook(hook)
     try:
-        forward_fn(model, batch)
+        forward(model, batch, forward_fn)
     except _Stop:
         pass
     finally:

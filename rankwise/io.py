@@ -145,8 +145,25 @@ def load(path, model: nn.Module | None = None, *, trust_pickle: bool = False) ->
         raise ValueError(f"model: it does not match the file {str(path)!r} "
                          f"({_gist(error)}). Pass the architecture the saved model was "
                          "compressed from.") from None
+    _retie(skeleton, spec["aliases"])
     _set_mode(skeleton, spec)
     return skeleton
+
+
+def _retie(model: nn.Module, aliases: dict) -> None:
+    """Make each aliased parameter the very parameter it aliases again, as in the saved model
+    (``load_state_dict(assign=True)`` wraps every key in a parameter of its own, which would
+    untie a language model's head from its token embedding and count the table twice)."""
+    for alias, key in aliases.items():
+        (owner, name), (source_owner, source) = (_parameter_path(model, path) for path in (alias, key))
+        if name in owner._parameters and source in source_owner._parameters:
+            setattr(owner, name, source_owner._parameters[source])
+
+
+def _parameter_path(model: nn.Module, key: str) -> tuple[nn.Module, str]:
+    """``(module, attribute)`` holding the state-dict entry ``key``."""
+    module, _, name = key.rpartition(".")
+    return model.get_submodule(module), name
 
 
 def mode_spec(model: nn.Module) -> dict:

@@ -23,13 +23,20 @@
   layers analyse both sides;
 - ``wrapper``: the name of the :class:`~rankwise.layers.ProjectedLayer` subclass that builds
   its projected form (resolved by name, so this table imports nothing downstream);
-- ``refusal``: why a module of this kind may still be refused (``None``: accepted).
+- ``refusal``: why a module of this kind may still be refused (``None``: accepted);
+- ``transposed``: the layer stores ``W^T`` (``(in, out)``): an embedding's table, GPT-2's
+  ``Conv1D`` (``y = x W^T + b`` with ``weight = W^T``). :meth:`LayerKind.weight` always gives ``W``.
+
+A class of an optional dependency is named by its import path (``"transformers.pytorch_utils.
+Conv1D"``) and matched only once that module is imported, which it is whenever a model holding
+such a layer exists: ``import rankwise`` imports no optional package.
 
 Adding a kind is one row here and one wrapper file in :mod:`rankwise.layers`.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -41,11 +48,17 @@ class LayerKind:
     """One row of :data:`KINDS`; see the module docstring for the fields."""
 
     name: str
-    types: tuple[type, ...]
+    types: tuple[type | str, ...]
     family: str
     sides: tuple[str, ...]
     wrapper: str
     refusal: Callable[[nn.Module], str | None]
+    transposed: bool = False
+
+    def classes(self) -> tuple[type, ...]:
+        """The classes of ``types`` that exist now (a class named by its import path once its
+        module is imported)."""
+        return tuple(_imported(t) for t in self.types if _imported(t) is not None)
 
     def statistics_shape(self, layer: nn.Module) -> tuple:
         """What identifies ``layer``'s statistics (to check that statistics belong to it)."""
@@ -57,8 +70,22 @@ class LayerKind:
 
     def weight(self, layer: nn.Module):
         """The layer's weight as the matrix ``W`` of ``y = W x + b``: ``(out, in, *kernel)``
-        (an embedding's table transposed)."""
-        return layer.weight.T if self.family == "embedding" else layer.weight
+        (transposed when the layer stores ``W^T``: an embedding's table, a ``Conv1D``)."""
+        return self.stored(layer.weight)
+
+    def stored(self, weight):
+        """``weight`` laid out the other way between ``W`` and the layer's storage (its
+        transpose for a ``transposed`` kind, itself otherwise): ``stored(weight(layer))`` is
+        ``layer.weight``."""
+        return weight.T if self.transposed else weight
+
+
+def _imported(entry: type | str) -> type | None:
+    """``entry`` itself, or the class its import path names when that module is imported."""
+    if isinstance(entry, type):
+        return entry
+    module, _, name = entry.rpartition(".")
+    return getattr(sys.modules.get(module), name, None)
 
 
 def _lazy(layer: nn.Module) -> str | None:
@@ -105,14 +132,19 @@ def _attention(attention: nn.MultiheadAttention) -> str | None:
     return None
 
 
+HF_CONV1D = "transformers.pytorch_utils.Conv1D"
+"""GPT-2's linear layer ``y = x weight + bias`` (``weight`` of shape ``(in, out)``)."""
+
 KINDS: tuple[LayerKind, ...] = (
     LayerKind("linear", (nn.Linear,), "dense", ("output",), "ProjectedLinear", _lazy),
+    LayerKind("gpt2_conv1d", (HF_CONV1D,), "dense", ("output",), "ProjectedConv1D", _accepted, transposed=True),
     LayerKind("conv1d", (nn.Conv1d,), "dense", ("input", "output"), "ProjectedConv", _grouped),
     LayerKind("conv2d", (nn.Conv2d,), "dense", ("input", "output"), "ProjectedConv", _grouped),
     LayerKind("conv3d", (nn.Conv3d,), "dense", ("input", "output"), "ProjectedConv", _grouped),
     LayerKind("lstm", (nn.LSTM,), "recurrent", ("input", "output"), "ProjectedLSTM", _lstm),
     LayerKind("gru", (nn.GRU,), "recurrent", ("input", "output"), "ProjectedGRU", _accepted),
-    LayerKind("embedding", (nn.Embedding,), "embedding", ("output",), "ProjectedEmbedding", _embedding),
+    LayerKind("embedding", (nn.Embedding,), "embedding", ("output",), "ProjectedEmbedding", _embedding,
+              transposed=True),
     LayerKind("attention", (nn.MultiheadAttention,), "attention", ("output",), "ProjectedMultiheadAttention",
               _attention),
 )
@@ -124,12 +156,13 @@ def kind_of(module: nn.Module) -> LayerKind | None:
     Subclasses are covered by their base's row (a ``LazyLinear`` once initialised is a
     ``Linear``); the first matching row wins.
     """
-    return next((kind for kind in KINDS if isinstance(module, kind.types)), None)
+    return next((kind for kind in KINDS if isinstance(module, kind.classes())), None)
 
 
 def supported_names() -> str:
     """``"Linear, Conv1d, ..."``: the supported torch types, for error messages."""
-    return ", ".join(t.__name__ for kind in KINDS for t in kind.types)
+    return ", ".join(t if isinstance(t, str) else t.__name__
+                     for kind in KINDS for t in kind.types)
 
 
 def kind_named(name: str) -> LayerKind:

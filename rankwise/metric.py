@@ -134,7 +134,7 @@ def whitened_layer(layer: nn.Module, metric: OutputMetric) -> nn.Module:
     dtype = layer.weight.dtype
     weight = whitened_weight(layer, metric)
     with torch.no_grad():
-        whitened.weight.copy_((weight.T if kind_of(layer).family == "embedding" else weight).to(dtype))
+        whitened.weight.copy_(kind_of(layer).stored(weight).to(dtype))
         if getattr(layer, "bias", None) is not None:  # an embedding table has none
             whitened.bias.copy_((metric.root.to(layer.bias.device) @ layer.bias.detach().to(torch.float64)).to(dtype))
     return whitened
@@ -148,10 +148,11 @@ def unwhiten_output(projected: nn.Module, metric: OutputMetric) -> nn.Module:
     and returned.
     """
     last = projected.out_proj if projected.out_proj is not None else projected.core
+    kind = kind_of(last)
     inverse = metric.inverse_root.to(last.weight.device)
     with torch.no_grad():
-        last.weight.copy_(torch.tensordot(inverse, last.weight.detach().to(torch.float64),
-                                          dims=([1], [0])).to(last.weight.dtype))
+        unwhitened = torch.tensordot(inverse, kind.weight(last).detach().to(torch.float64), dims=([1], [0]))
+        last.weight.copy_(kind.stored(unwhitened).to(last.weight.dtype))
         if last.bias is not None:
             last.bias.copy_((inverse @ last.bias.detach().to(torch.float64)).to(last.bias.dtype))
     return projected

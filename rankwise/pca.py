@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rankwise.batches import run_batches
+from rankwise.blockwise import calibrate_blockwise, check_blockwise
 from rankwise.checks import check_max_batches, check_regularization, check_verbosity
 from rankwise.distributed import all_reduce_count, all_reduce_tensors, broadcast_from_first
 from rankwise.kinds import kind_of
@@ -39,6 +40,8 @@ SIDES = ("input", "output")
 FORMAT_VERSION = 3  # 2: gradient statistics of the loss criterion; 3: recurrent layers' reservoir
 """Version of the :meth:`NeuronPCA.save` file layout; files of every version up to it load."""
 READABLE_VERSIONS = tuple(range(1, FORMAT_VERSION + 1))
+EMPTY_DATA = ("data: the iterable yielded no batch. Pass a DataLoader or a list of tensors holding "
+              "representative inputs.")
 PROGRESS_DELAY_SECONDS = 1.0
 """The spectra's progress bar appears only once computing them has taken this long."""
 __all__ = ["NeuronPCA", "NonFiniteActivationError", "ThinDataWarning"]
@@ -67,9 +70,11 @@ class NeuronPCA:
     data : iterable or torch.Tensor
         Batches: a ``DataLoader``, a list of tensors, ... A tensor (or ``PackedSequence``)
         batch is the input; a tuple or list is ``(inputs, targets...)``; a dict is passed as
-        keyword arguments. A single tensor ``data`` is one batch. Variable-length sequences
-        are best given as ``PackedSequence`` batches (or one sequence per batch): padding
-        would enter the statistics.
+        keyword arguments. A single tensor ``data`` is one batch. Padded batches: a dict
+        batch's ``attention_mask`` (``(N, T)``, 1 for a token, 0 for padding), or
+        :func:`rankwise.token_mask` entered by ``forward_fn``, keeps the padding positions
+        out of every statistic (:mod:`rankwise.masks`); recurrent layers take
+        ``PackedSequence`` batches (or one sequence per batch) instead.
     layer_names : str or list of str, optional
         The layers to analyse, by qualified name, glob pattern (``"features.*"``) or
         ``"re:"``-prefixed regular expression (:mod:`rankwise.targets`); all projectable
@@ -100,6 +105,16 @@ class NeuronPCA:
         Under an initialised ``torch.distributed``, the group whose ranks' moments are summed
         (the default group when ``None``); every rank then holds the same statistics. Give each
         rank its own shard of the data (e.g. with a ``DistributedSampler``).
+    blocks : "auto", str or list of str, optional
+        Calibrate block by block (:mod:`rankwise.blockwise`), for a model that does not fit on
+        ``device`` beside its statistics: the model stays where it is, and each block runs on
+        ``device`` in turn with the statistics of its layers; the moments are those of the whole
+        model. The block boundary: ``"auto"`` takes the decoder/encoder layers (the largest
+        ``nn.ModuleList`` of modules of one class: ``encoder.layer.*`` of a BERT, ``layers.*`` of
+        a Llama); or pass names or a pattern of :mod:`rankwise.targets` (``"encoder.layer.*"``)
+        of modules called once per forward, in order. Not with ``loss_fn``.
+    device : torch.device or str, optional
+        With ``blocks``: where each block runs (``"cuda"``); the block's own device when ``None``.
 
     Attributes
     ----------
@@ -111,8 +126,9 @@ class NeuronPCA:
 
     def __init__(self, model: nn.Module, data, layer_names=None, verbosity: str = "summary",
                  forward_fn=None, max_batches: int | None = None, regularization="auto",
-                 exclude=None, loss_fn=None, process_group=None):
+                 exclude=None, loss_fn=None, process_group=None, blocks=None, device=None):
         check_verbosity(verbosity)
+        check_blockwise(blocks, device, loss_fn)
         check_regularization(regularization)
         check_max_batches(max_batches)
         if loss_fn is not None:
@@ -121,7 +137,8 @@ class NeuronPCA:
         self._init_state({name: statistics_for(m) for name, m in layers.items()},
                          count_learnables(model), regularization)
         start = time.perf_counter()
-        self._calibrate(model, data, layers, forward_fn, max_batches, verbosity != "off", loss_fn)
+        self._calibrate(model, data, layers, forward_fn, max_batches, verbosity != "off", loss_fn,
+                        blocks, device)
         self._sum_over(process_group)
         seconds = time.perf_counter() - start
         self._check_observations()
@@ -139,16 +156,20 @@ class NeuronPCA:
         self._gradient_samples = gradient_samples
         self._spectra = {}
 
-    def _calibrate(self, model, data, layers, forward_fn, max_batches, show_progress, loss_fn) -> None:
-        """One pass over ``data``: the activation hooks, and with ``loss_fn`` the gradients."""
+    def _calibrate(self, model, data, layers, forward_fn, max_batches, show_progress, loss_fn, blocks,
+                   device) -> None:
+        """One pass over ``data``: the activation hooks, and with ``loss_fn`` the gradients;
+        with ``blocks``, one block at a time (:mod:`rankwise.blockwise`)."""
         handles = [layer.register_forward_hook(self._stats[name].hook(name, layer), with_kwargs=True)
                    for name, layer in layers.items()]
         progress = "NeuronPCA" if show_progress else None
+        if blocks is not None:
+            self.num_batches = calibrate_blockwise(model, data, self._stats, handles, blocks, device, forward_fn,
+                                                   max_batches, progress, EMPTY_DATA)
+            return
         if loss_fn is None:
-            self.num_batches = run_batches(
-                model, data, handles, forward_fn, max_batches, progress=progress,
-                empty_message="data: the iterable yielded no batch. Pass a DataLoader or a list of "
-                              "tensors holding representative inputs.")
+            self.num_batches = run_batches(model, data, handles, forward_fn, max_batches, progress=progress,
+                                           empty_message=EMPTY_DATA)
             return
         dense = {name: layer for name, layer in layers.items()
                  if kind_of(layer).family not in ("recurrent", "attention")}

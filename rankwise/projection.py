@@ -28,7 +28,7 @@ from rankwise.pca import NeuronPCA
 from rankwise.correction import build_sequentially
 from rankwise.ranks import SequenceBound, choose_ranks, criterion_named, measured_options, most_removable
 from rankwise.tables import format_ranks
-from rankwise.targets import functional_layers, select_layers
+from rankwise.targets import functional_layers, select_layers, tied_left_out
 
 __all__ = ["Decisions", "LayerProjection", "ProjectionInfo", "build_projected", "check_statistics",
            "compress_network_using_projection", "unpack_projected_layers"]
@@ -184,6 +184,7 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
     check_allocation(allocation, goal_name)
     correction_data = _correction_data(correction, correction_data, npca_or_data)
     layers = select_layers(model, layer_names, exclude=exclude)
+    tied = tied_left_out(model, layer_names)
     calls = None if latency_input is None else record_layer_calls(model, layers, latency_input)
     npca = npca_or_data if isinstance(npca_or_data, NeuronPCA) else NeuronPCA(
         model, npca_or_data, layer_names=list(layers), verbosity=verbosity, forward_fn=forward_fn,
@@ -202,8 +203,8 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
             refine=bound)
     decisions = Decisions(f"{goal_name}={goal:g}", choices, goal_reached, timings, kept_dense,
                           None if calls is None else str(latency.device_of(model, latency_input)),
-                          excluded_layers(model, layer_names, layers),
-                          unreached_goal(goal_name, goal, goal_reached, options, learnables_before)
+                          excluded_layers(model, layer_names, layers, tied),
+                          tie_warnings(tied) + unreached_goal(goal_name, goal, goal_reached, options, learnables_before)
                           + bound.warnings)
     for message in decisions.warnings:
         warnings.warn(message, UserWarning, stacklevel=2)
@@ -309,16 +310,23 @@ def unreached_goal(goal_name: str, goal: float, goal_reached: bool, options: dic
             "that maximum was removed"]
 
 
-def excluded_layers(model: nn.Module, layer_names, layers: dict) -> list[str]:
+def excluded_layers(model: nn.Module, layer_names, layers: dict, tied=()) -> list[str]:
     """The layers that ``layer_names`` selects and that are not in ``layers`` (left out by
-    ``exclude``), and by default (``layer_names`` is ``None``) the Linear layers left out because
-    their parent uses their weight functionally (:func:`rankwise.targets.functional_layers`:
-    the ``out_proj`` of an ``nn.MultiheadAttention``) where that parent is not in ``layers``,
-    in model order."""
-    left_out = set(select_layers(model, layer_names)) - set(layers)
+    ``exclude``), the ``tied`` layers left out (:func:`~rankwise.targets.tied_left_out`), and
+    by default (``layer_names`` is ``None``) the Linear layers left out because their parent
+    uses their weight functionally (:func:`rankwise.targets.functional_layers`: the
+    ``out_proj`` of an ``nn.MultiheadAttention``) where that parent is not in ``layers``, in
+    model order."""
+    left_out = {name for name in select_layers(model, layer_names) if name not in layers} | set(tied)
     if layer_names is None:
         left_out |= {name for name in functional_layers(model) if name.rpartition(".")[0] not in layers}
     return [name for name, _ in model.named_modules() if name in left_out]
+
+
+def tie_warnings(tied: dict) -> list[str]:
+    """One warning per layer left dense because its weight is tied (``{layer: why}`` of
+    :func:`~rankwise.targets.tied_left_out`)."""
+    return [f"layer {name!r} was left dense: {why}." for name, why in tied.items()]
 
 
 def unpack_projected_layers(model: nn.Module, inplace: bool = False) -> nn.Module:

@@ -156,6 +156,21 @@ def _child(parent: str, child: str) -> str:
     return f"{parent}.{child}" if parent else child
 
 
+def tied_left_out(model: nn.Module, layer_names=None) -> dict[str, str]:
+    """``{layer: why}``: the tied layers (:func:`tied_layers`) of a projectable kind that
+    ``layer_names`` would select were they not tied, in model order.
+
+    With ``layer_names=None`` every such layer; otherwise those its patterns match (an exact
+    name of a tied layer is refused by :func:`select_layers` with the same reason). These are
+    left dense, and the functions that select by ``layer_names`` list them as excluded.
+    """
+    entries = _entries(layer_names, "layer_names", allow_empty=False)
+    tied = tied_layers(model)
+    return {name: tied[name] for name, module in model.named_modules()
+            if name in tied and why_not_projectable(module) is None
+            and (not entries or any(_matches(entry, name, "layer_names") for entry in entries))}
+
+
 def select_layers(model: nn.Module, layer_names=None, exclude=None) -> dict[str, nn.Module]:
     """The projectable layers named by ``layer_names``, less those named by ``exclude``.
 

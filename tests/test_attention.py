@@ -295,3 +295,25 @@ def test_the_analysis_report_counts_the_attention_whole():
     attention = report.layers["self_attn"]
     assert attention.learnables == rw.count_learnables(model.self_attn) and attention.lossless_reduction == 0.0
     assert report.learnables_reduction_range[0] >= 0.0
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_a_token_mask_keeps_padding_out_of_the_key_and_value_statistics(batch_first):
+    model = _encoder(batch_first)
+    lengths = [7, 5, 3, 6]
+    generator = torch.Generator().manual_seed(7)
+    sequences = [torch.randn(length, WIDTH, generator=generator) for length in lengths]
+    padded = nn.utils.rnn.pad_sequence(sequences, batch_first=batch_first)
+    tokens = torch.arange(LENGTH).expand(len(lengths), -1) < torch.tensor(lengths)[:, None]
+
+    def forward(m, batch):
+        with rw.token_mask(tokens):
+            return m(batch)
+
+    together = rw.NeuronPCA(model, [padded], layer_names="self_attn", forward_fn=forward, verbosity="off")
+    apart = rw.NeuronPCA(model, [s[None] if batch_first else s[:, None] for s in sequences],
+                         layer_names="self_attn", verbosity="off")
+    for part in ("key", "value"):
+        for a, b in zip(together.statistics("self_attn").part_moments(part),
+                        apart.statistics("self_attn").part_moments(part)):
+            torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), rtol=1e-5, atol=1e-6)

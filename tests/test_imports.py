@@ -25,7 +25,7 @@ except ImportError as error:
 print(json.dumps({"cut": info.layer_names, "tucker": message}))
 """
 
-OPTIONAL = ["tensorly", "scipy", "matplotlib", "onnx", "onnxruntime", "onnxscript", "IPython"]
+OPTIONAL = ["tensorly", "scipy", "matplotlib", "onnx", "onnxruntime", "onnxscript", "IPython", "transformers"]
 LOADED = f"""
 import json, sys
 import rankwise

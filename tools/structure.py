@@ -21,10 +21,10 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "rankwise"
 
 STAGES = (  # earliest first
-    ("foundations", ("checks", "batches", "moments", "rnn", "learnables", "tables", "kinds", "distributed",
+    ("foundations", ("checks", "masks", "batches", "moments", "rnn", "learnables", "tables", "kinds", "distributed",
                      "metric")),
     ("layers", ("forms", "layers")),
-    ("statistics", ("statistics", "recurrent_statistics", "targets", "selection", "pca")),
+    ("statistics", ("statistics", "recurrent_statistics", "targets", "selection", "blockwise", "pca")),
     ("decisions", ("ranks",)),
     ("construction", ("info", "projection", "flops", "latency", "latency_aware", "batchnorm",
                       "correction")),

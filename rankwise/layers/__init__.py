@@ -3,11 +3,12 @@
 from rankwise.layers.attention import ProjectedMultiheadAttention
 from rankwise.layers.base import ProjectedLayer
 from rankwise.layers.conv import ProjectedConv
+from rankwise.layers.conv1d import ProjectedConv1D
 from rankwise.layers.embedding import ProjectedEmbedding
 from rankwise.layers.linear import ProjectedLinear
 from rankwise.layers.gru import ProjectedGRU
 from rankwise.layers.lstm import ProjectedLSTM
 from rankwise.layers.recurrent import ProjectedRecurrent
 
-__all__ = ["ProjectedLayer", "ProjectedLinear", "ProjectedConv", "ProjectedEmbedding", "ProjectedLSTM", "ProjectedGRU",
+__all__ = ["ProjectedLayer", "ProjectedLinear", "ProjectedConv", "ProjectedConv1D", "ProjectedEmbedding", "ProjectedLSTM", "ProjectedGRU",
            "ProjectedMultiheadAttention", "ProjectedRecurrent"]

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from rankwise.forms import SPEC_ATTRIBUTE, CompressedForm
+from rankwise.kinds import kind_of
 
 
 class ProjectedLayer(CompressedForm, nn.Module):
@@ -108,7 +109,7 @@ class ProjectedLayer(CompressedForm, nn.Module):
         saved state dict into it.
         """
         cls.check_spec_type(spec)
-        out_channels, in_channels = layer.weight.shape[:2]
+        out_channels, in_channels = kind_of(layer).weight(layer).shape[:2]
 
         def leading_columns(dim, rank):
             return None if rank is None else torch.eye(dim, dtype=torch.float64)[:, :rank]
@@ -126,7 +127,8 @@ class ProjectedLayer(CompressedForm, nn.Module):
         ----------
         layer : torch.nn.Module
             The dense layer (``nn.Linear`` for :class:`ProjectedLinear`, ``nn.ConvNd`` for
-            :class:`ProjectedConv`). It is not modified.
+            :class:`ProjectedConv`, GPT-2's ``Conv1D`` for :class:`ProjectedConv1D`), its weight
+            read as ``W`` by :meth:`rankwise.kinds.LayerKind.weight`. It is not modified.
         input_basis : torch.Tensor, optional
             ``Q`` of shape ``(in, rank_in)`` with orthonormal columns; projects the input side.
         input_mean : torch.Tensor, optional
@@ -142,7 +144,7 @@ class ProjectedLayer(CompressedForm, nn.Module):
         """
         if input_basis is None and output_basis is None:
             raise ValueError("from_dense: give input_basis, output_basis or both.")
-        weight = layer.weight.detach().to(torch.float64)
+        weight = kind_of(layer).weight(layer).detach().to(torch.float64)
         out_channels, in_channels = weight.shape[:2]
         bias = (torch.zeros(out_channels, dtype=torch.float64, device=weight.device)
                 if layer.bias is None else layer.bias.detach().to(torch.float64))

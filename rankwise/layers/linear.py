@@ -17,10 +17,15 @@ class ProjectedLinear(ProjectedLayer):
 
     @classmethod
     def _pointwise(cls, weight, bias, like):
-        return _linear(weight, bias, like)
+        return cls._layer(weight, bias, like)
 
     @classmethod
     def _core(cls, like, weight, bias):
+        return cls._layer(weight, bias, like)
+
+    @staticmethod
+    def _layer(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Module) -> nn.Module:
+        """``y = W x + b`` (``W`` of shape ``(out, in)``; no bias when ``bias`` is ``None``)."""
         return _linear(weight, bias, like)
 
 

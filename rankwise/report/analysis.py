@@ -27,13 +27,13 @@ from rankwise.learnables import count_learnables
 from rankwise.checks import check_fraction, check_verbosity
 from rankwise.pca import NeuronPCA
 from rankwise.projection import (Decisions, ProjectionInfo, build_projected, check_statistics, excluded_layers,
-                                 unreached_goal)
+                                 tie_warnings, unreached_goal)
 from rankwise.ranks import LayerOptions, SequenceBound, choose_ranks, measured_options, tradeoff_curve
 from rankwise.report.html import report_tables_html, write_html
 from rankwise.report.serialize import report_to_dict, write_json
 from rankwise.report.table import report_table, summary_line
 from rankwise.sensitivity import Sensitivity, probe_sensitivity
-from rankwise.targets import select_layers, why_not_projectable
+from rankwise.targets import select_layers, tied_left_out, why_not_projectable
 
 DEFAULT_EXPLAINED_VARIANCE_GOALS = (0.9, 0.95, 0.99)
 DEFAULT_LEARNABLES_REDUCTION_GOALS = (0.5, 0.8, 0.9)
@@ -214,7 +214,8 @@ def analyze(model: nn.Module, npca_or_data, *, layer_names=None, exclude=None,
              + _check_goals(learnables_reduction_goals, "learnables_reduction_goals",
                             "learnables_reduction_goal"))
     selected = select_layers(model, layer_names, exclude=exclude)
-    excluded = excluded_layers(model, layer_names, selected)
+    tied = tied_left_out(model, layer_names)
+    excluded = excluded_layers(model, layer_names, selected, tied)
     npca, analysed = _statistics(model, npca_or_data, selected, layer_names is None,
                                  verbosity, forward_fn)
     options = measured_options(model, npca, analysed, criterion)
@@ -222,9 +223,9 @@ def analyze(model: nn.Module, npca_or_data, *, layer_names=None, exclude=None,
     reduction, explained = tradeoff_curve(options, network_learnables)
     report = AnalysisReport(
         network_learnables,
-        {name: _layer_report(name, module, selected, excluded, options.get(name), npca)
+        {name: _layer_report(name, module, selected, excluded, tied, options.get(name), npca)
          for name, module in _listed_modules(model)},
-        {f"{goal_name}={goal:g}": _goal_outcome(model, goal_name, goal, analysed, options, excluded, npca)
+        {f"{goal_name}={goal:g}": _goal_outcome(model, goal_name, goal, analysed, options, excluded, tied, npca)
          for goal_name, goal in goals},
         reduction, explained, None if eval_fn is None else _sensitivity(model, npca, eval_fn, goals, analysed))
     if verbosity != "off":
@@ -290,11 +291,11 @@ def _own_learnables(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters(recurse=False) if p.requires_grad)
 
 
-def _layer_report(name: str, module: nn.Module, selected: dict, excluded: list,
+def _layer_report(name: str, module: nn.Module, selected: dict, excluded: list, tied: dict,
                   options: LayerOptions | None, npca: NeuronPCA) -> LayerReport:
     learnables = count_learnables(module) if _whole(module) else _own_learnables(module)
     if options is None:
-        reason = why_not_projectable(module)
+        reason = tied.get(name) or why_not_projectable(module)
         if reason is not None:
             return LayerReport(name, type(module).__name__, learnables, False, reason)
         reason = ("excluded by exclude" if name in excluded
@@ -309,13 +310,13 @@ def _layer_report(name: str, module: nn.Module, selected: dict, excluded: list,
 
 
 def _goal_outcome(model: nn.Module, goal_name: str, goal: float, layers: dict, options: dict,
-                  excluded: list, npca) -> ProjectionInfo:
+                  excluded: list, tied: dict, npca) -> ProjectionInfo:
     """The :class:`ProjectionInfo` that compressing with this goal would return (a dry run of
     :func:`~rankwise.projection.build_projected`: no network is built; a recurrent layer's
     projected form is, to measure its output sequence, :class:`~rankwise.ranks.SequenceBound`)."""
     choices, goal_reached = choose_ranks(options, goal_name, goal, count_learnables(model))
     bound = SequenceBound(layers, options, npca, goal_name, goal)
     decisions = Decisions(f"{goal_name}={goal:g}", bound(choices), goal_reached, excluded=excluded,
-                          warnings=unreached_goal(goal_name, goal, goal_reached, options,
-                                                  count_learnables(model)) + bound.warnings)
+                          warnings=tie_warnings(tied) + unreached_goal(goal_name, goal, goal_reached, options,
+                                                                       count_learnables(model)) + bound.warnings)
     return build_projected(model, layers, options, decisions, build=False)[1]

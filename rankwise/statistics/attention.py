@@ -15,7 +15,8 @@ module's own calls:
 
 Rows are token positions (batch and sequence pooled, ``batch_first`` either way). Positions
 that ``key_padding_mask`` marks as padding (``True``, or ``-inf`` in a float mask) enter no
-statistic of the key and value, nor, in self-attention (the query is the key), of the output.
+statistic of the key and value, nor, in self-attention (the query is the key), of the output;
+a call without one honours the active token mask (:mod:`rankwise.masks`) where it fits.
 
 Each part's spectrum is regularised as :mod:`rankwise.statistics.spectra` describes, toward
 ``s W W^T`` (the output covariance of isotropic inputs), with ``s`` the input's mean variance
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 
 from rankwise.layers.attention import PARTS, part_weights
+from rankwise.masks import active_mask, token_rows
 from rankwise.moments import Moments, Spectrum
 from rankwise.statistics.spectra import shrinkage
 
@@ -156,10 +158,12 @@ def _kept_positions(mask) -> torch.Tensor | None:
 
 
 def _rows(tensor: torch.Tensor, keep: torch.Tensor | None, batch_first: bool) -> torch.Tensor:
-    """The channel rows of a ``(N, L, C)`` / ``(L, N, C)`` / ``(L, C)`` tensor, the kept positions only."""
+    """The channel rows of a ``(N, L, C)`` / ``(L, N, C)`` / ``(L, C)`` tensor: the positions
+    ``keep`` holds, or without ``keep`` those of the active token mask
+    (:func:`rankwise.masks.token_mask`) where it fits, else every position."""
     tensor = tensor.detach()
-    if keep is None:
-        return tensor.reshape(-1, tensor.shape[-1])
     if tensor.dim() == 3 and not batch_first:
         tensor = tensor.transpose(0, 1)
+    if keep is None:
+        return token_rows(tensor, active_mask()).reshape(-1, tensor.shape[-1])
     return tensor[keep]

@@ -4,7 +4,8 @@ For a layer ``y = W x + b`` (``W`` of shape ``(out, in, *kernel)``), one calibra
 accumulates, in float64, the moments of its activation rows (``count n``, ``sum s = sum_t
 x_t``, ``square_sum = sum_t |x_t|^2`` and ``outer S = sum_t x_t x_t^T``), where a row is one
 channel vector: one sample of a ``Linear`` (all leading dimensions of an ``(N, T, D)`` input
-pooled) or one spatial position of a convolution. Memory is ``O(d^2)`` per layer whatever the
+pooled, padding positions of a token mask left out: :mod:`rankwise.masks`) or one spatial
+position of a convolution. Memory is ``O(d^2)`` per layer whatever the
 amount of data, and moments of shards of the data simply add up.
 
 Convolutions get both sides' full moments. A ``Linear`` layer gets the full moments of its
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from rankwise.kinds import kind_named
+from rankwise.masks import TokenMask, active_mask, token_rows
 from rankwise.moments import Moments, Spectrum
 from rankwise.statistics.spectra import shrinkage
 
@@ -53,7 +55,7 @@ class LayerStatistics:
     @classmethod
     def for_layer(cls, layer: nn.Module, kind: str) -> "LayerStatistics":
         """Empty statistics of ``layer``, a row of :data:`rankwise.kinds.KINDS` called ``kind``."""
-        w = layer.weight.detach()
+        w = kind_named(kind).weight(layer).detach()
         out_c, in_c = w.shape[:2]
         linear = "input" not in kind_named(kind).sides
         per_position = w.reshape(out_c, in_c, -1).permute(2, 0, 1)  # (kernel, out, in)
@@ -105,7 +107,7 @@ class LayerStatistics:
     def hook(self, name: str, layer: nn.Module):
         """A forward hook (``with_kwargs=True``) adding one call of ``layer`` to these moments."""
         def update(side: str, t: torch.Tensor) -> None:
-            self.moments(side).update_of(channel_rows(t.detach(), layer), name, f"{side} activations")
+            self.moments(side).update_of(channel_rows(t.detach(), layer, active_mask()), name, f"{side} activations")
 
         def hook(module, args, kwargs, output):
             update("input", args[0] if args else next(iter(kwargs.values())))
@@ -120,13 +122,14 @@ class LayerStatistics:
                                   "output": self.output + other.output})
 
 
-def channel_rows(tensor: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+def channel_rows(tensor: torch.Tensor, layer: nn.Module, mask: TokenMask | None = None) -> torch.Tensor:
     """``(rows, channels)``: the channel vectors of an activation (or gradient) of ``layer``.
 
-    A ``Linear`` (2-d weight) has its channels last and every leading position is a row; a
-    convolution has them on axis 1 (axis 0 unbatched) and every spatial position is a row.
+    A ``Linear`` (2-d weight) has its channels last and every leading position is a row, but
+    for the padding positions of ``mask`` (:func:`rankwise.masks.token_rows`); a convolution has
+    them on axis 1 (axis 0 unbatched) and every spatial position is a row (a mask is not read).
     """
     if layer.weight.dim() == 2:
-        return tensor.reshape(-1, tensor.shape[-1])
+        return token_rows(tensor, mask).reshape(-1, tensor.shape[-1])
     channel_dim = 1 if tensor.dim() == layer.weight.dim() else 0  # batched or unbatched
     return tensor.movedim(channel_dim, -1).reshape(-1, tensor.shape[channel_dim])

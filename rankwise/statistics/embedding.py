@@ -5,7 +5,9 @@ An ``nn.Embedding`` with table ``E`` (``V x d``) maps token ``t`` to ``y = E[t] 
 bias whose inputs are one-hot. Its statistics are therefore those of
 :class:`~rankwise.statistics.dense.LayerStatistics` with
 
-- output moments over every looked-up token (one row per token position);
+- output moments over every looked-up token (one row per token position; with a token mask,
+  per real token only, and a table looked up once for the whole batch, as BERT's position
+  embeddings are, counts once per sequence that reaches the position: :mod:`rankwise.masks`);
 - input moments of the one-hot rows, kept without their ``V x V`` outer product (as for every
   ``Linear``): ``count = n``, ``sum = `` the token counts, ``square_sum = n`` (each one-hot row
   has norm 1), gathered with a ``bincount`` instead of materialising the rows;
@@ -22,8 +24,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rankwise.masks import active_mask, token_rows
 from rankwise.moments import Moments
-from rankwise.statistics.dense import LayerStatistics
+from rankwise.statistics.dense import LayerStatistics, channel_rows
 
 
 class EmbeddingStatistics(LayerStatistics):
@@ -40,12 +43,13 @@ class EmbeddingStatistics(LayerStatistics):
     def hook(self, name: str, layer: nn.Module):
         """A forward hook adding the looked-up tokens (input) and their embeddings (output)."""
         def hook(module, args, kwargs, output):
-            tokens = (args[0] if args else next(iter(kwargs.values()))).reshape(-1)
+            mask = active_mask()
+            tokens = token_rows((args[0] if args else next(iter(kwargs.values())))[..., None], mask).reshape(-1)
             counts = torch.bincount(tokens, minlength=self.in_channels).to(torch.float64)
             self.input.count += len(tokens)
             self.input.sum += counts
             self.input.square_sum += len(tokens)
-            self.output.update_of(output.detach().reshape(-1, output.shape[-1]), name, "output activations")
+            self.output.update_of(channel_rows(output.detach(), layer, mask), name, "output activations")
 
         return hook
 

@@ -13,8 +13,7 @@ from the original network's outputs, the Hessian at the original is the Fisher i
   the Hessian of ``KL(p_original || p)``;
 - ``loss_fn="mse"`` (embeddings, regression: the output tensor, or a Hugging Face output's
   ``last_hidden_state``): ``e ~ N(0, I)``, loss ``e^T z``, so ``g = J^T e`` and
-  ``E[g g^T] = J^T J``, the Hessian of ``1/2 |z - z_original|^2``. Positions masked out by a dict
-  batch's ``attention_mask`` get ``e = 0``;
+  ``E[g g^T] = J^T J``, the Hessian of ``1/2 |z - z_original|^2``;
 - a callable ``loss_fn(outputs, batch) -> scalar``: the empirical gradients of that loss (for
   example a cross-entropy against the batch's labels).
 
@@ -24,6 +23,15 @@ parameters that do not require gradients are switched on for the pass and restor
 Rows follow the activation convention of :mod:`rankwise.statistics.dense` (a ``Linear``: every leading
 position; a convolution: every spatial position), and the per-row moments are accumulated in
 float64 (:class:`~rankwise.moments.Moments`).
+
+Padded batches (:mod:`rankwise.masks`): the token mask active when a layer runs selects the rows
+of its output gradient, and the mask active when the model runs selects the rows of its outputs
+that the built-in losses read (``z`` above: the targets, or the noise ``e``, are drawn for the
+real tokens only), so padding neither enters a statistic nor reaches a real token's gradient
+through the attention of padded positions. The gradient of an activation shared by the batch
+(BERT's ``(1, T)`` position embeddings) is the sum of its sequences' gradients: it is taken
+whole, one row per position, an unbiased estimate of the per-sequence sum ``E[sum g g^T]`` since
+the sequences' sampled targets are independent and of zero-mean score.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from tqdm.auto import tqdm
 
 from rankwise.batches import as_batches, batch_count, default_forward, model_device, move_to, run_batch
 from rankwise.kinds import kind_of
+from rankwise.masks import active_mask, token_rows
 from rankwise.moments import Moments
 from rankwise.statistics.dense import channel_rows
 
@@ -91,9 +100,11 @@ def gradient_moments(model: nn.Module, data, layers: dict[str, nn.Module], loss_
     generator = torch.Generator(device=device).manual_seed(seed)
     moments = {name: Moments.zeros(kind_of(layer).weight(layer).shape[0], device=device)
                for name, layer in layers.items()}
-    captured: dict[str, torch.Tensor] = {}
+    captured: dict[str, tuple] = {}  # name -> (output, the token mask of its rows)
+    output_mask: dict = {}  # "mask" -> the token mask active when the model ran
     handles = list(handles) + [layer.register_forward_hook(_capture(name, captured))
                                for name, layer in layers.items()]
+    handles.append(model.register_forward_hook(_capture_mask(output_mask)))
     frozen = [p for p in model.parameters() if not p.requires_grad]
     was_training = model.training
     samples = batches = 0
@@ -104,13 +115,15 @@ def gradient_moments(model: nn.Module, data, layers: dict[str, nn.Module], loss_
         for batches, batch in enumerate(tqdm(as_batches(data), total=batch_count(data), desc=progress,
                                              disable=progress is None), start=1):
             batch = move_to(batch, device)
-            captured.clear()
-            loss = _sampled_loss(run_batch(model, batch, forward_fn, batches - 1), batch, loss_fn, generator)
+            captured.clear(), output_mask.clear()
+            outputs = run_batch(model, batch, forward_fn, batches - 1)
+            loss = _sampled_loss(outputs, batch, loss_fn, generator, output_mask.get("mask"))
             names = [name for name in layers if name in captured]
-            grads = torch.autograd.grad(loss, [captured[name] for name in names], allow_unused=True) if names else ()
+            grads = torch.autograd.grad(loss, [captured[name][0] for name in names], allow_unused=True) if names else ()
             for name, grad in zip(names, grads):
                 if grad is not None:
-                    moments[name].update_of(channel_rows(grad.detach(), layers[name]), name, "output gradients")
+                    rows = channel_rows(grad.detach(), layers[name], captured[name][1])
+                    moments[name].update_of(rows, name, "output gradients")
             samples += _batch_size(batch)
             if max_batches is not None and batches >= max_batches:
                 break
@@ -127,29 +140,37 @@ def gradient_moments(model: nn.Module, data, layers: dict[str, nn.Module], loss_
 
 
 def _capture(name: str, captured: dict):
+    """A forward hook keeping the layer's output and the token mask of its own rows."""
     def hook(module, args, output):
         if isinstance(output, torch.Tensor) and output.requires_grad:
-            captured[name] = output
+            mask = active_mask()
+            captured[name] = (output, mask.exact(output) if mask else None)
     return hook
 
 
-def _sampled_loss(outputs, batch, loss_fn, generator) -> torch.Tensor:
-    """The scalar to differentiate (summed over the batch, so each sample keeps its own gradient)."""
+def _capture_mask(output_mask: dict):
+    """A forward hook on the model keeping the token mask active when it ran."""
+    def hook(module, args, output):
+        output_mask["mask"] = active_mask()
+    return hook
+
+
+def _sampled_loss(outputs, batch, loss_fn, generator, mask=None) -> torch.Tensor:
+    """The scalar to differentiate (summed over the batch, so each sample keeps its own gradient),
+    on the output rows of real tokens under ``mask`` (:func:`rankwise.masks.token_rows`)."""
     if callable(loss_fn):
         loss = loss_fn(outputs, batch)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise ValueError("loss_fn: the callable must return a scalar tensor (the loss of the batch).")
         return loss
     tensor = _output_tensor(outputs, loss_fn)
+    rows = token_rows(tensor, mask.exact(tensor) if mask else None)
     if loss_fn == "kl":
-        logits = tensor.reshape(-1, tensor.shape[-1])
+        logits = rows.reshape(-1, rows.shape[-1])
         targets = torch.multinomial(logits.detach().float().softmax(-1), 1, generator=generator).squeeze(1)
         return nn.functional.cross_entropy(logits, targets, reduction="sum")
-    noise = torch.randn(tensor.shape, generator=generator, device=tensor.device, dtype=tensor.dtype)
-    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-    if mask is not None and mask.shape == tensor.shape[:mask.dim()]:
-        noise = noise * mask.reshape(*mask.shape, *(1,) * (tensor.dim() - mask.dim())).to(noise.dtype)
-    return (noise * tensor).sum()
+    noise = torch.randn(rows.shape, generator=generator, device=rows.device, dtype=rows.dtype)
+    return (noise * rows).sum()
 
 
 def _output_tensor(outputs, loss_fn: str) -> torch.Tensor:
