@@ -9,7 +9,7 @@ from rankwise.io import load, save
 from rankwise.flops import count_flops
 from rankwise.latency import SpeedComparison, UnstableTimingWarning, compare_speed, median_latency
 from rankwise.layers import (ProjectedConv, ProjectedEmbedding, ProjectedGRU, ProjectedLayer, ProjectedLinear,
-                             ProjectedLSTM)
+                             ProjectedLSTM, ProjectedMultiheadAttention)
 from rankwise.learnables import count_learnables
 from rankwise.masks import token_mask
 from rankwise.pca import NeuronPCA, NonFiniteActivationError, ThinDataWarning
@@ -28,7 +28,7 @@ __all__ = [
     "analyze", "AnalysisReport", "LayerReport", "save", "load", "export_onnx",
     "truncate_kernels", "TruncationInfo", "LayerTruncation", "TruncatedConv",
     "WidthEvolver", "EvolutionHistory", "WidthGroup", "analyze_widths",
-    "ProjectedLSTM", "ProjectedGRU", "ProjectedEmbedding",
+    "ProjectedLSTM", "ProjectedGRU", "ProjectedEmbedding", "ProjectedMultiheadAttention",
     "fold_batchnorm", "recalibrate_batchnorm",
     "median_latency", "count_flops", "compare_speed", "SpeedComparison", "UnstableTimingWarning",
     "token_mask",

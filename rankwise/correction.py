@@ -40,6 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rankwise.batches import as_batches, default_forward, forward, model_device, move_to
+from rankwise.forms import fused_paths_off
 from rankwise.layers.build import project_layer
 from rankwise.masks import TokenMask, active_mask, token_rows
 from rankwise.pca import NeuronPCA, ThinDataWarning
@@ -239,4 +240,4 @@ def build_sequentially(model: nn.Module, layers: dict, options: dict, choices: d
         refitted = layer_options(analysed, name)
         refitted.metric = metric
         compressed.set_submodule(name, project_layer(corrected, refitted, choices[name], unpack))
-    return compressed
+    return fused_paths_off(compressed)

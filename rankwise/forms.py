@@ -104,7 +104,29 @@ def unpack_forms(model: nn.Module, inplace: bool = False) -> nn.Module:
             if name == "":
                 return form.unpack()
             unpacked.set_submodule(name, form.unpack())
-    return unpacked
+    return fused_paths_off(unpacked)
+
+
+FUSED_PATH_SWITCHES = {nn.TransformerEncoderLayer: "activation_relu_or_gelu",
+                       nn.TransformerEncoder: "use_nested_tensor"}
+"""The attribute that lets each of torch's transformer modules take its fused fast path."""
+
+
+def fused_paths_off(model: nn.Module) -> nn.Module:
+    """Keep torch's transformer modules that hold a compressed form off their fused paths, in place.
+
+    In eval mode an ``nn.TransformerEncoderLayer`` (and ``nn.TransformerEncoder``'s nested-tensor
+    path) runs one fused kernel on its children's weights (``linear1.weight``,
+    ``self_attn.in_proj_weight``, ...) instead of calling them, which a compressed child does not
+    have. Setting the attribute of :data:`FUSED_PATH_SWITCHES` to ``False`` (torch reads it only
+    to decide on the fused path) makes the module call its children: the same outputs. Returns
+    ``model``.
+    """
+    for module in model.modules():
+        switch = next((name for kind, name in FUSED_PATH_SWITCHES.items() if isinstance(module, kind)), None)
+        if switch is not None and compressed_forms(module):
+            setattr(module, switch, False)
+    return model
 
 
 def size_attributes(module: nn.Module) -> tuple[str, ...]:
@@ -129,10 +151,16 @@ def shape_spec(model: nn.Module) -> dict[str, dict]:
               if id(module) not in inside and size_attributes(module)}
     for name, form in forms.items():
         layers = list(form.children())
-        family = size_attributes(layers[0]) if layers else ()
+        family = size_attributes(layers[0]) if layers and not _own_parameters(form) else ()
         if family and all(size_attributes(layer) == family for layer in layers):
             shapes[name] = _sizes(layers[0], layers[0], layers[-1])
     return {name: shapes[name] for name in dict(model.named_modules()) if name in shapes}
+
+
+def _own_parameters(module: nn.Module) -> bool:
+    """Whether ``module`` holds parameters itself (an unpacked attention does: it is not made of
+    its children alone)."""
+    return next(module.parameters(recurse=False), None) is not None
 
 
 def _sizes(kind: nn.Module, first: nn.Module, last: nn.Module) -> dict:

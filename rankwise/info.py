@@ -84,10 +84,12 @@ class ProjectionInfo:
     latency_device : str or None
         The device latencies were measured on (``None`` when no ``latency_input`` was given).
     excluded : list of str
-        Layers that ``layer_names`` selected and ``exclude`` left out, and the layers left out
+        Layers that ``layer_names`` selected and ``exclude`` left out, the layers left out
         because their weight is tied to another module's (a language model's output head and
-        token embedding; the reason is in ``warnings``), in model order (empty when nothing
-        was excluded).
+        token embedding; the reason is in ``warnings``), and by default the Linear layers whose
+        parent uses their weight functionally (the ``out_proj`` of an ``nn.MultiheadAttention``
+        that is not projected; :func:`rankwise.targets.functional_layers` says why), in model
+        order (empty when nothing was excluded).
     warnings : list of str
         What the user should know about the outcome (a goal that could not be reached: the
         maximum that could); each was also issued as a ``UserWarning``.

@@ -51,7 +51,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rankwise.forms import (compressed_forms, form_spec, form_types, original_layer, resize_to,
+from rankwise.forms import (compressed_forms, form_spec, form_types, fused_paths_off, original_layer, resize_to,
                             shape_spec)
 from rankwise.learnables import count_learnables
 from rankwise.projection import LayerProjection, ProjectionInfo
@@ -336,7 +336,7 @@ def _rebuild(skeleton: nn.Module, layers: dict) -> nn.Module:
                              f"file's {spec['type']} ({_gist(error)}). Pass the architecture the saved "
                              "model was compressed from.") from None
         skeleton = _replaced(skeleton, name, replacement.unpack() if spec["unpacked"] else replacement)
-    return skeleton
+    return fused_paths_off(skeleton)
 
 
 def _replaced(root: nn.Module, name: str, module: nn.Module) -> nn.Module:

@@ -11,8 +11,10 @@
   ``"embedding"``: a lookup table ``E`` (``num_embeddings x dim``), which is the ``Linear``
   layer ``W = E^T`` acting on one-hot token vectors, one observation per token;
   ``"recurrent"``: an LSTM or GRU, observed per stacked layer and direction at every time
-  step. The statistics of each family are in :mod:`rankwise.statistics`, its options in
-  :mod:`rankwise.ranks.frontier`;
+  step; ``"attention"``: an ``nn.MultiheadAttention``, whose key, value and output
+  projections (three ``Linear`` maps, used functionally) are observed through the calls of
+  the attention module itself. The statistics of each family are in
+  :mod:`rankwise.statistics`, its options in :mod:`rankwise.ranks.frontier`;
 - ``sides``: which sides' full second moments are gathered, hence which options exist.
   A ``Linear`` layer analyses its output only: for ``y = W x + b`` the output projection
   ``P P^T`` with ``P`` the top eigenvectors of ``C_y = W C_x W^T`` is the best rank-``r``
@@ -62,6 +64,8 @@ class LayerKind:
         """What identifies ``layer``'s statistics (to check that statistics belong to it)."""
         if self.family == "recurrent":
             return self.name, layer.input_size, layer.hidden_size, layer.num_layers, layer.bidirectional
+        if self.family == "attention":
+            return self.name, layer.embed_dim, layer.num_heads, layer.kdim, layer.vdim
         return tuple(self.weight(layer).shape[:2])
 
     def weight(self, layer: nn.Module):
@@ -115,6 +119,19 @@ def _embedding(table: nn.Embedding) -> str | None:
     return None
 
 
+def _attention(attention: nn.MultiheadAttention) -> str | None:
+    """What the projected attention (:mod:`rankwise.layers.attention`) cannot reproduce."""
+    if attention.bias_k is not None:
+        return ("it has add_bias_kv=True (learned key and value rows appended to every sequence); "
+                "only attention without add_bias_kv is supported")
+    if attention.add_zero_attn:
+        return "it has add_zero_attn=True; only attention without add_zero_attn is supported"
+    if attention.in_proj_bias is None:
+        return ("it has no biases (bias=False), where a projected key, value or output projection "
+                "keeps its mean in a bias; only attention with biases is supported")
+    return None
+
+
 HF_CONV1D = "transformers.pytorch_utils.Conv1D"
 """GPT-2's linear layer ``y = x weight + bias`` (``weight`` of shape ``(in, out)``)."""
 
@@ -128,6 +145,8 @@ KINDS: tuple[LayerKind, ...] = (
     LayerKind("gru", (nn.GRU,), "recurrent", ("input", "output"), "ProjectedGRU", _accepted),
     LayerKind("embedding", (nn.Embedding,), "embedding", ("output",), "ProjectedEmbedding", _embedding,
               transposed=True),
+    LayerKind("attention", (nn.MultiheadAttention,), "attention", ("output",), "ProjectedMultiheadAttention",
+              _attention),
 )
 
 

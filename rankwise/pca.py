@@ -171,7 +171,8 @@ class NeuronPCA:
             self.num_batches = run_batches(model, data, handles, forward_fn, max_batches, progress=progress,
                                            empty_message=EMPTY_DATA)
             return
-        dense = {name: layer for name, layer in layers.items() if kind_of(layer).family != "recurrent"}
+        dense = {name: layer for name, layer in layers.items()
+                 if kind_of(layer).family not in ("recurrent", "attention")}
         self._gradients, self._gradient_samples, self.num_batches = gradient_moments(
             model, data, dense, loss_fn, forward_fn, max_batches, progress, handles=handles)
 

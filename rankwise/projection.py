@@ -18,7 +18,7 @@ from torch import nn
 
 from rankwise import latency
 from rankwise.checks import check_allocation, check_goals, check_verbosity
-from rankwise.forms import unpack_forms
+from rankwise.forms import fused_paths_off, unpack_forms
 from rankwise.info import LayerProjection, ProjectionInfo, describe_choice
 from rankwise.kinds import kind_of
 from rankwise.latency_aware import choose_faster_ranks, record_layer_calls
@@ -28,7 +28,7 @@ from rankwise.pca import NeuronPCA
 from rankwise.correction import build_sequentially
 from rankwise.ranks import SequenceBound, choose_ranks, criterion_named, measured_options, most_removable
 from rankwise.tables import format_ranks
-from rankwise.targets import select_layers, tied_left_out
+from rankwise.targets import functional_layers, select_layers, tied_left_out
 
 __all__ = ["Decisions", "LayerProjection", "ProjectionInfo", "build_projected", "check_statistics",
            "compress_network_using_projection", "unpack_projected_layers"]
@@ -288,6 +288,7 @@ def build_projected(model: nn.Module, layers: dict, options: dict, decisions: De
         compressed = model if inplace else copy.deepcopy(model)
         for name, replacement in replacements.items():
             compressed.set_submodule(name, replacement)
+        fused_paths_off(compressed)
         learnables_after = count_learnables(compressed)
     else:
         learnables_after = learnables_before - sum(p.learnables_before - p.learnables_after
@@ -311,9 +312,14 @@ def unreached_goal(goal_name: str, goal: float, goal_reached: bool, options: dic
 
 def excluded_layers(model: nn.Module, layer_names, layers: dict, tied=()) -> list[str]:
     """The layers that ``layer_names`` selects and that are not in ``layers`` (left out by
-    ``exclude``), and the ``tied`` layers left out (:func:`~rankwise.targets.tied_left_out`),
-    in model order."""
+    ``exclude``), the ``tied`` layers left out (:func:`~rankwise.targets.tied_left_out`), and
+    by default (``layer_names`` is ``None``) the Linear layers left out because their parent
+    uses their weight functionally (:func:`rankwise.targets.functional_layers`: the
+    ``out_proj`` of an ``nn.MultiheadAttention``) where that parent is not in ``layers``, in
+    model order."""
     left_out = {name for name in select_layers(model, layer_names) if name not in layers} | set(tied)
+    if layer_names is None:
+        left_out |= {name for name in functional_layers(model) if name.rpartition(".")[0] not in layers}
     return [name for name, _ in model.named_modules() if name in left_out]
 
 

@@ -93,15 +93,18 @@ def projectable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every projectable layer of ``model``, by qualified name, in model order.
 
     Layers inside an existing :class:`ProjectedLayer` are not listed, nor layers whose
-    parameters another module holds too (:func:`tied_layers`).
+    parameters another module holds too (:func:`tied_layers`), nor layers whose parent uses
+    their weight without calling them (:func:`functional_layers`).
     """
     inside_projected = set()
     tied = tied_layers(model)
+    functional = functional_layers(model)
     layers = {}
     for name, module in model.named_modules():
         if isinstance(module, ProjectedLayer):
             inside_projected.update(id(m) for m in module.modules())
-        if id(module) not in inside_projected and name not in tied and why_not_projectable(module) is None:
+        if (id(module) not in inside_projected and name not in tied and name not in functional
+                and why_not_projectable(module) is None):
             layers[name] = module
     return layers
 
@@ -124,6 +127,33 @@ def tied_layers(model: nn.Module) -> dict[str, str]:
             tied[name] = (f"its weight is tied to {others} (the same tensor): projecting it would break "
                           "the tie and add learnables; leave it out, or untie the weights first")
     return tied
+
+
+def functional_layers(model: nn.Module) -> dict[str, str]:
+    """``{layer: why}`` for the layers whose parent uses their weight without calling them.
+
+    An ``nn.MultiheadAttention`` passes ``out_proj.weight`` and ``out_proj.bias`` to
+    ``F.multi_head_attention_forward``, which computes ``y = W_o z + b_o`` itself: the
+    ``out_proj`` Linear's own forward never runs, so a hook on it sees no observation and a
+    wrapper put in its place would never be called. The attention layer itself is the
+    candidate (:mod:`rankwise.layers.attention` projects its ``out_proj`` with the rest).
+    """
+    return {_child(name, "out_proj"): (
+        f"it is the out_proj of the nn.MultiheadAttention {name!r}, which uses its weight "
+        "functionally (F.multi_head_attention_forward) without calling it, so it cannot be "
+        "projected as a Linear layer; " + _instead(name, module))
+        for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)}
+
+
+def _instead(attention_name: str, attention: nn.Module) -> str:
+    reason = why_not_projectable(attention)
+    if reason is None:
+        return f"project the attention layer {attention_name!r} itself, which projects its out_proj"
+    return f"the attention layer {attention_name!r} cannot be projected either: {reason}"
+
+
+def _child(parent: str, child: str) -> str:
+    return f"{parent}.{child}" if parent else child
 
 
 def tied_left_out(model: nn.Module, layer_names=None) -> dict[str, str]:
@@ -166,9 +196,10 @@ def select_layers(model: nn.Module, layer_names=None, exclude=None) -> dict[str,
         valid regular expression, or when ``exclude`` leaves nothing; naming ``model`` when it
         has no projectable layer.
     """
-    tied = {id(model.get_submodule(name)): why for name, why in tied_layers(model).items()}
+    withheld = {id(model.get_submodule(name)): why
+                for name, why in {**tied_layers(model), **functional_layers(model)}.items()}
     candidates = Candidates(projectable_layers(model),
-                            lambda module: tied.get(id(module)) or why_not_projectable(module), "projected",
+                            lambda module: withheld.get(id(module)) or why_not_projectable(module), "projected",
                             "Projectable layers", "it lies inside a projected layer",
                             f"model: it has no projectable layer ({supported_names()}).")
     return select(model, candidates, layer_names, exclude)

@@ -103,6 +103,8 @@ def _full_ranks(spec, dense):
     if isinstance(dense, nn.RNNBase):
         inputs = cell_input_sizes(dense)
         widths = {"rank_in": inputs, "rank_out": [dense.hidden_size] * len(inputs)}
+    elif isinstance(dense, nn.MultiheadAttention):  # key, value and output maps, each E wide
+        widths = {"rank_in": [dense.embed_dim], "rank_out": [dense.embed_dim] * 3}
     else:
         widths = {"rank_in": [dense.weight.shape[1]], "rank_out": [dense.weight.shape[0]]}
     full = {}
@@ -281,6 +283,8 @@ TEST_CASES = {
     "project-lr-shared": row(SHARED, project(LR, 0.5), exact=projected_at_full_rank),
     "project-lr-lstm": row(LSTM, project(LR, 0.5), exact=projected_at_full_rank),
     "project-ev-gru-unpacked": row(GRU, project(EV, 0.9, unpack=True), exact=projected_at_full_rank),
+    "project-lr-transformer": row((seeded(lambda: nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)),
+                                   (4, 6, 16)), project(LR, 0.6), exact=projected_at_full_rank),
     # kernel truncation, every method ----------------------------------------------------------
     "cut-cnn": row(CNN, truncate("cut", cut="oh|iw", ranks=2),
                    exact=truncated_at_full_rank("cut", cut="oh|iw")),

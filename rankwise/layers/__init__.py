@@ -1,5 +1,6 @@
 """Projected wrappers that replace dense layers (see :class:`ProjectedLayer`)."""
 
+from rankwise.layers.attention import ProjectedMultiheadAttention
 from rankwise.layers.base import ProjectedLayer
 from rankwise.layers.conv import ProjectedConv
 from rankwise.layers.conv1d import ProjectedConv1D
@@ -10,4 +11,4 @@ from rankwise.layers.lstm import ProjectedLSTM
 from rankwise.layers.recurrent import ProjectedRecurrent
 
 __all__ = ["ProjectedLayer", "ProjectedLinear", "ProjectedConv", "ProjectedConv1D", "ProjectedEmbedding", "ProjectedLSTM", "ProjectedGRU",
-           "ProjectedRecurrent"]
+           "ProjectedMultiheadAttention", "ProjectedRecurrent"]

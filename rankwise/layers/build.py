@@ -43,7 +43,7 @@ def project_layer(layer: nn.Module, options, choice, unpack: bool = False) -> nn
     if metric is not None:  # the bases are those of the whitened layer R W: build it, then undo R
         projected = unwhiten_output(project_layer(whitened_layer(layer, metric), _unmeasured(options), choice),
                                     metric)
-    elif kind.family == "recurrent":
+    elif kind.family in ("recurrent", "attention"):  # bases per cell (per part of an attention)
         projected = wrapper.from_dense(layer, input_basis=_cell_bases(choice.rank_in, options, options.input_basis),
                                        input_mean=options.input_mean,
                                        output_basis=_cell_bases(choice.rank_out, options, options.output_basis),

@@ -144,11 +144,11 @@ def output_metrics(model, npca, layers: dict, criterion: str) -> dict:
     if criterion == "variance":
         dense = {name: layer for name, layer in layers.items() if kind_of(layer).family == "dense"}
         return batchnorm_metrics(model, dense)
-    recurrent = [name for name, layer in layers.items() if kind_of(layer).family == "recurrent"]
+    recurrent = [name for name, layer in layers.items() if kind_of(layer).family in ("recurrent", "attention")]
     if recurrent:
         raise ValueError(f"criterion: 'loss' judges Linear and convolution layers only; "
-                         f"{', '.join(map(repr, recurrent))} are LSTM/GRU layers. Leave them out "
-                         "with exclude=, or use criterion='variance'.")
+                         f"{', '.join(map(repr, recurrent))} are LSTM, GRU or attention layers. Leave them "
+                         "out with exclude=, or use criterion='variance'.")
     if not npca.has_gradients:
         raise ValueError("criterion: 'loss' needs the gradient statistics of the network's loss; "
                          "compute the NeuronPCA with loss_fn='kl' (classifiers), 'mse' (embeddings) "

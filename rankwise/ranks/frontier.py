@@ -29,6 +29,16 @@ treated as uncorrelated: an estimate). The cells of a layer are independent: its
 the combinations of its cells' options, judged by the fraction of the layer's gate variance
 lost, ``sum_cells res_cell V_cell / sum_cells V_cell``, and filtered to their frontier.
 
+An ``nn.MultiheadAttention`` (see :mod:`rankwise.layers.attention`) has three parts, its key,
+value and output projections, each a ``Linear`` map projected on its output side exactly as a
+``Linear`` layer is (their residuals ``res_part(r)`` from the spectra of
+:mod:`rankwise.statistics.attention`); its query projection stays dense. A part's error reaches
+the attention's output through the attention weights (the key's nonlinearly, through the
+softmax), so the layer's residual is estimated as the sum of its parts' residuals,
+``res = res_key(r_k) + res_value(r_v) + res_out(r_o)`` (capped at 1; exact when only the output
+is projected), and its options are the combinations of its parts' frontiers, filtered to their
+frontier as a recurrent layer's cells are.
+
 Each option also gets an *error* from a criterion (:mod:`rankwise.ranks.criterion`; the
 variance criterion's error is the residual). Options that are beaten on both learnables and
 error are dropped, which leaves each layer a *frontier*: learnables ascending, error strictly
@@ -278,6 +288,54 @@ def _recurrent_options(npca, name: str, kind, criterion: Criterion) -> Recurrent
                             frontiers[0][0].side_residuals if len(cells) == 1 else {}, cells=tuple(cells))
 
 
+@dataclass
+class AttentionOptions(RecurrentOptions):
+    """The frontier of an ``nn.MultiheadAttention``'s options: combinations of its parts' options.
+
+    ``cells`` are its parts (:data:`rankwise.statistics.attention.PARTS`), each projected on its
+    output side only; :meth:`choice` gives ``rank_in = None`` and ``rank_out`` as a tuple over
+    the parts (``None`` for a part kept dense).
+    """
+
+    def choice(self, index: int) -> RankChoice:
+        ranks = tuple(int(r) if code else None for code, r in zip(self.side[index], self.rank_out[index]))
+        side = "dense" if all(r is None for r in ranks) else "output"
+        return RankChoice(side, None, None if side == "dense" else ranks, int(self.learnables[index]),
+                          float(self.residual[index]), float(self.error[index]))
+
+
+def _attention_options(npca, name: str, kind, criterion: Criterion) -> AttentionOptions:
+    """The options of an attention layer: each part's output-side frontier, then their combinations."""
+    stats = npca.statistics(name)
+    frontiers = [(_part_options(npca, name, part, criterion), 1.0) for part in stats.cells]
+    picks, learnables, lost, error = _combine(frontiers)
+    query = dense_learnables(stats.embed_dim, stats.embed_dim, 1, True)
+
+    def per_part(field_name):
+        return np.stack([getattr(opts, field_name)[picks[:, k]] for k, (opts, _) in enumerate(frontiers)], 1)
+
+    return AttentionOptions(name, per_part("side"), per_part("rank_in"), per_part("rank_out"), learnables + query,
+                            np.minimum(lost, 1.0), error, None, None,
+                            {part: opts.output_basis for part, (opts, _) in zip(stats.cells, frontiers)},
+                            {part: opts.output_mean for part, (opts, _) in zip(stats.cells, frontiers)},
+                            cells=tuple(stats.cells))
+
+
+def _part_options(npca, name: str, part: str, criterion: Criterion) -> LayerOptions:
+    """One part's frontier: the output projections of the ``Linear`` map ``in -> E``, then dense."""
+    stats = npca.statistics(name)
+    spectrum = npca.spectrum(name, "output", part)
+    res_out = _residual_curve(spectrum.eigenvalues)
+    width = {"key": stats.kdim, "value": stats.vdim, "out": stats.embed_dim}[part]
+    candidates = _all_options(None, res_out, partial(factored_learnables, width, stats.embed_dim, 1),
+                              dense_learnables(width, stats.embed_dim, 1, True))
+    error = criterion(npca, name, part, candidates)
+    keep = _frontier(candidates.learnables, error)
+    return LayerOptions(name, candidates.side[keep], candidates.rank_in[keep], candidates.rank_out[keep],
+                        candidates.learnables[keep], candidates.residual[keep], error[keep], None, None,
+                        spectrum.eigenvectors, spectrum.mean, {"output": res_out})
+
+
 def _cell_directions(npca, name: str, cell: str) -> dict:
     """Per side of one cell: its spectrum and its directions ranked by gate variance ``(v, Q)``."""
     stats = npca.statistics(name)
@@ -379,4 +437,5 @@ def _frontier(learnables: np.ndarray, error: np.ndarray) -> np.ndarray:
     return np.append(pareto[learnables[pareto] < learnables[dense]], dense)
 
 
-FRONTIERS = {"dense": _dense_options, "embedding": _dense_options, "recurrent": _recurrent_options}
+FRONTIERS = {"dense": _dense_options, "embedding": _dense_options, "recurrent": _recurrent_options,
+             "attention": _attention_options}

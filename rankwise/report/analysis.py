@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from torch import nn
 
+from rankwise.kinds import kind_of
 from rankwise.layers import ProjectedLayer
 from rankwise.learnables import count_learnables
 from rankwise.checks import check_fraction, check_verbosity
@@ -266,16 +267,24 @@ def _statistics(model, npca_or_data, selected: dict, all_layers: bool, verbosity
 
 def _listed_modules(model: nn.Module):
     """``(name, module)`` of every projected wrapper, projectable layer or module holding
-    learnables itself, in model order; the parts of a projected wrapper are not listed."""
+    learnables itself, in model order; the parts of a projected wrapper or of an attention
+    layer (its ``out_proj``) are not listed."""
     inside_projected = set()
     for name, module in model.named_modules():
         if id(module) in inside_projected:
             continue
-        if isinstance(module, ProjectedLayer):
+        if _whole(module):
             inside_projected.update(id(m) for m in module.modules())
             yield name, module
         elif why_not_projectable(module) is None or _own_learnables(module):
             yield name, module
+
+
+def _whole(module: nn.Module) -> bool:
+    """Whether ``module`` is listed with its parts' learnables: a projected wrapper, or an attention
+    layer (which uses its ``out_proj`` weight itself)."""
+    kind = kind_of(module)
+    return isinstance(module, ProjectedLayer) or (kind is not None and kind.family == "attention")
 
 
 def _own_learnables(module: nn.Module) -> int:
@@ -284,8 +293,7 @@ def _own_learnables(module: nn.Module) -> int:
 
 def _layer_report(name: str, module: nn.Module, selected: dict, excluded: list, tied: dict,
                   options: LayerOptions | None, npca: NeuronPCA) -> LayerReport:
-    learnables = (count_learnables(module) if isinstance(module, ProjectedLayer)
-                  else _own_learnables(module))
+    learnables = count_learnables(module) if _whole(module) else _own_learnables(module)
     if options is None:
         reason = tied.get(name) or why_not_projectable(module)
         if reason is not None:

@@ -19,7 +19,8 @@ GOALS_LEGEND = ("var>=X: explained_variance_goal=X, each layer keeps at least th
 FORMS_LEGEND = ("in each goal's column, the form it gives the layer: 'dense', kept as it is; "
                 "'in 5 out 15', input projected onto its 5 leading principal directions and output "
                 "onto 15 (one side alone: 'out 12'); 'in -/3 out 2/1', an LSTM / GRU with a rank per "
-                "cell ('-': that side of the cell dense)")
+                "cell ('-': that side of the cell dense); 'out 4/-/6', an attention with the ranks of "
+                "its key, value and output maps ('-': that map dense)")
 LEGEND_WIDTH = 100
 UNSUPPORTED_SUFFIX = " layers are not supported"  # why_not_projectable's reason for a type no kind covers
 

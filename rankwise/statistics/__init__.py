@@ -5,7 +5,9 @@ Each family of :data:`rankwise.kinds.KINDS` has one statistics class, chosen thr
 
 - ``"dense"``: :class:`~rankwise.statistics.dense.LayerStatistics` (``Linear``, convolutions);
 - ``"embedding"``: :class:`~rankwise.statistics.embedding.EmbeddingStatistics` (``Embedding``);
-- ``"recurrent"``: :class:`~rankwise.statistics.recurrent.RecurrentStatistics` (LSTM, GRU).
+- ``"recurrent"``: :class:`~rankwise.statistics.recurrent.RecurrentStatistics` (LSTM, GRU);
+- ``"attention"``: :class:`~rankwise.statistics.attention.AttentionStatistics`
+  (``MultiheadAttention``).
 
 Every class answers the same questions: ``for_layer(layer, kind)`` (empty statistics),
 ``hook(name, layer)`` (a forward hook that adds one call's rows), ``a + b`` (statistics of the
@@ -24,14 +26,16 @@ from torch import nn
 
 from rankwise.kinds import kind_named, kind_of
 from rankwise.moments import Moments
+from rankwise.statistics.attention import AttentionStatistics
 from rankwise.statistics.dense import LayerStatistics
 from rankwise.statistics.embedding import EmbeddingStatistics
 from rankwise.statistics.recurrent import RecurrentStatistics
 
-FAMILIES = {"dense": LayerStatistics, "embedding": EmbeddingStatistics, "recurrent": RecurrentStatistics}
+FAMILIES = {"dense": LayerStatistics, "embedding": EmbeddingStatistics, "recurrent": RecurrentStatistics,
+            "attention": AttentionStatistics}
 """The statistics class of each family of :data:`rankwise.kinds.KINDS`."""
 
-Statistics = LayerStatistics | EmbeddingStatistics | RecurrentStatistics
+Statistics = LayerStatistics | EmbeddingStatistics | RecurrentStatistics | AttentionStatistics
 
 
 def statistics_for(layer: nn.Module) -> Statistics:
@@ -79,5 +83,5 @@ def _restored(value):
     return value
 
 
-__all__ = ["EmbeddingStatistics", "FAMILIES", "LayerStatistics", "RecurrentStatistics", "Statistics", "from_plain",
+__all__ = ["AttentionStatistics", "EmbeddingStatistics", "FAMILIES", "LayerStatistics", "RecurrentStatistics", "Statistics", "from_plain",
            "moment_tensors", "statistics_for", "to_plain"]
