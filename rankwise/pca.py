@@ -32,11 +32,14 @@ from rankwise.learnables import count_learnables
 from rankwise.metric import OutputMetric, whitened_statistics
 from rankwise.moments import Moments, NonFiniteActivationError, Spectrum
 from rankwise.statistics import Statistics, from_plain, moment_tensors, statistics_for, to_plain
+from rankwise.statistics.dense import settled, sharing_inputs
 from rankwise.statistics.gradients import check_loss_fn, gradient_moments
 from rankwise.targets import select_layers
 
 SIDES = ("input", "output")
-FORMAT_VERSION = 3  # 2: gradient statistics of the loss criterion; 3: recurrent layers' reservoir
+FORMAT_VERSION = 4
+# 2: gradient statistics of the loss criterion; 3: recurrent layers' reservoir; 4: a Linear layer
+# with d_in <= d_out holds its input's outer, its weight and bias, and output None (derived)
 """Version of the :meth:`NeuronPCA.save` file layout; files of every version up to it load."""
 READABLE_VERSIONS = tuple(range(1, FORMAT_VERSION + 1))
 PROGRESS_DELAY_SECONDS = 1.0
@@ -140,9 +143,16 @@ class NeuronPCA:
         self._spectra = {}
 
     def _calibrate(self, model, data, layers, forward_fn, max_batches, show_progress, loss_fn) -> None:
-        """One pass over ``data``: the activation hooks, and with ``loss_fn`` the gradients."""
-        handles = [layer.register_forward_hook(self._stats[name].hook(name, layer), with_kwargs=True)
-                   for name, layer in layers.items()]
+        """One pass over ``data``: the activation hooks (layers reading the same input tensor
+        share its batch moments, forgotten as each batch starts), and with ``loss_fn`` the gradients."""
+        with sharing_inputs() as shared:
+            handles = [layer.register_forward_hook(self._stats[name].hook(name, layer), with_kwargs=True)
+                       for name, layer in layers.items()]
+            handles.append(model.register_forward_pre_hook(lambda *_: shared.clear()))
+            self._run(model, data, layers, forward_fn, max_batches, show_progress, loss_fn, handles)
+
+    def _run(self, model, data, layers, forward_fn, max_batches, show_progress, loss_fn, handles) -> None:
+        """Run the batches with ``handles`` registered (:func:`run_batches` removes them)."""
         progress = "NeuronPCA" if show_progress else None
         if loss_fn is None:
             self.num_batches = run_batches(
@@ -203,8 +213,8 @@ class NeuronPCA:
         NeuronPCA
             A new NeuronPCA sharing everything but the whitened layers' statistics.
         """
-        stats = {name: whitened_statistics(s, layers[name], metrics[name]) if name in metrics else s
-                 for name, s in self._stats.items()}
+        stats = {name: whitened_statistics(self.statistics(name), layers[name], metrics[name])
+                 if name in metrics else s for name, s in self._stats.items()}
         result = NeuronPCA.__new__(NeuronPCA)
         result._init_state(stats, self.network_learnables, self._regularization, self.num_batches,
                            self._gradients, self._gradient_samples)
@@ -220,9 +230,10 @@ class NeuronPCA:
         return self._regularization
 
     def statistics(self, name: str) -> Statistics:
-        """Moments and weight Grams of layer ``name``."""
+        """Moments and weight Grams of layer ``name`` (derived output moments computed once, here)."""
         if name not in self._stats:
             raise KeyError(f"{name!r} was not analysed. Analysed layers: {', '.join(self._stats)}.")
+        self._stats[name] = settled(self._stats[name])
         return self._stats[name]
 
     def spectrum(self, name: str, side: str = "output", cell: str | None = None) -> Spectrum:
