@@ -3,9 +3,9 @@
 Four workloads, one thread (``torch.set_num_threads(1)``), eval mode, under ``torch.no_grad()``:
 
 - ``mnist_cnn``, ``mnist_mlp``: the pretrained MNIST networks, 16 batches of 256 training images;
-- ``minilm_batch32``: all-MiniLM-L6-v2 (loaded as ``bench/pretrained_data.py`` does), 128
+- ``minilm_batch32``: all-MiniLM-L6-v2 (loaded as ``bench/pretrained_data.py`` does), 64
   calibration sentences in padded batches of 32 (``model(**batch)``);
-- ``minilm_single``: the same model, 48 sentences one at a time.
+- ``minilm_single``: the same model, 32 sentences one at a time.
 
 For each: *forward* is the plain ``model(batch)`` over every batch; *calibration* the whole
 ``rw.NeuronPCA(model, batches, verbosity="off")`` call; their repeats are interleaved (median
@@ -40,7 +40,7 @@ ROOT = os.path.dirname(BENCH)
 RESULT = os.path.join(BENCH, "results", "calibration_cost.md")
 WORKLOADS = ("mnist_cnn", "mnist_mlp", "minilm_batch32", "minilm_single")
 MNIST_BATCHES, MNIST_BATCH_SIZE = 16, 256
-MINILM_SENTENCES, MINILM_SINGLE_SENTENCES = 128, 48
+MINILM_SENTENCES, MINILM_SINGLE_SENTENCES = 64, 32
 REPEATS = 3
 
 
