@@ -6,7 +6,9 @@ statistics class of its kind's family makes it), runs the batches (:mod:`rankwis
 and caches the regularised spectra on first use. Statistics of shards of the data add up
 (:meth:`NeuronPCA.merge`) and are written as plain tensors (:meth:`NeuronPCA.save`).
 
-Calibration costs one forward pass over the data plus ``O(n d^2)`` per layer for the moments;
+Calibration costs one forward pass over the data plus ``O(n d^2)`` per layer for the moments
+(``d`` the smaller side of a ``Linear`` layer, one Gram for layers reading the same tensor:
+:mod:`rankwise.statistics.dense`);
 with ``loss_fn`` the same pass also runs one backward pass per batch for the gradient statistics
 of the loss criterion (:mod:`rankwise.statistics.gradients`). The eigendecompositions
 (``O(d^3)`` per side) and the rank decisions behind :attr:`NeuronPCA.learnables_reduction_range`
