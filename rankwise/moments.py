@@ -8,6 +8,7 @@ eigen-decomposition of a (regularised) covariance.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,24 @@ class Moments:
     ``count = n``, ``sum = sum_t x_t``, ``square_sum = sum_t |x_t|^2`` and, unless the side
     tracks only its power, ``outer = sum_t x_t x_t^T``; all float64 tensors, so that
     moments of disjoint data add up.
+
+    **Precision.** The sums of one batch (:meth:`of_rows`, :meth:`of_channels`) run in the
+    activations' precision, at least float32 (bfloat16 and float16 rows are upcast to float32,
+    exactly, before the product), and are accumulated across batches in float64. In float32
+    (unit roundoff ``u = 2^-24``) the Gram of a batch of ``m`` rows, the columns ``X_i`` of its
+    ``(m, d)`` row matrix, is off entrywise by at most
+
+        |fl(X_i^T X_j) - X_i^T X_j| <= gamma_m |X_i|^T |X_j| <= gamma_m |X_i| |X_j|,
+        gamma_m = m u / (1 - m u),
+
+    (the classical bound for a dot product of length ``m``; with rounding errors of random sign
+    the error grows like ``sqrt(m) u |X_i| |X_j|`` instead, and blocked BLAS kernels stay below
+    it). Adding the batches in float64 costs ``2^-53`` per addition, nothing in comparison, so
+    over batches ``b`` the accumulated ``outer`` is within ``sum_b gamma_m_b |X_i^b| |X_j^b|``
+    of the exact sum, a relative error of about ``sqrt(m) 2^-24`` (``6e-7`` for ``m = 1024``
+    rows per batch) of the rows' norms. The covariance ``outer / n - mu mu^T`` loses, on top,
+    the usual cancellation of a large mean: a channel whose mean is ``k`` times its standard
+    deviation has its variance ``k^2`` times less accurate. float64 models get float64 products.
     """
 
     count: torch.Tensor
@@ -38,45 +57,86 @@ class Moments:
         return cls(torch.zeros((), **z), torch.zeros(dim, **z), torch.zeros((), **z),
                    torch.zeros(dim, dim, **z) if outer else None)
 
-    def update(self, rows: torch.Tensor) -> None:
-        """Add the rows of a ``(m, d)`` tensor.
-
-        The sums of one batch (its ``d x d`` product ``rows^T rows`` included) run in the
-        rows' precision (at least float32) for speed; they are accumulated across batches in
-        float64.
+    @classmethod
+    def of_rows(cls, rows: torch.Tensor, outer: bool = True) -> "Moments":
+        """The moments of the rows of one ``(m, d)`` batch (see the class docstring for the precision).
 
         Raises
         ------
         NonFiniteActivationError
             When the rows hold NaN or Inf.
         """
-        compute = rows if rows.dtype in (torch.float32, torch.float64) else rows.float()
-        batch_sum = compute.sum(0).to(torch.float64)
+        compute = _computable(rows)
+        gram = _gram(compute) if outer else None
+        return cls._of_batch(rows.shape[0], compute.sum(0), gram, compute)
+
+    @classmethod
+    def of_channels(cls, channels: torch.Tensor, outer: bool = True) -> "Moments":
+        """The moments of the channel vectors ``x_{n, :, l}`` of an ``(N, C, L)`` batch (a
+        convolution's activation, its spatial positions flattened), without moving the channels
+        last: ``S = sum_n X_n X_n^T`` as one batched product when ``C <= L`` (its ``(N, C, C)``
+        products are no larger than the activation), else as one product of the ``(C, N L)``
+        matrix that swapping ``N`` and ``C`` copies out in contiguous blocks of ``L``.
+
+        Raises
+        ------
+        NonFiniteActivationError
+            When the activation holds NaN or Inf.
+        """
+        compute = _computable(channels)
+        num, dim, positions = compute.shape
+        gram = None
+        if outer and dim <= positions:
+            gram = torch.bmm(compute, compute.transpose(1, 2)).sum(0)
+        elif outer:
+            flat = compute.transpose(0, 1).reshape(dim, -1)
+            gram = flat @ flat.T
+        return cls._of_batch(num * positions, compute.sum((0, 2)), gram, compute)
+
+    @classmethod
+    def _of_batch(cls, count: int, batch_sum, gram, compute) -> "Moments":
+        """Float64 moments from one batch's sums computed in ``compute``'s precision."""
+        batch_sum = batch_sum.to(torch.float64)
         if not torch.isfinite(batch_sum).all():
             raise NonFiniteActivationError("NaN or Inf values")
-        self.count += rows.shape[0]
-        self.sum += batch_sum
-        if self.outer is None:
-            self.square_sum += compute.square().sum().to(torch.float64)
+        if gram is None:
+            square_sum = compute.square().sum().to(torch.float64)
         else:
-            gram = (compute.T @ compute).to(torch.float64)
-            self.outer += gram
-            self.square_sum += gram.trace()
+            gram = gram.to(torch.float64)
+            square_sum = gram.trace()
+        return cls(torch.tensor(float(count), dtype=torch.float64, device=batch_sum.device),
+                   batch_sum, square_sum, gram)
+
+    def update(self, rows: torch.Tensor) -> None:
+        """Add the rows of a ``(m, d)`` tensor (:meth:`of_rows`, accumulated in float64).
+
+        Raises
+        ------
+        NonFiniteActivationError
+            When the rows hold NaN or Inf.
+        """
+        self.add_(Moments.of_rows(rows, outer=self.outer is not None))
+
+    def add_(self, batch: "Moments") -> None:
+        """Add the moments of ``batch`` in place (``outer`` only when both track it)."""
+        self.count += batch.count
+        self.sum += batch.sum
+        self.square_sum += batch.square_sum
+        if self.outer is not None:
+            self.outer += batch.outer
 
     def update_of(self, rows: torch.Tensor, layer: str, what: str) -> None:
         """:meth:`update`, whose NaN or Inf error names the ``layer`` and ``what`` the rows are."""
-        try:
+        with naming_layer(layer, what):
             self.update(rows)
-        except NonFiniteActivationError:
-            raise NonFiniteActivationError(f"layer {layer!r} has NaN or Inf in its {what}; check "
-                                           "the data and the model's weights.") from None
 
     def tensors(self) -> list[torch.Tensor]:
         """``count``, ``sum``, ``square_sum`` and ``outer`` (when tracked): the sums over rows."""
         return [t for t in (self.count, self.sum, self.square_sum, self.outer) if t is not None]
 
     def __add__(self, other: "Moments") -> "Moments":
-        outer = None if self.outer is None else self.outer + other.outer
+        """The moments of both data sets (``outer`` only when both track it)."""
+        outer = None if self.outer is None or other.outer is None else self.outer + other.outer
         return Moments(self.count + other.count, self.sum + other.sum,
                        self.square_sum + other.square_sum, outer)
 
@@ -109,6 +169,50 @@ class Moments:
                              "layer): only the output side has a covariance.")
         moment = self.outer / self.count
         return (moment + moment.T) / 2
+
+
+@contextlib.contextmanager
+def naming_layer(layer: str, what: str):
+    """Context manager: a :class:`NonFiniteActivationError` inside it names the ``layer`` and
+    ``what`` its rows are."""
+    try:
+        yield
+    except NonFiniteActivationError:
+        raise NonFiniteActivationError(f"layer {layer!r} has NaN or Inf in its {what}; check "
+                                       "the data and the model's weights.") from None
+
+
+BLOCKED_GRAM_WIDTH, BLOCKED_GRAM_ROWS = 128, 64
+"""From this width and this many rows on, :func:`_gram` computes three of the four blocks of a
+Gram (below, three small products cost more than one)."""
+
+
+def _gram(rows: torch.Tensor) -> torch.Tensor:
+    """``rows^T rows`` of an ``(m, d)`` tensor, as float64 (products in the rows' precision).
+
+    From :data:`BLOCKED_GRAM_WIDTH` columns and :data:`BLOCKED_GRAM_ROWS` rows on, it uses the
+    symmetry: with ``rows = [A B]`` split in halves, ``[[A^T A, A^T B], [(A^T B)^T, B^T B]]``,
+    three products instead of four (a quarter of the multiplications saved; the halves are
+    strided views, nothing is copied).
+    """
+    count, width = rows.shape
+    if width < BLOCKED_GRAM_WIDTH or count < BLOCKED_GRAM_ROWS:
+        return (rows.T @ rows).to(torch.float64)
+    half = width // 2
+    left, right = rows[:, :half], rows[:, half:]
+    gram = torch.empty(width, width, dtype=torch.float64, device=rows.device)
+    gram[:half, :half] = left.T @ left
+    cross = left.T @ right
+    gram[:half, half:] = cross
+    gram[half:, :half] = cross.T
+    gram[half:, half:] = right.T @ right
+    return gram
+
+
+def _computable(activations: torch.Tensor) -> torch.Tensor:
+    """``activations`` in a precision the products run in: float32 or float64 as they are,
+    anything else (bfloat16, float16, integers) upcast to float32."""
+    return activations if activations.dtype in (torch.float32, torch.float64) else activations.float()
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,9 @@ statistics class of its kind's family makes it), runs the batches (:mod:`rankwis
 and caches the regularised spectra on first use. Statistics of shards of the data add up
 (:meth:`NeuronPCA.merge`) and are written as plain tensors (:meth:`NeuronPCA.save`).
 
-Calibration costs one forward pass over the data plus ``O(n d^2)`` per layer for the moments;
+Calibration costs one forward pass over the data plus ``O(n d^2)`` per layer for the moments
+(``d`` the smaller side of a ``Linear`` layer, one Gram for layers reading the same tensor:
+:mod:`rankwise.statistics.dense`);
 with ``loss_fn`` the same pass also runs one backward pass per batch for the gradient statistics
 of the loss criterion (:mod:`rankwise.statistics.gradients`). The eigendecompositions
 (``O(d^3)`` per side) and the rank decisions behind :attr:`NeuronPCA.learnables_reduction_range`
@@ -33,11 +35,14 @@ from rankwise.learnables import count_learnables
 from rankwise.metric import OutputMetric, whitened_statistics
 from rankwise.moments import Moments, NonFiniteActivationError, Spectrum
 from rankwise.statistics import Statistics, from_plain, moment_tensors, statistics_for, to_plain
+from rankwise.statistics.dense import settled, sharing_inputs
 from rankwise.statistics.gradients import check_loss_fn, gradient_moments
 from rankwise.targets import select_layers
 
 SIDES = ("input", "output")
-FORMAT_VERSION = 3  # 2: gradient statistics of the loss criterion; 3: recurrent layers' reservoir
+FORMAT_VERSION = 4
+# 2: gradient statistics of the loss criterion; 3: recurrent layers' reservoir; 4: a Linear layer
+# with d_in <= d_out holds its input's outer, its weight and bias, and output None (derived)
 """Version of the :meth:`NeuronPCA.save` file layout; files of every version up to it load."""
 READABLE_VERSIONS = tuple(range(1, FORMAT_VERSION + 1))
 EMPTY_DATA = ("data: the iterable yielded no batch. Pass a DataLoader or a list of tensors holding "
@@ -158,10 +163,19 @@ class NeuronPCA:
 
     def _calibrate(self, model, data, layers, forward_fn, max_batches, show_progress, loss_fn, blocks,
                    device) -> None:
-        """One pass over ``data``: the activation hooks, and with ``loss_fn`` the gradients;
-        with ``blocks``, one block at a time (:mod:`rankwise.blockwise`)."""
-        handles = [layer.register_forward_hook(self._stats[name].hook(name, layer), with_kwargs=True)
-                   for name, layer in layers.items()]
+        """One pass over ``data``: the activation hooks (layers reading the same input tensor
+        share its batch moments, forgotten as each batch starts), and with ``loss_fn`` the
+        gradients; with ``blocks``, one block at a time (:mod:`rankwise.blockwise`)."""
+        with sharing_inputs() as shared:
+            handles = [layer.register_forward_hook(self._stats[name].hook(name, layer), with_kwargs=True)
+                       for name, layer in layers.items()]
+            handles.append(model.register_forward_pre_hook(lambda *_: shared.clear()))
+            self._run(model, data, layers, forward_fn, max_batches, show_progress, loss_fn, handles,
+                      blocks, device)
+
+    def _run(self, model, data, layers, forward_fn, max_batches, show_progress, loss_fn, handles,
+             blocks, device) -> None:
+        """Run the batches with ``handles`` registered (the runners remove them)."""
         progress = "NeuronPCA" if show_progress else None
         if blocks is not None:
             self.num_batches = calibrate_blockwise(model, data, self._stats, handles, blocks, device, forward_fn,
@@ -225,8 +239,8 @@ class NeuronPCA:
         NeuronPCA
             A new NeuronPCA sharing everything but the whitened layers' statistics.
         """
-        stats = {name: whitened_statistics(s, layers[name], metrics[name]) if name in metrics else s
-                 for name, s in self._stats.items()}
+        stats = {name: whitened_statistics(self.statistics(name), layers[name], metrics[name])
+                 if name in metrics else s for name, s in self._stats.items()}
         result = NeuronPCA.__new__(NeuronPCA)
         result._init_state(stats, self.network_learnables, self._regularization, self.num_batches,
                            self._gradients, self._gradient_samples)
@@ -242,9 +256,10 @@ class NeuronPCA:
         return self._regularization
 
     def statistics(self, name: str) -> Statistics:
-        """Moments and weight Grams of layer ``name``."""
+        """Moments and weight Grams of layer ``name`` (derived output moments computed once, here)."""
         if name not in self._stats:
             raise KeyError(f"{name!r} was not analysed. Analysed layers: {', '.join(self._stats)}.")
+        self._stats[name] = settled(self._stats[name])
         return self._stats[name]
 
     def spectrum(self, name: str, side: str = "output", cell: str | None = None) -> Spectrum:

@@ -49,9 +49,12 @@ def test_moments_match_a_direct_computation(factory, shape, name, channel_dim):
         assert int(moments.count) == rows.shape[0]
         torch.testing.assert_close(moments.mean, rows.mean(0))
         torch.testing.assert_close(moments.power, rows.var(0, correction=0).mean())
-        if side == "input" and isinstance(model.get_submodule(name), nn.Linear):
-            assert moments.outer is None  # output projection is optimal for Linear layers
-            continue
+        layer = model.get_submodule(name)
+        if side == "input" and isinstance(layer, nn.Linear):
+            # only the smaller side's Gram: the input's when d_in <= d_out (the output's derived)
+            assert (moments.outer is None) == (layer.in_features > layer.out_features)
+            if moments.outer is None:
+                continue
         torch.testing.assert_close(moments.covariance, torch.cov(rows.T, correction=0),
                                    atol=1e-6, rtol=1e-5)
 
@@ -299,6 +302,6 @@ def test_files_written_before_the_statistics_package_still_load():
 
 def test_a_file_of_another_format_is_refused(tmp_path):
     torch.save({"format_version": 99, "layers": {}}, tmp_path / "future.pt")
-    with pytest.raises(ValueError, match="path: .*future.pt is not a NeuronPCA file of format version 1, 2, 3 "
+    with pytest.raises(ValueError, match="path: .*future.pt is not a NeuronPCA file of format version 1, 2, 3, 4 "
                                          r"\(found 99\)"):
         rw.NeuronPCA.load(tmp_path / "future.pt")

@@ -36,9 +36,8 @@ class EmbeddingStatistics(LayerStatistics):
     def for_layer(cls, layer: nn.Embedding, kind: str) -> "EmbeddingStatistics":
         table = layer.weight.detach()
         vocabulary, dim = table.shape
-        gram = (table.T @ table).to(torch.float64)
         return cls(kind, vocabulary, dim, 1, False, Moments.zeros(vocabulary, table.device, outer=False),
-                   Moments.zeros(dim, table.device), None, gram)
+                   Moments.zeros(dim, table.device), None, None, table.T.clone())  # E^T E on first use
 
     def hook(self, name: str, layer: nn.Module):
         """A forward hook adding the looked-up tokens (input) and their embeddings (output)."""
