@@ -8,6 +8,12 @@ sums them in place: the float64 tensors are flattened into buckets of at most
 call per layer), and the sums are copied back. Every rank ends with the same tensors, so the
 decisions taken from them, and the compressed models, are identical on every rank.
 
+Two rules keep a group of ranks from waiting on each other forever: a rank whose shard holds no
+batch takes part in the sums with zero moments (:func:`all_gather_count` tells every rank which
+ranks saw data), and a rank that fails reports it in :func:`raise_on_every_rank`, which every
+rank calls before the sums, so that all of them raise instead of the others waiting in an
+``all_reduce`` until the group's timeout.
+
 gloo runs on the CPU, nccl on CUDA; the buckets live on the device of the moments.
 """
 
