@@ -424,19 +424,19 @@ def _launched_group(args):
     ``compress`` run in the launched ``torch.distributed`` group: gloo on the CPU, nccl with
     ``--device cuda`` (the ``LOCAL_RANK`` GPU), destroyed at the end unless it was already
     there. Sets ``args.rank`` and ``args.world`` (0 and 1 outside a group)."""
-    started = False
+    calibrated, started = args.command != "info", False
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if args.command != "info" and getattr(args, "device", "cpu") == "cuda":
+    if calibrated and args.device == "cuda":
         _check_cuda(launched)
-    if args.command != "info" and launched and not dist.is_initialized():
+    if calibrated and launched and not dist.is_initialized():
         try:
             dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
         except (ValueError, RuntimeError) as error:
             raise UsageError(f"RANK and WORLD_SIZE are set, so the command joins a torch.distributed "
-                             f"group, which failed ({_first_line(error)}); launch it with torchrun, or "
+                             f"group, which failed ({hf.first_line(error)}); launch it with torchrun, or "
                              "unset RANK and WORLD_SIZE.") from None
         started = True
-    grouped = args.command != "info" and dist.is_available() and dist.is_initialized()
+    grouped = calibrated and dist.is_available() and dist.is_initialized()
     args.rank, args.world = (dist.get_rank(), dist.get_world_size()) if grouped else (0, 1)
     try:
         yield
@@ -546,10 +546,6 @@ def _write(write, path: str, option: str) -> None:
 def _verbosity(args) -> str:
     """Progress bars and summaries on rank 0 unless ``--quiet``."""
     return "off" if args.quiet or args.rank != 0 else "summary"
-
-
-def _first_line(error: Exception) -> str:
-    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
 
 
 def _say(args, *lines: str) -> None:

@@ -63,7 +63,7 @@ def load_hf_model(folder, quiet: bool = False) -> nn.Module:
             model = _model_class(config).from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError) as error:
         raise ValueError(f"folder: transformers cannot read the model in {str(folder)!r} "
-                         f"({_first_line(error)}).") from None
+                         f"({first_line(error)}).") from None
     return model.eval()
 
 
@@ -87,7 +87,7 @@ def load_tokenizer(folder):
         return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ValueError(f"tokenizer: {str(folder)!r} holds no tokenizer transformers can read "
-                         f"({_first_line(error)}); give the folder the tokenizer was saved to "
+                         f"({first_line(error)}); give the folder the tokenizer was saved to "
                          "(tokenizer.save_pretrained(folder)).") from None
 
 
@@ -176,7 +176,7 @@ def _stored_architecture(metadata: dict[str, str]) -> nn.Module:
         config = transformers.AutoConfig.for_model(**values)
     except (ValueError, KeyError) as error:
         raise ValueError(f"path: transformers cannot rebuild the config stored in the file "
-                         f"({_first_line(error)}).") from None
+                         f"({first_line(error)}).") from None
     model_class = getattr(transformers, metadata.get(CLASS_KEY, ""), None)
     return model_class(config) if model_class is not None else transformers.AutoModel.from_config(config)
 
@@ -221,6 +221,6 @@ def _transformers():
     return transformers
 
 
-def _first_line(error: Exception) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
+def first_line(error: Exception) -> str:
+    """The first non-empty line of an error's message (its type's name when it has none)."""
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
