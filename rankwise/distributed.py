@@ -8,6 +8,12 @@ sums them in place: the float64 tensors are flattened into buckets of at most
 call per layer), and the sums are copied back. Every rank ends with the same tensors, so the
 decisions taken from them, and the compressed models, are identical on every rank.
 
+Two rules keep a group of ranks from waiting on each other forever: a rank whose shard holds no
+batch takes part in the sums with zero moments (:func:`all_gather_count` tells every rank which
+ranks saw data), and a rank that fails reports it in :func:`raise_on_every_rank`, which every
+rank calls before the sums, so that all of them raise instead of the others waiting in an
+``all_reduce`` until the group's timeout.
+
 gloo runs on the CPU, nccl on CUDA; the buckets live on the device of the moments.
 """
 
@@ -56,26 +62,74 @@ def all_reduce_tensors(tensors: list[torch.Tensor], process_group=None) -> None:
 
 def all_reduce_count(count: int, process_group=None) -> int:
     """``count`` summed over the group (``count`` itself outside one)."""
+    return sum(all_gather_count(count, process_group))
+
+
+def all_gather_count(count: int, process_group=None) -> list[int]:
+    """Every rank's ``count``, in the order of the ranks in the group (``[count]`` outside one)."""
     group = active_group(process_group)
     if group is None:
-        return count
-    backend = dist.get_backend(group)
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    total = torch.tensor([count], dtype=torch.float64, device=device)
-    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
-    return int(total.item())
+        return [count]
+    counts = torch.zeros(dist.get_world_size(group), dtype=torch.float64, device=_collective_device(group))
+    counts[dist.get_rank(group)] = count
+    dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
+    return [int(c) for c in counts.tolist()]
 
 
-def broadcast_from_first(objects: list, process_group=None) -> list:
-    """``objects`` (picklable, e.g. lists of CPU tensors) as the group's first rank holds them;
-    ``objects`` itself outside an initialised group. For what is a sample, not a sum (the
-    reservoir of a recurrent layer's calibration sequences), so that every rank decides alike."""
+def raise_on_every_rank(failure: Exception | None, process_group=None) -> None:
+    """Raise on every rank of the group when one of them failed, instead of leaving the others
+    waiting in the next collective until the group's timeout.
+
+    Every rank calls it at the same point with what it raised there (``None`` when it did not).
+    One ``all_gather_object`` of a short message per rank tells each rank what happened on the
+    others: the rank that failed raises its own error; the others raise the first failing rank's
+    message, as a ``ValueError`` when the original was one, else a ``RuntimeError``. Outside a
+    group, ``failure`` is raised when given.
+
+    Parameters
+    ----------
+    failure : Exception or None
+        What this rank raised.
+    process_group : ProcessGroup, optional
+        The default group when ``None``.
+    """
+    group = active_group(process_group)
+    if group is None:
+        if failure is not None:
+            raise failure
+        return
+    reports = [None] * dist.get_world_size(group)
+    report = None if failure is None else (isinstance(failure, ValueError), type(failure).__name__, str(failure))
+    dist.all_gather_object(reports, report, group=group)
+    if failure is not None:
+        raise failure
+    failed = [(rank, r) for rank, r in enumerate(reports) if r is not None]
+    if failed:
+        rank, (is_value_error, kind, message) = failed[0]
+        where = f"raised on rank {rank} of {len(reports)}, so every rank stops"
+        if is_value_error:
+            raise ValueError(f"{message} ({where})")
+        raise RuntimeError(f"{kind}: {message} ({where})")
+
+
+def broadcast_from_first(objects: list, process_group=None, source: int = 0) -> list:
+    """``objects`` (picklable, e.g. lists of CPU tensors) as rank ``source`` of the group (its
+    first by default) holds them; ``objects`` itself outside an initialised group. For what is a
+    sample, not a sum (the reservoir of a recurrent layer's calibration sequences), so that every
+    rank decides alike."""
     group = active_group(process_group)
     if group is None:
         return objects
     message = [objects]
-    dist.broadcast_object_list(message, src=dist.get_global_rank(group, 0), group=group)
+    dist.broadcast_object_list(message, src=dist.get_global_rank(group, source), group=group)
     return message[0]
+
+
+def _collective_device(group) -> torch.device:
+    """Where a group's small tensors live: the current CUDA device under nccl, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _buckets(tensors: list[torch.Tensor]):

@@ -69,7 +69,7 @@ def model_spec(model: nn.Module) -> dict[str, dict]:
 
 
 def save(model: nn.Module, path, *, info: ProjectionInfo | None = None,
-         include_architecture: bool = False) -> None:
+         include_architecture: bool = False, metadata: dict[str, str] | None = None) -> None:
     """Write ``model`` (compressed or not) to ``path`` as safetensors weights plus a spec.
 
     Parameters
@@ -86,6 +86,10 @@ def save(model: nn.Module, path, *, info: ProjectionInfo | None = None,
         trust_pickle=True)`` works without the original architecture. Off by default: loading
         a pickle runs code, so :func:`load` refuses it unless told to trust it, and
         ``load(path, model=original)`` needs no pickle.
+    metadata : dict of str to str, optional
+        More entries for the file's metadata, read back with :func:`read_metadata` (the command
+        line keeps a Hugging Face model's config there, :mod:`rankwise.hf`). Their keys must not
+        be rankwise's own (``"rankwise"``, ``"rankwise_architecture"``).
     """
     if info is not None and not isinstance(info, ProjectionInfo):
         raise ValueError(f"info: expected the ProjectionInfo of compress_network_using_projection "
@@ -96,10 +100,20 @@ def save(model: nn.Module, path, *, info: ProjectionInfo | None = None,
             "learnables": count_learnables(model), **mode_spec(model), "layers": model_spec(model),
             "shapes": shape_spec(model), "aliases": aliases,
             "projection": None if info is None else dataclasses.asdict(info)}
-    metadata = {SPEC_KEY: json.dumps(spec)}
+    extra = _checked_metadata(metadata)
+    metadata = {**extra, SPEC_KEY: json.dumps(spec)}
     if include_architecture:
         metadata[ARCHITECTURE_KEY] = _pickled_skeleton(model)
     save_file(tensors, path, metadata=metadata)
+
+
+def _checked_metadata(metadata: dict | None) -> dict[str, str]:
+    metadata = metadata or {}
+    reserved = {SPEC_KEY, ARCHITECTURE_KEY} & set(metadata)
+    if reserved or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ValueError(f"metadata: expected a dict of str to str whose keys are not rankwise's own "
+                         f"({SPEC_KEY!r}, {ARCHITECTURE_KEY!r}); got keys {sorted(map(str, metadata))}.")
+    return metadata
 
 
 def load(path, model: nn.Module | None = None, *, trust_pickle: bool = False) -> nn.Module:
@@ -231,6 +245,12 @@ def projection_info(spec: dict) -> ProjectionInfo | None:
         return None
     layers = {name: LayerProjection(**layer) for name, layer in stored["layers"].items()}
     return ProjectionInfo(**{**stored, "layers": layers})
+
+
+def read_metadata(path) -> dict[str, str]:
+    """The metadata of a safetensors file: rankwise's spec, and the entries given to
+    ``save(..., metadata=...)``."""
+    return _metadata(path)
 
 
 def _metadata(path) -> dict:

@@ -26,10 +26,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from rankwise.batches import run_batches
+from rankwise.batches import as_batches, model_device, run_batches
 from rankwise.blockwise import calibrate_blockwise, check_blockwise
 from rankwise.checks import check_max_batches, check_regularization, check_verbosity
-from rankwise.distributed import all_reduce_count, all_reduce_tensors, broadcast_from_first
+from rankwise.distributed import (active_group, all_gather_count, all_reduce_count, all_reduce_tensors,
+                                  broadcast_from_first, raise_on_every_rank)
 from rankwise.kinds import kind_of
 from rankwise.learnables import count_learnables
 from rankwise.metric import OutputMetric, whitened_statistics
@@ -45,8 +46,8 @@ FORMAT_VERSION = 4
 # with d_in <= d_out holds its input's outer, its weight and bias, and output None (derived)
 """Version of the :meth:`NeuronPCA.save` file layout; files of every version up to it load."""
 READABLE_VERSIONS = tuple(range(1, FORMAT_VERSION + 1))
-EMPTY_DATA = ("data: the iterable yielded no batch. Pass a DataLoader or a list of tensors holding "
-              "representative inputs.")
+NO_BATCH = ("data: the iterable yielded no batch. Pass a DataLoader or a list of tensors holding "
+            "representative inputs.")
 PROGRESS_DELAY_SECONDS = 1.0
 """The spectra's progress bar appears only once computing them has taken this long."""
 __all__ = ["NeuronPCA", "NonFiniteActivationError", "ThinDataWarning"]
@@ -142,8 +143,8 @@ class NeuronPCA:
         self._init_state({name: statistics_for(m) for name, m in layers.items()},
                          count_learnables(model), regularization)
         start = time.perf_counter()
-        self._calibrate(model, data, layers, forward_fn, max_batches, verbosity != "off", loss_fn,
-                        blocks, device)
+        self._calibrate_shard(model, data, layers, forward_fn, max_batches, verbosity != "off", loss_fn,
+                              process_group, blocks, device)
         self._sum_over(process_group)
         seconds = time.perf_counter() - start
         self._check_observations()
@@ -179,29 +180,54 @@ class NeuronPCA:
         progress = "NeuronPCA" if show_progress else None
         if blocks is not None:
             self.num_batches = calibrate_blockwise(model, data, self._stats, handles, blocks, device, forward_fn,
-                                                   max_batches, progress, EMPTY_DATA)
+                                                   max_batches, progress, NO_BATCH)
             return
         if loss_fn is None:
             self.num_batches = run_batches(model, data, handles, forward_fn, max_batches, progress=progress,
-                                           empty_message=EMPTY_DATA)
+                                           empty_message=NO_BATCH)
             return
-        dense = {name: layer for name, layer in layers.items()
-                 if kind_of(layer).family not in ("recurrent", "attention")}
         self._gradients, self._gradient_samples, self.num_batches = gradient_moments(
-            model, data, dense, loss_fn, forward_fn, max_batches, progress, handles=handles)
+            model, data, _gradient_layers(layers), loss_fn, forward_fn, max_batches, progress, handles=handles)
+
+    def _calibrate_shard(self, model, data, layers, forward_fn, max_batches, show_progress, loss_fn,
+                         process_group, blocks, device) -> None:
+        """:meth:`_calibrate` on this rank's shard. Under a group of several ranks, a shard that
+        yields no batch adds nothing (legal as long as the group saw some), and a rank that fails
+        makes every rank raise (:func:`~rankwise.distributed.raise_on_every_rank`) instead of
+        leaving the others waiting in the sums."""
+        if active_group(process_group) is None:
+            self._calibrate(model, data, layers, forward_fn, max_batches, show_progress, loss_fn, blocks, device)
+            return
+        shard = _Counted(as_batches(data))
+        failure = None
+        try:
+            self._calibrate(model, shard, layers, forward_fn, max_batches, show_progress, loss_fn, blocks, device)
+        except Exception as error:  # every rank must hear of it, whatever it is
+            if shard.yielded or not isinstance(error, ValueError):
+                failure = error
+            elif loss_fn is not None:  # an empty shard: zero gradient moments, shaped as the others'
+                self._gradients = {name: Moments.zeros(kind_of(layer).weight(layer).shape[0],
+                                                       device=model_device(model))
+                                   for name, layer in _gradient_layers(layers).items()}
+        raise_on_every_rank(failure, process_group)
 
     def _sum_over(self, process_group) -> None:
         """Sum the moments over ``process_group`` (nothing outside an initialised group); the
-        recurrent layers' reservoirs of calibration sequences are those of the group's first rank."""
+        recurrent layers' reservoirs of calibration sequences are those of the group's first rank
+        that saw a batch."""
         tensors = [t for stats in self._stats.values() for t in moment_tensors(stats)]
         tensors += [t for moments in self._gradients.values() for t in moments.tensors()]
         all_reduce_tensors(tensors, process_group)
+        batches = all_gather_count(self.num_batches, process_group)
+        self.num_batches = sum(batches)
+        if self.num_batches == 0:
+            raise ValueError(NO_BATCH)
         sampled = [stats for stats in self._stats.values() if getattr(stats, "reservoir", None) is not None]
         if sampled:
-            reservoirs = broadcast_from_first([stats.reservoir for stats in sampled], process_group)
+            first = next(rank for rank, count in enumerate(batches) if count)
+            reservoirs = broadcast_from_first([stats.reservoir for stats in sampled], process_group, first)
             for stats, reservoir in zip(sampled, reservoirs):
                 stats.reservoir = reservoir
-        self.num_batches = all_reduce_count(self.num_batches, process_group)
         self._gradient_samples = all_reduce_count(self._gradient_samples, process_group)
 
     @property
@@ -370,3 +396,26 @@ class NeuronPCA:
                               "covariance is rank-deficient and is regularised toward the spectrum "
                               "of its weights. More calibration data gives better projections.",
                               ThinDataWarning, stacklevel=3)
+
+
+class _Counted:
+    """An iterable of batches that counts those it yielded (``yielded``), so that a rank can
+    tell an empty shard from a failed batch."""
+
+    def __init__(self, batches):
+        self.batches, self.yielded = batches, 0
+
+    def __iter__(self):
+        for batch in self.batches:
+            self.yielded += 1
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.batches)  # a TypeError for an iterable without a length, as len() raises
+
+
+def _gradient_layers(layers: dict) -> dict:
+    """The layers that get gradient statistics with ``loss_fn``: the dense and embedding ones
+    (recurrent and attention layers have no loss criterion)."""
+    return {name: layer for name, layer in layers.items()
+            if kind_of(layer).family not in ("recurrent", "attention")}

@@ -29,7 +29,7 @@ STAGES = (  # earliest first
     ("construction", ("info", "projection", "flops", "latency", "latency_aware", "batchnorm",
                       "correction")),
     ("methods", ("decompose", "evolve", "train", "sensitivity", "incremental")),
-    ("outputs", ("report", "io", "export", "cli", "datasets", "examples", "demo", "__init__")),
+    ("outputs", ("report", "io", "export", "hf", "cli", "datasets", "examples", "demo", "__init__")),
 )
 
 
