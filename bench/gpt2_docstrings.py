@@ -28,7 +28,6 @@ non-overlapping 128-token windows of the split (the first token of a window is n
 
 import argparse
 import ast
-import copy
 import hashlib
 import json
 import math

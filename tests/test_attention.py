@@ -1,7 +1,6 @@
 """nn.MultiheadAttention as a layer kind: its key, value and output maps projected, called as
 the attention it replaces; its out_proj is never analysed as a plain Linear."""
 
-import copy
 
 import numpy as np
 import pytest

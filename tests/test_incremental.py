@@ -1,7 +1,6 @@
 """compress_incrementally: rollback, tolerance, history; and the sensitivity probe."""
 
 import pytest
-import torch
 
 import rankwise as rw
 from conftest import assert_unchanged, blob_task, state_of

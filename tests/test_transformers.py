@@ -2,7 +2,6 @@
 Llama-style decoder (gate/up/down MLP, RMSNorm, rotary positions), built from tiny random
 configs (nothing downloaded), compressed, unpacked, saved, loaded and exported."""
 
-import copy
 
 import pytest
 import torch
