@@ -14,9 +14,11 @@ every head and layer; every other layer dense), so every method below has the SA
   ``P P^T (b - mu) + mu``.
 - ``pca-head``: the same, one PCA per head: ``P_h`` = top ``r`` eigenvectors of the head's
   ``32 x 32`` block of the same (regularised) covariance; ``P`` is block diagonal.
-- ``score-indep`` (Eigen Attention, Saxena et al. 2024, arXiv:2408.05646; Palu, Chang et al.
-  2024, arXiv:2407.21118, both low-rank in the head dimension from calibration statistics;
-  here the objective is the scores' error itself): per head, minimise
+- ``score-indep``: the scores' error as the objective, in the line of Eigen Attention (Saxena et
+  al. 2024, arXiv:2408.05646: attention in a low-rank space, one basis for queries and keys from
+  an SVD of their calibration representations) and Palu (Chang et al. 2024, arXiv:2407.21118:
+  SVD of the projections per group of heads, Fisher-based rank search); neither paper's exact
+  recipe, but the objective both approximate: per head, minimise
   ``E[(q^T (I - A) k)^2]`` over ``A = L R^T`` of rank ``r``. Treating ``q`` and ``k`` as
   independent the objective is ``tr((I-A)^T C_q (I-A) C_k) = |G_q^T (I-A) G_k|_F^2`` with the
   uncentred second moments ``C_q = E[q q^T] = G_q G_q^T`` (Cholesky, jittered by
