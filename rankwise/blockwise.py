@@ -12,7 +12,9 @@ pauses on entering each block (a forward pre-hook waits for its turn). For block
 2. each paused forward in turn runs block ``k`` there (its arguments and keyword arguments moved
    to ``device``, exactly as the model passed them; its output moved back home), then the model's
    own code up to block ``k + 1``, where it pauses again;
-3. the block and its finished statistics move back home.
+3. the block and its finished statistics move back home (first, the rows buffered for them are
+   multiplied in: :class:`~rankwise.statistics.dense.SharedInputs`; the paused forwards run in
+   copies of the calibration's context, so their hooks share its buffers and input moments).
 
 After the last block each forward runs to its end, so the layers outside the blocks (the
 embeddings before block 0, anything between blocks, a head after the last one) are calibrated by
@@ -35,6 +37,7 @@ lists, dicts and plain values (a Hugging Face ``Cache``: pass ``use_cache=False`
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import enum
 import threading
 from dataclasses import fields, is_dataclass, replace
@@ -44,6 +47,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rankwise.batches import as_batches, default_forward, eval_mode, model_device, move_to, run_batch
+from rankwise.statistics.dense import flush_rows_of
 from rankwise.targets import Candidates, select
 
 AUTO = "auto"
@@ -207,7 +211,8 @@ class _Forward:
         self.refusal = self.error = None
         self.done = self.aborted = False
         self._go, self._paused = threading.Semaphore(0), threading.Semaphore(0)
-        self._thread = threading.Thread(target=self._run, args=(model, batch, forward_fn), daemon=True,
+        self._thread = threading.Thread(target=contextvars.copy_context().run,  # the hooks' shared state
+                                        args=(self._run, model, batch, forward_fn), daemon=True,
                                         name=f"rankwise-blockwise-batch-{index}")
         self._thread.start()
 
@@ -307,6 +312,7 @@ class _Block:
 
     def move(self, device) -> None:
         if self.moves:
+            flush_rows_of(self.stats)  # the rows buffered for these statistics, before they are copied
             self.module.to(device)
             for stats in self.stats:
                 move_statistics(stats, device)

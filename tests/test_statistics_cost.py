@@ -1,13 +1,15 @@
 """The cheaper statistics: a Linear layer's output moments derived from its input's Gram, one
-Gram for layers sharing an input, the float32-per-batch precision, copy-free convolution Grams."""
+Gram for layers sharing an input, small calls' rows buffered into larger products, the
+float32-per-batch precision, copy-free convolution Grams."""
 
 import pytest
 import torch
 from torch import nn
 
 import rankwise as rw
+import rankwise.moments
 from rankwise.moments import Moments
-from rankwise.statistics import from_plain, moment_tensors, to_plain
+from rankwise.statistics import from_plain, moment_tensors, statistics_for, to_plain
 from rankwise.statistics.dense import SharedInputs, sharing_inputs
 
 UNIT_ROUNDOFF = 2.0 ** -24
@@ -94,31 +96,157 @@ def test_a_subclass_with_its_own_forward_has_its_output_gathered():
     assert_moments_close(npca.statistics("0").output, outputs)
 
 
-def test_siblings_share_one_gram_and_get_the_statistics_of_separate_ones(monkeypatch):
-    calls = []
-    of_rows = Moments.of_rows.__func__
+@pytest.fixture(autouse=True)
+def buffering_every_width(monkeypatch):
+    """These layers are narrow (width 3 to 14): buffer them as wide ones are."""
+    monkeypatch.setattr(rankwise.moments, "BUFFERED_WIDTH", 1)
 
-    def counted(cls, rows, outer=True):
-        calls.append(tuple(rows.shape))
-        return of_rows(cls, rows, outer)
 
+def counting_grams(monkeypatch) -> list:
+    """Patch the one Gram routine so that the row counts and widths of its products are recorded."""
+    calls, gram = [], rankwise.moments._gram
+    monkeypatch.setattr(rankwise.moments, "_gram", lambda rows: calls.append(tuple(rows.shape)) or gram(rows))
+    return calls
+
+
+@pytest.mark.parametrize("rows_per_product", [0, 256])  # 0: every call its own product
+def test_siblings_share_one_gram_and_get_the_statistics_of_separate_ones(monkeypatch, rows_per_product):
+    monkeypatch.setattr(rankwise.moments, "ROWS_PER_PRODUCT", rows_per_product)
     data = batches()
     torch.manual_seed(0)
     shared_model = Siblings().double()
     separate_model = Siblings(separate=True).double()
     separate_model.load_state_dict(shared_model.state_dict())
-    monkeypatch.setattr(Moments, "of_rows", classmethod(counted))
+    calls = counting_grams(monkeypatch)
     shared = rw.NeuronPCA(shared_model, data, verbosity="off")
     shared_calls, calls[:] = list(calls), []
     separate = rw.NeuronPCA(separate_model, data, verbosity="off")
-    # per batch, (36, 6) rows: one Gram for q, k and v (against three) and one for wide's input
-    assert shared_calls.count((36, 6)) == 2 * len(data) and calls.count((36, 6)) == 4 * len(data)
+    # width 6: one Gram for q, k and v (against three) and one for wide's input, per batch of
+    # 36 rows unbuffered, or once for the 3 x 36 rows of the pass buffered
+    rows, products = (36, len(data)) if rows_per_product == 0 else (3 * 36, 1)
+    assert shared_calls.count((rows, 6)) == 2 * products and calls.count((rows, 6)) == 4 * products
     for name in shared.layer_names:
         for side in ("input", "output"):
             assert torch.equal(shared.statistics(name).moments(side).sum,
                                separate.statistics(name).moments(side).sum)
         torch.testing.assert_close(shared.statistics(name).output.outer,
                                    separate.statistics(name).output.outer, rtol=1e-14, atol=0)
+
+
+def masked_forward(model, batch):
+    """Siblings on a batch with its last tokens masked out (a different count per sequence)."""
+    mask = (torch.arange(batch.shape[1]) < torch.arange(batch.shape[0])[:, None] % 4 + 1).long()
+    with rw.token_mask(mask):
+        return model(batch)
+
+
+def calibrated(monkeypatch, rows_per_product, model, data, **kwargs):
+    monkeypatch.setattr(rankwise.moments, "ROWS_PER_PRODUCT", rows_per_product)
+    return rw.NeuronPCA(model, data, verbosity="off", **kwargs)
+
+
+def assert_same_statistics(got, want, rtol):
+    for name in want.layer_names:
+        for side in ("input", "output"):
+            mine, theirs = got.statistics(name).moments(side), want.statistics(name).moments(side)
+            assert torch.equal(mine.count, theirs.count)
+            for field in ("sum", "square_sum", "outer"):
+                expected = getattr(theirs, field)
+                if expected is not None:
+                    scale = float(expected.abs().max())
+                    torch.testing.assert_close(getattr(mine, field), expected, rtol=rtol, atol=rtol * scale)
+
+
+@pytest.mark.parametrize("rows_per_product", [40, 80, 256])  # a call (36 rows) is 1/2 or 1/7 of a product
+@pytest.mark.parametrize("masked", [False, True])
+def test_buffered_statistics_equal_the_unbuffered_ones_in_float64(monkeypatch, rows_per_product, masked):
+    """Linear layers gathering their output, their input (output derived), siblings sharing an
+    input, padded batches; products of one call, of several calls, and flushed mid-pass."""
+    model, data = Siblings().double(), batches(count=5)
+    forward_fn = masked_forward if masked else None
+    unbuffered = calibrated(monkeypatch, 0, model, data, forward_fn=forward_fn)
+    calls = counting_grams(monkeypatch)
+    buffered = calibrated(monkeypatch, rows_per_product, model, data, forward_fn=forward_fn)
+    assert len(calls) <= 3 * len(data) and (rows_per_product < 72 or len(calls) < 3 * len(data))
+    assert all(rows <= rows_per_product for rows, _ in calls)
+    assert_same_statistics(buffered, unbuffered, rtol=1e-12)
+
+
+class Embedded(nn.Module):
+    """An embedding table feeding the siblings."""
+
+    def __init__(self):
+        super().__init__()
+        self.table, self.siblings = nn.Embedding(11, 6), Siblings()
+
+    def forward(self, tokens):
+        return self.siblings(self.table(tokens))
+
+
+def test_buffered_embedding_statistics_equal_the_unbuffered_ones(monkeypatch):
+    model = Embedded().double()
+    generator = torch.Generator().manual_seed(4)
+    data = [torch.randint(0, 11, (3, 5), generator=generator) for _ in range(6)]
+    unbuffered = calibrated(monkeypatch, 0, model, data, forward_fn=masked_forward)
+    buffered = calibrated(monkeypatch, 256, model, data, forward_fn=masked_forward)
+    assert_same_statistics(buffered, unbuffered, rtol=1e-12)
+
+
+def test_merged_and_saved_buffered_statistics_equal_the_whole_unbuffered_ones(monkeypatch, tmp_path):
+    """What a process group sums and merge adds: the flushed moments of each shard."""
+    model, data = Siblings().double(), batches(count=6)
+    whole = calibrated(monkeypatch, 0, model, data)
+    halves = [calibrated(monkeypatch, 256, model, part) for part in (data[:3], data[3:])]
+    halves[0].save(tmp_path / "half.pt")
+    merged = rw.NeuronPCA.load(tmp_path / "half.pt").merge(halves[1])
+    assert_same_statistics(merged, whole, rtol=1e-12)
+
+
+def test_buffered_float32_rows_are_multiplied_in_float64(monkeypatch):
+    """Small calls' float32 rows are copied exactly into float64 products of at most
+    ROWS_PER_PRODUCT rows: |fl(S)_ij - S_ij| <= gamma_256^(64) |X_i| |X_j| (RowBuffer), where a
+    float32 product of the same rows may be off by gamma_256 |X_i| |X_j|."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(160, 200))  # d_in <= d_out: its input's Gram
+    generator = torch.Generator().manual_seed(3)
+    data = [torch.randn(13, 160, generator=generator) * torch.linspace(0.1, 10, 160) + 3 for _ in range(60)]
+    calls = counting_grams(monkeypatch)
+    npca = rw.NeuronPCA(model, data, verbosity="off")
+    assert max(rows for rows, _ in calls) > 13 and len(calls) < len(data)  # buffered
+    rows = torch.cat(data).double()
+    norms = rows.norm(dim=0)
+    error = (npca.statistics("0").input.outer - rows.T @ rows).abs()
+    products = rankwise.moments.ROWS_PER_PRODUCT
+    gamma = products * 2.0 ** -53 / (1 - products * 2.0 ** -53)
+    assert bool((error <= gamma * torch.outer(norms, norms)).all())
+
+
+def test_a_nan_in_a_buffered_call_names_the_layer_and_its_batch():
+    model, data = Siblings().double(), batches(count=4)
+    data[2][1, 3, 0] = float("nan")
+    with pytest.raises(rw.NonFiniteActivationError, match=r"data: batch 2: layer 'q' has NaN or Inf in its input"):
+        rw.NeuronPCA(model, data, verbosity="off")
+
+
+def test_buffered_rows_reach_the_moments_when_the_pass_ends(monkeypatch):
+    model, data = Siblings().double(), batches(count=2)
+    stats = {name: statistics_for(model.get_submodule(name)) for name in ("q", "out")}
+    handles = [model.get_submodule(name).register_forward_hook(s.hook(name, model.get_submodule(name)),
+                                                                with_kwargs=True)
+               for name, s in stats.items()]
+    with sharing_inputs() as shared, torch.no_grad():
+        for batch in data:
+            shared.clear()
+            model(batch)
+        assert int(stats["q"].input.count) == 72 and not stats["q"].input.outer.any()  # pending
+        assert not stats["out"].output.outer.any()
+    for handle in handles:
+        handle.remove()
+    inputs = gathered(model, data, "q")[0]
+    assert_moments_close(stats["q"].input, inputs)
+    assert_moments_close(stats["out"].output, gathered(model, data, "out")[1])
+    whole = rw.NeuronPCA(model, data, verbosity="off")  # and so does NeuronPCA's own pass
+    assert_moments_close(whole.statistics("q").input, inputs)
 
 
 def test_a_tensor_changed_in_place_between_readers_is_not_shared():
@@ -132,14 +260,20 @@ def test_a_tensor_changed_in_place_between_readers_is_not_shared():
 
 
 def test_the_cache_keeps_its_tensors_alive_and_forgets_them_when_cleared():
-    cache, computed = SharedInputs(), []
+    cache, layer = SharedInputs(), nn.Linear(3, 4)
     tensor = torch.randn(5, 3)
-    first = cache.moments(tensor, ("linear",), lambda: computed.append(1) or Moments.of_rows(tensor))
-    again = cache.moments(tensor.view(5, 3), ("linear",), lambda: computed.append(1))
-    assert again is first and computed == [1] and cache.computed == 1
+    first, second = Moments.zeros(3), Moments.zeros(3)
+    cache.add(first, tensor, layer, shared=True)
+    cache.add(second, tensor.view(5, 3), layer, shared=True)
+    assert cache.computed == 1 and len(cache._entries) == 1
+    assert next(iter(cache._entries.values()))[0] is tensor
     cache.clear()
-    cache.moments(tensor, ("linear",), lambda: computed.append(1) or Moments.of_rows(tensor))
-    assert computed == [1, 1]
+    assert not cache._entries
+    cache.add(first, tensor, layer, shared=True)
+    assert cache.computed == 2
+    cache.flush()
+    assert_moments_close(second, tensor.double(), rtol=1e-6)
+    assert_moments_close(first, torch.cat([tensor, tensor]).double(), rtol=1e-6)
     with sharing_inputs() as active:
         assert isinstance(active, SharedInputs)
 

@@ -23,7 +23,10 @@ in float64 when first asked for (after any merge or process-group sum, which add
 moments); otherwise the output's full moments and only ``count``, ``sum`` and ``square_sum`` of
 its input, as before. Layers that read the same activation tensor in one forward call (the
 query, key and value of an attention, a gated MLP's gate and up projections, a residual
-block's first convolution and its shortcut) share one computation of that input's batch moments
+block's first convolution and its shortcut) share one computation of that input's batch moments,
+and the rows of ``Linear`` calls too small for an efficient product (a single sentence) are
+gathered, per group of layers reading them, into products of up to
+:data:`~rankwise.moments.ROWS_PER_PRODUCT` rows, flushed before the pass ends
 (:class:`SharedInputs`). The spectra are regularised as :mod:`rankwise.statistics.spectra`
 describes, with ``d`` the largest analysed width (``d_out`` for a ``Linear`` layer,
 ``max(d_in, d_out)`` for a convolution).
@@ -41,7 +44,7 @@ from torch import nn
 
 from rankwise.kinds import kind_named
 from rankwise.masks import TokenMask, active_mask, token_rows
-from rankwise.moments import Moments, Spectrum, naming_layer
+from rankwise.moments import Moments, RowBuffer, Spectrum, computable, finite_sum, naming_layer
 from rankwise.statistics.spectra import shrinkage
 
 
@@ -172,13 +175,13 @@ class LayerStatistics:
     def hook(self, name: str, layer: nn.Module):
         """A forward hook (``with_kwargs=True``) adding one call of ``layer`` to these moments.
 
-        The input's batch moments come from the :class:`SharedInputs` of the enclosing
-        :func:`sharing_inputs` block, when there is one; the output is not read when its
-        moments are derived.
+        Inside a :func:`sharing_inputs` block the input's batch moments are shared with the
+        layers reading the same tensor and small calls' rows are buffered (:class:`SharedInputs`);
+        the output is not read when its moments are derived.
         """
         def update(moments: Moments, t: torch.Tensor, side: str, shared: bool) -> None:
             with naming_layer(name, f"{side} activations"):
-                moments.add_(_batch_moments(t.detach(), layer, moments.outer is not None, shared))
+                add_call(moments, t.detach(), layer, shared)
 
         def hook(module, args, kwargs, output):
             update(self.input, args[0] if args else next(iter(kwargs.values())), "input", True)
@@ -203,12 +206,25 @@ def settled(stats):
 
 
 class SharedInputs:
-    """The batch moments of the last few input tensors seen, for the next layers that read them.
+    """One calibration pass's batch moments: shared between the layers reading one input tensor,
+    and the rows of small calls gathered into larger products (:class:`~rankwise.moments.RowBuffer`).
 
-    Keyed by the tensor's ``data_ptr``, shape, strides, dtype, device and ``_version`` (bumped by
-    every in-place change), and by the row layout (``Linear`` or convolution) and whether an
-    ``outer`` is tracked. Each entry keeps its tensor alive, so its memory cannot be reused by
-    another tensor while the entry exists; :meth:`clear` empties it (once per batch).
+    **Sharing.** The batch moments of the last few input tensors seen are kept for the next
+    layers that read them, keyed by the tensor's ``data_ptr``, shape, strides, dtype, device and
+    ``_version`` (bumped by every in-place change), and by the row layout (``Linear`` or
+    convolution) and whether an ``outer`` is tracked. Each entry keeps its tensor alive, so its
+    memory cannot be reused by another tensor while the entry exists.
+
+    **Row buffering.** A ``Linear`` call of fewer than
+    :data:`~rankwise.moments.ROWS_PER_PRODUCT` rows whose side tracks an ``outer`` adds its
+    ``count`` and ``sum`` at once but leaves a copy of its rows pending; the layers reading the
+    same tensor join it as they come. When the entry is forgotten (:meth:`clear`, once per
+    batch, or when newer tensors push it out) its rows go to the row buffer of exactly that
+    group of moments, so one product still serves all siblings. The rows' finiteness is checked
+    when they arrive (through their sum), so a NaN raises in the layer and batch that produced it.
+
+    :meth:`flush` multiplies every buffer: :func:`sharing_inputs` calls it when its block ends,
+    which is where the statistics leave a calibration pass, so no one reads moments missing rows.
 
     Attributes
     ----------
@@ -222,25 +238,72 @@ class SharedInputs:
 
     def __init__(self):
         self._entries: dict = {}
+        self._buffers: dict[tuple[int, ...], RowBuffer] = {}
         self.computed = 0
 
-    def moments(self, tensor: torch.Tensor, layout: tuple, compute) -> Moments:
-        """The moments ``compute()`` gives for ``tensor``, computed once per tensor and ``layout``."""
-        if tensor.is_inference():  # inference tensors have no version counter: never shared
-            self.computed += 1
-            return compute()
-        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype,
-               tensor.device, tensor._version, layout)
+    def add(self, moments: Moments, tensor: torch.Tensor, layer: nn.Module, shared: bool) -> None:
+        """Add one call's activation ``tensor`` of ``layer`` to ``moments``, computed once per
+        tensor and layout when ``shared`` (an input), pending for a small ``Linear`` call."""
+        key = _cache_key(tensor, layer, moments) if shared else None
         if key not in self._entries:
             self.computed += 1
+            batch = _call_moments(tensor, layer, moments.outer is not None, buffered=True)
+            if key is None:
+                _add_to(moments, batch)
+                self._file(batch)
+                return
             if len(self._entries) >= self.SIZE:
-                del self._entries[next(iter(self._entries))]
-            self._entries[key] = (tensor, compute())
-        return self._entries[key][1]
+                self._file(self._entries.pop(next(iter(self._entries)))[1])
+            self._entries[key] = (tensor, batch)
+        _add_to(moments, self._entries[key][1])
+
+    def _file(self, batch) -> None:
+        """Hand a pending call's rows to the buffer of the moments that read them."""
+        if not isinstance(batch, _PendingCall):
+            return
+        group = tuple(map(id, batch.readers))
+        if group not in self._buffers:
+            self._buffers[group] = RowBuffer(batch.readers)
+        self._buffers[group].append(batch.rows)
 
     def clear(self) -> None:
-        """Forget every entry (and release the tensors it kept)."""
+        """Forget every entry (and release the tensors it kept), filing their pending rows."""
+        for _, batch in self._entries.values():
+            self._file(batch)
         self._entries.clear()
+
+    def flush(self, moments: list[Moments] | None = None) -> None:
+        """:meth:`clear`, then add the buffered rows' products to their moments: every buffer,
+        or, given ``moments``, only (and then forget) the buffers adding to any of them."""
+        self.clear()
+        chosen = None if moments is None else set(map(id, moments))
+        for group, buffer in list(self._buffers.items()):
+            if chosen is None or chosen.intersection(group):
+                buffer.flush()
+                if chosen is not None:
+                    del self._buffers[group]
+
+
+@dataclass
+class _PendingCall:
+    """A small ``Linear`` call whose rows wait for a product: its ``count``, its float64 ``sum``
+    (computed as an unbuffered call's), a float64 copy of its ``rows`` and the moments that read it."""
+
+    count: int
+    sum: torch.Tensor
+    rows: torch.Tensor
+    readers: list
+
+
+def _add_to(moments: Moments, batch) -> None:
+    """Add a call's :class:`Moments`, or the ``count`` and ``sum`` of a :class:`_PendingCall`
+    (whose rows then wait for ``moments`` too), to ``moments``."""
+    if isinstance(batch, Moments):
+        moments.add_(batch)
+        return
+    moments.count += batch.count
+    moments.sum += batch.sum
+    batch.readers.append(moments)
 
 
 _SHARED: contextvars.ContextVar[SharedInputs | None] = contextvars.ContextVar("shared_inputs", default=None)
@@ -248,30 +311,68 @@ _SHARED: contextvars.ContextVar[SharedInputs | None] = contextvars.ContextVar("s
 
 @contextlib.contextmanager
 def sharing_inputs():
-    """Context manager: inside it, the dense hooks share input batch moments through the
-    :class:`SharedInputs` it yields (call its ``clear()`` between batches)."""
+    """Context manager: inside it, the dense hooks of this thread share input batch moments and
+    buffer small calls' rows through the :class:`SharedInputs` it yields (call its ``clear()``
+    between batches); leaving the block normally flushes the buffered rows into the moments.
+
+    A buffer holds the moments objects it adds to: statistics that move to another device
+    (block-by-block calibration) flush theirs first (:func:`flush_rows_of`)."""
     shared = SharedInputs()
     token = _SHARED.set(shared)
     try:
         yield shared
+        shared.flush()
     finally:
         _SHARED.reset(token)
         shared.clear()
 
 
-def _batch_moments(tensor: torch.Tensor, layer: nn.Module, outer: bool, shared: bool) -> Moments:
-    """The moments of one call's activation ``tensor`` of ``layer``, through the current
-    :class:`SharedInputs` when ``shared`` and one is active."""
-    def compute() -> Moments:
-        if layer.weight.dim() == 2:
-            return Moments.of_rows(channel_rows(tensor, layer, active_mask()), outer)
+def add_call(moments: Moments, tensor: torch.Tensor, layer: nn.Module, shared: bool) -> None:
+    """Add one call's activation ``tensor`` of ``layer`` to ``moments``: through this thread's
+    :class:`SharedInputs` when one is active (``shared``: an input its siblings may read), else at once.
+
+    Raises
+    ------
+    NonFiniteActivationError
+        When the activation holds NaN or Inf.
+    """
+    cache = _SHARED.get()
+    if cache is not None:
+        cache.add(moments, tensor, layer, shared)
+    else:
+        moments.add_(_call_moments(tensor, layer, moments.outer is not None, buffered=False))
+
+
+def flush_rows_of(statistics: list) -> None:
+    """Add the rows buffered for the moments of these statistics dataclasses to them (through
+    the active :class:`SharedInputs`; nothing outside a :func:`sharing_inputs` block), before
+    they are replaced by copies on another device."""
+    cache = _SHARED.get()
+    if cache is not None:
+        cache.flush([value for stats in statistics for value in vars(stats).values()
+                     if isinstance(value, Moments)])
+
+
+def _cache_key(tensor: torch.Tensor, layer: nn.Module, moments: Moments) -> tuple | None:
+    """What identifies ``tensor``'s content and its row layout; ``None`` for an inference tensor
+    (no version counter: never shared)."""
+    if tensor.is_inference():
+        return None
+    return (tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.device,
+            tensor._version, layer.weight.dim() == 2, moments.outer is not None)
+
+
+def _call_moments(tensor: torch.Tensor, layer: nn.Module, outer: bool, buffered: bool):
+    """The :class:`Moments` of one call's activation ``tensor`` of ``layer``; with ``buffered``,
+    a :class:`_PendingCall` instead for a ``Linear`` call of fewer than ``ROWS_PER_PRODUCT`` rows
+    that tracks an ``outer``."""
+    if layer.weight.dim() != 2:
         channels = tensor if tensor.dim() == layer.weight.dim() else tensor[None]  # batched or not
         return Moments.of_channels(channels.reshape(*channels.shape[:2], -1), outer)
-
-    cache = _SHARED.get() if shared else None
-    if cache is None:
-        return compute()
-    return cache.moments(tensor, (layer.weight.dim() == 2, outer), compute)
+    rows = channel_rows(tensor, layer, active_mask())
+    if not (buffered and outer and RowBuffer.takes(rows)):
+        return Moments.of_rows(rows, outer)
+    return _PendingCall(len(rows), finite_sum(computable(rows).sum(0)), rows.to(torch.float64, copy=True), [])
 
 
 def _is_affine(layer: nn.Module, kind: str) -> bool:

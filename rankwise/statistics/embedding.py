@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from rankwise.masks import active_mask, token_rows
-from rankwise.moments import Moments
-from rankwise.statistics.dense import LayerStatistics, channel_rows
+from rankwise.moments import Moments, naming_layer
+from rankwise.statistics.dense import LayerStatistics, add_call
 
 
 class EmbeddingStatistics(LayerStatistics):
@@ -48,7 +48,8 @@ class EmbeddingStatistics(LayerStatistics):
             self.input.count += len(tokens)
             self.input.sum += counts
             self.input.square_sum += len(tokens)
-            self.output.update_of(channel_rows(output.detach(), layer, mask), name, "output activations")
+            with naming_layer(name, "output activations"):
+                add_call(self.output, output.detach(), layer, shared=False)  # small calls buffered
 
         return hook
 
