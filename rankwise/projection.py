@@ -190,7 +190,7 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
         model, npca_or_data, layer_names=list(layers), verbosity=verbosity, forward_fn=forward_fn,
         loss_fn=loss_fn)
     check_statistics(npca, layers)
-    options = measured_options(model, npca, layers, criterion)
+    options = measured_options(model, npca, layers, criterion, progress=verbosity != "off")
     learnables_before = count_learnables(model)
     bound = SequenceBound(layers, options, npca, goal_name, goal)
     timings, kept_dense = {}, []

@@ -79,3 +79,16 @@ def test_build_projected_from_explicit_decisions_is_what_compress_builds(goal_na
     with torch.no_grad():
         torch.testing.assert_close(net(x), expected_net(x), rtol=0, atol=0)
     assert_unchanged(model, snapshot)
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_the_options_show_a_progress_bar_only_when_asked(mlp_statistics, monkeypatch, capsys, progress):
+    from rankwise.ranks import frontier
+
+    model, npca = mlp_statistics
+    monkeypatch.setattr(frontier, "PROGRESS_DELAY_SECONDS", 0)  # the bar appears at once
+    layers = {name: model.get_submodule(name) for name in npca.layer_names}
+    options = frontier.measured_options(model, npca, layers, progress=progress)
+    assert set(options) == set(layers)
+    shown = "spectra and options" in capsys.readouterr().err
+    assert shown == progress

@@ -54,9 +54,11 @@ from functools import partial
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from rankwise.kinds import kind_named
 from rankwise.learnables import dense_learnables, factored_learnables, recurrent_learnables
+from rankwise.pca import PROGRESS_DELAY_SECONDS
 from rankwise.ranks.criterion import Candidates, Criterion, criterion_named, output_metrics
 from rankwise.rnn import GATES
 
@@ -181,7 +183,8 @@ class RecurrentOptions(LayerOptions):
                           float(self.residual[index]), float(self.error[index]))
 
 
-def measured_options(model, npca, layers: dict, criterion: str = "variance") -> dict[str, LayerOptions]:
+def measured_options(model, npca, layers: dict, criterion: str = "variance",
+                     progress: bool = False) -> dict[str, LayerOptions]:
     """Every layer's options, judged by ``criterion`` in the metric it measures errors in.
 
     The statistics of each layer with a metric (:func:`rankwise.ranks.criterion.output_metrics`:
@@ -196,6 +199,10 @@ def measured_options(model, npca, layers: dict, criterion: str = "variance") -> 
     npca : NeuronPCA
     layers : dict of str to torch.nn.Module
     criterion : {"variance", "loss"}
+    progress : bool
+        Show a progress bar over the layers once this takes over a second: the first use of a
+        layer's statistics computes its eigen-decompositions (``O(d^3)``), its derived output
+        moments and its weight Grams, which on a large network take a while.
 
     Returns
     -------
@@ -205,7 +212,8 @@ def measured_options(model, npca, layers: dict, criterion: str = "variance") -> 
     metrics = output_metrics(model, npca, layers, criterion)
     analysed = npca.whitened(metrics, layers) if metrics else npca
     options = {}
-    for name in layers:
+    for name in tqdm(layers, desc="rankwise: spectra and options", delay=PROGRESS_DELAY_SECONDS,
+                     leave=False, disable=not progress):
         options[name] = layer_options(analysed, name, criterion)
         options[name].metric = metrics.get(name)
         if name in metrics:

@@ -218,7 +218,7 @@ def analyze(model: nn.Module, npca_or_data, *, layer_names=None, exclude=None,
     excluded = excluded_layers(model, layer_names, selected, tied)
     npca, analysed = _statistics(model, npca_or_data, selected, layer_names is None,
                                  verbosity, forward_fn)
-    options = measured_options(model, npca, analysed, criterion)
+    options = measured_options(model, npca, analysed, criterion, progress=verbosity != "off")
     network_learnables = count_learnables(model)
     reduction, explained = tradeoff_curve(options, network_learnables)
     report = AnalysisReport(
