@@ -33,7 +33,7 @@ from torch import nn
 
 from rankwise.layers.attention import PARTS, part_weights
 from rankwise.masks import active_mask, token_rows
-from rankwise.moments import Moments, Spectrum
+from rankwise.moments import Moments, Spectrum, naming_layer
 from rankwise.statistics.spectra import shrinkage
 
 CALL_ARGUMENTS = ("query", "key", "value", "key_padding_mask")
@@ -126,10 +126,15 @@ class AttentionStatistics:
         def hook(module, args, kwargs, output):
             call = dict(zip(CALL_ARGUMENTS, args)) | {k: v for k, v in kwargs.items() if k in CALL_ARGUMENTS}
             keep = _kept_positions(call.get("key_padding_mask"))
-            key = _batch_moments(_rows(call["key"], keep, layer.batch_first), name, "key inputs")
-            value = key if call["value"] is call["key"] else _batch_moments(
-                _rows(call["value"], keep, layer.batch_first), name, "value inputs")
-            self.key, self.value = self.key + key, self.value + value
+            with naming_layer(name, "key inputs"):
+                key = Moments.of_rows(_rows(call["key"], keep, layer.batch_first))
+            if call["value"] is call["key"]:
+                value = key
+            else:
+                with naming_layer(name, "value inputs"):
+                    value = Moments.of_rows(_rows(call["value"], keep, layer.batch_first))
+            self.key.add_(key)
+            self.value.add_(value)
             self_attention = call["query"] is call["key"]
             rows = _rows(output[0], keep if self_attention else None, layer.batch_first)
             self.output.update_of(rows, name, "output activations")
@@ -141,12 +146,6 @@ class AttentionStatistics:
             raise ValueError("the two statistics describe attention layers of different shapes")
         return AttentionStatistics(**{**vars(self), "key": self.key + other.key,
                                       "value": self.value + other.value, "output": self.output + other.output})
-
-
-def _batch_moments(rows: torch.Tensor, name: str, what: str) -> Moments:
-    moments = Moments.zeros(rows.shape[-1], rows.device)
-    moments.update_of(rows, name, what)
-    return moments
 
 
 def _kept_positions(mask) -> torch.Tensor | None:
