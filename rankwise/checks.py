@@ -1,7 +1,8 @@
 """Argument checks shared by every entry point.
 
 Each check raises a ``ValueError`` that names the argument and says what was expected, so a
-user's mistake never surfaces as a traceback from deep inside the library.
+user's mistake never surfaces as a traceback from deep inside the library; :func:`first_line`
+quotes another library's error inside such a message.
 """
 
 from __future__ import annotations
@@ -63,3 +64,10 @@ def check_max_batches(max_batches) -> None:
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
                                     or max_batches < 1):
         raise ValueError(f"max_batches: expected a positive integer or None, got {max_batches!r}.")
+
+
+def first_line(error: Exception) -> str:
+    """The first non-empty line of an error's message, at most 200 characters (its type's name
+    when it has none): another library's error, quoted inside one of ours."""
+    line = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    return line[:200]

@@ -48,6 +48,7 @@ from torch import nn
 from rankwise import __version__
 from rankwise import hf
 from rankwise import io as rankwise_io
+from rankwise.checks import first_line
 from rankwise.distributed import raise_on_every_rank
 from rankwise.projection import compress_network_using_projection
 from rankwise.report import analyze
@@ -433,7 +434,7 @@ def _launched_group(args):
             dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
         except (ValueError, RuntimeError) as error:
             raise UsageError(f"RANK and WORLD_SIZE are set, so the command joins a torch.distributed "
-                             f"group, which failed ({hf.first_line(error)}); launch it with torchrun, or "
+                             f"group, which failed ({first_line(error)}); launch it with torchrun, or "
                              "unset RANK and WORLD_SIZE.") from None
         started = True
     grouped = calibrated and dist.is_available() and dist.is_initialized()

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from rankwise.layers import ProjectedGRU, ProjectedLSTM
-from rankwise.checks import check_verbosity
+from rankwise.checks import check_verbosity, first_line
 from rankwise.projection import unpack_projected_layers
 
 OPSET = 20
@@ -121,7 +121,7 @@ def _export(plain: nn.Module, example_input: torch.Tensor, path: pathlib.Path, d
                 raise RuntimeError(f"export_onnx: neither ONNX exporter could export the model "
                                    f"(dynamo: {dynamo_error}; TorchScript: {legacy_error}).") \
                     from legacy_error
-            return False, _first_line(dynamo_error)
+            return False, first_line(dynamo_error)
 
 
 @contextlib.contextmanager
@@ -169,8 +169,3 @@ def _summary(path: pathlib.Path, dynamo: bool, fallback_reason: str | None, sing
     fallback = "" if dynamo else f" (the torch.export-based one failed: {fallback_reason})"
     return f"export_onnx: wrote {path} ({contents}) with {EXPORTERS[dynamo]}{fallback}"
 
-
-def _first_line(error: Exception) -> str:
-    """The first line of an error's message, at most 200 characters."""
-    lines = str(error).strip().splitlines()
-    return (lines[0] if lines else type(error).__name__)[:200]

@@ -24,6 +24,7 @@ import pathlib
 
 from torch import nn
 
+from rankwise.checks import first_line
 from rankwise.io import load, read_metadata
 
 CONFIG_KEY = "rankwise_hf_config"
@@ -220,7 +221,3 @@ def _transformers():
                           "pip install transformers.") from None
     return transformers
 
-
-def first_line(error: Exception) -> str:
-    """The first non-empty line of an error's message (its type's name when it has none)."""
-    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
