@@ -84,14 +84,23 @@ def form_spec(module: nn.Module) -> dict | None:
     return {**spec, "unpacked": True} if isinstance(spec, dict) else None
 
 
+def outermost(model: nn.Module, is_whole):
+    """``(name, module, whole)`` for every module of ``model`` that is not a part of a *whole*,
+    in model order: ``whole = is_whole(module)``, and the submodules of a whole are skipped."""
+    inside = set()
+    for name, module in model.named_modules():
+        if id(module) in inside:
+            continue
+        whole = is_whole(module)
+        if whole:
+            inside.update(id(m) for m in module.modules())
+        yield name, module, whole
+
+
 def compressed_forms(model: nn.Module) -> dict[str, nn.Module]:
     """The outermost forms of ``model`` (packed or unpacked) by qualified name, in model order."""
-    forms, inside = {}, set()
-    for name, module in model.named_modules():
-        if id(module) not in inside and form_spec(module) is not None:
-            forms[name] = module
-            inside.update(id(m) for m in module.modules())
-    return forms
+    return {name: module for name, module, whole in outermost(model, lambda m: form_spec(m) is not None)
+            if whole}
 
 
 def unpack_forms(model: nn.Module, inplace: bool = False) -> nn.Module:

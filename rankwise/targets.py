@@ -31,6 +31,7 @@ from typing import Callable
 from torch import nn
 
 from rankwise.kinds import kind_of, supported_names
+from rankwise.forms import outermost
 from rankwise.layers.base import ProjectedLayer
 
 REGEX_PREFIX = "re:"
@@ -96,17 +97,15 @@ def projectable_layers(model: nn.Module) -> dict[str, nn.Module]:
     parameters another module holds too (:func:`tied_layers`), nor layers whose parent uses
     their weight without calling them (:func:`functional_layers`).
     """
-    inside_projected = set()
     tied = tied_layers(model)
     functional = functional_layers(model)
-    layers = {}
-    for name, module in model.named_modules():
-        if isinstance(module, ProjectedLayer):
-            inside_projected.update(id(m) for m in module.modules())
-        if (id(module) not in inside_projected and name not in tied and name not in functional
-                and why_not_projectable(module) is None):
-            layers[name] = module
-    return layers
+    return {name: module for name, module, projected in outermost(model, _is_projected)
+            if not projected and name not in tied and name not in functional
+            and why_not_projectable(module) is None}
+
+
+def _is_projected(module: nn.Module) -> bool:
+    return isinstance(module, ProjectedLayer)
 
 
 def tied_layers(model: nn.Module) -> dict[str, str]:

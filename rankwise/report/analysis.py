@@ -22,6 +22,7 @@ import numpy as np
 from torch import nn
 
 from rankwise.kinds import kind_of
+from rankwise.forms import outermost
 from rankwise.layers import ProjectedLayer
 from rankwise.learnables import count_learnables
 from rankwise.checks import check_fraction, check_verbosity
@@ -269,14 +270,8 @@ def _listed_modules(model: nn.Module):
     """``(name, module)`` of every projected wrapper, projectable layer or module holding
     learnables itself, in model order; the parts of a projected wrapper or of an attention
     layer (its ``out_proj``) are not listed."""
-    inside_projected = set()
-    for name, module in model.named_modules():
-        if id(module) in inside_projected:
-            continue
-        if _whole(module):
-            inside_projected.update(id(m) for m in module.modules())
-            yield name, module
-        elif why_not_projectable(module) is None or _own_learnables(module):
+    for name, module, whole in outermost(model, _whole):
+        if whole or why_not_projectable(module) is None or _own_learnables(module):
             yield name, module
 
 
