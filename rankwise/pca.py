@@ -37,7 +37,7 @@ from rankwise.metric import OutputMetric, whitened_statistics
 from rankwise.moments import Moments, NonFiniteActivationError, Spectrum
 from rankwise.statistics import Statistics, from_plain, moment_tensors, statistics_for, to_plain
 from rankwise.statistics.dense import settled, sharing_inputs
-from rankwise.statistics.gradients import check_loss_fn, gradient_moments
+from rankwise.statistics.gradients import check_loss_fn, empty_gradient_moments, gradient_moments
 from rankwise.targets import select_layers
 
 SIDES = ("input", "output")
@@ -206,9 +206,7 @@ class NeuronPCA:
             if shard.yielded or not isinstance(error, ValueError):
                 failure = error
             elif loss_fn is not None:  # an empty shard: zero gradient moments, shaped as the others'
-                self._gradients = {name: Moments.zeros(kind_of(layer).weight(layer).shape[0],
-                                                       device=model_device(model))
-                                   for name, layer in _gradient_layers(layers).items()}
+                self._gradients = empty_gradient_moments(_gradient_layers(layers), model_device(model))
         raise_on_every_rank(failure, process_group)
 
     def _sum_over(self, process_group) -> None:

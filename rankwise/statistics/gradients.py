@@ -57,6 +57,12 @@ def check_loss_fn(loss_fn) -> None:
                          f"got {loss_fn!r}.")
 
 
+def empty_gradient_moments(layers: dict[str, nn.Module], device) -> dict[str, Moments]:
+    """The gradient moments of no data: per layer, zero moments of its output width, on ``device``."""
+    return {name: Moments.zeros(kind_of(layer).weight(layer).shape[0], device=device)
+            for name, layer in layers.items()}
+
+
 def gradient_moments(model: nn.Module, data, layers: dict[str, nn.Module], loss_fn="kl",
                      forward_fn=None, max_batches: int | None = None, progress: str | None = None,
                      seed: int = 0, handles: list = ()) -> tuple[dict[str, Moments], int, int]:
@@ -98,8 +104,7 @@ def gradient_moments(model: nn.Module, data, layers: dict[str, nn.Module], loss_
     forward_fn = forward_fn or default_forward
     device = model_device(model)
     generator = torch.Generator(device=device).manual_seed(seed)
-    moments = {name: Moments.zeros(kind_of(layer).weight(layer).shape[0], device=device)
-               for name, layer in layers.items()}
+    moments = empty_gradient_moments(layers, device)
     captured: dict[str, tuple] = {}  # name -> (output, the token mask of its rows)
     output_mask: dict = {}  # "mask" -> the token mask active when the model ran
     handles = list(handles) + [layer.register_forward_hook(_capture(name, captured))
