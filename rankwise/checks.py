@@ -42,9 +42,10 @@ def check_goals(explained_variance_goal, learnables_reduction_goal) -> tuple[str
 
 
 def check_allocation(allocation, goal_name: str) -> None:
-    """``allocation`` must be ``"global"`` or ``"uniform"``, and ``"uniform"`` needs a learnables goal."""
-    if allocation not in ("global", "uniform"):
-        raise ValueError(f"allocation: expected 'global' or 'uniform', got {allocation!r}.")
+    """``allocation`` must be ``"auto"``, ``"global"`` or ``"uniform"``, and ``"uniform"`` needs a
+    learnables goal."""
+    if allocation not in ("auto", "global", "uniform"):
+        raise ValueError(f"allocation: expected 'auto', 'global' or 'uniform', got {allocation!r}.")
     if allocation == "uniform" and goal_name != "learnables_reduction_goal":
         raise ValueError("allocation: 'uniform' spreads a learnables_reduction_goal over the layers; "
                          "with an explained_variance_goal every layer already gets its own ranks.")

@@ -93,6 +93,9 @@ class ProjectionInfo:
     warnings : list of str
         What the user should know about the outcome (a goal that could not be reached: the
         maximum that could); each was also issued as a ``UserWarning``.
+    measured : MeasuredChoice or None
+        How the criterion, allocation and shrinkage were chosen (:mod:`rankwise.selection`):
+        the candidate kept, every candidate's score on the held-out batches, the reason.
     """
 
     goal: str
@@ -104,6 +107,20 @@ class ProjectionInfo:
     latency_device: str | None = None
     excluded: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
+    measured: object = None
+
+    @property
+    def candidates(self) -> list:
+        """Every candidate measured on the held-out batches, with its score
+        (:class:`~rankwise.selection.CandidateScore`, lower is better); empty when none was."""
+        return [] if self.measured is None else list(self.measured.scores)
+
+    @property
+    def choice(self) -> str:
+        """The criterion, allocation and shrinkage the decisions used, and why."""
+        if self.measured is None:
+            return ""
+        return self.measured.chosen.label + (f" ({self.measured.reason})" if self.measured.reason else "")
 
     @property
     def learnables_reduction(self) -> float:
@@ -163,8 +180,21 @@ class ProjectionInfo:
         if "fisher" in spaces:
             loss = sum(p.error for p in self.layers.values())
             notes.append(f"estimated increase of the loss (second order, summed over layers): {loss:.4g}")
+        notes += self._candidate_lines()
         notes += [f"warning: {warning}" for warning in self.warnings]
         return "".join("\n" + note for note in notes)
+
+    def _candidate_lines(self) -> list[str]:
+        """One line per measured candidate and the choice, for :meth:`table`."""
+        if self.measured is None:
+            return []
+        lines = [f"candidate {s.candidate.label}: " + (f"{self.measured.score_name} {s.score:.4g}, "
+                                                       f"{s.learnables_after:,} learnables"
+                                                       if s.score is not None else f"not built: {s.note}")
+                 for s in self.measured.scores]
+        if self.measured.scores:
+            lines.append(f"measuring the candidates took {self.measured.seconds:.1f} s")
+        return lines + [f"chosen: {self.choice}"]
 
     def __str__(self) -> str:
         return self.table()

@@ -26,11 +26,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from rankwise.batches import as_batches, model_device, run_batches
+from rankwise.batches import as_batches, eval_mode, model_device, move_to, run_batch, run_batches
 from rankwise.blockwise import calibrate_blockwise, check_blockwise
 from rankwise.checks import check_max_batches, check_regularization, check_verbosity
+from rankwise.divergence import output_loss
 from rankwise.distributed import (active_group, all_gather_count, all_reduce_count, all_reduce_tensors,
                                   broadcast_from_first, raise_on_every_rank)
+from rankwise.holdout import HeldOutSplit, check_validation, savable, warn_nothing_held_out
 from rankwise.kinds import kind_of
 from rankwise.learnables import count_learnables
 from rankwise.metric import OutputMetric, whitened_statistics
@@ -41,9 +43,10 @@ from rankwise.statistics.gradients import check_loss_fn, empty_gradient_moments,
 from rankwise.targets import select_layers
 
 SIDES = ("input", "output")
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 # 2: gradient statistics of the loss criterion; 3: recurrent layers' reservoir; 4: a Linear layer
-# with d_in <= d_out holds its input's outer, its weight and bias, and output None (derived)
+# with d_in <= d_out holds its input's outer, its weight and bias, and output None (derived);
+# 5: the held-out batches and the statistics of the fitted part (validation)
 """Version of the :meth:`NeuronPCA.save` file layout; files of every version up to it load."""
 READABLE_VERSIONS = tuple(range(1, FORMAT_VERSION + 1))
 NO_BATCH = ("data: the iterable yielded no batch. Pass a DataLoader or a list of tensors holding "
@@ -100,13 +103,25 @@ class NeuronPCA:
         ``alpha = d / (n + d)`` per layer (``n`` observations, ``d`` its largest analysed width).
     exclude : str or list of str, optional
         Names or patterns of layers not to analyse.
-    loss_fn : {"kl", "mse"} or callable, optional
+    loss_fn : {"auto", "kl", "mse"}, callable or None
         Also gather, in the same pass with one backward pass per batch, the Fisher information
         of every dense layer's output that ``criterion="loss"`` needs
         (:mod:`rankwise.statistics.gradients`): ``"kl"`` for classifiers (targets sampled from
         the network's own softmax), ``"mse"`` for embeddings and regression outputs, or a
         callable ``loss_fn(outputs, batch) -> scalar`` (e.g. a loss against the batch's labels).
-        ``None`` (the default): no gradients, no backward pass.
+        ``"auto"`` (the default) takes ``"kl"`` where the output is logits and ``"mse"``
+        elsewhere (:func:`rankwise.divergence.output_loss`: a ``.logits`` output, or a
+        ``(N, C)`` output of batches with integer labels), and gathers nothing where no analysed
+        layer has a loss criterion (LSTM, GRU and attention layers only) or with ``blocks``.
+        ``None``: no gradients, no backward pass (the cheapest calibration: one forward pass).
+    validation : "auto", float, iterable or None
+        The calibration batches held out to measure the decisions on
+        (:mod:`rankwise.holdout`): ``"auto"`` (the default) every fourth batch from the second
+        (batch ``i`` with ``i % 4 == 1``), a fraction in ``(0, 0.5]``, separate batches, or
+        ``None`` (nothing held out). The statistics of the fitted part are kept beside those of
+        every batch (twice the statistics' memory) with the held-out batches themselves, so that
+        :func:`~rankwise.compress_network_using_projection` can score its candidates on them.
+        Under a ``torch.distributed`` group, ``"auto"`` holds nothing out (pass separate batches).
     process_group : torch.distributed.ProcessGroup, optional
         Under an initialised ``torch.distributed``, the group whose ranks' moments are summed
         (the default group when ``None``); every rank then holds the same statistics. Give each
@@ -132,28 +147,64 @@ class NeuronPCA:
 
     def __init__(self, model: nn.Module, data, layer_names=None, verbosity: str = "summary",
                  forward_fn=None, max_batches: int | None = None, regularization="auto",
-                 exclude=None, loss_fn=None, process_group=None, blocks=None, device=None):
+                 exclude=None, loss_fn="auto", process_group=None, blocks=None, device=None,
+                 validation="auto"):
         check_verbosity(verbosity)
-        check_blockwise(blocks, device, loss_fn)
+        check_blockwise(blocks, device, None if loss_fn == "auto" else loss_fn)
         check_regularization(regularization)
         check_max_batches(max_batches)
-        if loss_fn is not None:
+        check_validation(validation)
+        if loss_fn is not None and loss_fn != "auto":
             check_loss_fn(loss_fn)
         layers = select_layers(model, layer_names, exclude)
-        self._init_state({name: statistics_for(m) for name, m in layers.items()},
-                         count_learnables(model), regularization)
+        if validation == "auto" and active_group(process_group) is not None:
+            validation = None
+        split = None if validation is None else HeldOutSplit(data, validation, max_batches)
+        if loss_fn == "auto":
+            loss_fn = _automatic_loss(model, data, layers, forward_fn, blocks)
         start = time.perf_counter()
-        self._calibrate_shard(model, data, layers, forward_fn, max_batches, verbosity != "off", loss_fn,
-                              process_group, blocks, device)
-        self._sum_over(process_group)
+        self._gather(model, split or data, layers, forward_fn, None if split else max_batches,
+                     verbosity != "off", loss_fn, process_group, blocks, device, count_learnables(model),
+                     regularization)
+        self._hold_out(split, model, layers, forward_fn, loss_fn)
         seconds = time.perf_counter() - start
         self._check_observations()
         if verbosity != "off":
             print(f"NeuronPCA: {len(self.layer_names)} layers, {self.num_batches} batches, "
                   f"{seconds:.1f} s calibration{self._range_note(verbosity)}")
 
+    def _gather(self, model, data, layers, forward_fn, max_batches, show_progress, loss_fn, process_group,
+                blocks, device, network_learnables, regularization) -> None:
+        """This NeuronPCA's statistics: one calibration pass over ``data``, summed over the group."""
+        self._init_state({name: statistics_for(m) for name, m in layers.items()}, network_learnables,
+                         regularization)
+        self._calibrate_shard(model, data, layers, forward_fn, max_batches, show_progress, loss_fn,
+                              process_group, blocks, device)
+        self._sum_over(process_group)
+
+    def _hold_out(self, split, model, layers, forward_fn, loss_fn) -> None:
+        """Keep the held-out batches of ``split`` with the statistics of the fitted part, and make
+        this NeuronPCA's statistics those of every batch (:mod:`rankwise.holdout`)."""
+        if split is None:
+            return
+        if not split.held_out:
+            warn_nothing_held_out(self.num_batches)
+            return
+        if split.separate:
+            self._validation = (split.held_out, None)
+            return
+        held = NeuronPCA.__new__(NeuronPCA)
+        held._gather(model, split.held_out, layers, forward_fn, None, False, loss_fn, None, None, None,
+                     self.network_learnables, self._regularization)
+        fitted = self._view(self._regularization)
+        merged = fitted.merge(held)
+        self._init_state(merged._stats, self.network_learnables, self._regularization, merged.num_batches,
+                         merged._gradients, merged._gradient_samples)
+        self._validation = (split.held_out, fitted)
+
     def _init_state(self, stats: dict, network_learnables: int, regularization, num_batches=0,
-                    gradients=None, gradient_samples=0):
+                    gradients=None, gradient_samples=0, validation=None):
+        self._validation = validation
         self._stats = stats
         self.network_learnables = network_learnables
         self._regularization = regularization
@@ -227,6 +278,35 @@ class NeuronPCA:
             for stats, reservoir in zip(sampled, reservoirs):
                 stats.reservoir = reservoir
         self._gradient_samples = all_reduce_count(self._gradient_samples, process_group)
+
+    def _view(self, regularization) -> "NeuronPCA":
+        """A NeuronPCA sharing these statistics (not the held-out part) with another shrinkage."""
+        view = NeuronPCA.__new__(NeuronPCA)
+        view._init_state(self._stats, self.network_learnables, regularization, self.num_batches,
+                         self._gradients, self._gradient_samples)
+        return view
+
+    def with_regularization(self, regularization) -> "NeuronPCA":
+        """These statistics (held-out part included) under another shrinkage ``alpha``
+        (``regularization``: ``"auto"`` or a float in ``[0, 1]``; ``1`` is the weights' own
+        spectrum, data-free truncated SVD). The moments are shared; only the spectra differ."""
+        check_regularization(regularization)
+        view = self._view(regularization)
+        if self._validation is not None:
+            batches, fitted = self._validation
+            view._validation = (batches, None if fitted is None else fitted._view(regularization))
+        return view
+
+    @property
+    def validation_batches(self) -> list:
+        """The held-out calibration batches (:mod:`rankwise.holdout`); empty when none were."""
+        return [] if self._validation is None else self._validation[0]
+
+    def fitted(self) -> "NeuronPCA":
+        """The statistics of the calibration batches that were not held out (these statistics
+        when the held-out batches were given apart, or when nothing was held out)."""
+        fitted = None if self._validation is None else self._validation[1]
+        return self._view(self._regularization) if fitted is None else fitted
 
     @property
     def has_gradients(self) -> bool:
@@ -335,7 +415,9 @@ class NeuronPCA:
     def merge(self, other: "NeuronPCA") -> "NeuronPCA":
         """Statistics of the union of both calibration sets (moments add up).
 
-        Both must cover the same layers with the same shapes.
+        Both must cover the same layers with the same shapes. The held-out batches of both are
+        kept when both held some out from their own data; otherwise the merged NeuronPCA holds
+        none out.
         """
         if self.layer_names != other.layer_names:
             raise ValueError("merge: both NeuronPCA must analyse the same layers, in the same order.")
@@ -352,17 +434,28 @@ class NeuronPCA:
         result = NeuronPCA.__new__(NeuronPCA)
         result._init_state(merged, self.network_learnables, self._regularization,
                            self.num_batches + other.num_batches, gradients,
-                           self._gradient_samples + other._gradient_samples)
+                           self._gradient_samples + other._gradient_samples,
+                           _merged_validation(self, other))
         return result
 
     def save(self, path) -> None:
         """Write the statistics to ``path`` (plain tensors; load with :meth:`load`)."""
-        layers = {name: to_plain(stats) for name, stats in self._stats.items()}
-        gradients = {name: vars(m) for name, m in self._gradients.items()}
-        torch.save({"format_version": FORMAT_VERSION, "layers": layers,
-                    "network_learnables": self.network_learnables,
-                    "regularization": self._regularization, "num_batches": self.num_batches,
-                    "gradients": gradients, "gradient_samples": self._gradient_samples}, path)
+        state = {"format_version": FORMAT_VERSION, **self._plain_state(), "regularization": self._regularization,
+                 "network_learnables": self.network_learnables, "validation": None}
+        if self._validation is not None:
+            batches, fitted = self._validation
+            if savable(batches):
+                state["validation"] = {"batches": batches, "fitted": fitted and fitted._plain_state()}
+            else:
+                warnings.warn("path: the held-out batches hold objects other than tensors, numbers and "
+                              "strings, and were not saved; the loaded NeuronPCA holds nothing out.",
+                              UserWarning, stacklevel=2)
+        torch.save(state, path)
+
+    def _plain_state(self) -> dict:
+        return {"layers": {name: to_plain(stats) for name, stats in self._stats.items()},
+                "gradients": {name: vars(m) for name, m in self._gradients.items()},
+                "num_batches": self.num_batches, "gradient_samples": self._gradient_samples}
 
     @classmethod
     def load(cls, path) -> "NeuronPCA":
@@ -372,28 +465,34 @@ class NeuronPCA:
         if version not in READABLE_VERSIONS:
             raise ValueError(f"path: {path} is not a NeuronPCA file of format version "
                              f"{', '.join(map(str, READABLE_VERSIONS))} (found {version!r}).")
-        stats = {name: from_plain(plain) for name, plain in state["layers"].items()}
-        npca = cls.__new__(cls)
-        gradients = {name: Moments(**m) for name, m in state.get("gradients", {}).items()}
-        npca._init_state(stats, state["network_learnables"], state["regularization"],
-                         state["num_batches"], gradients, state.get("gradient_samples", 0))
+        npca = _from_plain_state(state, state["network_learnables"], state["regularization"])
+        held = state.get("validation")
+        if held is not None:
+            fitted = held["fitted"] and _from_plain_state(held["fitted"], npca.network_learnables,
+                                                          npca.regularization)
+            npca._validation = (held["batches"], fitted)
         return npca
 
     def __repr__(self) -> str:
         return f"NeuronPCA({len(self._stats)} layers, {self.num_batches} batches)"
 
     def _check_observations(self) -> None:
+        """Raise for a layer with fewer than 2 observations; one warning naming every layer that
+        saw fewer observations than its width."""
+        thin = []
         for name, stats in self._stats.items():
             count = int(stats.input.count)
             if count < 2:
                 raise ValueError(f"data: layer {name!r} saw {count} observation(s); at least 2 are "
                                  "needed for a covariance. Pass more or larger batches.")
-            width = stats.width
-            if count < width:
-                warnings.warn(f"layer {name!r} saw {count} observations for a width of {width}: its "
-                              "covariance is rank-deficient and is regularised toward the spectrum "
-                              "of its weights. More calibration data gives better projections.",
-                              ThinDataWarning, stacklevel=3)
+            if count < stats.width:
+                thin.append(f"{name} ({count} for {stats.width})")
+        if thin:
+            shown = ", ".join(thin[:8]) + (f" and {len(thin) - 8} more" if len(thin) > 8 else "")
+            warnings.warn(f"{len(thin)} layer(s) saw fewer observations than their width: {shown}. Their "
+                          "covariances are rank-deficient and are regularised toward the spectra of "
+                          "their weights; more calibration data gives better projections.",
+                          ThinDataWarning, stacklevel=3)
 
 
 class _Counted:
@@ -410,6 +509,39 @@ class _Counted:
 
     def __len__(self) -> int:
         return len(self.batches)  # a TypeError for an iterable without a length, as len() raises
+
+
+def _from_plain_state(state: dict, network_learnables: int, regularization) -> NeuronPCA:
+    """A NeuronPCA from the plain tensors of :meth:`NeuronPCA._plain_state`."""
+    npca = NeuronPCA.__new__(NeuronPCA)
+    npca._init_state({name: from_plain(plain) for name, plain in state["layers"].items()}, network_learnables,
+                     regularization, state["num_batches"],
+                     {name: Moments(**m) for name, m in state.get("gradients", {}).items()},
+                     state.get("gradient_samples", 0))
+    return npca
+
+
+def _merged_validation(first: NeuronPCA, second: NeuronPCA):
+    """The held-out part of the union of two NeuronPCA (see :meth:`NeuronPCA.merge`)."""
+    if first._validation is None or second._validation is None:
+        return None
+    return first.validation_batches + second.validation_batches, first.fitted().merge(second.fitted())
+
+
+def _automatic_loss(model: nn.Module, data, layers: dict, forward_fn, blocks):
+    """``loss_fn="auto"``: the loss of :func:`rankwise.divergence.output_loss` on the first batch,
+    or ``None`` with ``blocks`` or where no layer has gradient statistics."""
+    if blocks is not None or not _gradient_layers(layers):
+        return None
+    batch = next(iter(as_batches(data)), None)
+    if batch is None:
+        return None
+    with torch.no_grad(), eval_mode(model):
+        outputs = run_batch(model, move_to(batch, model_device(model)), forward_fn, 0)
+    try:
+        return output_loss(outputs, batch)
+    except ValueError:  # an output no built-in loss reads: no gradient statistics
+        return None
 
 
 def _gradient_layers(layers: dict) -> dict:

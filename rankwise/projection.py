@@ -18,6 +18,7 @@ from torch import nn
 
 from rankwise import latency
 from rankwise.checks import check_allocation, check_goals, check_verbosity
+from rankwise.divergence import check_score_fn
 from rankwise.forms import fused_paths_off, unpack_forms
 from rankwise.info import LayerProjection, ProjectionInfo, describe_choice
 from rankwise.kinds import kind_of
@@ -27,6 +28,7 @@ from rankwise.learnables import count_learnables
 from rankwise.pca import NeuronPCA
 from rankwise.correction import build_sequentially
 from rankwise.ranks import SequenceBound, choose_ranks, criterion_named, measured_options, most_removable
+from rankwise.selection import MeasuredChoice, choose_by_measurement, fallback
 from rankwise.tables import format_ranks
 from rankwise.targets import functional_layers, select_layers, tied_left_out
 
@@ -52,6 +54,7 @@ class Decisions:
     latency_device: str | None = None
     excluded: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
+    measured: MeasuredChoice | None = None
 
 
 def compress_network_using_projection(model: nn.Module, npca_or_data, *,
@@ -60,8 +63,9 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
                                       layer_names=None, unpack: bool = False,
                                       verbosity: str = "summary", inplace: bool = False,
                                       forward_fn=None, latency_input=None, exclude=None,
-                                      criterion: str = "variance", loss_fn=None, allocation: str = "global",
-                                      correction: str | None = None, correction_data=None):
+                                      criterion: str = "auto", loss_fn=None, allocation: str = "auto",
+                                      correction: str | None = None, correction_data=None,
+                                      validation="auto", score_fn="auto"):
     """Replace layers by projected layers acting in their high-variance subspaces.
 
     PyTorch counterpart of MATLAB's ``compressNetworkUsingProjection``. For each analysed
@@ -180,16 +184,22 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
     """
     check_verbosity(verbosity)
     goal_name, goal = check_goals(explained_variance_goal, learnables_reduction_goal)
-    criterion_named(criterion)
+    if criterion != "auto":
+        criterion_named(criterion)
     check_allocation(allocation, goal_name)
+    check_score_fn(score_fn)
     correction_data = _correction_data(correction, correction_data, npca_or_data)
     layers = select_layers(model, layer_names, exclude=exclude)
     tied = tied_left_out(model, layer_names)
     calls = None if latency_input is None else record_layer_calls(model, layers, latency_input)
     npca = npca_or_data if isinstance(npca_or_data, NeuronPCA) else NeuronPCA(
         model, npca_or_data, layer_names=list(layers), verbosity=verbosity, forward_fn=forward_fn,
-        loss_fn=loss_fn)
+        loss_fn=None if criterion == "variance" else loss_fn or "auto", validation=validation)
     check_statistics(npca, layers)
+    measured = _measured_choice(model, npca, layers, goal_name, goal, criterion, allocation, forward_fn,
+                                score_fn, verbosity)
+    criterion, allocation = measured.chosen.criterion, measured.chosen.allocation
+    npca = npca.with_regularization(measured.chosen.regularization)
     options = measured_options(model, npca, layers, criterion, progress=verbosity != "off")
     learnables_before = count_learnables(model)
     bound = SequenceBound(layers, options, npca, goal_name, goal)
@@ -205,7 +215,7 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
                           None if calls is None else str(latency.device_of(model, latency_input)),
                           excluded_layers(model, layer_names, layers, tied),
                           tie_warnings(tied) + unreached_goal(goal_name, goal, goal_reached, options, learnables_before)
-                          + bound.warnings)
+                          + bound.warnings, measured)
     for message in decisions.warnings:
         warnings.warn(message, UserWarning, stacklevel=2)
     compressed, info = build_projected(model, layers, options, decisions, unpack=unpack, inplace=inplace,
@@ -213,6 +223,25 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
                                        verbosity=verbosity)
     _report(info, verbosity)
     return compressed, info
+
+
+def _measured_choice(model, npca, layers, goal_name, goal, criterion, allocation, forward_fn, score_fn,
+                     verbosity) -> MeasuredChoice:
+    """How to decide (:mod:`rankwise.selection`): measured on the held-out batches under a
+    learnables goal when ``criterion`` or ``allocation`` is ``"auto"``, else what was set (the
+    variance criterion and the global allocation for ``"auto"`` under an explained variance
+    goal; the documented fallback when nothing was held out)."""
+    if goal_name != "learnables_reduction_goal" or "auto" not in (criterion, allocation):
+        return MeasuredChoice(fallback("variance" if criterion == "auto" else criterion, allocation, False,
+                                       npca.regularization))
+    if not npca.validation_batches:
+        chosen = fallback(criterion, allocation, npca.has_gradients, npca.regularization)
+        return MeasuredChoice(chosen, reason="nothing held out to measure on (NeuronPCA(validation=...)): "
+                                             "the fallback " + chosen.label)
+    build = lambda options, choices: build_projected(  # noqa: E731 (one build per candidate)
+        model, layers, options, Decisions(f"{goal_name}={goal:g}", choices))
+    return choose_by_measurement(model, npca, layers, goal_name, goal, build, criterion, allocation, forward_fn,
+                                 score_fn, progress=verbosity in ("steps", "iterations"))
 
 
 def _correction_data(correction, correction_data, npca_or_data):
@@ -295,7 +324,7 @@ def build_projected(model: nn.Module, layers: dict, options: dict, decisions: De
                                                    for p in projections.values())
     info = ProjectionInfo(decisions.goal, decisions.goal_reached, learnables_before, learnables_after,
                           projections, list(decisions.kept_dense_for_latency), decisions.latency_device,
-                          list(decisions.excluded), list(decisions.warnings))
+                          list(decisions.excluded), list(decisions.warnings), decisions.measured)
     return compressed, info
 
 
