@@ -108,7 +108,7 @@ def run_batches(model: nn.Module, data, handles: list, forward_fn=None, max_batc
         with torch.no_grad():
             for count, batch in enumerate(tqdm(batches, total=total, desc=progress,
                                                disable=progress is None), start=1):
-                run_batch(model, move_to(batch, device), forward_fn, count - 1)
+                run_batch(model, move_to(batch, device), forward_fn, batch_index(data, count - 1))
                 if max_batches is not None and count >= max_batches:
                     break
     finally:
@@ -144,6 +144,12 @@ def run_batch(model, batch, forward_fn, index: int):
         raise ValueError(f"data: the model rejected batch {index} "
                          f"({type(error).__name__}: {error}). Check that the batches are inputs the "
                          "model accepts, or pass forward_fn.") from error
+
+
+def batch_index(data, position: int) -> int:
+    """The index by which the user knows the batch at ``position`` of ``data``: its position,
+    or ``data.original_index(position)`` for a part of the user's batches (:mod:`rankwise.holdout`)."""
+    return data.original_index(position) if hasattr(data, "original_index") else position
 
 
 def batch_count(data) -> int | None:

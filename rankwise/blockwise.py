@@ -46,7 +46,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from rankwise.batches import as_batches, default_forward, eval_mode, model_device, move_to, run_batch
+from rankwise.batches import as_batches, batch_index, default_forward, eval_mode, model_device, move_to, run_batch
 from rankwise.statistics.dense import flush_rows_of
 from rankwise.targets import Candidates, select
 
@@ -186,7 +186,8 @@ def _start(forwards: list, model, data, forward_fn, max_batches, names: list[str
     for index, batch in enumerate(as_batches(data)):
         if max_batches is not None and index >= max_batches:
             break
-        forwards.append(_Forward(model, move_to(batch, home), forward_fn or default_forward, index, names))
+        forwards.append(_Forward(model, move_to(batch, home), forward_fn or default_forward,
+                                 batch_index(data, index), names))
         forwards[-1].step_to(0)
     if not forwards:
         raise ValueError(empty_message or "data: the iterable yielded no batch.")

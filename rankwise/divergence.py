@@ -16,7 +16,7 @@ runs each on held-out calibration batches and compares its outputs ``z'`` with t
   ``loss_fn="mse"``.
 
 Rows are the positions of the output's last dimension; a dict batch's ``attention_mask`` keeps
-padding positions out of both. :func:`output_loss` states the same rule for the loss whose
+padding positions out of both. :func:`rankwise.statistics.gradients.output_loss` states the same rule for the loss whose
 gradients ``NeuronPCA(loss_fn="auto")`` gathers, so the estimate the decisions use and the score
 that checks them measure one thing. A user's ``score_fn(compressed_outputs, original_outputs,
 batch) -> float`` (lower is better) replaces both; its scores are averaged over the batches.
@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from rankwise.batches import eval_mode, forward, model_device, move_to
+from rankwise.statistics.gradients import output_loss
 
 SCORES = ("auto", "kl", "relative_error")
 
@@ -47,18 +48,6 @@ def output_tensor(outputs) -> torch.Tensor:
     raise ValueError(f"score_fn: the model's output ({type(outputs).__name__}) is not a tensor, a tuple "
                      "starting with one, nor carries .logits or .last_hidden_state; pass "
                      "score_fn=lambda compressed, original, batch: ... (lower is better).")
-
-
-def output_loss(outputs, batch) -> str:
-    """``"kl"`` when the outputs are logits (see the module docstring), else ``"mse"``."""
-    if getattr(outputs, "logits", None) is not None:
-        return "kl"
-    tensor = output_tensor(outputs)
-    labels = batch[1] if isinstance(batch, tuple | list) and len(batch) > 1 else None
-    if (isinstance(labels, torch.Tensor) and not labels.is_floating_point() and not labels.is_complex()
-            and tensor.dim() == 2 and tensor.shape[1] > 1 and labels.shape == tensor.shape[:1]):
-        return "kl"
-    return "mse"
 
 
 def check_score_fn(score_fn) -> None:
@@ -82,7 +71,7 @@ class HeldOutScorer:
         ``forward_fn(model, batch) -> outputs``.
     score_fn : "auto", "kl", "relative_error" or callable
         How outputs are compared (see the module docstring): ``"auto"`` follows
-        :func:`output_loss` on the first batch.
+        :func:`~rankwise.statistics.gradients.output_loss` on the first batch.
     """
 
     def __init__(self, model: nn.Module, batches: list, forward_fn=None, score_fn="auto"):

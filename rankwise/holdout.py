@@ -18,7 +18,6 @@ calibration cost.
 from __future__ import annotations
 
 import numbers
-import warnings
 
 import torch
 
@@ -64,11 +63,18 @@ class HeldOutSplit:
         self.separate = not isinstance(validation, str | numbers.Real)
         self.period = 0 if self.separate else VALIDATION_PERIOD if validation == "auto" \
             else max(2, round(1 / validation))
-        self.held_out = list(as_batches(validation)) if self.separate else []
+        self.held_out = HeldOutBatches(as_batches(validation)) if self.separate else HeldOutBatches(split=self)
         self._collected = self.separate
 
     def is_held_out(self, index: int) -> bool:
         return self.period > 0 and index % self.period == 1
+
+    def original_index(self, position: int) -> int:
+        """The index in the user's data of the fitted batch at ``position``."""
+        if self.period == 0:
+            return position
+        kept = [offset for offset in range(self.period) if offset != 1]
+        return position // len(kept) * self.period + kept[position % len(kept)]
 
     def __iter__(self):
         for index, batch in enumerate(self.data):
@@ -88,13 +94,16 @@ class HeldOutSplit:
         return total - sum(map(self.is_held_out, range(total)))
 
 
-def warn_nothing_held_out(fitted_batches: int) -> None:
-    """The one warning when the data is too small to hold a batch out (see the module docstring)."""
-    warnings.warn(f"validation: the calibration data has {fitted_batches} batch(es), so none could be "
-                  "held out to measure the candidate compressions; the documented fallback is used "
-                  "(criterion 'loss' when gradient statistics exist, else 'variance'; allocation "
-                  "'global'; the NeuronPCA's shrinkage). Pass two or more batches, or held-out batches "
-                  "as validation=.", UserWarning, stacklevel=4)
+class HeldOutBatches(list):
+    """The held-out batches, which know their index in the user's data (``split``: the split
+    they were taken from; ``None`` for separate batches, indexed from 0)."""
+
+    def __init__(self, batches=(), split: HeldOutSplit | None = None):
+        super().__init__(batches if split is None else ())
+        self.split = split
+
+    def original_index(self, position: int) -> int:
+        return position if self.split is None else position * self.split.period + 1
 
 
 def savable(batches: list) -> bool:

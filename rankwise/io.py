@@ -55,6 +55,7 @@ from rankwise.forms import (compressed_forms, form_spec, form_types, fused_paths
                             shape_spec)
 from rankwise.learnables import count_learnables
 from rankwise.projection import LayerProjection, ProjectionInfo
+from rankwise.selection import MeasuredChoice
 
 FORMAT = "rankwise-model"
 FORMAT_VERSION = 2
@@ -244,7 +245,8 @@ def projection_info(spec: dict) -> ProjectionInfo | None:
     if stored is None:
         return None
     layers = {name: LayerProjection(**layer) for name, layer in stored["layers"].items()}
-    return ProjectionInfo(**{**stored, "layers": layers})
+    measured = stored.get("measured") and MeasuredChoice.from_dict(stored["measured"])
+    return ProjectionInfo(**{**stored, "layers": layers, "measured": measured})
 
 
 def read_metadata(path) -> dict[str, str]:

@@ -26,20 +26,20 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from rankwise.batches import as_batches, eval_mode, model_device, move_to, run_batch, run_batches
+from rankwise.batches import as_batches, model_device, run_batches
 from rankwise.blockwise import calibrate_blockwise, check_blockwise
 from rankwise.checks import check_max_batches, check_regularization, check_verbosity
-from rankwise.divergence import output_loss
 from rankwise.distributed import (active_group, all_gather_count, all_reduce_count, all_reduce_tensors,
                                   broadcast_from_first, raise_on_every_rank)
-from rankwise.holdout import HeldOutSplit, check_validation, savable, warn_nothing_held_out
+from rankwise.holdout import HeldOutSplit, check_validation, savable
 from rankwise.kinds import kind_of
 from rankwise.learnables import count_learnables
 from rankwise.metric import OutputMetric, whitened_statistics
 from rankwise.moments import Moments, NonFiniteActivationError, Spectrum
 from rankwise.statistics import Statistics, from_plain, moment_tensors, statistics_for, to_plain
 from rankwise.statistics.dense import settled, sharing_inputs
-from rankwise.statistics.gradients import check_loss_fn, empty_gradient_moments, gradient_moments
+from rankwise.statistics.gradients import (AUTO_GRADIENT_EVERY, check_loss_fn, empty_gradient_moments,
+                                           gradient_moments)
 from rankwise.targets import select_layers
 
 SIDES = ("input", "output")
@@ -110,9 +110,12 @@ class NeuronPCA:
         the network's own softmax), ``"mse"`` for embeddings and regression outputs, or a
         callable ``loss_fn(outputs, batch) -> scalar`` (e.g. a loss against the batch's labels).
         ``"auto"`` (the default) takes ``"kl"`` where the output is logits and ``"mse"``
-        elsewhere (:func:`rankwise.divergence.output_loss`: a ``.logits`` output, or a
-        ``(N, C)`` output of batches with integer labels), and gathers nothing where no analysed
-        layer has a loss criterion (LSTM, GRU and attention layers only) or with ``blocks``.
+        elsewhere (:func:`rankwise.statistics.gradients.output_loss`: a ``.logits`` output, or a
+        ``(N, C)`` output of batches with integer labels), on every fourth batch only (the
+        Fisher information from a quarter of the samples, for about a quarter of the backward
+        passes' cost), and gathers nothing where no built-in loss reads the output, where no
+        analysed layer has a loss criterion (LSTM, GRU and attention layers only), with
+        ``blocks``, or under a ``torch.distributed`` group.
         ``None``: no gradients, no backward pass (the cheapest calibration: one forward pass).
     validation : "auto", float, iterable or None
         The calibration batches held out to measure the decisions on
@@ -157,13 +160,14 @@ class NeuronPCA:
         if loss_fn is not None and loss_fn != "auto":
             check_loss_fn(loss_fn)
         layers = select_layers(model, layer_names, exclude)
-        if validation == "auto" and active_group(process_group) is not None:
-            validation = None
+        if active_group(process_group) is not None:  # the same choices on every rank, without collectives
+            validation = None if validation == "auto" else validation
+            loss_fn = None if loss_fn == "auto" else loss_fn
         split = None if validation is None else HeldOutSplit(data, validation, max_batches)
-        if loss_fn == "auto":
-            loss_fn = _automatic_loss(model, data, layers, forward_fn, blocks)
+        if loss_fn == "auto" and (blocks is not None or not _gradient_layers(layers)):
+            loss_fn = None
         start = time.perf_counter()
-        self._gather(model, split or data, layers, forward_fn, None if split else max_batches,
+        self._gather(model, data if split is None else split, layers, forward_fn, max_batches if split is None else None,
                      verbosity != "off", loss_fn, process_group, blocks, device, count_learnables(model),
                      regularization)
         self._hold_out(split, model, layers, forward_fn, loss_fn)
@@ -188,7 +192,6 @@ class NeuronPCA:
         if split is None:
             return
         if not split.held_out:
-            warn_nothing_held_out(self.num_batches)
             return
         if split.separate:
             self._validation = (split.held_out, None)
@@ -238,7 +241,8 @@ class NeuronPCA:
                                            empty_message=NO_BATCH)
             return
         self._gradients, self._gradient_samples, self.num_batches = gradient_moments(
-            model, data, _gradient_layers(layers), loss_fn, forward_fn, max_batches, progress, handles=handles)
+            model, data, _gradient_layers(layers), loss_fn, forward_fn, max_batches, progress, handles=handles,
+            every=AUTO_GRADIENT_EVERY if loss_fn == "auto" else 1)
 
     def _calibrate_shard(self, model, data, layers, forward_fn, max_batches, show_progress, loss_fn,
                          process_group, blocks, device) -> None:
@@ -445,7 +449,7 @@ class NeuronPCA:
         if self._validation is not None:
             batches, fitted = self._validation
             if savable(batches):
-                state["validation"] = {"batches": batches, "fitted": fitted and fitted._plain_state()}
+                state["validation"] = {"batches": list(batches), "fitted": fitted and fitted._plain_state()}
             else:
                 warnings.warn("path: the held-out batches hold objects other than tensors, numbers and "
                               "strings, and were not saved; the loaded NeuronPCA holds nothing out.",
@@ -526,22 +530,6 @@ def _merged_validation(first: NeuronPCA, second: NeuronPCA):
     if first._validation is None or second._validation is None:
         return None
     return first.validation_batches + second.validation_batches, first.fitted().merge(second.fitted())
-
-
-def _automatic_loss(model: nn.Module, data, layers: dict, forward_fn, blocks):
-    """``loss_fn="auto"``: the loss of :func:`rankwise.divergence.output_loss` on the first batch,
-    or ``None`` with ``blocks`` or where no layer has gradient statistics."""
-    if blocks is not None or not _gradient_layers(layers):
-        return None
-    batch = next(iter(as_batches(data)), None)
-    if batch is None:
-        return None
-    with torch.no_grad(), eval_mode(model):
-        outputs = run_batch(model, move_to(batch, model_device(model)), forward_fn, 0)
-    try:
-        return output_loss(outputs, batch)
-    except ValueError:  # an output no built-in loss reads: no gradient statistics
-        return None
 
 
 def _gradient_layers(layers: dict) -> dict:

@@ -236,8 +236,12 @@ def _measured_choice(model, npca, layers, goal_name, goal, criterion, allocation
                                        npca.regularization))
     if not npca.validation_batches:
         chosen = fallback(criterion, allocation, npca.has_gradients, npca.regularization)
-        return MeasuredChoice(chosen, reason="nothing held out to measure on (NeuronPCA(validation=...)): "
-                                             "the fallback " + chosen.label)
+        warnings.warn(f"validation: no calibration batch was held out ({npca.num_batches} batch(es); "
+                      "validation=None; or a NeuronPCA saved before held-out batches were kept), so the "
+                      f"candidate compressions could not be measured and the fallback {chosen.label} was "
+                      "used. Pass two or more batches, or held-out batches as validation=.",
+                      UserWarning, stacklevel=3)
+        return MeasuredChoice(chosen, reason="nothing held out to measure on: the documented fallback")
     build = lambda options, choices: build_projected(  # noqa: E731 (one build per candidate)
         model, layers, options, Decisions(f"{goal_name}={goal:g}", choices))
     return choose_by_measurement(model, npca, layers, goal_name, goal, build, criterion, allocation, forward_fn,

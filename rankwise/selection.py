@@ -86,6 +86,12 @@ class MeasuredChoice:
     reason: str = ""
     seconds: float = 0.0
 
+    @classmethod
+    def from_dict(cls, plain: dict) -> "MeasuredChoice":
+        """The choice from its ``dataclasses.asdict`` form (as :func:`rankwise.save` keeps it)."""
+        scores = [CandidateScore(**{**s, "candidate": Candidate(**s["candidate"])}) for s in plain["scores"]]
+        return cls(**{**plain, "chosen": Candidate(**plain["chosen"]), "scores": scores})
+
 
 def first_candidates(criterion: str, allocation: str, regularization, has_gradients: bool) -> list[Candidate]:
     """The first round of candidates (see the module docstring) under the user's settings."""

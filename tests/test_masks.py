@@ -54,7 +54,7 @@ def one_at_a_time(sentences):
 @pytest.fixture(scope="module")
 def expected(bert, sentences):
     """The statistics of the sentences one at a time, unpadded, gradients of "mse" included."""
-    return rw.NeuronPCA(bert, one_at_a_time(sentences), verbosity="off", loss_fn="mse")
+    return rw.NeuronPCA(bert, one_at_a_time(sentences), verbosity="off", loss_fn="mse", validation=None)
 
 
 def as_dict_batch(sentences):

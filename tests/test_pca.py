@@ -168,7 +168,7 @@ def test_thin_data_warns_and_regularises_toward_the_weights():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(40, 30))
     thin = [torch.randn(10, 40)]
-    with pytest.warns(rw.ThinDataWarning, match="'0' saw 10 observations for a width of 30"):
+    with pytest.warns(rw.ThinDataWarning, match=r"1 layer\(s\) saw fewer observations than their width: 0 \(10 for 30\)"):
         npca = rw.NeuronPCA(model, thin, verbosity="off")
     spectrum = npca.spectrum("0", "output")
     assert math.isclose(spectrum.regularization, 30 / 40)  # d_out / (n + d_out)
@@ -302,6 +302,6 @@ def test_files_written_before_the_statistics_package_still_load():
 
 def test_a_file_of_another_format_is_refused(tmp_path):
     torch.save({"format_version": 99, "layers": {}}, tmp_path / "future.pt")
-    with pytest.raises(ValueError, match="path: .*future.pt is not a NeuronPCA file of format version 1, 2, 3, 4 "
+    with pytest.raises(ValueError, match="path: .*future.pt is not a NeuronPCA file of format version 1, 2, 3, 4, 5 "
                                          r"\(found 99\)"):
         rw.NeuronPCA.load(tmp_path / "future.pt")

@@ -12,6 +12,9 @@ from rankwise.moments import Moments
 from rankwise.statistics import from_plain, moment_tensors, statistics_for, to_plain
 from rankwise.statistics.dense import SharedInputs, sharing_inputs
 
+ONE_PASS = dict(verbosity="off", validation=None, loss_fn=None)
+"""One calibration pass, nothing held out and no gradients: the pass these tests count."""
+
 UNIT_ROUNDOFF = 2.0 ** -24
 
 
@@ -65,7 +68,7 @@ def assert_moments_close(got: Moments, rows: torch.Tensor, rtol=1e-10):
 
 def test_only_the_smaller_side_of_a_linear_layer_is_gathered():
     model = Siblings().double()
-    npca = rw.NeuronPCA(model, batches(), verbosity="off")
+    npca = rw.NeuronPCA(model, batches(), **ONE_PASS)
     fresh = npca._stats
     for name in ("q", "wide"):  # d_in <= d_out: the input's Gram, the output derived
         assert fresh[name].output is None and fresh[name].input.outer.shape == (6, 6)
@@ -75,7 +78,7 @@ def test_only_the_smaller_side_of_a_linear_layer_is_gathered():
 @pytest.mark.parametrize("name", ["q", "k", "wide", "out"])
 def test_derived_output_moments_equal_the_gathered_ones(name):
     model, data = Siblings().double(), batches()
-    npca = rw.NeuronPCA(model, data, verbosity="off")
+    npca = rw.NeuronPCA(model, data, **ONE_PASS)
     inputs, outputs = gathered(model, data, name)
     stats = npca.statistics(name)
     assert_moments_close(stats.output, outputs)
@@ -90,7 +93,7 @@ def test_a_subclass_with_its_own_forward_has_its_output_gathered():
 
     model = nn.Sequential(Scaled(4, 7)).double()
     data = [torch.randn(16, 4, dtype=torch.float64)]
-    npca = rw.NeuronPCA(model, data, verbosity="off")
+    npca = rw.NeuronPCA(model, data, **ONE_PASS)
     assert npca._stats["0"].output is not None
     outputs = model(data[0]).detach()
     assert_moments_close(npca.statistics("0").output, outputs)
@@ -118,9 +121,9 @@ def test_siblings_share_one_gram_and_get_the_statistics_of_separate_ones(monkeyp
     separate_model = Siblings(separate=True).double()
     separate_model.load_state_dict(shared_model.state_dict())
     calls = counting_grams(monkeypatch)
-    shared = rw.NeuronPCA(shared_model, data, verbosity="off")
+    shared = rw.NeuronPCA(shared_model, data, **ONE_PASS)
     shared_calls, calls[:] = list(calls), []
-    separate = rw.NeuronPCA(separate_model, data, verbosity="off")
+    separate = rw.NeuronPCA(separate_model, data, **ONE_PASS)
     # width 6: one Gram for q, k and v (against three) and one for wide's input, per batch of
     # 36 rows unbuffered, or once for the 3 x 36 rows of the pass buffered
     rows, products = (36, len(data)) if rows_per_product == 0 else (3 * 36, 1)
@@ -142,7 +145,7 @@ def masked_forward(model, batch):
 
 def calibrated(monkeypatch, rows_per_product, model, data, **kwargs):
     monkeypatch.setattr(rankwise.moments, "ROWS_PER_PRODUCT", rows_per_product)
-    return rw.NeuronPCA(model, data, verbosity="off", **kwargs)
+    return rw.NeuronPCA(model, data, **ONE_PASS, **kwargs)
 
 
 def assert_same_statistics(got, want, rtol):
@@ -211,7 +214,7 @@ def test_buffered_float32_rows_are_multiplied_in_float64(monkeypatch):
     generator = torch.Generator().manual_seed(3)
     data = [torch.randn(13, 160, generator=generator) * torch.linspace(0.1, 10, 160) + 3 for _ in range(60)]
     calls = counting_grams(monkeypatch)
-    npca = rw.NeuronPCA(model, data, verbosity="off")
+    npca = rw.NeuronPCA(model, data, **ONE_PASS)
     assert max(rows for rows, _ in calls) > 13 and len(calls) < len(data)  # buffered
     rows = torch.cat(data).double()
     norms = rows.norm(dim=0)
@@ -225,7 +228,7 @@ def test_a_nan_in_a_buffered_call_names_the_layer_and_its_batch():
     model, data = Siblings().double(), batches(count=4)
     data[2][1, 3, 0] = float("nan")
     with pytest.raises(rw.NonFiniteActivationError, match=r"data: batch 2: layer 'q' has NaN or Inf in its input"):
-        rw.NeuronPCA(model, data, verbosity="off")
+        rw.NeuronPCA(model, data, **ONE_PASS)
 
 
 def test_buffered_rows_reach_the_moments_when_the_pass_ends(monkeypatch):
@@ -245,13 +248,13 @@ def test_buffered_rows_reach_the_moments_when_the_pass_ends(monkeypatch):
     inputs = gathered(model, data, "q")[0]
     assert_moments_close(stats["q"].input, inputs)
     assert_moments_close(stats["out"].output, gathered(model, data, "out")[1])
-    whole = rw.NeuronPCA(model, data, verbosity="off")  # and so does NeuronPCA's own pass
+    whole = rw.NeuronPCA(model, data, **ONE_PASS)  # and so does NeuronPCA's own pass
     assert_moments_close(whole.statistics("q").input, inputs)
 
 
 def test_a_tensor_changed_in_place_between_readers_is_not_shared():
     model, data = Siblings(modify_between=True).double(), batches()
-    npca = rw.NeuronPCA(model, [batch.clone() for batch in data], verbosity="off")  # x.mul_ in forward
+    npca = rw.NeuronPCA(model, [batch.clone() for batch in data], **ONE_PASS)  # x.mul_ in forward
     q_inputs, _ = gathered(Siblings().double(), data, "q")  # before the change
     k_inputs, _ = gathered(model, data, "k")  # after it (the hook sees the doubled tensor)
     assert_moments_close(npca.statistics("q").input, q_inputs)
@@ -305,7 +308,7 @@ def test_a_bfloat16_model_gets_float64_statistics_of_its_activations():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 4)).to(torch.bfloat16)
     data = [torch.randn(64, 6).to(torch.bfloat16) for _ in range(2)]
-    npca = rw.NeuronPCA(model, data, verbosity="off")
+    npca = rw.NeuronPCA(model, data, **ONE_PASS)
     wide = npca.statistics("0")
     assert wide.output.outer.dtype == torch.float64
     inputs = torch.cat(data).double()
@@ -317,8 +320,8 @@ def test_a_bfloat16_model_gets_float64_statistics_of_its_activations():
 
 def test_save_load_and_merge_keep_derived_statistics(tmp_path):
     model, data = Siblings().double(), batches(count=4)
-    whole = rw.NeuronPCA(model, data, verbosity="off")
-    first, second = (rw.NeuronPCA(model, part, verbosity="off") for part in (data[:2], data[2:]))
+    whole = rw.NeuronPCA(model, data, **ONE_PASS)
+    first, second = (rw.NeuronPCA(model, part, **ONE_PASS) for part in (data[:2], data[2:]))
     first.statistics("wide")  # one half settled (its output derived), the other not
     merged = first.merge(second)
     assert merged._stats["q"].output is None  # both halves derive q: the merge stays derived
@@ -338,7 +341,7 @@ def test_save_load_and_merge_keep_derived_statistics(tmp_path):
 
 def test_the_process_group_sums_input_moments_and_plain_form_round_trips():
     model = Siblings().double()
-    npca = rw.NeuronPCA(model, batches(), verbosity="off")
+    npca = rw.NeuronPCA(model, batches(), **ONE_PASS)
     fresh = npca._stats["wide"]
     summed = moment_tensors(fresh)
     assert any(t is fresh.input.outer for t in summed) and len(summed) == 4  # no output to sum

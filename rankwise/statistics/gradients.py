@@ -36,17 +36,21 @@ the sequences' sampled targets are independent and of zero-mean score.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from rankwise.batches import as_batches, batch_count, default_forward, model_device, move_to, run_batch
+from rankwise.batches import as_batches, batch_count, batch_index, default_forward, model_device, move_to, run_batch
 from rankwise.kinds import kind_of
 from rankwise.masks import active_mask, token_rows
 from rankwise.moments import Moments
 from rankwise.statistics.dense import channel_rows
 
 LOSSES = ("kl", "mse")
+AUTO_GRADIENT_EVERY = 4
+"""With ``loss_fn="auto"``, every fourth batch (from the first) runs the backward pass."""
 
 
 def check_loss_fn(loss_fn) -> None:
@@ -57,6 +61,25 @@ def check_loss_fn(loss_fn) -> None:
                          f"got {loss_fn!r}.")
 
 
+def output_loss(outputs, batch) -> str:
+    """The loss an output defines: ``"kl"`` for logits (a ``.logits`` output, or a ``(N, C)``
+    tensor of a batch ``(inputs, labels)`` with integer labels of shape ``(N,)``), else ``"mse"``.
+
+    Raises
+    ------
+    ValueError
+        For an output no built-in loss reads (see :func:`_output_tensor`).
+    """
+    if getattr(outputs, "logits", None) is not None:
+        return "kl"
+    tensor = _output_tensor(outputs, "mse")
+    labels = batch[1] if isinstance(batch, tuple | list) and len(batch) > 1 else None
+    if (isinstance(labels, torch.Tensor) and not labels.is_floating_point() and not labels.is_complex()
+            and tensor.dim() == 2 and tensor.shape[1] > 1 and labels.shape == tensor.shape[:1]):
+        return "kl"
+    return "mse"
+
+
 def empty_gradient_moments(layers: dict[str, nn.Module], device) -> dict[str, Moments]:
     """The gradient moments of no data: per layer, zero moments of its output width, on ``device``."""
     return {name: Moments.zeros(kind_of(layer).weight(layer).shape[0], device=device)
@@ -65,8 +88,12 @@ def empty_gradient_moments(layers: dict[str, nn.Module], device) -> dict[str, Mo
 
 def gradient_moments(model: nn.Module, data, layers: dict[str, nn.Module], loss_fn="kl",
                      forward_fn=None, max_batches: int | None = None, progress: str | None = None,
-                     seed: int = 0, handles: list = ()) -> tuple[dict[str, Moments], int, int]:
+                     seed: int = 0, handles: list = (), every: int = 1) -> tuple[dict[str, Moments], int, int]:
     """Moments of the loss gradients with respect to each layer's output rows.
+
+    With ``every = k > 1`` only batches ``0, k, 2k, ...`` run the backward pass; the others run
+    forward only, for the hooks in ``handles`` (the Fisher information is then estimated from
+    about ``1/k`` of the samples, at about ``1/k`` of the backward passes' cost).
 
     Parameters
     ----------
@@ -77,8 +104,9 @@ def gradient_moments(model: nn.Module, data, layers: dict[str, nn.Module], loss_
         Calibration batches (see :mod:`rankwise.batches`).
     layers : dict of str to torch.nn.Module
         The layers whose output gradients are wanted, by qualified name.
-    loss_fn : {"kl", "mse"} or callable
-        See the module docstring.
+    loss_fn : {"auto", "kl", "mse"} or callable
+        See the module docstring; ``"auto"`` is :func:`output_loss` of the first batch, and no
+        gradients at all (empty moments) where no built-in loss reads the output.
     forward_fn : callable, optional
         ``forward_fn(model, batch) -> outputs``.
     max_batches : int, optional
@@ -100,7 +128,8 @@ def gradient_moments(model: nn.Module, data, layers: dict[str, nn.Module], loss_
     batches : int
         The number of batches run.
     """
-    check_loss_fn(loss_fn)
+    if loss_fn != "auto":
+        check_loss_fn(loss_fn)
     forward_fn = forward_fn or default_forward
     device = model_device(model)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -117,11 +146,21 @@ def gradient_moments(model: nn.Module, data, layers: dict[str, nn.Module], loss_
         for p in frozen:
             p.requires_grad_(True)
         model.eval()
-        for batches, batch in enumerate(tqdm(as_batches(data), total=batch_count(data), desc=progress,
-                                             disable=progress is None), start=1):
+        total = batch_count(data) if max_batches is None else min(batch_count(data) or max_batches, max_batches)
+        for batches, batch in enumerate(tqdm(itertools.islice(as_batches(data), max_batches), total=total,
+                                             desc=progress, disable=progress is None), start=1):
             batch = move_to(batch, device)
             captured.clear(), output_mask.clear()
-            outputs = run_batch(model, batch, forward_fn, batches - 1)
+            if loss_fn is None or (batches - 1) % every:
+                with torch.no_grad():
+                    run_batch(model, batch, forward_fn, batch_index(data, batches - 1))
+                continue
+            outputs = run_batch(model, batch, forward_fn, batch_index(data, batches - 1))
+            if loss_fn == "auto":
+                loss_fn = _automatic_loss(outputs, batch)
+                if loss_fn is None:
+                    moments = {}
+                    continue
             loss = _sampled_loss(outputs, batch, loss_fn, generator, output_mask.get("mask"))
             names = [name for name in layers if name in captured]
             grads = torch.autograd.grad(loss, [captured[name][0] for name in names], allow_unused=True) if names else ()
@@ -130,8 +169,6 @@ def gradient_moments(model: nn.Module, data, layers: dict[str, nn.Module], loss_
                     rows = channel_rows(grad.detach(), layers[name], captured[name][1])
                     moments[name].update_of(rows, name, "output gradients")
             samples += _batch_size(batch)
-            if max_batches is not None and batches >= max_batches:
-                break
     finally:
         for handle in handles:
             handle.remove()
@@ -142,6 +179,14 @@ def gradient_moments(model: nn.Module, data, layers: dict[str, nn.Module], loss_
         raise ValueError("data: the iterable yielded no batch. Pass a DataLoader or a list of "
                          "tensors holding representative inputs.")
     return moments, samples, batches
+
+
+def _automatic_loss(outputs, batch) -> str | None:
+    """``loss_fn="auto"``: :func:`output_loss`, or ``None`` for an output no built-in loss reads."""
+    try:
+        return output_loss(outputs, batch)
+    except ValueError:
+        return None
 
 
 def _capture(name: str, captured: dict):
