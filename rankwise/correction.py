@@ -235,7 +235,8 @@ def build_sequentially(model: nn.Module, layers: dict, options: dict, choices: d
         compressed.set_submodule(name, corrected)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ThinDataWarning)  # said once, by the first NeuronPCA
-            npca = NeuronPCA(compressed, data, layer_names=[name], verbosity="off", forward_fn=forward_fn)
+            npca = NeuronPCA(compressed, data, layer_names=[name], verbosity="off", forward_fn=forward_fn,
+                             loss_fn=None, validation=None)
         analysed = npca.whitened({name: metric}, {name: corrected}) if metric is not None else npca
         refitted = layer_options(analysed, name)
         refitted.metric = metric

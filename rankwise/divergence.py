@@ -96,6 +96,7 @@ class HeldOutScorer:
         pairs = [(self._rows(out, batch).double(), original.double())
                  for out, original, batch in zip(outputs, self.originals, self.batches)]
         if self.name == "kl":
+            pairs = [(c.log_softmax(-1), o.log_softmax(-1)) for c, o in pairs]
             kl = sum(float((o.exp() * (o - c)).sum()) for c, o in pairs)
             return kl / sum(len(o) for _, o in pairs)
         error = sum(float((c - o).square().sum()) for c, o in pairs)
@@ -106,14 +107,13 @@ class HeldOutScorer:
             return [_run(model, batch, self.forward_fn) for batch in self.batches]
 
     def _rows(self, outputs, batch) -> torch.Tensor:
-        """The output's rows (last dimension kept), float32 on the CPU, padding positions left
-        out; log-probabilities for ``"kl"``."""
+        """The output's rows (last dimension kept), float32 on the CPU (the log-probabilities of
+        ``"kl"`` are taken in float64 when scoring), padding positions left out."""
         tensor = output_tensor(outputs).detach()
         mask = batch.get("attention_mask") if isinstance(batch, dict) else None
         if mask is not None and tensor.dim() >= 2 and tuple(tensor.shape[:2]) == tuple(mask.shape):
             tensor = tensor[mask.to(tensor.device).bool()]
-        rows = tensor.reshape(-1, tensor.shape[-1] if tensor.dim() else 1).float().cpu()
-        return rows.log_softmax(-1) if self.name == "kl" else rows
+        return tensor.reshape(-1, tensor.shape[-1] if tensor.dim() else 1).float().cpu()
 
 
 def _run(model: nn.Module, batch, forward_fn):

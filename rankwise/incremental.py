@@ -198,7 +198,7 @@ def compress_incrementally(model: nn.Module, data, *, train_data, eval_fn,
             break
         step_start = time.perf_counter()
         npca = NeuronPCA(network, data, layer_names=names[position:], verbosity="off",
-                         forward_fn=forward_fn)
+                         forward_fn=forward_fn, loss_fn=None, validation=None)
         candidates = names[position:] if goal_name == "learnables_reduction_goal" else [name]
         options = measured_options(network, npca, {n: network.get_submodule(n) for n in candidates})
         choice = _choice(options, name, goal_name, goal, network, needed, history.original_learnables)

@@ -20,44 +20,28 @@ each rank calibrates on its shard and the moments are summed over the group
 from __future__ import annotations
 
 import time
-import warnings
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from rankwise.batches import as_batches, model_device, run_batches
-from rankwise.blockwise import calibrate_blockwise, check_blockwise
+from rankwise.blockwise import check_blockwise
 from rankwise.checks import check_max_batches, check_regularization, check_verbosity
-from rankwise.distributed import (active_group, all_gather_count, all_reduce_count, all_reduce_tensors,
-                                  broadcast_from_first, raise_on_every_rank)
-from rankwise.holdout import HeldOutSplit, check_validation, savable
-from rankwise.kinds import kind_of
+from rankwise.distributed import active_group
+from rankwise.holdout import HeldOutSplit, check_validation
 from rankwise.learnables import count_learnables
 from rankwise.metric import OutputMetric, whitened_statistics
-from rankwise.moments import Moments, NonFiniteActivationError, Spectrum
-from rankwise.statistics import Statistics, from_plain, moment_tensors, statistics_for, to_plain
-from rankwise.statistics.dense import settled, sharing_inputs
-from rankwise.statistics.gradients import (AUTO_GRADIENT_EVERY, check_loss_fn, empty_gradient_moments,
-                                           gradient_moments)
+from rankwise.moments import NonFiniteActivationError, Spectrum
+from rankwise.statistics import Statistics, files
+from rankwise.statistics.calibration import ThinDataWarning, check_observations, gather, gradient_layers
+from rankwise.statistics.dense import settled
+from rankwise.statistics.gradients import check_loss_fn
 from rankwise.targets import select_layers
 
 SIDES = ("input", "output")
-FORMAT_VERSION = 5
-# 2: gradient statistics of the loss criterion; 3: recurrent layers' reservoir; 4: a Linear layer
-# with d_in <= d_out holds its input's outer, its weight and bias, and output None (derived);
-# 5: the held-out batches and the statistics of the fitted part (validation)
-"""Version of the :meth:`NeuronPCA.save` file layout; files of every version up to it load."""
-READABLE_VERSIONS = tuple(range(1, FORMAT_VERSION + 1))
-NO_BATCH = ("data: the iterable yielded no batch. Pass a DataLoader or a list of tensors holding "
-            "representative inputs.")
 PROGRESS_DELAY_SECONDS = 1.0
 """The spectra's progress bar appears only once computing them has taken this long."""
 __all__ = ["NeuronPCA", "NonFiniteActivationError", "ThinDataWarning"]
-
-
-class ThinDataWarning(UserWarning):
-    """A layer saw fewer observations than its width: its statistics are regularised."""
 
 
 class NeuronPCA:
@@ -164,7 +148,7 @@ class NeuronPCA:
             validation = None if validation == "auto" else validation
             loss_fn = None if loss_fn == "auto" else loss_fn
         split = None if validation is None else HeldOutSplit(data, validation, max_batches)
-        if loss_fn == "auto" and (blocks is not None or not _gradient_layers(layers)):
+        if loss_fn == "auto" and (blocks is not None or not gradient_layers(layers)):
             loss_fn = None
         start = time.perf_counter()
         self._gather(model, data if split is None else split, layers, forward_fn, max_batches if split is None else None,
@@ -172,19 +156,10 @@ class NeuronPCA:
                      regularization)
         self._hold_out(split, model, layers, forward_fn, loss_fn)
         seconds = time.perf_counter() - start
-        self._check_observations()
+        check_observations(self._stats)
         if verbosity != "off":
             print(f"NeuronPCA: {len(self.layer_names)} layers, {self.num_batches} batches, "
                   f"{seconds:.1f} s calibration{self._range_note(verbosity)}")
-
-    def _gather(self, model, data, layers, forward_fn, max_batches, show_progress, loss_fn, process_group,
-                blocks, device, network_learnables, regularization) -> None:
-        """This NeuronPCA's statistics: one calibration pass over ``data``, summed over the group."""
-        self._init_state({name: statistics_for(m) for name, m in layers.items()}, network_learnables,
-                         regularization)
-        self._calibrate_shard(model, data, layers, forward_fn, max_batches, show_progress, loss_fn,
-                              process_group, blocks, device)
-        self._sum_over(process_group)
 
     def _hold_out(self, split, model, layers, forward_fn, loss_fn) -> None:
         """Keep the held-out batches of ``split`` with the statistics of the fitted part, and make
@@ -205,6 +180,14 @@ class NeuronPCA:
                          merged._gradients, merged._gradient_samples)
         self._validation = (split.held_out, fitted)
 
+    def _gather(self, model, data, layers, forward_fn, max_batches, show_progress, loss_fn, process_group,
+                blocks, device, network_learnables, regularization) -> None:
+        """This NeuronPCA's statistics: one calibration pass over ``data``, summed over the group."""
+        gathered = gather(model, data, layers, forward_fn, max_batches, show_progress, loss_fn, process_group,
+                          blocks, device)
+        self._init_state(gathered.stats, network_learnables, regularization, gathered.num_batches,
+                         gathered.gradients, gathered.gradient_samples)
+
     def _init_state(self, stats: dict, network_learnables: int, regularization, num_batches=0,
                     gradients=None, gradient_samples=0, validation=None):
         self._validation = validation
@@ -215,73 +198,6 @@ class NeuronPCA:
         self._gradients = gradients or {}
         self._gradient_samples = gradient_samples
         self._spectra = {}
-
-    def _calibrate(self, model, data, layers, forward_fn, max_batches, show_progress, loss_fn, blocks,
-                   device) -> None:
-        """One pass over ``data``: the activation hooks (layers reading the same input tensor
-        share its batch moments, forgotten as each batch starts), and with ``loss_fn`` the
-        gradients; with ``blocks``, one block at a time (:mod:`rankwise.blockwise`)."""
-        with sharing_inputs() as shared:
-            handles = [layer.register_forward_hook(self._stats[name].hook(name, layer), with_kwargs=True)
-                       for name, layer in layers.items()]
-            handles.append(model.register_forward_pre_hook(lambda *_: shared.clear()))
-            self._run(model, data, layers, forward_fn, max_batches, show_progress, loss_fn, handles,
-                      blocks, device)
-
-    def _run(self, model, data, layers, forward_fn, max_batches, show_progress, loss_fn, handles,
-             blocks, device) -> None:
-        """Run the batches with ``handles`` registered (the runners remove them)."""
-        progress = "NeuronPCA" if show_progress else None
-        if blocks is not None:
-            self.num_batches = calibrate_blockwise(model, data, self._stats, handles, blocks, device, forward_fn,
-                                                   max_batches, progress, NO_BATCH)
-            return
-        if loss_fn is None:
-            self.num_batches = run_batches(model, data, handles, forward_fn, max_batches, progress=progress,
-                                           empty_message=NO_BATCH)
-            return
-        self._gradients, self._gradient_samples, self.num_batches = gradient_moments(
-            model, data, _gradient_layers(layers), loss_fn, forward_fn, max_batches, progress, handles=handles,
-            every=AUTO_GRADIENT_EVERY if loss_fn == "auto" else 1)
-
-    def _calibrate_shard(self, model, data, layers, forward_fn, max_batches, show_progress, loss_fn,
-                         process_group, blocks, device) -> None:
-        """:meth:`_calibrate` on this rank's shard. Under a group of several ranks, a shard that
-        yields no batch adds nothing (legal as long as the group saw some), and a rank that fails
-        makes every rank raise (:func:`~rankwise.distributed.raise_on_every_rank`) instead of
-        leaving the others waiting in the sums."""
-        if active_group(process_group) is None:
-            self._calibrate(model, data, layers, forward_fn, max_batches, show_progress, loss_fn, blocks, device)
-            return
-        shard = _Counted(as_batches(data))
-        failure = None
-        try:
-            self._calibrate(model, shard, layers, forward_fn, max_batches, show_progress, loss_fn, blocks, device)
-        except Exception as error:  # every rank must hear of it, whatever it is
-            if shard.yielded or not isinstance(error, ValueError):
-                failure = error
-            elif loss_fn is not None:  # an empty shard: zero gradient moments, shaped as the others'
-                self._gradients = empty_gradient_moments(_gradient_layers(layers), model_device(model))
-        raise_on_every_rank(failure, process_group)
-
-    def _sum_over(self, process_group) -> None:
-        """Sum the moments over ``process_group`` (nothing outside an initialised group); the
-        recurrent layers' reservoirs of calibration sequences are those of the group's first rank
-        that saw a batch."""
-        tensors = [t for stats in self._stats.values() for t in moment_tensors(stats)]
-        tensors += [t for moments in self._gradients.values() for t in moments.tensors()]
-        all_reduce_tensors(tensors, process_group)
-        batches = all_gather_count(self.num_batches, process_group)
-        self.num_batches = sum(batches)
-        if self.num_batches == 0:
-            raise ValueError(NO_BATCH)
-        sampled = [stats for stats in self._stats.values() if getattr(stats, "reservoir", None) is not None]
-        if sampled:
-            first = next(rank for rank, count in enumerate(batches) if count)
-            reservoirs = broadcast_from_first([stats.reservoir for stats in sampled], process_group, first)
-            for stats, reservoir in zip(sampled, reservoirs):
-                stats.reservoir = reservoir
-        self._gradient_samples = all_reduce_count(self._gradient_samples, process_group)
 
     def _view(self, regularization) -> "NeuronPCA":
         """A NeuronPCA sharing these statistics (not the held-out part) with another shrinkage."""
@@ -443,85 +359,35 @@ class NeuronPCA:
         return result
 
     def save(self, path) -> None:
-        """Write the statistics to ``path`` (plain tensors; load with :meth:`load`)."""
-        state = {"format_version": FORMAT_VERSION, **self._plain_state(), "regularization": self._regularization,
-                 "network_learnables": self.network_learnables, "validation": None}
-        if self._validation is not None:
-            batches, fitted = self._validation
-            if savable(batches):
-                state["validation"] = {"batches": list(batches), "fitted": fitted and fitted._plain_state()}
-            else:
-                warnings.warn("path: the held-out batches hold objects other than tensors, numbers and "
-                              "strings, and were not saved; the loaded NeuronPCA holds nothing out.",
-                              UserWarning, stacklevel=2)
-        torch.save(state, path)
+        """Write the statistics to ``path`` (plain tensors; load with :meth:`load`), with the
+        held-out batches and the fitted part's statistics (:mod:`rankwise.statistics.files`)."""
+        batches, fitted = self._validation or (None, None)
+        files.write(path, self._plain(), self.network_learnables, self._regularization, batches,
+                    fitted and fitted._plain())
 
-    def _plain_state(self) -> dict:
-        return {"layers": {name: to_plain(stats) for name, stats in self._stats.items()},
-                "gradients": {name: vars(m) for name, m in self._gradients.items()},
-                "num_batches": self.num_batches, "gradient_samples": self._gradient_samples}
+    def _plain(self) -> dict:
+        return files.plain_part(self._stats, self._gradients, self.num_batches, self._gradient_samples)
 
     @classmethod
     def load(cls, path) -> "NeuronPCA":
         """Read statistics written by :meth:`save` (no arbitrary code is unpickled)."""
-        state = torch.load(path, weights_only=True, map_location="cpu")
-        version = state.get("format_version") if isinstance(state, dict) else None
-        if version not in READABLE_VERSIONS:
-            raise ValueError(f"path: {path} is not a NeuronPCA file of format version "
-                             f"{', '.join(map(str, READABLE_VERSIONS))} (found {version!r}).")
-        npca = _from_plain_state(state, state["network_learnables"], state["regularization"])
-        held = state.get("validation")
-        if held is not None:
-            fitted = held["fitted"] and _from_plain_state(held["fitted"], npca.network_learnables,
-                                                          npca.regularization)
-            npca._validation = (held["batches"], fitted)
+        state = files.read(path)
+        npca = _from_plain(state, state["network_learnables"], state["regularization"])
+        if state["validation"] is not None:
+            fitted = state["validation"]["fitted"]
+            npca._validation = (state["validation"]["batches"],
+                                fitted and _from_plain(fitted, npca.network_learnables, npca.regularization))
         return npca
 
     def __repr__(self) -> str:
         return f"NeuronPCA({len(self._stats)} layers, {self.num_batches} batches)"
 
-    def _check_observations(self) -> None:
-        """Raise for a layer with fewer than 2 observations; one warning naming every layer that
-        saw fewer observations than its width."""
-        thin = []
-        for name, stats in self._stats.items():
-            count = int(stats.input.count)
-            if count < 2:
-                raise ValueError(f"data: layer {name!r} saw {count} observation(s); at least 2 are "
-                                 "needed for a covariance. Pass more or larger batches.")
-            if count < stats.width:
-                thin.append(f"{name} ({count} for {stats.width})")
-        if thin:
-            shown = ", ".join(thin[:8]) + (f" and {len(thin) - 8} more" if len(thin) > 8 else "")
-            warnings.warn(f"{len(thin)} layer(s) saw fewer observations than their width: {shown}. Their "
-                          "covariances are rank-deficient and are regularised toward the spectra of "
-                          "their weights; more calibration data gives better projections.",
-                          ThinDataWarning, stacklevel=3)
 
-
-class _Counted:
-    """An iterable of batches that counts those it yielded (``yielded``), so that a rank can
-    tell an empty shard from a failed batch."""
-
-    def __init__(self, batches):
-        self.batches, self.yielded = batches, 0
-
-    def __iter__(self):
-        for batch in self.batches:
-            self.yielded += 1
-            yield batch
-
-    def __len__(self) -> int:
-        return len(self.batches)  # a TypeError for an iterable without a length, as len() raises
-
-
-def _from_plain_state(state: dict, network_learnables: int, regularization) -> NeuronPCA:
-    """A NeuronPCA from the plain tensors of :meth:`NeuronPCA._plain_state`."""
+def _from_plain(plain: dict, network_learnables: int, regularization) -> NeuronPCA:
+    """A NeuronPCA from a :func:`rankwise.statistics.files.plain_part`."""
+    stats, gradients, num_batches, gradient_samples = files.part_from_plain(plain)
     npca = NeuronPCA.__new__(NeuronPCA)
-    npca._init_state({name: from_plain(plain) for name, plain in state["layers"].items()}, network_learnables,
-                     regularization, state["num_batches"],
-                     {name: Moments(**m) for name, m in state.get("gradients", {}).items()},
-                     state.get("gradient_samples", 0))
+    npca._init_state(stats, network_learnables, regularization, num_batches, gradients, gradient_samples)
     return npca
 
 
@@ -530,10 +396,3 @@ def _merged_validation(first: NeuronPCA, second: NeuronPCA):
     if first._validation is None or second._validation is None:
         return None
     return first.validation_batches + second.validation_batches, first.fitted().merge(second.fitted())
-
-
-def _gradient_layers(layers: dict) -> dict:
-    """The layers that get gradient statistics with ``loss_fn``: the dense and embedding ones
-    (recurrent and attention layers have no loss criterion)."""
-    return {name: layer for name, layer in layers.items()
-            if kind_of(layer).family not in ("recurrent", "attention")}

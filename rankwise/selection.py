@@ -84,7 +84,7 @@ class MeasuredChoice:
     scores: list = field(default_factory=list)
     score_name: str = ""
     reason: str = ""
-    seconds: float = 0.0
+    seconds: float = field(default=0.0, compare=False)
 
     @classmethod
     def from_dict(cls, plain: dict) -> "MeasuredChoice":

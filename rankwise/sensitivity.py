@@ -101,7 +101,8 @@ def probe_sensitivity(model: nn.Module, npca_or_data, eval_fn, *,
     if not goals:
         raise ValueError("explained_variance_goals: give at least one goal in [0, 1].")
     npca = npca_or_data if isinstance(npca_or_data, NeuronPCA) else NeuronPCA(
-        model, npca_or_data, layer_names=layer_names, verbosity="off", forward_fn=forward_fn)
+        model, npca_or_data, layer_names=layer_names, verbosity="off", forward_fn=forward_fn, loss_fn=None,
+        validation=None)
     layers = select_layers(model, npca.layer_names if layer_names is None else layer_names)
     check_statistics(npca, layers)
     options = measured_options(model, npca, layers)

@@ -18,7 +18,7 @@ from torch import nn
 import rankwise as rw
 
 from rankwise import distributed
-from rankwise.pca import NO_BATCH
+from rankwise.statistics.calibration import NO_BATCH
 
 GROUP_TIMEOUT = datetime.timedelta(seconds=60)  # a rank left waiting fails within this, never hangs
 

@@ -65,8 +65,8 @@ def test_build_projected_from_explicit_decisions_is_what_compress_builds(goal_na
     model, data = tiny_cnn().eval(), make_batches((32, 3, 8, 8))
     npca = rw.NeuronPCA(model, data, verbosity="off")
     snapshot = state_of(model)
-    expected_net, expected = rw.compress_network_using_projection(model, npca, **{goal_name: goal},
-                                                                  verbosity="off")
+    expected_net, expected = rw.compress_network_using_projection(model, npca, **{goal_name: goal}, verbosity="off",
+                                                                  criterion="variance", allocation="global")
     layers = {name: model.get_submodule(name) for name in npca.layer_names}
     options = {name: layer_options(npca, name) for name in layers}
     choices, reached = choose_ranks(options, goal_name, goal, rw.count_learnables(model))

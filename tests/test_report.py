@@ -43,7 +43,7 @@ def test_tradeoff_curve_follows_the_global_allocation(model_and_data):
     assert reduction[-1] == pytest.approx(npca.learnables_reduction_range[1])
     for goal, curve_explained in zip(reduction[1:], explained[1:]):
         _, info = rw.compress_network_using_projection(model, npca, learnables_reduction_goal=goal,
-                                                       verbosity="off")
+                                                       verbosity="off", criterion="variance", allocation="global")
         assert info.learnables_reduction >= goal - 1e-12
         assert info.explained_variance >= curve_explained - 1e-9
 
@@ -93,8 +93,9 @@ def test_goals_give_what_compression_would(mixed):
         [f"learnables_reduction_goal={g:g}" for g in (0.5, 0.8, 0.9)]
     for goal, predicted in report.goals.items():
         name, value = goal.split("=")
-        _, info = rw.compress_network_using_projection(model, npca, **{name: float(value)}, verbosity="off")
-        assert predicted == info
+        _, info = rw.compress_network_using_projection(model, npca, **{name: float(value)}, verbosity="off",
+                                                       criterion="variance", allocation="global")
+        assert predicted == info  # the analysis predicts the variance criterion's global allocation
 
 
 def test_analysis_reuses_the_statistics_and_leaves_the_model_untouched(mixed):
@@ -332,5 +333,6 @@ def test_exclude_leaves_layers_out_of_the_analysis_and_says_so():
     for goal, info in report.goals.items():
         name, value = goal.split("=")
         _, built = rw.compress_network_using_projection(model, data, exclude="2", verbosity="off",
-                                                        **{name: float(value)})
+                                                        criterion="variance", allocation="global",
+                                                        validation=None, **{name: float(value)})
         assert info == built and info.excluded == ["2"]

@@ -65,7 +65,8 @@ def calibration_statistics(calibration, model, layers: dict) -> NeuronPCA:
         Naming ``calibration``, when a NeuronPCA lacks a layer or has other shapes.
     """
     if not isinstance(calibration, NeuronPCA):
-        return NeuronPCA(model, calibration, layer_names=list(layers), verbosity="off")
+        return NeuronPCA(model, calibration, layer_names=list(layers), verbosity="off", loss_fn=None,
+                         validation=None)
     for name, layer in layers.items():
         if name not in calibration.layer_names:
             raise ValueError(f"calibration: the NeuronPCA has no statistics for layer {name!r} (it "

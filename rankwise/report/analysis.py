@@ -253,7 +253,7 @@ def _statistics(model, npca_or_data, selected: dict, all_layers: bool, verbosity
     """The NeuronPCA to use and the layers to analyse with it."""
     if not isinstance(npca_or_data, NeuronPCA):
         npca = NeuronPCA(model, npca_or_data, layer_names=list(selected), verbosity=verbosity,
-                         forward_fn=forward_fn)
+                         forward_fn=forward_fn, loss_fn=None, validation=None)
         return npca, selected
     npca = npca_or_data
     analysed = ({name: m for name, m in selected.items() if name in npca.layer_names} if all_layers
