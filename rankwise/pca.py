@@ -35,6 +35,7 @@ from rankwise.kinds import kind_of
 from rankwise.learnables import count_learnables
 from rankwise.metric import OutputMetric, whitened_statistics
 from rankwise.moments import Moments, NonFiniteActivationError, Spectrum
+from rankwise.progress import PROGRESS_DELAY_SECONDS
 from rankwise.statistics import Statistics, from_plain, moment_tensors, statistics_for, to_plain
 from rankwise.statistics.dense import settled, sharing_inputs
 from rankwise.statistics.gradients import check_loss_fn, empty_gradient_moments, gradient_moments
@@ -48,8 +49,6 @@ FORMAT_VERSION = 4
 READABLE_VERSIONS = tuple(range(1, FORMAT_VERSION + 1))
 NO_BATCH = ("data: the iterable yielded no batch. Pass a DataLoader or a list of tensors holding "
             "representative inputs.")
-PROGRESS_DELAY_SECONDS = 1.0
-"""The spectra's progress bar appears only once computing them has taken this long."""
 __all__ = ["NeuronPCA", "NonFiniteActivationError", "ThinDataWarning"]
 
 

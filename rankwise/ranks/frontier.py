@@ -58,7 +58,7 @@ from tqdm.auto import tqdm
 
 from rankwise.kinds import kind_named
 from rankwise.learnables import dense_learnables, factored_learnables, recurrent_learnables
-from rankwise.pca import PROGRESS_DELAY_SECONDS
+from rankwise.progress import PROGRESS_DELAY_SECONDS
 from rankwise.ranks.criterion import Candidates, Criterion, criterion_named, output_metrics
 from rankwise.rnn import GATES
 
