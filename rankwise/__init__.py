@@ -1,5 +1,6 @@
 """rankwise: compress trained PyTorch networks by finding the low-rank structure inside them."""
 
+from rankwise._version import __version__
 from rankwise.batchnorm import fold_batchnorm, recalibrate_batchnorm
 from rankwise.decompose import LayerTruncation, TruncatedConv, TruncationInfo, truncate_kernels
 from rankwise.evolve import EvolutionHistory, WidthEvolver, WidthGroup, analyze_widths
@@ -33,4 +34,3 @@ __all__ = [
     "median_latency", "count_flops", "compare_speed", "SpeedComparison", "UnstableTimingWarning",
     "token_mask",
 ]
-__version__ = "0.1.0"

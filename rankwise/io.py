@@ -51,6 +51,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from rankwise._version import __version__
 from rankwise.forms import (compressed_forms, form_spec, form_types, fused_paths_off, original_layer, resize_to,
                             shape_spec)
 from rankwise.learnables import count_learnables
@@ -97,7 +98,7 @@ def save(model: nn.Module, path, *, info: ProjectionInfo | None = None,
                          f"or None, got {type(info).__name__}; the spec describes every compressed "
                          "form without it.")
     tensors, aliases = _unique_tensors(model.state_dict())
-    spec = {"format": FORMAT, "format_version": FORMAT_VERSION, "rankwise_version": _version(),
+    spec = {"format": FORMAT, "format_version": FORMAT_VERSION, "rankwise_version": __version__,
             "learnables": count_learnables(model), **mode_spec(model), "layers": model_spec(model),
             "shapes": shape_spec(model), "aliases": aliases,
             "projection": None if info is None else dataclasses.asdict(info)}
@@ -372,9 +373,3 @@ def _gist(error: Exception) -> str:
     """The first two non-empty lines of an error message, on one line."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return " ".join(lines[:2])
-
-
-def _version() -> str:
-    from rankwise import __version__  # the package imports this module
-
-    return __version__

@@ -32,6 +32,7 @@ from rankwise.holdout import HeldOutSplit, check_validation
 from rankwise.learnables import count_learnables
 from rankwise.metric import OutputMetric, whitened_statistics
 from rankwise.moments import NonFiniteActivationError, Spectrum
+from rankwise.progress import PROGRESS_DELAY_SECONDS
 from rankwise.statistics import Statistics, files
 from rankwise.statistics.calibration import ThinDataWarning, check_observations, gather, gradient_layers
 from rankwise.statistics.dense import settled
@@ -39,8 +40,6 @@ from rankwise.statistics.gradients import check_loss_fn
 from rankwise.targets import select_layers
 
 SIDES = ("input", "output")
-PROGRESS_DELAY_SECONDS = 1.0
-"""The spectra's progress bar appears only once computing them has taken this long."""
 __all__ = ["NeuronPCA", "NonFiniteActivationError", "ThinDataWarning"]
 
 

@@ -1,5 +1,6 @@
-"""The rankwise command, run as a subprocess: happy paths and every bad-argument path."""
+"""The rankwise command, run as a subprocess (happy paths and every bad-argument path), and its parser."""
 
+import inspect
 import json
 import os
 import pathlib
@@ -13,6 +14,9 @@ from torch import nn
 
 import rankwise as rw
 from conftest import make_batches, tiny_cnn
+from rankwise.cli.errors import UsageError
+from rankwise.cli.parser import CRITERION_CHOICES, build_parser, library_arguments, option_names
+from rankwise.ranks import CRITERIA
 from safetensors.torch import save_file
 from test_io import WritesMarker, crafted_file
 
@@ -345,3 +349,25 @@ def test_a_model_class_in_the_current_folder_is_found_as_python_m_finds_it(tmp_p
 def test_version(tmp_path):
     run = rankwise("--version", cwd=tmp_path)
     assert (run.returncode, run.stdout) == (0, f"rankwise {rw.__version__}\n")
+
+
+
+COMPRESS_GOAL = ["compress", "m.pt", "--data", "d.pt", "--explained-variance", "0.9", "--output", "o"]
+
+
+@pytest.mark.parametrize("argv, function", [(["analyze", "m.pt", "--data", "d.pt"], rw.analyze),
+                                            (COMPRESS_GOAL, rw.compress_network_using_projection)])
+def test_each_library_option_is_an_argument_of_the_function_its_command_calls(argv, function):
+    """An option declared with ``Parser.add_library_option`` is passed on under its keyword, and the
+    library's errors naming that keyword name the option."""
+    args = build_parser().parse_args(argv)
+    assert set(library_arguments(args)) <= set(inspect.signature(function).parameters)
+    assert option_names(args)["exclude"] == "--exclude" and option_names(args)["model"] == "MODEL"
+
+
+def test_the_criterion_choices_are_the_registered_criteria():
+    assert CRITERION_CHOICES == tuple(CRITERIA)
+    for name in CRITERIA:
+        assert build_parser().parse_args([*COMPRESS_GOAL, "--criterion", name]).criterion == name
+    with pytest.raises(UsageError, match="invalid choice: 'nope'"):
+        build_parser().parse_args([*COMPRESS_GOAL, "--criterion", "nope"])

@@ -1,5 +1,7 @@
 """Decisions: which side of each layer to project, at which ranks.
 
+- :mod:`rankwise.ranks.options`: what an option is (side, ranks, learnables, residual, error)
+  and a layer's frontier of them;
 - :mod:`rankwise.ranks.frontier`: every layer's options, their learnables and estimated
   residuals, filtered to the frontier (one enumeration per family of :mod:`rankwise.kinds`);
 - :mod:`rankwise.ranks.criterion`: the estimated error of each option that the frontier and
@@ -15,8 +17,8 @@ from rankwise.ranks.allocation import (Allocation, allocate_learnables_reduction
                                        choose_ranks, most_removable, reduction_range, tradeoff_curve)
 from rankwise.ranks.criterion import (CRITERIA, Candidates, criterion_named, loss_error, output_metrics,
                                       variance_error)
-from rankwise.ranks.frontier import (LOSSLESS, SIDE_NAMES, LayerOptions, RankChoice, RecurrentOptions,
-                                     layer_options, measured_options)
+from rankwise.ranks.frontier import layer_options, measured_options
+from rankwise.ranks.options import LOSSLESS, SIDE_NAMES, LayerOptions, RankChoice, RecurrentOptions
 from rankwise.ranks.sequence import SequenceBound, sequence_explained_variance
 
 __all__ = ["Allocation", "CRITERIA", "Candidates", "LOSSLESS", "LayerOptions", "RankChoice",

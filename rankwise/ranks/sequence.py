@@ -50,7 +50,7 @@ from torch.nn.utils.rnn import pack_sequence
 from rankwise.batches import eval_mode
 from rankwise.kinds import kind_of
 from rankwise.layers.build import project_layer
-from rankwise.ranks.frontier import LayerOptions, RankChoice
+from rankwise.ranks.options import LayerOptions, RankChoice
 
 
 @torch.no_grad()

@@ -1,0 +1,5 @@
+"""``python -m rankwise.cli`` (and ``torchrun -m rankwise.cli``): the ``rankwise`` command."""
+
+from rankwise.cli import run
+
+run()
