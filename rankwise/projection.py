@@ -28,7 +28,7 @@ from rankwise.learnables import count_learnables
 from rankwise.pca import NeuronPCA
 from rankwise.correction import build_sequentially
 from rankwise.ranks import SequenceBound, choose_ranks, criterion_named, measured_options, most_removable
-from rankwise.selection import Candidate, MeasuredChoice, choose_by_measurement, fallback
+from rankwise.selection import MeasuredChoice, how_to_decide
 from rankwise.tables import format_ranks
 from rankwise.targets import functional_layers, select_layers, tied_left_out
 
@@ -196,8 +196,10 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
         model, npca_or_data, layer_names=list(layers), verbosity=verbosity, forward_fn=forward_fn,
         loss_fn=None if criterion == "variance" else loss_fn or "auto", validation=validation)
     check_statistics(npca, layers)
-    chosen, measured = _measured_choice(model, npca, layers, goal_name, goal, criterion, allocation, forward_fn,
-                                        score_fn, verbosity)
+    build = lambda options, choices: build_projected(  # noqa: E731 (one build per measured candidate)
+        model, layers, options, Decisions(f"{goal_name}={goal:g}", choices))
+    chosen, measured = how_to_decide(model, npca, layers, goal_name, goal, build, criterion, allocation,
+                                     forward_fn, score_fn, verbosity)
     criterion, allocation = chosen.criterion, chosen.allocation
     npca = npca.with_regularization(chosen.regularization)
     options = measured_options(model, npca, layers, criterion, progress=verbosity != "off")
@@ -223,31 +225,6 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
                                        verbosity=verbosity)
     _report(info, verbosity)
     return compressed, info
-
-
-def _measured_choice(model, npca, layers, goal_name, goal, criterion, allocation, forward_fn, score_fn,
-                     verbosity) -> tuple[Candidate, MeasuredChoice | None]:
-    """How to decide (:mod:`rankwise.selection`), and the measurement behind it (``None`` when
-    nothing was to choose): measured on the held-out batches under a learnables goal when
-    ``criterion`` or ``allocation`` is ``"auto"``, else what was set (the variance criterion and
-    the global allocation for ``"auto"`` under an explained variance goal); the documented
-    fallback when nothing was held out."""
-    if goal_name != "learnables_reduction_goal" or "auto" not in (criterion, allocation):
-        return fallback("variance" if criterion == "auto" else criterion, allocation, False,
-                        npca.regularization), None
-    if not npca.validation_batches:
-        chosen = fallback(criterion, allocation, npca.has_gradients, npca.regularization)
-        warnings.warn(f"validation: no calibration batch was held out ({npca.num_batches} batch(es); "
-                      "validation=None; or a NeuronPCA saved before held-out batches were kept), so the "
-                      f"candidate compressions could not be measured and the fallback {chosen.label} was "
-                      "used. Pass two or more batches, or held-out batches as validation=.",
-                      UserWarning, stacklevel=3)
-        return chosen, MeasuredChoice(chosen, reason="nothing held out to measure on: the documented fallback")
-    build = lambda options, choices: build_projected(  # noqa: E731 (one build per candidate)
-        model, layers, options, Decisions(f"{goal_name}={goal:g}", choices))
-    measured = choose_by_measurement(model, npca, layers, goal_name, goal, build, criterion, allocation, forward_fn,
-                                     score_fn, progress=verbosity in ("steps", "iterations"))
-    return measured.chosen, measured
 
 
 def _correction_data(correction, correction_data, npca_or_data):

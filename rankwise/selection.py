@@ -30,6 +30,7 @@ nothing is measured: the goal is met in its own unit, the variance criterion.
 from __future__ import annotations
 
 import itertools
+import warnings
 import time
 from dataclasses import dataclass, field
 
@@ -185,3 +186,27 @@ def _best(scores: list[CandidateScore]) -> CandidateScore | None:
     """The lowest score (the first listed among equals), ``None`` when none was measured."""
     measured = [s for s in scores if s.score is not None]
     return min(measured, key=lambda s: s.score) if measured else None
+
+
+def how_to_decide(model: nn.Module, npca, layers: dict, goal_name: str, goal: float, build,
+                  criterion: str = "auto", allocation: str = "auto", forward_fn=None, score_fn="auto",
+                  verbosity: str = "off") -> tuple[Candidate, MeasuredChoice | None]:
+    """The candidate to decide with, and the measurement behind it (``None`` when there was
+    nothing to choose): measured on the held-out batches (:func:`choose_by_measurement`) under a
+    learnables goal when ``criterion`` or ``allocation`` is ``"auto"``; else what was set (the
+    variance criterion and the global allocation for ``"auto"`` under an explained variance
+    goal); the documented :func:`fallback`, with a warning, when nothing was held out."""
+    if goal_name != "learnables_reduction_goal" or "auto" not in (criterion, allocation):
+        return fallback("variance" if criterion == "auto" else criterion, allocation, False,
+                        npca.regularization), None
+    if not npca.validation_batches:
+        chosen = fallback(criterion, allocation, npca.has_gradients, npca.regularization)
+        warnings.warn(f"validation: no calibration batch was held out ({npca.num_batches} batch(es); "
+                      "validation=None; or a NeuronPCA saved before held-out batches were kept), so the "
+                      f"candidate compressions could not be measured and the fallback {chosen.label} was "
+                      "used. Pass two or more batches, or held-out batches as validation=.",
+                      UserWarning, stacklevel=4)
+        return chosen, MeasuredChoice(chosen, reason="nothing held out to measure on: the documented fallback")
+    measured = choose_by_measurement(model, npca, layers, goal_name, goal, build, criterion, allocation, forward_fn,
+                                     score_fn, progress=verbosity in ("steps", "iterations"))
+    return measured.chosen, measured

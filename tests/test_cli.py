@@ -96,13 +96,13 @@ def test_analyze_prints_the_table_and_writes_html_and_json(folder):
 
 def test_compress_writes_a_file_that_info_describes_and_rw_load_reads(folder):
     run = rankwise("compress", "cnn.pt", "--trust-pickle", "--data", "images.npy", "--learnables-reduction", "0.5",
-                   "--output", "half.safetensors", cwd=folder)
+                   "--criterion", "variance", "--allocation", "global", "--output", "half.safetensors", cwd=folder)
     assert run.returncode == 0, run.stderr
     assert "53.4% removed" in run.stdout
     model = torch.load(folder / "cnn.pt", weights_only=False)
     expected, info = rw.compress_network_using_projection(
         model, [torch.as_tensor(np.load(folder / "images.npy")).float()], learnables_reduction_goal=0.5,
-        verbosity="off")
+        criterion="variance", allocation="global", verbosity="off")
     loaded = rw.load(folder / "half.safetensors", model=model)
     assert repr(loaded) == repr(expected)
     x = make_batches((4, 3, 8, 8), seed=3)[0]
@@ -142,7 +142,7 @@ def test_compress_and_analyze_with_patterns_and_exclude(folder):
 
 def test_compress_with_the_loss_criterion_uniform_allocation_and_sequential_correction(folder):
     run = rankwise("compress", "cnn.pt", "--trust-pickle", "--data", "images.pt", "--learnables-reduction", "0.3",
-                   "--criterion", "loss", "--allocation", "uniform", "--correction", "sequential",
+                   "--criterion", "loss", "--loss", "kl", "--allocation", "uniform", "--correction", "sequential",
                    "--output", "loss.safetensors", "--quiet", cwd=folder)
     assert (run.returncode, run.stderr) == (0, ""), run.stderr
     model = torch.load(folder / "cnn.pt", weights_only=False)
@@ -366,7 +366,7 @@ def test_each_library_option_is_an_argument_of_the_function_its_command_calls(ar
 
 
 def test_the_criterion_choices_are_the_registered_criteria():
-    assert CRITERION_CHOICES == tuple(CRITERIA)
+    assert CRITERION_CHOICES == ("auto", *CRITERIA)
     for name in CRITERIA:
         assert build_parser().parse_args([*COMPRESS_GOAL, "--criterion", name]).criterion == name
     with pytest.raises(UsageError, match="invalid choice: 'nope'"):

@@ -84,7 +84,8 @@ def _summed_statistics(rank, world):
     distributed.BUCKET_ELEMENTS = 1 << 25
     shard = _data()[rank::world]  # what a DistributedSampler would give this rank
     npca = rw.NeuronPCA(_model(), shard, verbosity="off", loss_fn=_squared_outputs)
-    net, _ = rw.compress_network_using_projection(_model(), npca, learnables_reduction_goal=0.4, verbosity="off")
+    net, _ = rw.compress_network_using_projection(_model(), npca, learnables_reduction_goal=0.4, verbosity="off",
+                                                  criterion="loss", allocation="global")
     return ([t.clone() for t in tensors], distributed.all_reduce_count(10 + rank),
             distributed.all_gather_count(rank * rank),
             {name: (npca.statistics(name).output.outer, npca.statistics(name).input.sum)
@@ -96,9 +97,9 @@ def test_ranks_sum_to_the_statistics_and_the_model_of_one_process(world):
     """Three ranks get 2, 1 and 1 of the 4 batches. Each batch's products are float32, summed in
     float64: exact for a few batches, so even the compressed model is the one-process model."""
     results = _on_ranks(_summed_statistics, world)
-    whole = rw.NeuronPCA(_model(), _data(), verbosity="off", loss_fn=_squared_outputs)
+    whole = rw.NeuronPCA(_model(), _data(), verbosity="off", loss_fn=_squared_outputs, validation=None)
     single, _ = rw.compress_network_using_projection(_model(), whole, learnables_reduction_goal=0.4,
-                                                     verbosity="off")
+                                                     verbosity="off", criterion="loss", allocation="global")
     total = world * (world + 1) / 2
     for rank in range(world):
         tensors, count, gathered, stats, fisher, batches, model = results[rank]
@@ -210,7 +211,8 @@ def _command(rank, world, folder, output, ports):
         stdout, stderr = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             status = main(["compress", str(folder / "bert"), "--data", str(folder / "sentences.txt"),
-                           "--learnables-reduction", "0.2", "--batch-size", "8", "--output", str(target)])
+                           "--learnables-reduction", "0.2", "--batch-size", "8", "--criterion", "variance",
+                           "--allocation", "global", "--output", str(target)])
         printed.append((status, stdout.getvalue(), stderr.getvalue(), dist.is_initialized()))
     return printed
 
@@ -223,8 +225,8 @@ def test_the_command_under_torchrun_writes_the_one_process_model_from_rank_0(tmp
     write_tiny_bert(tmp_path / "bert")
     write_sentences(tmp_path / "sentences.txt", count=40)  # 5 batches of 8: ranks get 3 and 2
     assert main(["compress", str(tmp_path / "bert"), "--data", str(tmp_path / "sentences.txt"),
-                 "--learnables-reduction", "0.2", "--batch-size", "8", "--output",
-                 str(tmp_path / "single.rw"), "--quiet"]) == 0
+                 "--learnables-reduction", "0.2", "--batch-size", "8", "--criterion", "variance",
+                 "--allocation", "global", "--output", str(tmp_path / "single.rw"), "--quiet"]) == 0
     job = functools.partial(_command, folder=tmp_path, output=tmp_path / "ranks.rw",
                             ports=(_free_port(), _free_port()))
     results = _on_ranks(job, 2, launched=True)

@@ -123,9 +123,9 @@ def test_the_first_step_takes_the_one_shot_choice_of_its_layer(goal_name, goal):
                                            **{goal_name: goal})
     first = history.steps[0]
     _, one_shot = rw.compress_network_using_projection(
-        model, rw.NeuronPCA(model, data, layer_names=["2", "0", "4"], verbosity="off"),
+        model, rw.NeuronPCA(model, data, layer_names=["2", "0", "4"], verbosity="off", loss_fn=None, validation=None),
         layer_names=None if goal_name == "learnables_reduction_goal" else [first.layer],
-        verbosity="off", **{goal_name: goal})
+        verbosity="off", criterion="variance", allocation="global", **{goal_name: goal})
     expected = one_shot.layers[first.layer]
     assert (first.side, first.rank_in, first.rank_out, first.layer_learnables_after) == \
         (expected.side, expected.rank_in, expected.rank_out, expected.learnables_after)

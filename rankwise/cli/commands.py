@@ -48,8 +48,8 @@ def run_compress(args) -> None:
                          "run it in one process (without torchrun), or drop --correction.")
     model, batches = _calibration_inputs(args, (("--output", args.output),))
     options = library_arguments(args)
-    if args.criterion != "loss":
-        options["loss_fn"] = None  # --loss counts with --criterion loss only
+    if args.criterion == "variance":
+        options["loss_fn"] = None  # --loss counts where the loss criterion may be used
     net, info = library(compress_network_using_projection, model, batches, names=option_names(args),
                         verbosity=_verbosity(args), **options)
     if args.rank != 0:

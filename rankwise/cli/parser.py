@@ -16,11 +16,24 @@ from rankwise.cli.errors import UsageError
 from rankwise.ranks import CRITERIA
 
 DEFAULT_BATCH_SIZE = 256
-CRITERION_CHOICES = tuple(CRITERIA)
-"""``--criterion``'s choices: the criteria :data:`rankwise.ranks.CRITERIA` holds. The one place the
-parser reads them."""
+CRITERION_CHOICES = ("auto", *CRITERIA)
+"""``--criterion``'s choices: ``auto`` (measured, :mod:`rankwise.selection`) and the criteria
+:data:`rankwise.ranks.CRITERIA` holds. The one place the parser reads them."""
 POSITIONAL_NAMES = {"model": "MODEL", "npca_or_data": "--data", "data": "--data"}
 """The command line's names of the library's arguments that the commands pass by position."""
+
+
+def _validation(text: str):
+    """``--validation``: ``auto``, ``none`` or a fraction in (0, 0.5]."""
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value <= 0.5:
+        raise argparse.ArgumentTypeError(f"expected auto, none or a fraction in (0, 0.5], got {text!r}")
+    return value
 
 
 class Parser(argparse.ArgumentParser):
@@ -113,16 +126,22 @@ def build_parser() -> Parser:
     compress.add_library_option("--unpack", keyword="unpack", action="store_true",
                                 help="plain torch layers instead of wrappers")
     compress.add_library_option("--criterion", keyword="criterion", choices=CRITERION_CHOICES,
-                                default="variance",
+                                default="auto",
                                 help="judge options by each layer's output variance (after a following "
-                                     "BatchNorm) or by the estimated increase of the loss (default: variance)")
-    compress.add_library_option("--loss", keyword="loss_fn", choices=("kl", "mse"), default="kl",
-                                help="with --criterion loss: 'kl' for classifiers' logits, 'mse' for "
-                                     "embeddings or regression outputs (default: kl)")
-    compress.add_library_option("--allocation", keyword="allocation", choices=("global", "uniform"),
-                                default="global",
+                                     "BatchNorm) or by the estimated increase of the loss; auto: measure "
+                                     "both on held-out batches and keep the better (default: auto)")
+    compress.add_library_option("--loss", keyword="loss_fn", choices=("auto", "kl", "mse"), default="auto",
+                                help="the loss of the gradient statistics: 'kl' for classifiers' logits, "
+                                     "'mse' for embeddings or regression outputs; auto: kl for logits, "
+                                     "else mse, on every fourth batch (default: auto)")
+    compress.add_library_option("--allocation", keyword="allocation", choices=("auto", "global", "uniform"),
+                                default="auto",
                                 help="spread --learnables-reduction by estimated error, or as the same "
-                                     "fraction of every layer (default: global)")
+                                     "fraction of every layer; auto: measure both (default: auto)")
+    compress.add_library_option("--validation", keyword="validation", type=_validation, default="auto",
+                                metavar="X",
+                                help="the fraction of calibration batches held out to measure the "
+                                     "candidates on, or 'none' (default: auto, every fourth batch)")
     compress.add_library_option("--correction", keyword="correction", choices=("sequential",),
                                 help="refit each layer to the original's output given the compressed "
                                      "network's input before projecting it")

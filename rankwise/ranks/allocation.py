@@ -33,7 +33,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rankwise.ranks.frontier import LOSSLESS, LayerOptions, RankChoice, layer_options
+from rankwise.ranks.frontier import layer_options
+from rankwise.ranks.options import LOSSLESS, LayerOptions, RankChoice
 from rankwise.tables import format_ranks
 
 

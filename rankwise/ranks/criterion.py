@@ -59,7 +59,7 @@ class Candidates:
     Attributes
     ----------
     side : numpy.ndarray of int
-        Codes into :data:`rankwise.ranks.frontier.SIDE_NAMES` (0 dense, 1 input, 2 output,
+        Codes into :data:`rankwise.ranks.options.SIDE_NAMES` (0 dense, 1 input, 2 output,
         3 both); the dense option is last.
     rank_in, rank_out : numpy.ndarray of int
         Ranks of the input and output projections (0 where that side is not projected).

@@ -63,7 +63,6 @@ from rankwise.learnables import dense_learnables, factored_learnables, recurrent
 from rankwise.progress import PROGRESS_DELAY_SECONDS
 from rankwise.ranks.criterion import Candidates, Criterion, criterion_named, output_metrics
 from rankwise.ranks.options import AttentionOptions, LayerOptions, RecurrentOptions
-from rankwise.ranks.options import LOSSLESS, RankChoice  # noqa: F401  (allocation still imports them from here)
 from rankwise.rnn import GATES
 
 MAX_BOTH_INPUT_RANKS = 256  # input ranks tried in the both-sides grid
