@@ -184,8 +184,7 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
     """
     check_verbosity(verbosity)
     goal_name, goal = check_goals(explained_variance_goal, learnables_reduction_goal)
-    if criterion != "auto":
-        criterion_named(criterion)
+    needs_gradients = criterion == "auto" or criterion_named(criterion).needs_gradients
     check_allocation(allocation, goal_name)
     check_score_fn(score_fn)
     correction_data = _correction_data(correction, correction_data, npca_or_data)
@@ -194,7 +193,7 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
     calls = None if latency_input is None else record_layer_calls(model, layers, latency_input)
     npca = npca_or_data if isinstance(npca_or_data, NeuronPCA) else NeuronPCA(
         model, npca_or_data, layer_names=list(layers), verbosity=verbosity, forward_fn=forward_fn,
-        loss_fn=None if criterion == "variance" else loss_fn or "auto", validation=validation)
+        loss_fn=(loss_fn or "auto") if needs_gradients else None, validation=validation)
     check_statistics(npca, layers)
     build = lambda options, choices: build_projected(  # noqa: E731 (one build per measured candidate)
         model, layers, options, Decisions(f"{goal_name}={goal:g}", choices))

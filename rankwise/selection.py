@@ -37,9 +37,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from rankwise.divergence import HeldOutScorer
-from rankwise.ranks import SequenceBound, choose_ranks, measured_options
+from rankwise.ranks import CRITERIA, SequenceBound, choose_ranks, measured_options
 
-CRITERIA = ("variance", "loss")
 ALLOCATIONS = ("global", "uniform")
 DATA_FREE = 1.0
 """The shrinkage of the data-free candidate: the weights' own spectrum."""
@@ -96,7 +95,8 @@ class MeasuredChoice:
 
 def first_candidates(criterion: str, allocation: str, regularization, has_gradients: bool) -> list[Candidate]:
     """The first round of candidates (see the module docstring) under the user's settings."""
-    criteria = [c for c in CRITERIA if c == "variance" or has_gradients] if criterion == "auto" else [criterion]
+    criteria = [c.name for c in CRITERIA.values() if has_gradients or not c.needs_gradients] \
+        if criterion == "auto" else [criterion]
     allocations = list(ALLOCATIONS) if allocation == "auto" else [allocation]
     first = [Candidate(c, a, regularization) for c, a in itertools.product(criteria, allocations)]
     if "variance" in criteria and regularization != DATA_FREE:

@@ -7,7 +7,7 @@ import torch
 import rankwise as rw
 from conftest import assert_unchanged, make_batches, state_of, tiny_cnn, tiny_mlp
 from rankwise.projection import Decisions, build_projected
-from rankwise.ranks import CRITERIA, allocate_learnables_reduction, choose_ranks, layer_options
+from rankwise.ranks import CRITERIA, Criterion, allocate_learnables_reduction, choose_ranks, layer_options
 from rankwise.ranks.criterion import variance_error
 
 
@@ -43,7 +43,7 @@ def test_a_new_criterion_is_one_function_and_steers_the_allocation(monkeypatch, 
     def protect_first(npca, name, cell, candidates):
         return variance_error(npca, name, cell, candidates) * (1e6 if name == "0" else 1.0)
 
-    monkeypatch.setitem(CRITERIA, "protect_first", protect_first)
+    monkeypatch.setitem(CRITERIA, "protect_first", Criterion("protect_first", protect_first))
     total = rw.count_learnables(model)
     plain = {n: layer_options(npca, n) for n in npca.layer_names}
     steered = {n: layer_options(npca, n, criterion="protect_first") for n in npca.layer_names}

@@ -19,6 +19,7 @@ from rankwise.cli.inputs import read_data, read_model, readable
 from rankwise.cli.parser import library_arguments, option_names
 from rankwise.distributed import raise_on_every_rank
 from rankwise.projection import compress_network_using_projection
+from rankwise.ranks import CRITERIA
 from rankwise.report import analyze
 from rankwise.tables import format_ranks
 from rankwise.tables import format_table
@@ -48,8 +49,8 @@ def run_compress(args) -> None:
                          "run it in one process (without torchrun), or drop --correction.")
     model, batches = _calibration_inputs(args, (("--output", args.output),))
     options = library_arguments(args)
-    if args.criterion == "variance":
-        options["loss_fn"] = None  # --loss counts where the loss criterion may be used
+    if args.criterion != "auto" and not CRITERIA[args.criterion].needs_gradients:
+        options["loss_fn"] = None  # --loss counts where a criterion that reads gradients may be used
     net, info = library(compress_network_using_projection, model, batches, names=option_names(args),
                         verbosity=_verbosity(args), **options)
     if args.rank != 0:

@@ -15,13 +15,13 @@
 
 from rankwise.ranks.allocation import (Allocation, allocate_learnables_reduction, choose_by_explained_variance,
                                        choose_ranks, most_removable, reduction_range, tradeoff_curve)
-from rankwise.ranks.criterion import (CRITERIA, Candidates, criterion_named, loss_error, output_metrics,
+from rankwise.ranks.criterion import (CRITERIA, Candidates, Criterion, criterion_named, loss_error, output_metrics,
                                       variance_error)
 from rankwise.ranks.frontier import layer_options, measured_options
 from rankwise.ranks.options import LOSSLESS, SIDE_NAMES, LayerOptions, RankChoice, RecurrentOptions
 from rankwise.ranks.sequence import SequenceBound, sequence_explained_variance
 
-__all__ = ["Allocation", "CRITERIA", "Candidates", "LOSSLESS", "LayerOptions", "RankChoice",
+__all__ = ["Allocation", "CRITERIA", "Candidates", "Criterion", "LOSSLESS", "LayerOptions", "RankChoice",
            "RecurrentOptions", "SIDE_NAMES", "SequenceBound", "allocate_learnables_reduction", "choose_by_explained_variance",
            "choose_ranks", "criterion_named", "layer_options", "loss_error", "measured_options", "most_removable",
            "output_metrics", "reduction_range", "sequence_explained_variance", "tradeoff_curve",

@@ -17,8 +17,9 @@ variance lost, see :mod:`rankwise.ranks.frontier`), is always computed and kept 
 error: the ``explained_variance_goal``, the infos and the trade-off curve speak in it whatever
 the criterion.
 
-Adding a criterion is one function ``criterion(npca, name, cell, candidates) -> error`` and one
-entry of :data:`CRITERIA`, plus the metric it measures in (:func:`output_metrics`).
+Adding a criterion is one entry of :data:`CRITERIA`: a :class:`Criterion` holding its error
+function ``error(npca, name, cell, candidates) -> errors`` and the metric it measures in; the
+argument checks, the command line's ``--criterion`` and the measured choice read that table.
 
 **Where the error is measured** (:mod:`rankwise.metric`). Both criteria judge a layer in a
 metric ``M`` of its output, by analysing the statistics of the whitened layer ``R W``
@@ -81,7 +82,8 @@ class Candidates:
     variance_share: float = 1.0
 
 
-Criterion = Callable[[object, str, "str | None", Candidates], np.ndarray]
+ErrorFunction = Callable[[object, str, "str | None", Candidates], np.ndarray]
+"""``error(npca, name, cell, candidates) -> one error per candidate``."""
 
 
 def variance_error(npca, name: str, cell: str | None, candidates: Candidates) -> np.ndarray:
@@ -129,21 +131,22 @@ def loss_error(npca, name: str, cell: str | None, candidates: Candidates) -> np.
     return candidates.residual * total / 2
 
 
-CRITERIA: dict[str, Criterion] = {"variance": variance_error, "loss": loss_error}
+def batchnorm_aware_metrics(model, npca, layers: dict) -> dict:
+    """The variance criterion's metrics: a dense layer feeding only an eval-mode BatchNorm is
+    measured after it (:func:`rankwise.metric.batchnorm_metrics`); every other in its own output."""
+    dense = {name: layer for name, layer in layers.items() if kind_of(layer).family == "dense"}
+    return batchnorm_metrics(model, dense)
 
 
-def output_metrics(model, npca, layers: dict, criterion: str) -> dict:
-    """The :class:`~rankwise.metric.OutputMetric` of each layer that ``criterion`` measures in a
-    metric other than the identity (see the module docstring), by name.
+def fisher_metrics(model, npca, layers: dict) -> dict:
+    """The loss criterion's metrics: each layer's Fisher information ``G``, shrunk toward
+    isotropy by ``d / (n + d)`` (see the module docstring).
 
     Raises
     ------
     ValueError
-        For ``criterion="loss"`` with a ``npca`` gathered without ``loss_fn``.
+        For LSTM, GRU or attention layers, or a ``npca`` gathered without ``loss_fn``.
     """
-    if criterion == "variance":
-        dense = {name: layer for name, layer in layers.items() if kind_of(layer).family == "dense"}
-        return batchnorm_metrics(model, dense)
     recurrent = [name for name, layer in layers.items() if kind_of(layer).family in ("recurrent", "attention")]
     if recurrent:
         raise ValueError(f"criterion: 'loss' judges Linear and convolution layers only; "
@@ -158,6 +161,53 @@ def output_metrics(model, npca, layers: dict, criterion: str) -> dict:
         fisher = npca.fisher(name)
         metrics[name] = OutputMetric.from_gram(fisher, len(fisher) / (npca.gradient_samples + len(fisher)))
     return metrics
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """How an option's error is estimated: one entry of :data:`CRITERIA`.
+
+    Attributes
+    ----------
+    name : str
+        What users pass as ``criterion=`` (and ``--criterion``).
+    error : callable
+        ``error(npca, name, cell, candidates) -> numpy.ndarray``, one error per candidate, in one
+        unit across layers (calling the criterion calls it).
+    metrics : callable
+        ``metrics(model, npca, layers) -> {name: OutputMetric}``: the layers it measures in a
+        metric other than their raw output, whose statistics are whitened before the options
+        are enumerated; raises a ValueError naming ``criterion`` where it cannot judge a layer.
+    space : str
+        The label of the space those layers' explained variances are measured in (the infos'
+        ``(bn)``, ``(F)`` marks).
+    needs_gradients : bool
+        Whether it needs ``NeuronPCA(loss_fn=...)``: the measured choice
+        (:mod:`rankwise.selection`) tries it only where they were gathered.
+    """
+
+    name: str
+    error: ErrorFunction
+    metrics: Callable = batchnorm_aware_metrics
+    space: str = "batchnorm"
+    needs_gradients: bool = False
+
+    def __call__(self, npca, name: str, cell: str | None, candidates: Candidates) -> np.ndarray:
+        return self.error(npca, name, cell, candidates)
+
+
+CRITERIA: dict[str, Criterion] = {
+    "variance": Criterion("variance", variance_error),
+    "loss": Criterion("loss", loss_error, fisher_metrics, space="fisher", needs_gradients=True),
+}
+"""Every criterion by name: adding one is one entry here (the CLI, the measured choice and the
+argument checks read this table)."""
+
+
+def output_metrics(model, npca, layers: dict, criterion: str) -> dict:
+    """The :class:`~rankwise.metric.OutputMetric` of each layer that ``criterion`` measures in a
+    metric other than the identity (its :attr:`Criterion.metrics`), by name."""
+    return criterion_named(criterion).metrics(model, npca, layers)
 
 
 def criterion_named(name: str) -> Criterion:

@@ -102,7 +102,7 @@ def measured_options(model, npca, layers: dict, criterion: str = "variance",
         options[name] = layer_options(analysed, name, criterion)
         options[name].metric = metrics.get(name)
         if name in metrics:
-            options[name].space = "fisher" if criterion == "loss" else "batchnorm"
+            options[name].space = criterion_named(criterion).space
     return options
 
 
