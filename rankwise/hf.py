@@ -112,6 +112,41 @@ def read_sentences(path) -> list[str]:
     return sentences
 
 
+DEFAULT_CHUNK_TOKENS = 256
+"""A causal language model's calibration chunks: this many tokens of running text by default."""
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` is a causal language model (a ``...ForCausalLM`` class, or a config that
+    says it is a decoder): its calibration text is running text, cut into chunks."""
+    config = getattr(model, "config", None)
+    return type(model).__name__.endswith("ForCausalLM") or bool(getattr(config, "is_decoder", False))
+
+
+def chunked_batches(path, tokenizer, chunk_tokens: int, batch_size: int) -> list[dict]:
+    """The UTF-8 text file ``path`` as running text: tokenized once (lines joined by newlines),
+    cut into chunks of ``chunk_tokens`` tokens (the last, shorter one dropped when there is a
+    full one), ``batch_size`` chunks per batch of ``input_ids`` and ``attention_mask``.
+
+    Raises
+    ------
+    ValueError
+        When the file is not UTF-8 text or holds fewer than 2 tokens.
+    """
+    import torch
+
+    text = "\n".join(read_sentences(path))
+    ids = torch.as_tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    if len(ids) < 2:
+        raise ValueError(f"path: {str(path)!r} holds fewer than 2 tokens; give running text to calibrate on.")
+    chunks = list(ids.split(chunk_tokens))
+    if len(chunks) > 1 and len(chunks[-1]) < chunk_tokens:
+        chunks.pop()
+    return [{"input_ids": torch.stack(group), "attention_mask": torch.ones(len(group), len(group[0]),
+                                                                           dtype=torch.long)}
+            for group in (chunks[start:start + batch_size] for start in range(0, len(chunks), batch_size))]
+
+
 def tokenized_batches(sentences: list[list[str]], tokenizer, max_length: int | None) -> list[dict]:
     """Each group of ``sentences`` as one padded batch of model inputs.
 

@@ -19,7 +19,10 @@ a ``.pt`` file with a tensor or a list/tuple of tensors, or a ``.npy`` / ``.npz`
 every tensor or array is inputs stacked along its first dimension, split into batches of
 ``--batch-size`` and given to the model as ``model(batch)``; or a ``.txt`` file of one sentence
 per line, tokenized with ``--tokenizer`` (by default MODEL's folder) into padded batches given
-as ``model(**batch)``, whose ``attention_mask`` keeps the padding out of the statistics.
+as ``model(**batch)``, whose ``attention_mask`` keeps the padding out of the statistics; for a
+causal language model (a ``...ForCausalLM``), the ``.txt`` file is running text, tokenized
+whole and cut into chunks of ``--max-length`` tokens (256 by default), ``--batch-size`` chunks
+per batch.
 ``--quiet`` hides progress bars and tables. The exit status is 0 on success and 2, with a
 one-line message, on bad arguments or unreadable files.
 

@@ -117,7 +117,9 @@ def read_data(path: str, model: nn.Module, batch_size: int, tokenizer: str | Non
     Floating-point inputs are cast to the model's floating dtype; others are kept as they are.
     A .txt file holds one sentence per line, tokenized with the tokenizer saved in the folder
     ``tokenizer`` (truncated to ``max_length`` tokens, by default the most the model takes) into
-    padded dict batches (:func:`rankwise.hf.tokenized_batches`).
+    padded dict batches (:func:`rankwise.hf.tokenized_batches`); for a causal language model
+    (:func:`rankwise.hf.is_causal_lm`) it is running text, cut into chunks of ``max_length``
+    tokens (256 by default, at most what the model takes; :func:`rankwise.hf.chunked_batches`).
     """
     readable(path, "--data")
     rank, world = shard
@@ -131,12 +133,15 @@ def _sentence_batches(path: str, model: nn.Module, batch_size: int, tokenizer: s
     if tokenizer is None:
         raise UsageError(f"--tokenizer: the sentences in {path!r} need a tokenizer; give --tokenizer "
                          "FOLDER (the folder tokenizer.save_pretrained wrote, often the model's).")
-    sentences = library(hf.read_sentences, path, argument="--data")
     loaded = library(hf.load_tokenizer, tokenizer, argument="--tokenizer")
+    rank, world = shard
+    if hf.is_causal_lm(model):  # running text in chunks of --max-length tokens
+        length = max_length or min(n for n in (hf.DEFAULT_CHUNK_TOKENS, hf.longest_input(model)) if n)
+        return library(hf.chunked_batches, path, loaded, length, batch_size, argument="--data")[rank::world]
+    sentences = library(hf.read_sentences, path, argument="--data")
     if max_length is None:
         max_length = min((n for n in (hf.longest_input(model), loaded.model_max_length) if n), default=None)
     groups = [sentences[start:start + batch_size] for start in range(0, len(sentences), batch_size)]
-    rank, world = shard
     return hf.tokenized_batches(groups[rank::world], loaded, max_length)
 
 

@@ -88,13 +88,15 @@ def build_parser() -> Parser:
                                  "for files you trust (refused without it)")
     calibrated.add_argument("--data", required=True, metavar="DATA",
                             help="calibration inputs: .pt (tensor or list/tuple of tensors), .npy, .npz, "
-                                 "or .txt (one sentence per line, tokenized with --tokenizer)")
+                                 "or .txt (one sentence per line, tokenized with --tokenizer; running "
+                                 "text in chunks of --max-length tokens for a causal language model)")
     calibrated.add_argument("--tokenizer", metavar="FOLDER",
                             help="folder of the tokenizer for a .txt DATA (tokenizer.save_pretrained; "
                                  "default: MODEL when it is a Hugging Face folder)")
     calibrated.add_argument("--max-length", type=_positive_int, metavar="N",
                             help="truncate sentences to N tokens (default: the most the model takes, "
-                                 "config.max_position_embeddings)")
+                                 "config.max_position_embeddings); a causal language model's chunks "
+                                 "of running text (default: 256)")
     calibrated.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                             help="where the model runs (default cpu); under torchrun, cuda is the "
                                  "rank's LOCAL_RANK GPU")
