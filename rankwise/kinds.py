@@ -68,9 +68,13 @@ class Family:
     per_part : bool
         Options, bases and ranks are per part: the cells of a recurrence (stacked layers and
         directions), the key, value and output maps of an attention; its ranks are tuples.
-    batchnorm_metric : bool
-        The variance criterion measures its error after a BatchNorm that alone reads its output
-        (:func:`rankwise.metric.batchnorm_metrics`).
+    batchnorm_after : bool
+        A BatchNorm that alone reads its output normalises its output channels: it can be folded
+        into the layer (:func:`rankwise.fold_batchnorm`), and the variance criterion measures the
+        layer's error after it (:func:`rankwise.metric.batchnorm_metrics`).
+    refittable : bool
+        Its weight reads rows of its input (a ``Linear``'s vectors, a convolution's patches), so
+        that sequential correction can refit it by least squares (:mod:`rankwise.correction`).
     gradients : bool
         ``NeuronPCA(loss_fn=...)`` gathers the Fisher information of its output, so that the
         ``"loss"`` criterion can judge it.
@@ -88,7 +92,8 @@ class Family:
     name: str
     signature: Callable[["LayerKind", nn.Module], tuple]
     per_part: bool
-    batchnorm_metric: bool
+    batchnorm_after: bool
+    refittable: bool
     gradients: bool
     sequences: bool
     functional_children: tuple[str, ...]
@@ -155,14 +160,14 @@ def _attention_shape(kind: LayerKind, layer: nn.Module) -> tuple:
 
 
 FAMILIES: dict[str, Family] = {family.name: family for family in (
-    Family("dense", _weight_shape, per_part=False, batchnorm_metric=True, gradients=True, sequences=False,
-           functional_children=(), generic=True),
-    Family("embedding", _weight_shape, per_part=False, batchnorm_metric=False, gradients=True, sequences=False,
-           functional_children=(), generic=True),
-    Family("recurrent", _recurrent_shape, per_part=True, batchnorm_metric=False, gradients=False, sequences=True,
-           functional_children=(), generic=False),
-    Family("attention", _attention_shape, per_part=True, batchnorm_metric=False, gradients=False,
-           sequences=False, functional_children=("out_proj",), generic=False),
+    Family("dense", _weight_shape, per_part=False, batchnorm_after=True, refittable=True, gradients=True,
+           sequences=False, functional_children=(), generic=True),
+    Family("embedding", _weight_shape, per_part=False, batchnorm_after=False, refittable=False, gradients=True,
+           sequences=False, functional_children=(), generic=True),
+    Family("recurrent", _recurrent_shape, per_part=True, batchnorm_after=False, refittable=False,
+           gradients=False, sequences=True, functional_children=(), generic=False),
+    Family("attention", _attention_shape, per_part=True, batchnorm_after=False, refittable=False,
+           gradients=False, sequences=False, functional_children=("out_proj",), generic=False),
 )}
 """The entry of each family of :data:`KINDS` (see :class:`Family`)."""
 
@@ -386,6 +391,12 @@ reads its children's dense weights instead of calling them (:func:`rankwise.form
 def is_batchnorm(module: nn.Module) -> bool:
     """Whether ``module`` is a BatchNorm (``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm``)."""
     return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
+def is_fused_recurrence(module: nn.Module) -> bool:
+    """Whether ``module`` is one of torch's recurrent layers run by its fused kernels (``nn.LSTM``,
+    ``nn.GRU``, ``nn.RNN``: the subclasses of ``nn.RNNBase``)."""
+    return isinstance(module, nn.RNNBase)
 
 
 def convolution_dims(module: nn.Module) -> int | None:
