@@ -214,7 +214,7 @@ def _sizes(kind: nn.Module, first: nn.Module, last: nn.Module) -> dict:
             **{attribute: getattr(last, attribute) for attribute in attributes[1:]}}
 
 
-def resize_to(model: nn.Module, shapes: dict[str, dict]) -> None:
+def resize_to(model: nn.Module, shapes: dict[str, dict], forms=()) -> None:
     """Give the layers of ``model`` (parameters on ``meta``) the sizes in ``shapes``, in place.
 
     A resized layer's parameters and buffers become ``meta`` tensors of the shapes its new
@@ -227,6 +227,11 @@ def resize_to(model: nn.Module, shapes: dict[str, dict]) -> None:
         A weightless skeleton (see :func:`rankwise.io.load`).
     shapes : dict
         A :func:`shape_spec`; layers already of those sizes are left alone.
+    forms : collection of str
+        The names where the file holds compressed forms. Their entries give the sizes of the
+        form's parts; a layer there without size attributes (of a kind no width change
+        touches, such as a type of :func:`rankwise.register_kind`) was never resized, and is
+        left alone.
 
     Raises
     ------
@@ -234,6 +239,8 @@ def resize_to(model: nn.Module, shapes: dict[str, dict]) -> None:
         Naming ``model`` when it lacks a layer of ``shapes`` or has one of another type.
     """
     for name, sizes in shapes.items():
+        if name in forms and not size_attributes(original_layer(model, name, f"a {sizes['type']}")):
+            continue
         layer = original_layer(model, name, f"a {sizes['type']}", sizes["type"])
         if all(getattr(layer, a) == v for a, v in sizes.items() if a != "type"):
             continue
