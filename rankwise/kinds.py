@@ -310,14 +310,19 @@ def register_kind(name: str, types, *, wrapper: type, family: str = "dense", sid
 
     Examples
     --------
-    >>> class Scaled(nn.Module):   # y = W x + b, kept as ``weight`` and ``bias``
-    ...     def __init__(self, d_in, d_out):
-    ...         super().__init__()
-    ...         self.weight = nn.Parameter(torch.randn(d_out, d_in))
-    ...         self.bias = nn.Parameter(torch.zeros(d_out))
-    ...     def forward(self, x):
-    ...         return nn.functional.linear(x, self.weight, self.bias)
-    >>> rw.register_kind("scaled", Scaled, wrapper=rw.layers.ProjectedLinear)  # doctest: +SKIP
+    A library's own linear layer (the README's section "Your own layer types" runs it through
+    compression, saving and loading)::
+
+        class Dense(nn.Module):                  # y = W x + b, W kept as weight (out, in)
+            def __init__(self, d_in, d_out):
+                super().__init__()
+                self.weight = nn.Parameter(torch.randn(d_out, d_in) / d_in ** 0.5)
+                self.bias = nn.Parameter(torch.zeros(d_out))
+
+            def forward(self, x):
+                return x @ self.weight.T + self.bias
+
+        rw.register_kind("dense", Dense, wrapper=rw.ProjectedLinear)
     """
     row = LayerKind(_checked_name(name), _checked_types(types), _checked_family(family),
                     _checked_sides(sides), _checked_wrapper(wrapper), _checked_refusal(refusal), bool(transposed))
