@@ -31,7 +31,7 @@ import copy
 import torch
 from torch import nn
 
-from rankwise.kinds import BATCHNORM_TENSORS, fused_path_switch, is_batchnorm, size_attributes
+from rankwise.kinds import BATCHNORM_TENSORS, fused_path_switch, is_batchnorm, kind_of, size_attributes
 
 SPEC_ATTRIBUTE = "rankwise_spec"
 """The attribute an unpacked form carries: the spec of the form it was unpacked from."""
@@ -229,7 +229,7 @@ def resize_to(model: nn.Module, shapes: dict[str, dict], forms=()) -> None:
         A :func:`shape_spec`; layers already of those sizes are left alone.
     forms : collection of str
         The names where the file holds compressed forms. Their entries give the sizes of the
-        form's parts; a layer there without size attributes (of a kind no width change
+        form's parts; a layer there of a kind without size attributes (which no width change
         touches, such as a type of :func:`rankwise.register_kind`) was never resized, and is
         left alone.
 
@@ -239,7 +239,8 @@ def resize_to(model: nn.Module, shapes: dict[str, dict], forms=()) -> None:
         Naming ``model`` when it lacks a layer of ``shapes`` or has one of another type.
     """
     for name, sizes in shapes.items():
-        if name in forms and not size_attributes(original_layer(model, name, f"a {sizes['type']}")):
+        held = original_layer(model, name, f"a {sizes['type']}")
+        if name in forms and kind_of(held) is not None and not size_attributes(held):
             continue
         layer = original_layer(model, name, f"a {sizes['type']}", sizes["type"])
         if all(getattr(layer, a) == v for a, v in sizes.items() if a != "type"):
