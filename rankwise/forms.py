@@ -239,10 +239,10 @@ def resize_to(model: nn.Module, shapes: dict[str, dict], forms=()) -> None:
         Naming ``model`` when it lacks a layer of ``shapes`` or has one of another type.
     """
     for name, sizes in shapes.items():
-        held = original_layer(model, name, f"a {sizes['type']}")
-        if name in forms and kind_of(held) is not None and not size_attributes(held):
+        held = f"a {sizes['type']}"
+        if name in forms and _never_resized(original_layer(model, name, held)):
             continue
-        layer = original_layer(model, name, f"a {sizes['type']}", sizes["type"])
+        layer = original_layer(model, name, held, sizes["type"])
         if all(getattr(layer, a) == v for a, v in sizes.items() if a != "type"):
             continue
         for attribute, value in sizes.items():
@@ -254,6 +254,11 @@ def resize_to(model: nn.Module, shapes: dict[str, dict], forms=()) -> None:
                 resized = torch.empty(expected[key], dtype=tensor.dtype, device="meta")
                 setattr(layer, key, nn.Parameter(resized, tensor.requires_grad)
                         if isinstance(tensor, nn.Parameter) else resized)
+
+
+def _never_resized(layer: nn.Module) -> bool:
+    """Whether ``layer`` is of a kind without size attributes, whose width nothing changes in place."""
+    return kind_of(layer) is not None and not size_attributes(layer)
 
 
 def tensor_shapes(layer: nn.Module) -> dict[str, tuple[int, ...]]:

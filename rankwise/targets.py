@@ -94,7 +94,7 @@ def projectable_layers(model: nn.Module) -> dict[str, nn.Module]:
     are not listed, nor layers whose parameters another module holds too (:func:`tied_layers`),
     nor layers whose parent uses their weight without calling them (:func:`functional_layers`).
     """
-    left_out = {**compressed_parts(model), **tied_layers(model), **functional_layers(model)}
+    left_out = set(compressed_parts(model)) | set(tied_layers(model)) | set(functional_layers(model))
     return {name: module for name, module in model.named_modules()
             if name not in left_out and why_not_projectable(module) is None}
 
