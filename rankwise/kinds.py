@@ -266,14 +266,13 @@ def register_kind(name: str, types, *, wrapper: type, family: str = "dense", sid
     """Make a layer type of your own a supported kind: analysed, projected, saved and loaded.
 
     As Torch-Pruning's ``register_customized_layer`` and peft's custom modules do, a row is
-    added to :data:`KINDS` (before the built-in rows, so that it also covers a subclass of a
-    supported type). A layer of a ``"dense"`` kind must hold its weight ``W`` of
-    ``y = W x + b`` as ``weight``, of shape ``(out, in)`` (``(in, out)`` with
-    ``transposed=True``), and its bias, or ``None``, as ``bias``, and compute ``y`` from its
-    input's last axis (or its axis 1, with the kernel dimensions of a convolution's weight).
-    Its projected form is built by ``wrapper``'s ``from_dense`` from ``W`` alone, so the
-    projected and unpacked forms are plain torch layers, and ``rankwise.load(path,
-    model=original)`` rebuilds them on the original's layers of that type.
+    added to :data:`KINDS`, before the built-in rows (so that it also covers a subclass of a
+    supported type). The layer must compute ``y = W x + b`` from its ``weight`` (``W`` of shape
+    ``(out, in)``, ``(in, out)`` with ``transposed=True``) and its ``bias`` (or ``None``), on its
+    input's last axis (or axis 1, with a convolution's kernel). ``wrapper`` builds the projected
+    form from ``W`` alone: the compressed model holds plain torch layers, and
+    ``rankwise.load(path, model=original)`` rebuilds them on the original's layers. The README's
+    section "Your own layer types" has an example.
 
     Parameters
     ----------
@@ -283,8 +282,8 @@ def register_kind(name: str, types, *, wrapper: type, family: str = "dense", sid
         The ``torch.nn.Module`` subclasses it covers.
     wrapper : type
         The :class:`~rankwise.layers.ProjectedLayer` subclass that builds the projected form:
-        ``rankwise.layers.ProjectedLinear`` for a linear map of the last axis,
-        ``rankwise.layers.ProjectedConv`` for a convolution.
+        ``rankwise.ProjectedLinear`` for a map of the last axis, ``rankwise.ProjectedConv`` for a
+        convolution.
     family : str
         A family of :data:`FAMILIES` open to other types (``"dense"`` or ``"embedding"``).
     sides : tuple of str
@@ -307,79 +306,36 @@ def register_kind(name: str, types, *, wrapper: type, family: str = "dense", sid
         Naming the argument that is wrong: a ``name`` in use, a type that is no module class or
         that a row already names, a family closed to other types, a ``wrapper`` without
         ``from_dense`` / ``from_spec``, unknown ``sides``, a ``refusal`` that is not callable.
-
-    Examples
-    --------
-    A library's own linear layer (the README's section "Your own layer types" runs it through
-    compression, saving and loading)::
-
-        class Dense(nn.Module):                  # y = W x + b, W kept as weight (out, in)
-            def __init__(self, d_in, d_out):
-                super().__init__()
-                self.weight = nn.Parameter(torch.randn(d_out, d_in) / d_in ** 0.5)
-                self.bias = nn.Parameter(torch.zeros(d_out))
-
-            def forward(self, x):
-                return x @ self.weight.T + self.bias
-
-        rw.register_kind("dense", Dense, wrapper=rw.ProjectedLinear)
     """
-    row = LayerKind(_checked_name(name), _checked_types(types), _checked_family(family),
-                    _checked_sides(sides), _checked_wrapper(wrapper), _checked_refusal(refusal), bool(transposed))
+    types = types if isinstance(types, tuple) else (types,)
+    sides = (sides,) if isinstance(sides, str) else tuple(sides)
+    named = {t: kind.name for kind in KINDS for t in kind.classes()}
+    open_families = [entry.name for entry in FAMILIES.values() if entry.generic]
+    problems = {
+        "name": (not isinstance(name, str) or not name or name in {kind.name for kind in KINDS},
+                 f"expected a new kind name (a non-empty string), got {name!r}; the rows are "
+                 f"{', '.join(kind.name for kind in KINDS)}"),
+        "types": (not types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in types),
+                  f"expected one or more torch.nn.Module subclasses, got {types!r}"),
+        "family": (family not in open_families, f"expected one of {', '.join(map(repr, open_families))} (the "
+                   f"families whose statistics read only a layer's weight, bias and calls), got {family!r}"),
+        "sides": (not sides or not set(sides) <= {"input", "output"} or len(set(sides)) != len(sides),
+                  f"expected ('output',), ('input',) or ('input', 'output'), got {sides!r}"),
+        "wrapper": (not (isinstance(wrapper, type) and all(callable(getattr(wrapper, call, None))
+                                                           for call in ("from_dense", "from_spec"))),
+                    f"expected a ProjectedLayer subclass (e.g. rankwise.ProjectedLinear), got {wrapper!r}"),
+        "refusal": (refusal is not None and not callable(refusal),
+                    f"expected a function module -> reason or None, got {refusal!r}")}
+    for argument, (wrong, expected) in problems.items():
+        if wrong:
+            raise ValueError(f"{argument}: {expected}.")
+    taken = next((t for t in types if t in named), None)
+    if taken is not None:
+        raise ValueError(f"types: {taken.__name__} is already the kind {named[taken]!r}; register a subclass "
+                         "of it to handle it otherwise.")
+    row = LayerKind(name, types, family, sides, wrapper, refusal or _accepted, bool(transposed))
     KINDS.insert(0, row)
     return row
-
-
-def _checked_name(name) -> str:
-    if not isinstance(name, str) or not name or name in {kind.name for kind in KINDS}:
-        raise ValueError(f"name: expected a new kind name (a non-empty string), got {name!r}; the rows "
-                         f"are {', '.join(kind.name for kind in KINDS)}.")
-    return name
-
-
-def _checked_types(types) -> tuple[type, ...]:
-    types = types if isinstance(types, tuple) else (types,)
-    named = {t: kind.name for kind in KINDS for t in kind.classes()}
-    for entry in types:
-        if not (isinstance(entry, type) and issubclass(entry, nn.Module)):
-            raise ValueError(f"types: expected torch.nn.Module subclasses, got {entry!r}.")
-        if entry in named:
-            raise ValueError(f"types: {entry.__name__} is already the kind {named[entry]!r}; register a "
-                             "subclass of it to handle it otherwise.")
-    if not types:
-        raise ValueError("types: give at least one torch.nn.Module subclass.")
-    return types
-
-
-def _checked_family(family) -> str:
-    open_families = [name for name, entry in FAMILIES.items() if entry.generic]
-    if family not in open_families:
-        raise ValueError(f"family: expected one of {', '.join(map(repr, open_families))} (the families "
-                         f"whose statistics read only a layer's weight, bias and calls), got {family!r}.")
-    return family
-
-
-def _checked_sides(sides) -> tuple[str, ...]:
-    sides = (sides,) if isinstance(sides, str) else tuple(sides)
-    if not sides or not set(sides) <= {"input", "output"} or len(set(sides)) != len(sides):
-        raise ValueError(f"sides: expected ('output',), ('input',) or ('input', 'output'), got {sides!r}.")
-    return sides
-
-
-def _checked_wrapper(wrapper) -> type:
-    if not (isinstance(wrapper, type) and all(callable(getattr(wrapper, call, None))
-                                              for call in ("from_dense", "from_spec"))):
-        raise ValueError(f"wrapper: expected a ProjectedLayer subclass (e.g. rankwise.layers.ProjectedLinear), "
-                         f"got {wrapper!r}.")
-    return wrapper
-
-
-def _checked_refusal(refusal) -> Callable[[nn.Module], str | None]:
-    if refusal is None:
-        return _accepted
-    if not callable(refusal):
-        raise ValueError(f"refusal: expected a function module -> reason or None, got {refusal!r}.")
-    return refusal
 
 
 # Other facts about torch layer types -----------------------------------------------------------
