@@ -7,6 +7,7 @@ from rankwise.evolve import EvolutionHistory, WidthEvolver, WidthGroup, analyze_
 from rankwise.export import export_onnx
 from rankwise.incremental import IncrementalHistory, compress_incrementally
 from rankwise.io import load, save
+from rankwise.kinds import register_kind
 from rankwise.flops import count_flops
 from rankwise.latency import SpeedComparison, UnstableTimingWarning, compare_speed, median_latency
 from rankwise.layers import (ProjectedConv, ProjectedEmbedding, ProjectedGRU, ProjectedLayer, ProjectedLinear,
@@ -32,5 +33,5 @@ __all__ = [
     "ProjectedLSTM", "ProjectedGRU", "ProjectedEmbedding", "ProjectedMultiheadAttention",
     "fold_batchnorm", "recalibrate_batchnorm",
     "median_latency", "count_flops", "compare_speed", "SpeedComparison", "UnstableTimingWarning",
-    "token_mask",
+    "token_mask", "register_kind",
 ]

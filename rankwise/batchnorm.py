@@ -17,25 +17,35 @@ from torch import nn
 
 from rankwise.batches import default_forward, model_device, move_to
 from rankwise.checks import check_max_batches
+from rankwise.kinds import is_batchnorm, kind_of
 from rankwise.metric import batchnorm_scale, following_batchnorms
 
-_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 @torch.no_grad()
 def _fold_pair(layer, norm):
-    """Write ``D W`` and ``D (b - m) + beta`` into `layer` (which gains a bias if it had none)."""
+    """Write ``D W`` and ``D (b - m) + beta`` into `layer` (which gains a bias if it had none);
+    ``W`` as its kind reads it (:meth:`rankwise.kinds.LayerKind.weight`, a view of the stored weight)."""
     scale = batchnorm_scale(norm)
     shift = norm.bias if norm.affine else torch.zeros_like(scale)
     bias = layer.bias if layer.bias is not None else torch.zeros_like(scale)
     folded_bias = scale * (bias - norm.running_mean) + shift
-    layer.weight.mul_(scale.view(-1, *([1] * (layer.weight.dim() - 1))))
+    weight = kind_of(layer).weight(layer)
+    weight.mul_(scale.view(-1, *([1] * (weight.dim() - 1))))
     layer.bias = nn.Parameter(folded_bias.to(layer.weight.dtype))
+
+
+def _foldable(module: nn.Module) -> bool:
+    """Whether a following BatchNorm can be folded into ``module``: a layer of a family with
+    :attr:`~rankwise.kinds.Family.batchnorm_after` (``Linear``, convolutions, GPT-2's ``Conv1D``)."""
+    kind = kind_of(module)
+    return kind is not None and kind.traits.batchnorm_after
 
 
 def fold_batchnorm(model):
     """A copy of `model` with every eval-mode BatchNorm that directly follows a layer folded into it.
 
-    A ``Linear`` / ``Conv1d`` / ``Conv2d`` / ``Conv3d`` whose output feeds only a ``BatchNorm1d/2d/3d``
+    A layer of the dense family (``Linear``, ``Conv1d/2d/3d``, GPT-2's ``Conv1D``, a kind registered
+    with :func:`rankwise.register_kind`) whose output feeds only a ``BatchNorm1d/2d/3d``
     of matching width (read from the graph with ``torch.fx``, else from the order of an
     ``nn.Sequential``'s children: :func:`rankwise.metric.following_batchnorms`) becomes ``W' = D W``, ``b' = D (b - m) + beta`` with
     ``D = diag(gamma / sqrt(v + eps))`` (see the module docstring), and the BatchNorm becomes
@@ -56,7 +66,7 @@ def fold_batchnorm(model):
     if not isinstance(model, nn.Module):
         raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}.")
     folded = copy.deepcopy(model)
-    layers = {name: m for name, m in folded.named_modules() if isinstance(m, _LAYERS)}
+    layers = {name: m for name, m in folded.named_modules() if _foldable(m)}
     modules = {id(m): name for name, m in folded.named_modules()}
     mapping = {name: modules[id(norm)] for name, norm in following_batchnorms(folded, layers).items()}
     for layer_name, norm_name in mapping.items():
@@ -73,8 +83,7 @@ def _check_recalibration(model, data, max_batches):
     if isinstance(data, torch.Tensor) or not hasattr(data, "__iter__"):
         raise ValueError("data: expected an iterable of batches (e.g. a DataLoader or a list of "
                          "tensors), not a single tensor; wrap it as [tensor].")
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-             and m.track_running_stats]
+    norms = [m for m in model.modules() if is_batchnorm(m) and m.track_running_stats]
     if not norms:
         raise ValueError("model: it has no BatchNorm layer tracking running statistics to recalibrate.")
     return norms

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from rankwise.batches import as_batches, batch_index, default_forward, eval_mode, model_device, move_to, run_batch
 from rankwise.statistics.dense import flush_rows_of
-from rankwise.targets import Candidates, select
+from rankwise.targets import SelectableLayers, select
 
 AUTO = "auto"
 PLAIN_TYPES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size,
@@ -110,9 +110,9 @@ def resolve_blocks(model: nn.Module, blocks) -> dict[str, nn.Module]:
     """
     if blocks == AUTO:
         return _largest_stack(model)
-    candidates = Candidates({name: module for name, module in model.named_modules() if name},
-                            lambda module: None, "used as a block", "Modules", "",
-                            "blocks: the model has no submodule to use as a block.")
+    candidates = SelectableLayers({name: module for name, module in model.named_modules() if name},
+                                  lambda module: None, "used as a block", "Modules",
+                                  "blocks: the model has no submodule to use as a block.")
     selected = select(model, candidates, blocks, argument="blocks")
     return {name: module for name, module in selected.items()
             if not any(name.startswith(outer + ".") for outer in selected)}

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from rankwise.batches import as_batches, default_forward, forward, model_device, move_to
 from rankwise.forms import fused_paths_off
+from rankwise.kinds import channels_last, convolution_dims, kind_of
 from rankwise.layers.build import project_layer
 from rankwise.masks import TokenMask, active_mask, token_rows
 from rankwise.pca import NeuronPCA, ThinDataWarning
@@ -74,23 +75,32 @@ class PairedMoments:
         self.count += len(z)
 
 
+UNFOLDED_DIMS = (1, 2)
+"""The convolutions whose patches ``torch.nn.functional.unfold`` lays out, by spatial dimensions."""
+
+
 def correctable(layer: nn.Module) -> bool:
-    """Whether :func:`input_rows` can lay out ``layer``'s input: a ``Linear``, or a ``Conv1d`` /
-    ``Conv2d`` with numeric zero padding."""
-    if isinstance(layer, nn.Linear):
+    """Whether :func:`input_rows` can lay out ``layer``'s input: a layer of a refittable family
+    (:attr:`rankwise.kinds.Family.refittable`) reading its channels last (a ``Linear``, GPT-2's
+    ``Conv1D``), or a ``Conv1d`` / ``Conv2d`` with numeric zero padding."""
+    kind = kind_of(layer)
+    if kind is None or not kind.traits.refittable:
+        return False
+    if channels_last(layer):
         return True
-    return (isinstance(layer, nn.Conv1d | nn.Conv2d) and layer.padding_mode == "zeros"
+    return (convolution_dims(layer) in UNFOLDED_DIMS and layer.padding_mode == "zeros"
             and not isinstance(layer.padding, str))
 
 
 def input_rows(layer: nn.Module, inputs: torch.Tensor, mask: TokenMask | None = None) -> torch.Tensor:
     """The rows ``W`` reads from ``inputs``: ``(rows, in * kernel)`` (see the module docstring);
-    a ``Linear``'s without the padding positions of ``mask`` (:mod:`rankwise.masks`)."""
-    if isinstance(layer, nn.Linear):
+    those of a layer reading its channels last without the padding positions of ``mask``
+    (:mod:`rankwise.masks`)."""
+    if channels_last(layer):
         return token_rows(inputs, mask).reshape(-1, inputs.shape[-1])
     if inputs.dim() == layer.weight.dim() - 1:  # unbatched
         inputs = inputs.unsqueeze(0)
-    if isinstance(layer, nn.Conv1d):
+    if convolution_dims(layer) == 1:
         inputs = inputs.unsqueeze(2)
         geometry = [(1, layer.kernel_size[0]), (1, layer.dilation[0]), (0, layer.padding[0]),
                     (1, layer.stride[0])]
@@ -112,7 +122,8 @@ def paired_moments(original: nn.Module, compressed: nn.Module, name: str, data, 
     layer's input is captured (its first call in the forward), under the batch's token mask.
     """
     layer = original.get_submodule(name)
-    moments = PairedMoments.zeros(layer.weight[0].numel(), layer.bias is not None, model_device(original))
+    moments = PairedMoments.zeros(kind_of(layer).weight(layer)[0].numel(), layer.bias is not None,
+                                  model_device(original))
     modes = (original.training, compressed.training)
     original.eval(), compressed.eval()
     try:
@@ -151,8 +162,10 @@ def _layer_input(model: nn.Module, name: str, batch, forward_fn) -> tuple[torch.
 
 
 def corrected_layer(layer: nn.Module, moments: PairedMoments, ridge: float) -> nn.Module:
-    """A copy of ``layer`` with ``W' = W + D`` and ``b' = b + e`` (see the module docstring)."""
-    weight = layer.weight.detach().to(torch.float64)
+    """A copy of ``layer`` with ``W' = W + D`` and ``b' = b + e`` (see the module docstring), ``W``
+    as its kind reads it (:meth:`rankwise.kinds.LayerKind.weight`)."""
+    kind = kind_of(layer)
+    weight = kind.weight(layer).detach().to(torch.float64)
     flat = weight.reshape(len(weight), -1)
     dim = len(moments.gram)
     level = float(moments.gram.trace()) / dim
@@ -161,7 +174,8 @@ def corrected_layer(layer: nn.Module, moments: PairedMoments, ridge: float) -> n
     correction = torch.linalg.solve(regularised, (flat @ moments.cross).T).T  # W C (G + l I)^-1
     corrected = copy.deepcopy(layer)
     with torch.no_grad():
-        corrected.weight.copy_((flat + correction[:, :flat.shape[1]]).reshape(weight.shape).to(layer.weight.dtype))
+        refitted = (flat + correction[:, :flat.shape[1]]).reshape(weight.shape)
+        corrected.weight.copy_(kind.stored(refitted).to(layer.weight.dtype))
         if layer.bias is not None:
             corrected.bias.copy_((layer.bias.detach().to(torch.float64) + correction[:, -1]).to(layer.bias.dtype))
     return corrected

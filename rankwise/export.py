@@ -10,9 +10,8 @@ import warnings
 import torch
 from torch import nn
 
-from rankwise.layers import ProjectedGRU, ProjectedLSTM
 from rankwise.checks import check_verbosity, first_line
-from rankwise.projection import unpack_projected_layers
+from rankwise.forms import dense_forms
 
 OPSET = 20
 """The ONNX opset both exporters write (the torch.export-based exporter's default in torch 2.14)."""
@@ -34,11 +33,12 @@ def export_onnx(model: nn.Module, path, example_input: torch.Tensor, *, dynamic_
                 verbosity: str = "summary") -> str:
     """Write ``model`` to ``path`` as one self-contained ONNX file of plain layers.
 
-    A copy of the model is made plain: its compressed forms unpacked
-    (:func:`~rankwise.unpack_projected_layers`, so the graph holds only ``Linear`` / ``Conv``
-    / ``Embedding`` nodes) and each :class:`~rankwise.layers.ProjectedLSTM` / ``ProjectedGRU`` replaced by its
-    ``to_dense()`` (the ``nn.LSTM`` / ``nn.GRU`` with the rebuilt weights ``W Q Q^T``, which
-    computes the same outputs; the projected recurrence has no ONNX form). The copy is
+    A copy of the model is made plain: each compressed form replaced by its ``dense()``
+    (:func:`rankwise.forms.dense_forms`): its unpacked layers, so that the graph holds only
+    ``Linear`` / ``Conv`` / ``Embedding`` nodes, and for a
+    :class:`~rankwise.layers.ProjectedLSTM` / ``ProjectedGRU`` the ``nn.LSTM`` / ``nn.GRU``
+    with the rebuilt weights ``W Q Q^T``, which computes the same outputs (the projected
+    recurrence has no ONNX form). The copy is
     exported in eval mode with ``torch.onnx.export(dynamo=True)``; where that exporter fails,
     the TorchScript-based one (``dynamo=False``) is tried. Either way the file is the same
     kind: opset ``OPSET``, input ``"input"``, output ``"output"``, first dimension named
@@ -77,7 +77,7 @@ def export_onnx(model: nn.Module, path, example_input: torch.Tensor, *, dynamic_
     if not isinstance(example_input, torch.Tensor):
         raise ValueError(f"example_input: expected one input tensor, got {type(example_input).__name__}.")
     path = pathlib.Path(path)
-    plain = _plain_copy(model).eval()
+    plain = dense_forms(model).eval()
     with tempfile.TemporaryDirectory() as folder:
         exported = pathlib.Path(folder) / "model.onnx"
         dynamo, fallback_reason = _export(plain, example_input, exported, dynamic_batch)
@@ -88,17 +88,6 @@ def export_onnx(model: nn.Module, path, example_input: torch.Tensor, *, dynamic_
     if verbosity != "off":
         print(_summary(path, dynamo, fallback_reason, single))
     return "dynamo" if dynamo else "torchscript"
-
-
-def _plain_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with projected layers unpacked and projected recurrences made dense."""
-    plain = unpack_projected_layers(model)
-    if isinstance(plain, ProjectedLSTM | ProjectedGRU):
-        return plain.to_dense()
-    for name, module in list(plain.named_modules()):
-        if isinstance(module, ProjectedLSTM | ProjectedGRU):
-            plain.set_submodule(name, module.to_dense())
-    return plain
 
 
 def _export(plain: nn.Module, example_input: torch.Tensor, path: pathlib.Path, dynamic_batch: bool):

@@ -16,7 +16,8 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from rankwise.batches import as_call, eval_mode
-from rankwise.layers import ProjectedGRU, ProjectedLSTM
+from rankwise.layers import ProjectedRecurrent
+from rankwise.rnn import GATES, fused_gates
 
 
 def count_flops(model: nn.Module, example_input) -> int:
@@ -101,11 +102,10 @@ def recurrent_flops(module: nn.Module, input) -> int:
 
 
 def _recurrent_gates(module: nn.Module) -> int:
-    """Gates of a layer run by torch's fused recurrent kernel (0 for any other module)."""
-    for kind, gates in ((nn.LSTM | ProjectedLSTM, 4), (nn.GRU | ProjectedGRU, 3), (nn.RNN, 1)):
-        if isinstance(module, kind):
-            return gates
-    return 0
+    """Gates of a layer run by torch's fused recurrent kernel (0 for any other module): a projected
+    LSTM / GRU on its dense path (by its kind, :data:`rankwise.rnn.GATES`), or one of torch's
+    recurrent layers (:func:`rankwise.rnn.fused_gates`)."""
+    return GATES[module.kind] if isinstance(module, ProjectedRecurrent) else fused_gates(module)
 
 
 def _recurrent_hooks(module: nn.Module, counter, corrections: list) -> list:

@@ -9,11 +9,15 @@ convolution (:class:`~rankwise.decompose.TruncatedConv`). Each answers three cal
 - ``Form.from_spec(dense_layer, spec)``: a module of that structure for the dense layer it
   replaced, with placeholder weights, ready for ``load_state_dict``;
 - ``form.unpack()``: the same computation as plain torch layers (sharing the parameters),
-  carrying ``rankwise_spec = form.spec()`` so that the unpacked form is still described.
+  carrying ``rankwise_spec = form.spec()`` so that the unpacked form is still described;
+- ``form.dense()``: plain torch layers computing the same outputs, for an exporter (the
+  unpacked layers, or where no plain layers compute the form factored, its dense layer).
 
 :func:`form_types` finds every form by its class name (subclasses of :class:`CompressedForm`
 register themselves by being defined), :func:`compressed_forms` lists the forms of a model,
-packed or unpacked, and :func:`unpack_forms` unpacks them all.
+packed or unpacked, :func:`compressed_parts` is the one answer to "is this module, or is it
+inside, a compressed form?" (every selector, the report and export ask it), and
+:func:`unpack_forms` and :func:`dense_forms` replace them all.
 
 Widths changed in place (by :class:`~rankwise.WidthEvolver`) are not forms but plain layers
 of other sizes; :func:`shape_spec` records them timm-style, ``{name: {"type": "Conv2d",
@@ -27,13 +31,10 @@ import copy
 import torch
 from torch import nn
 
+from rankwise.kinds import BATCHNORM_TENSORS, fused_path_switch, is_batchnorm, kind_of, size_attributes
+
 SPEC_ATTRIBUTE = "rankwise_spec"
 """The attribute an unpacked form carries: the spec of the form it was unpacked from."""
-
-SIZE_ATTRIBUTES = {nn.Linear: ("in_features", "out_features"),
-                   nn.modules.conv._ConvNd: ("in_channels", "out_channels"),
-                   nn.modules.batchnorm._BatchNorm: ("num_features",)}
-"""The attributes holding the sizes of the layers whose width can change."""
 
 
 class CompressedForm:
@@ -52,8 +53,16 @@ class CompressedForm:
         raise NotImplementedError
 
     def unpack(self) -> nn.Module:
-        """The same computation as plain torch layers, carrying ``rankwise_spec``."""
+        """The same computation as plain torch layers, carrying ``rankwise_spec``; the form itself
+        where no plain torch layers compute it factored (the projected recurrence), which then
+        gives its dense layer as ``to_dense()``."""
         raise NotImplementedError
+
+    def dense(self) -> nn.Module:
+        """Plain torch layers computing the same outputs, for an exporter: :meth:`unpack`'s, or
+        the dense layer with the rebuilt weights (``to_dense()``) of a form that unpacks to itself."""
+        unpacked = self.unpack()
+        return self.to_dense() if unpacked is self else unpacked
 
     @classmethod
     def check_spec_type(cls, spec: dict) -> None:
@@ -97,28 +106,60 @@ def outermost(model: nn.Module, is_whole):
         yield name, module, whole
 
 
+def is_form(module: nn.Module) -> bool:
+    """Whether ``module`` is a compressed form, packed or unpacked (it has a :func:`form_spec`)."""
+    return form_spec(module) is not None
+
+
+def describe_form(module: nn.Module) -> str:
+    """``"ProjectedConv"``, or ``"unpacked ProjectedConv"`` for the plain layers of an unpacked one."""
+    spec = form_spec(module)
+    return f"{'unpacked ' if spec['unpacked'] else ''}{spec['type']}"
+
+
 def compressed_forms(model: nn.Module) -> dict[str, nn.Module]:
     """The outermost forms of ``model`` (packed or unpacked) by qualified name, in model order."""
-    return {name: module for name, module, whole in outermost(model, lambda m: form_spec(m) is not None)
-            if whole}
+    return {name: module for name, module, whole in outermost(model, is_form) if whole}
+
+
+def compressed_parts(model: nn.Module) -> dict[str, str]:
+    """``{module: form}``: every module of ``model`` that is, or is inside, a compressed form
+    (packed or unpacked), by qualified name, with the qualified name of that outermost form.
+
+    The one answer to "is this module already compressed, or part of something compressed?":
+    a layer inside a form is not a dense layer of the model (projecting or truncating it would
+    nest forms, which :func:`rankwise.save` cannot describe), so every selector leaves these out.
+    """
+    return {_child(name, part): name for name, form in compressed_forms(model).items()
+            for part, _ in form.named_modules()}
+
+
+def _child(parent: str, child: str) -> str:
+    return f"{parent}.{child}" if parent and child else parent or child
 
 
 def unpack_forms(model: nn.Module, inplace: bool = False) -> nn.Module:
     """``model`` (a copy unless ``inplace``) with every compressed form replaced by its plain torch
     layers (:meth:`CompressedForm.unpack`); the model itself unpacked when it is a form. The public
     name is :func:`rankwise.unpack_projected_layers`."""
-    unpacked = model if inplace else copy.deepcopy(model)
-    for name, form in compressed_forms(unpacked).items():
+    return _replace_forms(model, inplace, lambda form: form.unpack())
+
+
+def dense_forms(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every compressed form replaced by :meth:`CompressedForm.dense`:
+    plain torch layers only, for an exporter."""
+    return _replace_forms(model, False, lambda form: form.dense())
+
+
+def _replace_forms(model: nn.Module, inplace: bool, replacement) -> nn.Module:
+    """``model`` (a copy unless ``inplace``) with every packed form replaced by ``replacement(form)``."""
+    replaced = model if inplace else copy.deepcopy(model)
+    for name, form in compressed_forms(replaced).items():
         if isinstance(form, CompressedForm):
             if name == "":
-                return form.unpack()
-            unpacked.set_submodule(name, form.unpack())
-    return fused_paths_off(unpacked)
-
-
-FUSED_PATH_SWITCHES = {nn.TransformerEncoderLayer: "activation_relu_or_gelu",
-                       nn.TransformerEncoder: "use_nested_tensor"}
-"""The attribute that lets each of torch's transformer modules take its fused fast path."""
+                return replacement(form)
+            replaced.set_submodule(name, replacement(form))
+    return fused_paths_off(replaced)
 
 
 def fused_paths_off(model: nn.Module) -> nn.Module:
@@ -127,20 +168,15 @@ def fused_paths_off(model: nn.Module) -> nn.Module:
     In eval mode an ``nn.TransformerEncoderLayer`` (and ``nn.TransformerEncoder``'s nested-tensor
     path) runs one fused kernel on its children's weights (``linear1.weight``,
     ``self_attn.in_proj_weight``, ...) instead of calling them, which a compressed child does not
-    have. Setting the attribute of :data:`FUSED_PATH_SWITCHES` to ``False`` (torch reads it only
-    to decide on the fused path) makes the module call its children: the same outputs. Returns
-    ``model``.
+    have. Setting the attribute of :data:`rankwise.kinds.FUSED_PATH_SWITCHES` to ``False`` (torch
+    reads it only to decide on the fused path) makes the module call its children: the same
+    outputs. Returns ``model``.
     """
     for module in model.modules():
-        switch = next((name for kind, name in FUSED_PATH_SWITCHES.items() if isinstance(module, kind)), None)
+        switch = fused_path_switch(module)
         if switch is not None and compressed_forms(module):
             setattr(module, switch, False)
     return model
-
-
-def size_attributes(module: nn.Module) -> tuple[str, ...]:
-    """The size attributes of ``module`` (see :data:`SIZE_ATTRIBUTES`); empty for other layers."""
-    return next((names for kind, names in SIZE_ATTRIBUTES.items() if isinstance(module, kind)), ())
 
 
 def shape_spec(model: nn.Module) -> dict[str, dict]:
@@ -154,14 +190,13 @@ def shape_spec(model: nn.Module) -> dict[str, dict]:
     :class:`~rankwise.WidthEvolver`, or by hand keeping attributes and parameters in step) is
     described without knowing how it changed.
     """
-    forms = compressed_forms(model)
-    inside = {id(m) for form in forms.values() for m in form.modules()}
+    parts = compressed_parts(model)
     shapes = {name: _sizes(module, module, module) for name, module in model.named_modules()
-              if id(module) not in inside and size_attributes(module)}
-    for name, form in forms.items():
+              if name not in parts and size_attributes(module)}
+    for name, form in compressed_forms(model).items():
         layers = list(form.children())
-        family = size_attributes(layers[0]) if layers and not _own_parameters(form) else ()
-        if family and all(size_attributes(layer) == family for layer in layers):
+        sizes = size_attributes(layers[0]) if layers and not _own_parameters(form) else ()
+        if sizes and all(size_attributes(layer) == sizes for layer in layers):
             shapes[name] = _sizes(layers[0], layers[0], layers[-1])
     return {name: shapes[name] for name in dict(model.named_modules()) if name in shapes}
 
@@ -179,7 +214,7 @@ def _sizes(kind: nn.Module, first: nn.Module, last: nn.Module) -> dict:
             **{attribute: getattr(last, attribute) for attribute in attributes[1:]}}
 
 
-def resize_to(model: nn.Module, shapes: dict[str, dict]) -> None:
+def resize_to(model: nn.Module, shapes: dict[str, dict], forms=()) -> None:
     """Give the layers of ``model`` (parameters on ``meta``) the sizes in ``shapes``, in place.
 
     A resized layer's parameters and buffers become ``meta`` tensors of the shapes its new
@@ -192,6 +227,11 @@ def resize_to(model: nn.Module, shapes: dict[str, dict]) -> None:
         A weightless skeleton (see :func:`rankwise.io.load`).
     shapes : dict
         A :func:`shape_spec`; layers already of those sizes are left alone.
+    forms : collection of str
+        The names where the file holds compressed forms. Their entries give the sizes of the
+        form's parts; a layer there of a kind without size attributes (which no width change
+        touches, such as a type of :func:`rankwise.register_kind`) was never resized, and is
+        left alone.
 
     Raises
     ------
@@ -199,7 +239,10 @@ def resize_to(model: nn.Module, shapes: dict[str, dict]) -> None:
         Naming ``model`` when it lacks a layer of ``shapes`` or has one of another type.
     """
     for name, sizes in shapes.items():
-        layer = original_layer(model, name, f"a {sizes['type']}", sizes["type"])
+        held = f"a {sizes['type']}"
+        if name in forms and _never_resized(original_layer(model, name, held)):
+            continue
+        layer = original_layer(model, name, held, sizes["type"])
         if all(getattr(layer, a) == v for a, v in sizes.items() if a != "type"):
             continue
         for attribute, value in sizes.items():
@@ -213,21 +256,23 @@ def resize_to(model: nn.Module, shapes: dict[str, dict]) -> None:
                         if isinstance(tensor, nn.Parameter) else resized)
 
 
-def tensor_shapes(layer: nn.Module) -> dict[str, tuple[int, ...]]:
-    """The shapes of a Linear's, convolution's or BatchNorm's tensors implied by its size attributes.
+def _never_resized(layer: nn.Module) -> bool:
+    """Whether ``layer`` is of a kind without size attributes, whose width nothing changes in place."""
+    return kind_of(layer) is not None and not size_attributes(layer)
 
-    Linear: ``weight (out, in)``; convolution: ``weight (out, in / groups, *kernel)``
-    (transposed: ``(in, out / groups, *kernel)``); both ``bias (out,)``; BatchNorm: ``(C,)`` for
-    ``weight``, ``bias``, ``running_mean`` and ``running_var``.
+
+def tensor_shapes(layer: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The shapes of a resizable layer's tensors implied by its size attributes (:func:`size_attributes`).
+
+    A Linear or convolution: ``weight (out, in / groups, *kernel)`` (no kernel for a Linear) and
+    ``bias (out,)``; a BatchNorm: ``(C,)`` for each of
+    :data:`~rankwise.kinds.BATCHNORM_TENSORS`.
     """
-    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-        return dict.fromkeys(("weight", "bias", "running_mean", "running_var"), (layer.num_features,))
+    if is_batchnorm(layer):
+        return dict.fromkeys(BATCHNORM_TENSORS, (layer.num_features,))
     inputs, outputs = (getattr(layer, a) for a in size_attributes(layer))
-    if isinstance(layer, nn.Linear):
-        return {"weight": (outputs, inputs), "bias": (outputs,)}
-    kernel = tuple(layer.kernel_size)
-    weight = ((inputs, outputs // layer.groups) if layer.transposed else (outputs, inputs // layer.groups))
-    return {"weight": (*weight, *kernel), "bias": (outputs,)}
+    kernel = tuple(layer.weight.shape[2:])
+    return {"weight": (outputs, inputs // getattr(layer, "groups", 1), *kernel), "bias": (outputs,)}
 
 
 def original_layer(model: nn.Module, name: str, held: str, kind: str | None = None) -> nn.Module:

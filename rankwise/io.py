@@ -149,7 +149,7 @@ def load(path, model: nn.Module | None = None, *, trust_pickle: bool = False) ->
     spec = _spec(metadata, path)
     if model is not None:
         skeleton = _skeleton(model)
-        resize_to(skeleton, spec["shapes"])
+        resize_to(skeleton, spec["shapes"], forms=spec["layers"])
         skeleton = _rebuild(skeleton, spec["layers"])
     else:
         skeleton = _unpickled_skeleton(metadata, path, trust_pickle)

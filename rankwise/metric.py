@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rankwise.kinds import kind_of
+from rankwise.kinds import is_batchnorm, kind_of
 from rankwise.moments import Moments
 
 FLOOR = 1e-6  # smallest eigenvalue of R kept, relative to the largest (R must be invertible)
@@ -198,7 +198,14 @@ def following_batchnorms(model: nn.Module, layers: dict[str, nn.Module]) -> dict
             if norm.running_var is not None and norm.num_features == kind_of(layers[name]).weight(layers[name]).shape[0]}
 
 
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+def only_batchnorm_user(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    """The qualified name of the BatchNorm module that is the only user of ``node``'s output in a
+    ``torch.fx`` graph, or ``None`` (no such user, or other users too); ``modules`` is
+    ``dict(model.named_modules())``."""
+    users = list(node.users)
+    if len(users) == 1 and users[0].op == "call_module" and is_batchnorm(modules[users[0].target]):
+        return users[0].target
+    return None
 
 
 def _traced_pairs(model: nn.Module, layers: dict) -> dict | None:
@@ -213,9 +220,9 @@ def _traced_pairs(model: nn.Module, layers: dict) -> dict | None:
             calls.setdefault(node.target, []).append(node)
     pairs = {}
     for name, nodes in calls.items():
-        users = list(nodes[0].users) if len(nodes) == 1 else []
-        if len(users) == 1 and users[0].op == "call_module" and isinstance(modules[users[0].target], _NORMS):
-            pairs[name] = modules[users[0].target]
+        norm = only_batchnorm_user(nodes[0], modules) if len(nodes) == 1 else None
+        if norm is not None:
+            pairs[name] = modules[norm]
     return pairs
 
 
@@ -227,6 +234,6 @@ def _sequential_pairs(model: nn.Module, layers: dict) -> dict:
         children = list(module.named_children())
         for (name, child), (_, following) in zip(children, children[1:]):
             qualified = f"{prefix}.{name}" if prefix else name
-            if qualified in layers and isinstance(following, _NORMS):
+            if qualified in layers and is_batchnorm(following):
                 pairs[qualified] = following
     return pairs

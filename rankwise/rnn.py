@@ -24,8 +24,17 @@ import torch
 from torch import _VF, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from rankwise.kinds import is_fused_recurrence
+
 GATES = {"lstm": 4, "gru": 3}
 """Gates per kind: an LSTM's ``i, f, g, o``, a GRU's ``r, z, n`` (torch's row order)."""
+
+
+def fused_gates(module: nn.Module) -> int:
+    """Gates ``G`` of one of torch's recurrent layers (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``), read
+    from its weights (``W_ih`` holds ``G H`` rows: 4 for an LSTM, 3 for a GRU, 1 for a plain
+    RNN); 0 for any other module."""
+    return module.weight_ih_l0.shape[0] // module.hidden_size if is_fused_recurrence(module) else 0
 
 
 def cell_names(num_layers: int, bidirectional: bool) -> list[str]:

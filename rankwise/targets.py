@@ -30,30 +30,28 @@ from typing import Callable
 
 from torch import nn
 
+from rankwise.forms import compressed_parts, describe_form, is_form
 from rankwise.kinds import kind_of, supported_names
-from rankwise.forms import outermost
-from rankwise.layers.base import ProjectedLayer
 
 REGEX_PREFIX = "re:"
 GLOB_CHARACTERS = "*?["
 
 
 @dataclass(frozen=True)
-class Candidates:
-    """The layers a function can act on, and what to say about the others.
+class SelectableLayers:
+    """The layers a function can act on (its candidates), and what to say about the others.
 
     Attributes
     ----------
     layers : dict of str to torch.nn.Module
         The candidates, by qualified name, in model order.
     refusal : callable
-        ``refusal(module) -> str or None``: why a module that is not a candidate is refused.
+        ``refusal(module) -> str or None``: why a module that is not a candidate is refused
+        (a module inside a compressed form is refused for that, :func:`rankwise.forms.compressed_parts`).
     verb : str
         What the function does to a layer (``"projected"``, ``"truncated"``), for messages.
     listing : str
         How messages introduce the candidates (``"Projectable layers"``).
-    inside : str
-        Why a module that ``refusal`` accepts is still no candidate.
     none : str
         The error when there is no candidate at all and ``layer_names`` is ``None``.
     """
@@ -62,7 +60,6 @@ class Candidates:
     refusal: Callable[[nn.Module], str | None]
     verb: str
     listing: str
-    inside: str
     none: str
 
 
@@ -82,8 +79,8 @@ def why_not_projectable(module: nn.Module) -> str | None:
     -------
     str or None
     """
-    if isinstance(module, ProjectedLayer):
-        return "it is already projected"
+    if is_form(module):
+        return f"it is already compressed ({describe_form(module)})"
     kind = kind_of(module)
     if kind is None:
         return f"{type(module).__name__} layers are not supported (supported: {supported_names()})"
@@ -93,19 +90,13 @@ def why_not_projectable(module: nn.Module) -> str | None:
 def projectable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every projectable layer of ``model``, by qualified name, in model order.
 
-    Layers inside an existing :class:`ProjectedLayer` are not listed, nor layers whose
-    parameters another module holds too (:func:`tied_layers`), nor layers whose parent uses
-    their weight without calling them (:func:`functional_layers`).
+    Layers that are, or are inside, a compressed form (:func:`rankwise.forms.compressed_parts`)
+    are not listed, nor layers whose parameters another module holds too (:func:`tied_layers`),
+    nor layers whose parent uses their weight without calling them (:func:`functional_layers`).
     """
-    tied = tied_layers(model)
-    functional = functional_layers(model)
-    return {name: module for name, module, projected in outermost(model, _is_projected)
-            if not projected and name not in tied and name not in functional
-            and why_not_projectable(module) is None}
-
-
-def _is_projected(module: nn.Module) -> bool:
-    return isinstance(module, ProjectedLayer)
+    left_out = set(compressed_parts(model)) | set(tied_layers(model)) | set(functional_layers(model))
+    return {name: module for name, module in model.named_modules()
+            if name not in left_out and why_not_projectable(module) is None}
 
 
 def tied_layers(model: nn.Module) -> dict[str, str]:
@@ -135,13 +126,22 @@ def functional_layers(model: nn.Module) -> dict[str, str]:
     ``F.multi_head_attention_forward``, which computes ``y = W_o z + b_o`` itself: the
     ``out_proj`` Linear's own forward never runs, so a hook on it sees no observation and a
     wrapper put in its place would never be called. The attention layer itself is the
-    candidate (:mod:`rankwise.layers.attention` projects its ``out_proj`` with the rest).
+    candidate (:mod:`rankwise.layers.attention` projects its ``out_proj`` with the rest). The
+    children concerned are the ``functional_children`` of the parent's family
+    (:class:`rankwise.kinds.Family`).
     """
-    return {_child(name, "out_proj"): (
-        f"it is the out_proj of the nn.MultiheadAttention {name!r}, which uses its weight "
-        "functionally (F.multi_head_attention_forward) without calling it, so it cannot be "
-        "projected as a Linear layer; " + _instead(name, module))
-        for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)}
+    return {_child(name, child): (
+        f"it is the {child} of the {_class_name(module)} {name!r}, which uses its weight "
+        "functionally without calling it, so it cannot be projected as a layer of its own; "
+        + _instead(name, module))
+        for name, module in model.named_modules() if kind_of(module) is not None
+        for child in kind_of(module).traits.functional_children}
+
+
+def _class_name(module: nn.Module) -> str:
+    """``"nn.MultiheadAttention"`` for a class of ``torch.nn``, the class name otherwise."""
+    cls = type(module)
+    return f"nn.{cls.__name__}" if getattr(nn, cls.__name__, None) is cls else cls.__name__
 
 
 def _instead(attention_name: str, attention: nn.Module) -> str:
@@ -197,14 +197,14 @@ def select_layers(model: nn.Module, layer_names=None, exclude=None) -> dict[str,
     """
     withheld = {id(model.get_submodule(name)): why
                 for name, why in {**tied_layers(model), **functional_layers(model)}.items()}
-    candidates = Candidates(projectable_layers(model),
-                            lambda module: withheld.get(id(module)) or why_not_projectable(module), "projected",
-                            "Projectable layers", "it lies inside a projected layer",
-                            f"model: it has no projectable layer ({supported_names()}).")
+    candidates = SelectableLayers(projectable_layers(model),
+                                  lambda module: withheld.get(id(module)) or why_not_projectable(module),
+                                  "projected", "Projectable layers",
+                                  f"model: it has no projectable layer ({supported_names()}).")
     return select(model, candidates, layer_names, exclude)
 
 
-def select(model: nn.Module, candidates: Candidates, layer_names=None, exclude=None,
+def select(model: nn.Module, candidates: SelectableLayers, layer_names=None, exclude=None,
            argument: str = "layer_names") -> dict[str, nn.Module]:
     """``{c : c matches layer_names} \\ {c : c matches exclude}`` over ``candidates``, in model order.
 
@@ -240,7 +240,7 @@ def _entries(value, argument: str, allow_empty: bool) -> list[str]:
     return entries
 
 
-def _matching(model: nn.Module, candidates: Candidates, entries: list[str], argument: str) -> set[str]:
+def _matching(model: nn.Module, candidates: SelectableLayers, entries: list[str], argument: str) -> set[str]:
     """The candidates matched by any of ``entries``; a ValueError for an entry matching none."""
     matched = set()
     for entry in entries:
@@ -260,11 +260,13 @@ def _matches(entry: str, name: str, argument: str) -> bool:
     return fnmatch.fnmatchcase(name, entry) if _is_glob(entry) else entry == name
 
 
-def _no_match(model: nn.Module, candidates: Candidates, entry: str, argument: str) -> str:
+def _no_match(model: nn.Module, candidates: SelectableLayers, entry: str, argument: str) -> str:
     """Why ``entry`` matched no candidate: the refusal of the module it names, or the candidates."""
-    modules = dict(model.named_modules())
+    modules, parts = dict(model.named_modules()), compressed_parts(model)
     if entry in modules:
-        reason = candidates.refusal(modules[entry]) or candidates.inside
+        form = parts.get(entry, entry)
+        reason = (f"it lies inside the compressed form {form!r} ({describe_form(modules[form])})" if form != entry
+                  else candidates.refusal(modules[entry]))
         return f"{argument}: {entry!r} cannot be {candidates.verb}: {reason}."
     pattern = entry.startswith(REGEX_PREFIX) or _is_glob(entry)
     problem = f"matches no layer that can be {candidates.verb}" if pattern else "is not a layer of the model"

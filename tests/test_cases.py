@@ -1,21 +1,28 @@
-"""One table of tiny models x methods, every row run through one common tester (as peft's tests).
+"""One table of tiny models x methods, each check one parametrized test over the rows (peft's layout).
 
 Each :class:`Case` names a model factory (the structures of :mod:`structures`: chains, residual
-additions, concatenations, a flatten into a Linear, a module used twice, recurrent layers), one
-batch shape and a *method*: project with either goal (packed or unpacked), truncate with a cut,
-Tucker, CP or a tensor train, evolve widths (grow, shrink), compress incrementally, or all of
-evolve, truncate and project in one model. The tester
-checks, for every row:
+additions, concatenations, a flatten into a Linear, a module used twice, recurrent layers, and
+a model per layer kind of :data:`rankwise.kinds.KINDS`), one batch shape and a *method*:
+project with either goal (packed or unpacked), truncate with a cut, Tucker, CP or a tensor
+train, evolve widths (grow, shrink), compress incrementally, or several methods on one model
+(truncate then project, project then truncate, evolve, truncate and project). Every row runs
+its method once (:func:`result`); each check is its own test, so that one failure hides no other:
 
-1. the input model is unchanged (structure and every tensor of its state, bit for bit);
-2. the learnables the method reports equal ``count_learnables`` of the built modules, network
-   and layer by layer, and the spec of each built form says what the method reported;
-3. where the method has an exact setting (projection and cuts, Tucker, trains at full rank;
-   growing; shrinking only what is dead), the result computes the original's outputs;
-4. ``save`` then ``load(path, model=original)`` gives back the same structure, state dict and
-   outputs bit for bit, for the result and for its unpacked form;
-5. ``export_onnx`` runs and onnxruntime computes the same outputs (float32, ``atol=1e-4``);
-   rows whose result holds nothing new for the exporter skip it (see :class:`Case`).
+1. ``test_input_model_is_unchanged``: structure and every tensor of its state, bit for bit;
+2. ``test_learnables_and_specs_are_as_reported``: the learnables the method reports equal
+   ``count_learnables`` of the built modules, network and layer by layer, and the spec of each
+   built form says what the method reported;
+3. ``test_row_expectations``: the row's own expectations (widths changed, layer sizes, ...);
+4. ``test_kinds_are_compressed``: the row compresses a layer of each kind it stands for, and
+   ``test_every_kind_has_a_row`` fails when a kind of :data:`~rankwise.kinds.KINDS` has no row;
+5. ``test_exact_setting_computes_the_original``: where the method has an exact setting
+   (projection and cuts, Tucker, trains at full rank; growing; shrinking only what is dead),
+   the result computes the original's outputs;
+6. ``test_save_load_is_bit_exact``: ``save`` then ``load(path, model=original)`` gives back the
+   same structure, state dict and outputs bit for bit, for the result and for its unpacked form;
+7. ``test_onnx_matches_onnxruntime``: ``export_onnx`` runs and onnxruntime computes the same
+   outputs (float32, ``atol=1e-4``); rows whose result holds nothing new for the exporter skip it
+   (see :class:`Case`).
 
 The evolver changes its model in place: its rows evolve a copy, so that (1) still compares the
 original. Row-specific expectations (the widths that changed, layer sizes) are data in the row.
@@ -38,9 +45,11 @@ from conftest import (SequenceModel, assert_identical, assert_unchanged, make_ba
                       tiny_mlp)
 from evolve_helpers import outputs
 from rankwise.forms import compressed_forms, form_spec, form_types, unpack_forms
+from rankwise.kinds import KINDS, kind_of
 from rankwise.rnn import cell_input_sizes
 from structures import (average_pool_net, chain, concat_net, gru_net, lstm_net, max_pool_net,
                         residual_net, shared_net)
+
 
 @dataclass
 class Outcome:
@@ -51,6 +60,7 @@ class Outcome:
     layers: dict = field(default_factory=dict)     # name -> learnables after
     specs: dict = field(default_factory=dict)      # name -> expected entries of its spec
     facts: dict = field(default_factory=dict)      # row expectations: name -> observed value
+    kinds: set = field(default_factory=set)        # the kinds of the layers it compressed
 
 
 @dataclass(frozen=True)
@@ -59,7 +69,9 @@ class Case:
 
     ``exact(original, net)`` gives a module that must compute the original's outputs (within
     ``atol``; also in train mode with ``train_mode``); ``expect`` holds row expectations
-    compared with ``Outcome.facts`` (``"sizes"``: attributes of the result). ``onnx=False``
+    compared with ``Outcome.facts`` (``"sizes"``: attributes of the result); ``kinds`` the
+    kinds of :data:`~rankwise.kinds.KINDS` the row stands for (it must compress a layer of
+    each). ``tokens``: the batches are token ids below it instead of floats. ``onnx=False``
     where the result is plain torch layers of the kind another row of the same method already
     exports (the evolver's shrinks: resized Linear / Conv / BatchNorm, as the grow rows), to
     keep the table within a minute.
@@ -73,6 +85,8 @@ class Case:
     train_mode: bool = False
     expect: dict = field(default_factory=dict)
     onnx: bool = True
+    kinds: tuple = ()
+    tokens: int | None = None
 
 
 # Methods ------------------------------------------------------------------------------------------
@@ -82,11 +96,16 @@ def project(goal, value, unpack=False):
     def method(model, data):
         net, info = rw.compress_network_using_projection(model, data, **{goal: value}, unpack=unpack,
                                                          verbosity="off")
-        built = {name: layer for name, layer in info.layers.items() if layer.side != "dense"}
-        return net, Outcome(info.learnables_after, {n: l.learnables_after for n, l in built.items()},
-                            {n: {"rank_in": _plain(l.rank_in), "rank_out": _plain(l.rank_out)}
-                             for n, l in built.items()})
+        return net, projection_outcome(info)
     return method
+
+
+def projection_outcome(info, learnables=None):
+    built = {name: layer for name, layer in info.layers.items() if layer.side != "dense"}
+    return Outcome(info.learnables_after if learnables is None else learnables,
+                   {n: l.learnables_after for n, l in built.items()},
+                   {n: {"rank_in": _plain(l.rank_in), "rank_out": _plain(l.rank_out)} for n, l in built.items()},
+                   kinds={l.kind for l in built.values()})
 
 
 def projected_at_full_rank(original, net):
@@ -100,13 +119,15 @@ def projected_at_full_rank(original, net):
 
 
 def _full_ranks(spec, dense):
-    if isinstance(dense, nn.RNNBase):
+    kind = kind_of(dense)
+    if kind.family == "recurrent":
         inputs = cell_input_sizes(dense)
         widths = {"rank_in": inputs, "rank_out": [dense.hidden_size] * len(inputs)}
-    elif isinstance(dense, nn.MultiheadAttention):  # key, value and output maps, each E wide
+    elif kind.family == "attention":  # key, value and output maps, each E wide
         widths = {"rank_in": [dense.embed_dim], "rank_out": [dense.embed_dim] * 3}
     else:
-        widths = {"rank_in": [dense.weight.shape[1]], "rank_out": [dense.weight.shape[0]]}
+        out_channels, in_channels = kind.weight(dense).shape[:2]
+        widths = {"rank_in": [in_channels], "rank_out": [out_channels]}
     full = {}
     for key, dims in widths.items():
         ranks = spec[key] if isinstance(spec[key], list) else [spec[key]]
@@ -129,6 +150,32 @@ def truncation_outcome(info, learnables=None):
     return Outcome(info.learnables_after if learnables is None else learnables,
                    {n: t.learnables_after for n, t in info.layers.items()},
                    {n: {"method": t.method, "ranks": list(t.ranks)} for n, t in info.layers.items()})
+
+
+def truncate_then_project(model, data):
+    """Tucker on every convolution, then projection: the factors inside the truncated layers are no
+    candidates (projecting one nested forms that save could not describe), the head is projected."""
+    truncated, truncation = rw.truncate_kernels(model, "tucker", ranks=(4, 2), verbosity="off")
+    with pytest.warns(UserWarning, match="learnables_reduction_goal"):
+        net, projection = rw.compress_network_using_projection(truncated, data, learnables_reduction_goal=0.8,
+                                                               verbosity="off")
+    outcome = truncation_outcome(truncation, projection.learnables_after)
+    outcome.layers.update({name: projection.layers[name].learnables_after for name in projection.layer_names})
+    outcome.facts["projected"] = projection.layer_names
+    return net, outcome
+
+
+def project_then_truncate(model, data):
+    """Projection, then Tucker on every convolution: a projected convolution's core is no candidate,
+    the convolution left dense is truncated."""
+    projected, projection = rw.compress_network_using_projection(model, data, learnables_reduction_goal=0.5,
+                                                                 verbosity="off")
+    net, truncation = rw.truncate_kernels(projected, "tucker", ranks=(4, 2), verbosity="off")
+    outcome = projection_outcome(projection, rw.count_learnables(net))
+    outcome.layers.update({n: t.learnables_after for n, t in truncation.layers.items()})
+    outcome.specs.update(truncation_outcome(truncation).specs)
+    outcome.facts.update({"projected": projection.layer_names, "truncated": truncation.layer_names})
+    return net, outcome
 
 
 def mixed(model, data):
@@ -210,6 +257,56 @@ SHARED = (shared_net, (16, 20))
 LSTM, GRU = (lstm_net, (8, 9, 6)), (gru_net, (8, 9, 6))
 
 
+class Volume(nn.Module):
+    """Conv3d -> ReLU -> Conv3d -> flatten -> Linear over (N, 2, 5, 5, 5) volumes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv3d(2, 8, 3, padding=1), nn.Conv3d(8, 10, 3, stride=2)
+        self.head = nn.Linear(10 * 2 * 2 * 2, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv2(torch.relu(self.conv1(x)))).flatten(1))
+
+
+class Tokens(nn.Module):
+    """A token embedding (40 tokens, 16 wide) read by a Linear head, over (N, T) token ids."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(40, 16), nn.Linear(16, 6)
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.embed(tokens)))
+
+
+class SelfAttention(nn.Module):
+    """A bare nn.MultiheadAttention over (N, T, 16) sequences, read by a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.attention, self.head = nn.MultiheadAttention(16, 2, batch_first=True), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.attention(x, x, x, need_weights=False)[0])
+
+
+def gpt2_mlp():
+    """GPT-2's MLP block: Conv1D(12 -> 32) -> GELU -> Conv1D(32 -> 12) (``Conv1D(nf, nx)``)."""
+    from transformers.pytorch_utils import Conv1D  # imported here: the kind matches it once imported
+
+    model = nn.Sequential(Conv1D(32, 12), nn.GELU(), Conv1D(12, 32))
+    with torch.no_grad():  # Conv1D starts with std 0.02 weights and zero biases
+        for layer in model[::2]:
+            layer.weight.normal_(0, layer.weight.shape[0] ** -0.5)
+            layer.bias.normal_(0, 0.1)
+    return model
+
+
+VOLUME, TOKENS = (seeded(Volume), (4, 2, 5, 5, 5)), (seeded(Tokens), (8, 7))
+ATTENTION, GPT2_MLP = (seeded(SelfAttention), (4, 6, 16)), (seeded(gpt2_mlp), (4, 5, 12))
+
+
 def with_changes(build, change):
     """``build`` followed by ``change(model)`` under no_grad (a dead unit, a duplicated channel)."""
     @functools.wraps(build)
@@ -274,15 +371,24 @@ ZERO_TOLERANCE = {"shrink_tol": 0.0}
 TINY_TOLERANCE = {"shrink_tol": 1e-9}
 TEST_CASES = {
     # projection, both goals, packed and unpacked, on every structure ---------------------------
-    "project-ev-mlp": row(MLP, project(EV, 0.9), exact=projected_at_full_rank),
-    "project-lr-cnn-unpacked": row(CNN, project(LR, 0.5, unpack=True), exact=projected_at_full_rank),
-    "project-lr-sequence": row(SEQUENCE, project(LR, 0.5), exact=projected_at_full_rank),
+    "project-ev-mlp": row(MLP, project(EV, 0.9), exact=projected_at_full_rank, kinds=("linear",)),
+    "project-lr-cnn-unpacked": row(CNN, project(LR, 0.5, unpack=True), exact=projected_at_full_rank,
+                                   kinds=("conv2d",)),
+    "project-lr-sequence": row(SEQUENCE, project(LR, 0.5), exact=projected_at_full_rank, kinds=("conv1d",)),
+    "project-lr-volume": row(VOLUME, project(LR, 0.5), exact=projected_at_full_rank, kinds=("conv3d",)),
+    "project-lr-tokens": row(TOKENS, project(LR, 0.5), exact=projected_at_full_rank, kinds=("embedding",),
+                             tokens=40),
+    "project-lr-gpt2-mlp": row(GPT2_MLP, project(LR, 0.5), exact=projected_at_full_rank,
+                               kinds=("gpt2_conv1d",)),
+    "project-lr-attention": row(ATTENTION, project(LR, 0.5), exact=projected_at_full_rank,
+                                kinds=("attention",)),
     "project-lr-residual": row(RESIDUAL, project(LR, 0.5), exact=projected_at_full_rank),
     "project-ev-concat": row(CONCAT, project(EV, 0.8), exact=projected_at_full_rank),
     "project-lr-flatten": row(MAX_POOL, project(LR, 0.5), exact=projected_at_full_rank),
     "project-lr-shared": row(SHARED, project(LR, 0.5), exact=projected_at_full_rank),
-    "project-lr-lstm": row(LSTM, project(LR, 0.5), exact=projected_at_full_rank),
-    "project-ev-gru-unpacked": row(GRU, project(EV, 0.9, unpack=True), exact=projected_at_full_rank),
+    "project-lr-lstm": row(LSTM, project(LR, 0.5), exact=projected_at_full_rank, kinds=("lstm",)),
+    "project-ev-gru-unpacked": row(GRU, project(EV, 0.9, unpack=True), exact=projected_at_full_rank,
+                                   kinds=("gru",)),
     "project-lr-transformer": row((seeded(lambda: nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)),
                                    (4, 6, 16)), project(LR, 0.6), exact=projected_at_full_rank),
     # kernel truncation, every method ----------------------------------------------------------
@@ -353,67 +459,118 @@ TEST_CASES = {
     "shrink-duplicate-residual": row(
         (with_changes(residual_net, duplicated_block_channel), RESIDUAL[1]), evolve("shrink", TINY_TOLERANCE),
         exact=lambda o, net: net, atol=1e-7, expect={"changed": {"block1.conv1": (10, 9)}}, onnx=False),
-    # layer by layer with fine-tuning; every form in one model -----------------------------------
+    # layer by layer with fine-tuning; several methods on one model ----------------------------
     "incremental-mlp": row(MLP, incremental),
+    "truncate-then-project-cnn": row(CNN, truncate_then_project, expect={"projected": ["5"]}),
+    "project-then-truncate-cnn": row(CNN, project_then_truncate,
+                                     expect={"projected": ["2", "5"], "truncated": ["0"]}),
     "mixed-cnn": row(CNN, mixed, expect={"grown layer projected": True}),
 }
 
 
-# The tester ---------------------------------------------------------------------------------------
+# The checks, one test each -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", list(TEST_CASES))
-def test_case(name, tmp_path):
+@dataclass
+class Result:
+    """A row's method run once: the original, its state before the run, the batches and the outcome."""
+
+    original: nn.Module
+    snapshot: tuple
+    data: list
+    net: nn.Module
+    outcome: Outcome
+
+
+@functools.cache
+def result(name: str) -> Result:
+    """Row ``name``'s method run on its model (once per session: every check reads the same run)."""
     case = TEST_CASES[name]
     original = case.build()
-    data = [x.to(next(original.parameters()).dtype) for x in make_batches(case.shape, count=3)]
+    if case.tokens is None:
+        data = [x.to(next(original.parameters()).dtype) for x in make_batches(case.shape, count=3)]
+    else:
+        generator = torch.Generator().manual_seed(0)
+        data = [torch.randint(0, case.tokens, case.shape, generator=generator) for _ in range(3)]
     snapshot = state_of(original)
     net, outcome = case.method(original, data)
-    assert_unchanged(original, snapshot)
-    assert_learnables_match(net, outcome)
-    for key, expected in case.expect.items():
-        observed = {p: _attribute(net, p) for p in expected} if key == "sizes" else outcome.facts[key]
-        assert observed == expected, key
-    if case.exact is not None:
-        assert_same_outputs(case.exact(original, net), original, data[1], case.atol, case.train_mode)
-    for form in (net, unpack_forms(net)):
-        assert_save_load_bit_exact(form, case.build(), data[1], tmp_path / "model.safetensors")
-    if case.onnx:
-        assert_onnx_matches(net, data[1], tmp_path / "model.onnx")
+    return Result(original, snapshot, data, net, outcome)
 
 
-def assert_learnables_match(net, outcome):
-    if outcome.learnables is None:
-        return
-    assert outcome.learnables == rw.count_learnables(net)
-    for name, learnables in outcome.layers.items():
-        assert rw.count_learnables(net.get_submodule(name)) == learnables, name
+def rows(having=None):
+    """The names of the rows (those for which ``having(case)`` holds)."""
+    return [name for name, case in TEST_CASES.items() if having is None or having(case)]
+
+
+@pytest.mark.parametrize("name", rows())
+def test_input_model_is_unchanged(name):
+    run = result(name)
+    assert_unchanged(run.original, run.snapshot)
+
+
+@pytest.mark.parametrize("name", rows())
+def test_learnables_and_specs_are_as_reported(name):
+    run = result(name)
+    outcome, net = run.outcome, run.net
+    if outcome.learnables is not None:
+        assert outcome.learnables == rw.count_learnables(net)
+    for layer, learnables in outcome.layers.items():
+        assert rw.count_learnables(net.get_submodule(layer)) == learnables, layer
     forms = compressed_forms(net)
     assert set(outcome.specs) <= set(forms)
-    for name, entries in outcome.specs.items():
-        spec = form_spec(forms[name])
-        assert {key: spec[key] for key in entries} == entries, name
+    for layer, entries in outcome.specs.items():
+        spec = form_spec(forms[layer])
+        assert {key: spec[key] for key in entries} == entries, layer
 
 
-def assert_same_outputs(model, original, x, atol, train_mode):
-    for train in (False, True) if train_mode else (False,):
-        torch.testing.assert_close(outputs(model, x, train=train), outputs(original, x, train=train),
-                                   rtol=0 if atol < 1e-6 else 1e-4, atol=atol)
+@pytest.mark.parametrize("name", rows(lambda case: case.expect))
+def test_row_expectations(name):
+    run = result(name)
+    for key, expected in TEST_CASES[name].expect.items():
+        observed = ({path: _attribute(run.net, path) for path in expected} if key == "sizes"
+                    else run.outcome.facts[key])
+        assert observed == expected, key
 
 
-def assert_save_load_bit_exact(model, architecture, x, path):
-    rw.save(model, path)
-    snapshot = state_of(architecture)
-    loaded = rw.load(path, model=architecture)
-    assert_unchanged(architecture, snapshot)
-    assert_identical(loaded.eval(), model.eval(), x)
+@pytest.mark.parametrize("name", rows(lambda case: case.kinds))
+def test_kinds_are_compressed(name):
+    assert set(TEST_CASES[name].kinds) <= result(name).outcome.kinds
 
 
-def assert_onnx_matches(model, x, path):
-    ort = pytest.importorskip("onnxruntime")  # the last step: every other check has run
-    single = copy.deepcopy(model).float().eval()
-    x = x.float()
-    rw.export_onnx(single, path, x)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (result,) = session.run(["output"], {"input": x.numpy()})
+def test_every_kind_has_a_row():
+    covered = {kind for case in TEST_CASES.values() for kind in case.kinds}
+    assert [kind.name for kind in KINDS if kind.name not in covered] == []
+
+
+@pytest.mark.parametrize("name", rows(lambda case: case.exact is not None))
+def test_exact_setting_computes_the_original(name):
+    case, run = TEST_CASES[name], result(name)
+    exact = case.exact(run.original, run.net)
+    for train in (False, True) if case.train_mode else (False,):
+        torch.testing.assert_close(outputs(exact, run.data[1], train=train),
+                                   outputs(run.original, run.data[1], train=train),
+                                   rtol=0 if case.atol < 1e-6 else 1e-4, atol=case.atol)
+
+
+@pytest.mark.parametrize("name", rows())
+def test_save_load_is_bit_exact(name, tmp_path):
+    run = result(name)
+    for model in (run.net, unpack_forms(run.net)):
+        rw.save(model, tmp_path / "model.safetensors")
+        architecture = TEST_CASES[name].build()
+        snapshot = state_of(architecture)
+        loaded = rw.load(tmp_path / "model.safetensors", model=architecture)
+        assert_unchanged(architecture, snapshot)
+        assert_identical(loaded.eval(), model.eval(), run.data[1])
+
+
+@pytest.mark.parametrize("name", rows(lambda case: case.onnx))
+def test_onnx_matches_onnxruntime(name, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    run = result(name)
+    single = copy.deepcopy(run.net).float().eval()
+    x = run.data[1].float() if run.data[1].is_floating_point() else run.data[1]
+    rw.export_onnx(single, tmp_path / "model.onnx", x, verbosity="off")
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    (exported,) = session.run(["output"], {"input": x.numpy()})
     with torch.no_grad():
-        np.testing.assert_allclose(result, single(x).numpy(), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(exported, single(x).numpy(), rtol=1e-4, atol=1e-4)

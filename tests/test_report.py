@@ -73,7 +73,7 @@ def test_every_layer_is_listed_with_why_it_cannot_be_projected(mixed):
         "Conv2d", "BatchNorm2d", "Conv2d", "Linear", "ProjectedLinear"]
     assert "not supported" in report.layers["1"].reason and not report.layers["1"].projectable
     assert "grouped convolution" in report.layers["3"].reason
-    assert report.layers["8"].reason == "it is already projected"
+    assert report.layers["8"].reason == "it is already compressed (ProjectedLinear)"
     assert report.layers["8"].learnables == rw.count_learnables(model[8])
     assert set(report.layers["0"].sides) == {"input", "output"}
     assert set(report.layers["6"].sides) == {"output"}

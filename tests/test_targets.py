@@ -9,7 +9,7 @@ from torch import nn
 
 import rankwise as rw
 from conftest import assert_unchanged, make_batches, state_of, tiny_cnn
-from rankwise.decompose.targets import select_kernels
+from rankwise.decompose.truncatable import select_kernels
 from rankwise.targets import select_layers
 
 

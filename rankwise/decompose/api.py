@@ -24,7 +24,7 @@ from rankwise.decompose.execution import TruncatedConv, macs_per_output_position
 from rankwise.decompose.legs import kernel_legs
 from rankwise.decompose.methods import METHODS, Method
 from rankwise.decompose.selection import check_norm_retained
-from rankwise.decompose.targets import select_kernels
+from rankwise.decompose.truncatable import select_kernels
 from rankwise.learnables import count_learnables
 from rankwise.checks import check_verbosity
 from rankwise.tables import format_table

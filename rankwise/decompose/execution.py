@@ -33,9 +33,10 @@ from collections import deque
 import torch
 from torch import nn
 
-from rankwise.decompose.legs import CONV_LEGS, kernel_legs, spatial_legs
+from rankwise.decompose.legs import kernel_legs, spatial_legs
 from rankwise.decompose.network import KernelNetwork, Node
 from rankwise.forms import SPEC_ATTRIBUTE, CompressedForm
+from rankwise.kinds import CONVOLUTIONS
 from rankwise.layers.base import fill
 
 
@@ -91,14 +92,13 @@ class TruncatedConv(CompressedForm, nn.Sequential):
         """
         cls.check_spec_type(spec)
         like = layer.weight
-        convs = [CONV_TYPES[conv["dims"]](**{k: _tuple(v) for k, v in conv.items() if k != "dims"},
+        convs = [CONVOLUTIONS[conv["dims"]](**{k: _tuple(v) for k, v in conv.items() if k != "dims"},
                                           device=like.device, dtype=like.dtype
                                           ).requires_grad_(like.requires_grad)
                  for conv in spec["convs"]]
         return cls(convs, spec["method"], spec["structure"], spec["ranks"])
 
 
-CONV_TYPES = {1: nn.Conv1d, 2: nn.Conv2d}
 SPEC_FIELDS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
                "groups", "padding_mode")
 
@@ -234,9 +234,8 @@ def _conv(like: nn.Module, weight: torch.Tensor, groups: int, carried: str, bias
     def along(values, otherwise):
         return tuple(v if leg in carried else otherwise for v, leg in zip(values, spatial))
 
-    kind = next(k for k in CONV_LEGS if isinstance(like, k))
     padding = like.padding if isinstance(like.padding, str) else along(like.padding, 0)
-    conv = kind(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
+    conv = CONVOLUTIONS[len(spatial)](weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
                 stride=along(like.stride, 1), padding=padding, dilation=along(like.dilation, 1),
                 groups=groups, bias=bias is not None,
                 padding_mode=like.padding_mode if carried else "zeros",

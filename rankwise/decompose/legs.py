@@ -18,13 +18,15 @@ import itertools
 
 from torch import nn
 
-CONV_LEGS = {nn.Conv1d: "oiw", nn.Conv2d: "oihw"}
 CHANNEL_LEGS = "oi"
+SPATIAL_LEGS = {1: "w", 2: "hw"}
+"""The names of a kernel's spatial legs, by the number of spatial dimensions of the convolution
+(the kernels whose legs are named here are the truncatable ones)."""
 
 
 def kernel_legs(layer: nn.Module) -> str:
     """The legs of ``layer``'s kernel in the order of its weight's axes (``"oihw"`` or ``"oiw"``)."""
-    return next(legs for kind, legs in CONV_LEGS.items() if isinstance(layer, kind))
+    return CHANNEL_LEGS + SPATIAL_LEGS[layer.weight.dim() - 2]
 
 
 def spatial_legs(legs: str) -> str:

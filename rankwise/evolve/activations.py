@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rankwise.evolve.graph import Consumer
+from rankwise.evolve.widths import Consumer
+from rankwise.kinds import channels_last
 from rankwise.moments import Moments
 from rankwise.batches import model_device, run_batches
 
@@ -56,7 +57,7 @@ def consumer_moments(model: nn.Module, groups: list, data, forward_fn=None) -> d
             moments[group.name, index] = Moments.zeros(group.width, device=model_device(model))
             handles.append(modules[consumer.name].register_forward_pre_hook(
                 _hook(moments[group.name, index], consumer, group.width,
-                      isinstance(modules[consumer.name], nn.Linear))))
+                      channels_last(modules[consumer.name]))))
     run_batches(model, data, handles, forward_fn,
                 empty_message="data: the iterable yielded no batch; pass recent training batches "
                               "(a list of tensors or (inputs, targets) tuples), or data=None.")

@@ -19,15 +19,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from rankwise import forms
-
-BATCHNORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
-"""The per-channel tensors of a BatchNorm (``None`` ones are skipped)."""
-
-
-def size_attributes(module: nn.Module) -> tuple[str, str]:
-    """``(input size attribute, output size attribute)`` of a Linear or convolution."""
-    return forms.size_attributes(module)
 
 
 @dataclass

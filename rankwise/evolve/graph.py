@@ -1,7 +1,8 @@
 """Which layer widths can change: a channel analysis of the traced network (torch.fx).
 
-A *width* is the number of output channels (features) of a *producer*: a ``nn.Linear`` or an
-ungrouped ``nn.Conv1d/2d/3d``. Changing it means changing the producer's output rows and
+A *width* is the number of output channels (features) of a *producer*: an ungrouped layer
+whose kind has size attributes (:func:`rankwise.kinds.size_attributes`: a ``nn.Linear`` or an
+``nn.Conv1d/2d/3d``). Changing it means changing the producer's output rows and
 everything that sees those channels downstream, up to the *consumers*, the next producers,
 whose input columns follow. In between the channels may pass through
 
@@ -16,7 +17,7 @@ whose input columns follow. In between the channels may pass through
 - concatenation along the channel axis: each part keeps its own width, and the consumer's
   columns of one part start at that part's *offset*.
 
-Widths tied by additions form one :class:`WidthGroup`. A group is *frozen* (left alone, and
+Widths tied by additions form one :class:`~rankwise.evolve.widths.WidthGroup`. A group is *frozen* (left alone, and
 the reason recorded) when any of its channels reach something this analysis does not follow:
 the network output, an unsupported operation, a layer with weights called twice, a BatchNorm
 on flattened features, ... The analysis is a single pass over the fx graph in topological order: each
@@ -26,14 +27,16 @@ tensor gets a *layout*, the sequence of width segments along its channel axis.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+from rankwise.evolve.widths import ChannelMember, Consumer, WidthAnalysis
+from rankwise.kinds import channels_last, is_batchnorm, size_attributes
+from rankwise.metric import only_batchnorm_user
+
 ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
                        nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish,
                        nn.Hardsigmoid, nn.Softplus)
@@ -63,114 +66,12 @@ SHAPE_QUERIES = {"size", "dim", getattr, len}
 
 
 @dataclass(frozen=True)
-class Consumer:
-    """A layer whose input columns follow a width.
-
-    Channel ``c`` of the width is the block of input features ``(offset + c) * block``
-    to ``(offset + c + 1) * block - 1`` of the consumer (input channel ``offset + c`` of a
-    convolution, where ``block = 1``).
-    """
-
-    name: str
-    offset: int
-    block: int
-
-
-@dataclass(frozen=True)
-class ChannelMember:
-    """A channel-wise layer (BatchNorm) whose channels ``offset .. offset + width - 1`` follow a width."""
-
-    name: str
-    offset: int
-
-
-@dataclass
-class WidthGroup:
-    """Widths that change together: one producer, or several tied by residual additions.
-
-    Attributes
-    ----------
-    name : str
-        The first producer in graph order; the key of :meth:`WidthEvolver.widths`.
-    width : int
-        Current number of channels.
-    producers : tuple of str
-        Layers whose output rows are the width's channels (more than one: tied by additions).
-    batchnorms : tuple of ChannelMember
-        BatchNorm layers resized with the width.
-    folded_batchnorms : dict
-        ``{producer: batchnorm}`` for a BatchNorm applied directly (and only) to a producer's
-        output; it is folded into that producer's effective weight (see :mod:`.spectrum`).
-    consumers : tuple of Consumer
-        Layers whose input columns are resized with the width.
-    rotatable : bool
-        True when only rotation-commuting operations (identity, dropout, average pooling,
-        flattening, additions, scalar multiples) separate the producers from the consumers:
-        any orthogonal change of basis of the channels is then function-preserving.
-    frozen : tuple of str
-        Why the width must be left alone; empty when it may change.
-    """
-
-    name: str
-    width: int
-    producers: tuple
-    batchnorms: tuple
-    folded_batchnorms: dict
-    consumers: tuple
-    rotatable: bool
-    frozen: tuple
-
-    @property
-    def tied(self) -> bool:
-        """More than one producer: the width is shared through residual additions."""
-        return len(self.producers) > 1
-
-
-@dataclass(frozen=True)
 class Layout:
     """Width segments along a tensor's channel axis; ``None`` in a segment marks untracked channels."""
 
     axis: int
     block: int
     segments: tuple  # ((width_id or None, channels), ...)
-
-
-@dataclass
-class _Analysis:
-    """Union-find over the width ids created by producer calls, and what is known of each."""
-
-    producer_of: list = field(default_factory=list)     # id -> producer name
-    channels: list = field(default_factory=list)        # id -> width
-    parent: list = field(default_factory=list)
-    reasons: dict = field(default_factory=dict)         # id -> [why frozen]
-    unit_wise: set = field(default_factory=set)         # ids seen by a non-rotatable operation
-    batchnorms: list = field(default_factory=list)      # (id, ChannelMember)
-    consumers: list = field(default_factory=list)       # (id, Consumer)
-    folded: dict = field(default_factory=dict)          # producer name -> batchnorm name
-
-    def new_width(self, producer: str, channels: int) -> int:
-        self.producer_of.append(producer)
-        self.channels.append(channels)
-        self.parent.append(len(self.parent))
-        return len(self.parent) - 1
-
-    def root(self, width_id: int) -> int:
-        while self.parent[width_id] != width_id:
-            self.parent[width_id] = self.parent[self.parent[width_id]]
-            width_id = self.parent[width_id]
-        return width_id
-
-    def tie(self, first: int, second: int) -> None:
-        a, b = sorted((self.root(first), self.root(second)))
-        self.parent[b] = a
-
-    def freeze(self, layout: Layout | None, reason: str) -> None:
-        for width_id, _ in (layout.segments if layout else ()):
-            if width_id is not None:
-                self.reasons.setdefault(width_id, []).append(reason)
-
-    def mark_unit_wise(self, layout: Layout) -> None:
-        self.unit_wise.update(w for w, _ in layout.segments if w is not None)
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -203,18 +104,18 @@ def analyze_widths(model: nn.Module, example_input, graph: fx.GraphModule | None
 
     Returns
     -------
-    list of WidthGroup
+    list of rankwise.evolve.widths.WidthGroup
         In graph order of their first producer, frozen ones included.
     """
     graph = trace(model) if graph is None else graph
     _propagate_shapes(model, graph, example_input)
-    analysis = _Analysis()
+    analysis = WidthAnalysis()
     layouts: dict = {}
     calls = _module_call_counts(graph)
     modules = dict(model.named_modules())
     for node in graph.graph.nodes:
         layouts[node] = _layout_of(node, layouts, analysis, modules, calls)
-    return _groups(analysis)
+    return analysis.groups()
 
 
 def _propagate_shapes(model, graph, example_input) -> None:
@@ -281,10 +182,10 @@ def _layout_of(node, layouts, analysis, modules, calls) -> Layout | None:
 
 def _module_layout(node, module, layouts, analysis, modules) -> Layout | None:
     source = layouts.get(node.args[0]) if node.args else None
-    if isinstance(module, PRODUCERS) and getattr(module, "groups", 1) == 1:
-        return _producer_layout(node, module, source, analysis, modules)
-    if isinstance(module, BATCHNORMS):
+    if is_batchnorm(module):
         return _batchnorm_layout(node, source, analysis)
+    if size_attributes(module) and getattr(module, "groups", 1) == 1:
+        return _producer_layout(node, module, source, analysis, modules)
     if isinstance(module, PASSTHROUGH_MODULES) and len(node.args) == 1:
         return _passthrough(node, source, analysis,
                             unit_wise=isinstance(module, ELEMENTWISE_MODULES + MAX_POOL_MODULES),
@@ -297,7 +198,7 @@ def _module_layout(node, module, layouts, analysis, modules) -> Layout | None:
 
 def _producer_layout(node, module, source, analysis, modules) -> Layout:
     shape = _shape(node)
-    is_linear = isinstance(module, nn.Linear)
+    is_linear = channels_last(module)
     if source is not None:
         expected_axis = len(_shape(node.args[0])) - 1 if is_linear else 1
         if source.axis != expected_axis or (not is_linear and source.block != 1):
@@ -305,17 +206,10 @@ def _producer_layout(node, module, source, analysis, modules) -> Layout:
         else:
             _add_consumer(node.target, source, analysis)
     width_id = analysis.new_width(node.target, shape[-1] if is_linear else shape[1])
-    folded = _only_batchnorm_user(node, modules)
+    folded = only_batchnorm_user(node, modules)
     if folded is not None:
         analysis.folded[node.target] = folded
     return Layout(len(shape) - 1 if is_linear else 1, 1, ((width_id, shape[-1] if is_linear else shape[1]),))
-
-
-def _only_batchnorm_user(node, modules) -> str | None:
-    users = list(node.users)
-    if len(users) == 1 and users[0].op == "call_module" and isinstance(modules[users[0].target], BATCHNORMS):
-        return users[0].target
-    return None
 
 
 def _add_consumer(name, layout, analysis) -> None:
@@ -436,26 +330,3 @@ def _reshape_layout(node, tensor, layout, analysis) -> Layout | None:
         return layout
     analysis.freeze(layout, f"{node.name} reshapes it")
     return None
-
-
-def _groups(analysis: _Analysis) -> list:
-    members: dict = {}
-    for width_id in range(len(analysis.parent)):
-        members.setdefault(analysis.root(width_id), []).append(width_id)
-    return [_group(analysis, ids) for ids in members.values()]
-
-
-def _group(analysis: _Analysis, ids: list) -> WidthGroup:
-    id_set = set(ids)
-    producers = tuple(analysis.producer_of[i] for i in ids)
-    reasons = [f"{analysis.producer_of[i]}: {why}" for i in ids for why in analysis.reasons.get(i, ())]
-    return WidthGroup(
-        name=producers[0],
-        width=analysis.channels[ids[0]],
-        producers=producers,
-        batchnorms=tuple(m for i, m in analysis.batchnorms if i in id_set),
-        folded_batchnorms={p: analysis.folded[p] for p in producers if p in analysis.folded},
-        consumers=tuple(c for i, c in analysis.consumers if i in id_set),
-        rotatable=not (id_set & analysis.unit_wise),
-        frozen=tuple(dict.fromkeys(reasons)),
-    )

@@ -24,8 +24,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rankwise.evolve.edits import BATCHNORM_TENSORS, Plan, expand_blocks, insertion, size_attributes
-from rankwise.evolve.graph import WidthGroup
+from rankwise.evolve.edits import Plan, expand_blocks, insertion
+from rankwise.evolve.widths import WidthGroup
+from rankwise.kinds import BATCHNORM_TENSORS, size_attributes
 
 NEW_BATCHNORM_VALUES = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}
 

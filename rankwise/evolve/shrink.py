@@ -52,9 +52,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rankwise.evolve.edits import BATCHNORM_TENSORS, Plan, expand_blocks, removal, size_attributes
-from rankwise.evolve.graph import Consumer, WidthGroup
+from rankwise.evolve.edits import Plan, expand_blocks, removal
+from rankwise.evolve.widths import Consumer, WidthGroup
 from rankwise.evolve.spectrum import width_matrix
+from rankwise.kinds import BATCHNORM_TENSORS, size_attributes
 
 RIDGE = 1e-9
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rankwise.evolve.graph import WidthGroup
+from rankwise.evolve.widths import WidthGroup
 
 
 def effective_rows(producer: nn.Module, batchnorm: nn.Module | None) -> torch.Tensor:

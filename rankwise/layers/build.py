@@ -38,12 +38,13 @@ def project_layer(layer: nn.Module, options, choice, unpack: bool = False) -> nn
     torch.nn.Module
     """
     kind = kind_of(layer)
-    wrapper: type[ProjectedLayer] = getattr(rankwise.layers, kind.wrapper)
+    wrapper: type[ProjectedLayer] = (kind.wrapper if isinstance(kind.wrapper, type)
+                                     else getattr(rankwise.layers, kind.wrapper))
     metric = getattr(options, "metric", None)
     if metric is not None:  # the bases are those of the whitened layer R W: build it, then undo R
         projected = unwhiten_output(project_layer(whitened_layer(layer, metric), _unmeasured(options), choice),
                                     metric)
-    elif kind.family in ("recurrent", "attention"):  # bases per cell (per part of an attention)
+    elif kind.traits.per_part:  # bases per cell of a recurrence, per part of an attention
         projected = wrapper.from_dense(layer, input_basis=_cell_bases(choice.rank_in, options, options.input_basis),
                                        input_mean=options.input_mean,
                                        output_basis=_cell_bases(choice.rank_out, options, options.output_basis),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from rankwise.kinds import CONVOLUTIONS
 from rankwise.layers.base import ProjectedLayer, fill
 
 
@@ -35,4 +36,4 @@ class ProjectedConv(ProjectedLayer):
 
 def _conv_type(like: nn.Module) -> type:
     """The plain torch convolution class of ``like``'s dimensionality."""
-    return {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[like.weight.dim() - 2]
+    return CONVOLUTIONS[like.weight.dim() - 2]

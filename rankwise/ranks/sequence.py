@@ -105,7 +105,7 @@ class SequenceBound:
     def __init__(self, layers: dict, options: dict[str, LayerOptions], npca, goal_name: str, goal: float):
         self.layers, self.options, self.goal_name, self.goal = layers, options, goal_name, goal
         self.reservoirs = {name: npca.statistics(name).reservoir for name, layer in layers.items()
-                           if kind_of(layer).family == "recurrent"}
+                           if kind_of(layer).traits.sequences}
         self.warnings = [_unmeasured_message(name) for name, reservoir in self.reservoirs.items()
                          if not reservoir and goal_name == "explained_variance_goal"]
         self._measured: dict[tuple[str, int], float] = {}

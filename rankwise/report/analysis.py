@@ -22,8 +22,7 @@ import numpy as np
 from torch import nn
 
 from rankwise.kinds import kind_of
-from rankwise.forms import outermost
-from rankwise.layers import ProjectedLayer
+from rankwise.forms import is_form, outermost
 from rankwise.learnables import count_learnables
 from rankwise.checks import check_fraction, check_verbosity
 from rankwise.pca import NeuronPCA
@@ -267,8 +266,8 @@ def _statistics(model, npca_or_data, selected: dict, all_layers: bool, verbosity
 
 
 def _listed_modules(model: nn.Module):
-    """``(name, module)`` of every projected wrapper, projectable layer or module holding
-    learnables itself, in model order; the parts of a projected wrapper or of an attention
+    """``(name, module)`` of every compressed form, projectable layer or module holding
+    learnables itself, in model order; the parts of a compressed form or of an attention
     layer (its ``out_proj``) are not listed."""
     for name, module, whole in outermost(model, _whole):
         if whole or why_not_projectable(module) is None or _own_learnables(module):
@@ -276,10 +275,11 @@ def _listed_modules(model: nn.Module):
 
 
 def _whole(module: nn.Module) -> bool:
-    """Whether ``module`` is listed with its parts' learnables: a projected wrapper, or an attention
-    layer (which uses its ``out_proj`` weight itself)."""
+    """Whether ``module`` is listed with its parts' learnables: a compressed form (packed or
+    unpacked), or a layer that uses its children's weights itself (an attention's ``out_proj``,
+    the ``functional_children`` of its family)."""
     kind = kind_of(module)
-    return isinstance(module, ProjectedLayer) or (kind is not None and kind.family == "attention")
+    return is_form(module) or (kind is not None and bool(kind.traits.functional_children))
 
 
 def _own_learnables(module: nn.Module) -> int:

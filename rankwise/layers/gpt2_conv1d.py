@@ -1,5 +1,7 @@
 """ProjectedConv1D: GPT-2's ``Conv1D`` (``y = x A + b``, ``A = W^T`` stored as ``(in, out)``) projected.
 
+The kind ``gpt2_conv1d`` of :data:`rankwise.kinds.KINDS` (the kind ``conv1d`` is ``nn.Conv1d``).
+
 Hugging Face's ``transformers.pytorch_utils.Conv1D`` is a linear layer whose weight is stored
 transposed: ``weight`` is ``A = W^T`` of shape ``(in, out)`` and ``y = x A + b``. Read as ``W``
 (:meth:`rankwise.kinds.LayerKind.weight`), it is projected exactly as ``nn.Linear`` is
@@ -16,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rankwise.kinds import kind_of
 from rankwise.layers.base import fill
 from rankwise.layers.linear import ProjectedLinear, _linear
 
@@ -25,9 +28,9 @@ class ProjectedConv1D(ProjectedLinear):
 
     @staticmethod
     def _width(module: nn.Module, end: str) -> int:
-        if isinstance(module, nn.Linear):
-            return ProjectedLinear._width(module, end)
-        return module.nf if end == "out" else module.nx
+        """The width at ``end`` of a projection, an ``nn.Linear`` or a ``Conv1D`` alike: the rows
+        (``"out"``) or columns (``"in"``) of ``W`` as its kind reads it."""
+        return kind_of(module).weight(module).shape[0 if end == "out" else 1]
 
     @staticmethod
     def _layer(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Module) -> nn.Module:
