@@ -134,7 +134,7 @@ def loss_error(npca, name: str, cell: str | None, candidates: Candidates) -> np.
 def batchnorm_aware_metrics(model, npca, layers: dict) -> dict:
     """The variance criterion's metrics: a dense layer feeding only an eval-mode BatchNorm is
     measured after it (:func:`rankwise.metric.batchnorm_metrics`); every other in its own output."""
-    dense = {name: layer for name, layer in layers.items() if kind_of(layer).family == "dense"}
+    dense = {name: layer for name, layer in layers.items() if kind_of(layer).traits.batchnorm_after}
     return batchnorm_metrics(model, dense)
 
 
@@ -147,7 +147,7 @@ def fisher_metrics(model, npca, layers: dict) -> dict:
     ValueError
         For LSTM, GRU or attention layers, or a ``npca`` gathered without ``loss_fn``.
     """
-    recurrent = [name for name, layer in layers.items() if kind_of(layer).family in ("recurrent", "attention")]
+    recurrent = [name for name, layer in layers.items() if not kind_of(layer).traits.gradients]
     if recurrent:
         raise ValueError(f"criterion: 'loss' judges Linear and convolution layers only; "
                          f"{', '.join(map(repr, recurrent))} are LSTM, GRU or attention layers. Leave them "

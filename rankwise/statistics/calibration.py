@@ -60,7 +60,7 @@ def gradient_layers(layers: dict) -> dict:
     """The layers that get gradient statistics with ``loss_fn``: the dense and embedding ones
     (recurrent and attention layers have no loss criterion)."""
     return {name: layer for name, layer in layers.items()
-            if kind_of(layer).family not in ("recurrent", "attention")}
+            if kind_of(layer).traits.gradients}
 
 
 def _calibrate(gathered: Gathered, model, data, layers, forward_fn, max_batches, show_progress, loss_fn, blocks,
