@@ -27,30 +27,6 @@ def check_fraction(value, argument: str) -> float:
     return float(value)
 
 
-def check_goals(explained_variance_goal, learnables_reduction_goal) -> tuple[str, float]:
-    """``(goal name, goal)`` from the two exclusive goal arguments (the variance goal of
-    :data:`DEFAULT_EXPLAINED_VARIANCE` when neither is given)."""
-    if explained_variance_goal is not None and learnables_reduction_goal is not None:
-        raise ValueError("explained_variance_goal and learnables_reduction_goal are exclusive: "
-                         "give one of them.")
-    if learnables_reduction_goal is not None:
-        return "learnables_reduction_goal", check_fraction(learnables_reduction_goal,
-                                                           "learnables_reduction_goal")
-    if explained_variance_goal is None:
-        return "explained_variance_goal", DEFAULT_EXPLAINED_VARIANCE
-    return "explained_variance_goal", check_fraction(explained_variance_goal, "explained_variance_goal")
-
-
-def check_allocation(allocation, goal_name: str) -> None:
-    """``allocation`` must be ``"auto"``, ``"global"`` or ``"uniform"``, and ``"uniform"`` needs a
-    learnables goal."""
-    if allocation not in ("auto", "global", "uniform"):
-        raise ValueError(f"allocation: expected 'auto', 'global' or 'uniform', got {allocation!r}.")
-    if allocation == "uniform" and goal_name != "learnables_reduction_goal":
-        raise ValueError("allocation: 'uniform' spreads a learnables_reduction_goal over the layers; "
-                         "with an explained_variance_goal every layer already gets its own ranks.")
-
-
 def check_regularization(regularization) -> None:
     """``regularization`` must be ``"auto"`` or a float in [0, 1]."""
     if regularization == "auto":

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from rankwise.learnables import count_learnables
-from rankwise.checks import check_goals, check_verbosity
+from rankwise.checks import check_verbosity
+from rankwise.goals import Goal, check_goals
 from rankwise.pca import NeuronPCA
 from rankwise.projection import Decisions, build_projected
 from rankwise.ranks import RankChoice, SequenceBound, choose_ranks, measured_options
@@ -67,7 +68,7 @@ class IncrementalHistory:
     original_metric: float
     original_learnables: int
     tolerance: float
-    goal: str
+    goal: Goal
     steps: list = field(default_factory=list)
     goal_reached: bool = True
 
@@ -184,25 +185,24 @@ def compress_incrementally(model: nn.Module, data, *, train_data, eval_fn,
     history : IncrementalHistory
     """
     check_verbosity(verbosity)
-    goal_name, goal = check_goals(explained_variance_goal, learnables_reduction_goal)
+    goal = check_goals(explained_variance_goal, learnables_reduction_goal)
     if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or tolerance < 0:
         raise ValueError(f"tolerance: expected a number >= 0, got {tolerance!r}.")
     names = _ordered(model, layer_names, exclude, order)
     network = copy.deepcopy(model).eval()
-    history = IncrementalHistory(float(eval_fn(network)), count_learnables(model), tolerance,
-                                 f"{goal_name}={goal:g}")
-    needed = math.ceil(goal * history.original_learnables - 1e-9)
+    history = IncrementalHistory(float(eval_fn(network)), count_learnables(model), tolerance, goal)
+    needed = math.ceil(goal.value * history.original_learnables - 1e-9)
     for position, name in enumerate(names):
-        if goal_name == "learnables_reduction_goal" and \
+        if goal.is_budget and \
                 history.original_learnables - count_learnables(network) >= needed:
             break
         step_start = time.perf_counter()
         npca = NeuronPCA(network, data, layer_names=names[position:], verbosity="off",
                          forward_fn=forward_fn, loss_fn=None, validation=None)
-        candidates = names[position:] if goal_name == "learnables_reduction_goal" else [name]
+        candidates = names[position:] if goal.is_budget else [name]
         options = measured_options(network, npca, {n: network.get_submodule(n) for n in candidates})
-        choice = _choice(options, name, goal_name, goal, network, needed, history.original_learnables)
-        choice = SequenceBound({name: network.get_submodule(name)}, options, npca, goal_name, goal)(
+        choice = _choice(options, name, goal, network, needed, history.original_learnables)
+        choice = SequenceBound({name: network.get_submodule(name)}, options, npca, goal)(
             {name: choice})[name]
         if choice.side == "dense":
             continue
@@ -216,7 +216,7 @@ def compress_incrementally(model: nn.Module, data, *, train_data, eval_fn,
         history.steps.append(step)
         if verbosity in ("steps", "iterations"):
             print(history.table().splitlines()[len(history.steps) + 1].rstrip())
-    if goal_name == "learnables_reduction_goal":
+    if goal.is_budget:
         history.goal_reached = history.original_learnables - count_learnables(network) >= needed
     if verbosity != "off":
         print(history.table())
@@ -240,15 +240,15 @@ def _ordered(model: nn.Module, layer_names, exclude, order) -> list[str]:
     return names if order == "model-order" else names[::-1]
 
 
-def _choice(options: dict, name: str, goal_name: str, goal: float, network: nn.Module, needed: int,
+def _choice(options: dict, name: str, goal: Goal, network: nn.Module, needed: int,
             original_learnables: int) -> RankChoice:
     """Layer ``name``'s option: by the explained variance goal, or the one the global allocation
     over ``options`` (the layers not yet visited) gives it for the learnables still to be removed,
     ``(needed - removed) / L_current`` of the current network (``"dense"`` when it keeps it dense)."""
     current = count_learnables(network)
-    if goal_name == "learnables_reduction_goal":
-        goal = (needed - (original_learnables - current)) / current
-    return choose_ranks(options, goal_name, goal, current)[0][name]
+    if goal.is_budget:
+        goal = Goal(goal.kind, (needed - (original_learnables - current)) / current)
+    return choose_ranks(options, goal, current)[0][name]
 
 
 def _fine_tune_step(candidate, projection, history, train_data, val_data, eval_fn, epochs,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from rankwise import latency
+from rankwise.goals import Goal
 from rankwise.kinds import kind_of
 from rankwise.learnables import count_learnables
 from rankwise.ranks import RankChoice
@@ -69,8 +70,8 @@ class ProjectionInfo:
 
     Attributes
     ----------
-    goal : str
-        The goal as given, e.g. ``"learnables_reduction_goal=0.9"``.
+    goal : Goal
+        The goal as given (``str(info.goal)``: ``"learnables_reduction_goal=0.9"``).
     goal_reached : bool
         False when a learnables reduction goal was above the maximum possible (the maximum
         was removed).
@@ -98,7 +99,7 @@ class ProjectionInfo:
         the candidate kept, every candidate's score on the held-out batches, the reason.
     """
 
-    goal: str
+    goal: Goal
     goal_reached: bool
     learnables_before: int
     learnables_after: int

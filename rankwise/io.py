@@ -56,6 +56,7 @@ from rankwise.forms import (compressed_forms, form_spec, form_types, fused_paths
                             shape_spec)
 from rankwise.learnables import count_learnables
 from rankwise.projection import LayerProjection, ProjectionInfo
+from rankwise.goals import Goal
 from rankwise.selection import MeasuredChoice
 
 FORMAT = "rankwise-model"
@@ -247,7 +248,7 @@ def projection_info(spec: dict) -> ProjectionInfo | None:
         return None
     layers = {name: LayerProjection(**layer) for name, layer in stored["layers"].items()}
     measured = stored.get("measured") and MeasuredChoice.from_dict(stored["measured"])
-    return ProjectionInfo(**{**stored, "layers": layers, "measured": measured})
+    return ProjectionInfo(**{**stored, "layers": layers, "measured": measured, "goal": Goal.from_stored(stored["goal"])})
 
 
 def read_metadata(path) -> dict[str, str]:

@@ -17,6 +17,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from rankwise import latency
 from rankwise.batches import as_call, eval_mode
+from rankwise.goals import Goal
 from rankwise.layers.build import project_layer
 from rankwise.ranks import LayerOptions, choose_ranks
 from rankwise.tables import format_ranks
@@ -84,8 +85,8 @@ def record_layer_calls(model: nn.Module, layers: dict, latency_input) -> dict[st
     return calls
 
 
-def choose_faster_ranks(layers: dict, options: dict[str, LayerOptions], calls: dict, goal_name: str,
-                        goal: float, network_learnables: int, unpack: bool, verbosity: str = "off",
+def choose_faster_ranks(layers: dict, options: dict[str, LayerOptions], calls: dict, goal: Goal,
+                        network_learnables: int, unpack: bool, verbosity: str = "off",
                         allocation: str = "global", refine=None):
     """:func:`choose_ranks`, keeping dense the layers whose projected form is not faster.
 
@@ -101,7 +102,7 @@ def choose_faster_ranks(layers: dict, options: dict[str, LayerOptions], calls: d
     options : dict of str to LayerOptions
     calls : dict of str to (tuple, dict)
         Each layer's recorded arguments (:func:`record_layer_calls`).
-    goal_name, goal, network_learnables, verbosity, allocation
+    goal, network_learnables, verbosity, allocation
         As for :func:`choose_ranks`.
     unpack : bool
         Time the projected forms as plain torch layers (as they will be built).
@@ -124,7 +125,7 @@ def choose_faster_ranks(layers: dict, options: dict[str, LayerOptions], calls: d
     rejected: dict[str, tuple[float, float]] = {}
     for _ in range(len(options) + 1):  # every round but the last excludes a layer
         active = {name: opts for name, opts in options.items() if name not in rejected}
-        choices, goal_reached = choose_ranks(active, goal_name, goal, network_learnables, verbosity, allocation)
+        choices, goal_reached = choose_ranks(active, goal, network_learnables, verbosity, allocation)
         if refine is not None:
             choices = refine(choices)
         slower = {}

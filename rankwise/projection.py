@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from rankwise import latency
-from rankwise.checks import check_allocation, check_goals, check_verbosity
+from rankwise.checks import check_verbosity
 from rankwise.divergence import check_score_fn
+from rankwise.goals import Goal, check_allocation, check_goals
 from rankwise.forms import fused_paths_off, unpack_forms
 from rankwise.info import LayerProjection, ProjectionInfo, describe_choice
 from rankwise.kinds import kind_of
@@ -46,7 +47,7 @@ class Decisions:
     :class:`ProjectionInfo` (see there).
     """
 
-    goal: str
+    goal: Goal
     choices: dict
     goal_reached: bool = True
     timings: dict = field(default_factory=dict)
@@ -183,9 +184,9 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
         layer. The model is left as it was.
     """
     check_verbosity(verbosity)
-    goal_name, goal = check_goals(explained_variance_goal, learnables_reduction_goal)
+    goal = check_goals(explained_variance_goal, learnables_reduction_goal)
     needs_gradients = criterion == "auto" or criterion_named(criterion).needs_gradients
-    check_allocation(allocation, goal_name)
+    check_allocation(allocation, goal)
     check_score_fn(score_fn)
     correction_data = _correction_data(correction, correction_data, npca_or_data)
     layers = select_layers(model, layer_names, exclude=exclude)
@@ -196,26 +197,26 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
         loss_fn=(loss_fn or "auto") if needs_gradients else None, validation=validation)
     check_statistics(npca, layers)
     build = lambda options, choices: build_projected(  # noqa: E731 (one build per measured candidate)
-        model, layers, options, Decisions(f"{goal_name}={goal:g}", choices))
-    chosen, measured = how_to_decide(model, npca, layers, goal_name, goal, build, criterion, allocation,
+        model, layers, options, Decisions(goal, choices))
+    chosen, measured = how_to_decide(model, npca, layers, goal, build, criterion, allocation,
                                      forward_fn, score_fn, verbosity)
     criterion, allocation = chosen.criterion, chosen.allocation
     npca = npca.with_regularization(chosen.regularization)
     options = measured_options(model, npca, layers, criterion, progress=verbosity != "off")
     learnables_before = count_learnables(model)
-    bound = SequenceBound(layers, options, npca, goal_name, goal)
+    bound = SequenceBound(layers, options, npca, goal)
     timings, kept_dense = {}, []
     if calls is None:
-        choices, goal_reached = choose_ranks(options, goal_name, goal, learnables_before, verbosity, allocation)
+        choices, goal_reached = choose_ranks(options, goal, learnables_before, verbosity, allocation)
         choices = bound(choices)
     else:
         choices, goal_reached, timings, kept_dense = choose_faster_ranks(
-            layers, options, calls, goal_name, goal, learnables_before, unpack, verbosity, allocation,
+            layers, options, calls, goal, learnables_before, unpack, verbosity, allocation,
             refine=bound)
-    decisions = Decisions(f"{goal_name}={goal:g}", choices, goal_reached, timings, kept_dense,
+    decisions = Decisions(goal, choices, goal_reached, timings, kept_dense,
                           None if calls is None else str(latency.device_of(model, latency_input)),
                           excluded_layers(model, layer_names, layers, tied),
-                          tie_warnings(tied) + unreached_goal(goal_name, goal, goal_reached, options, learnables_before)
+                          tie_warnings(tied) + unreached_goal(goal, goal_reached, options, learnables_before)
                           + bound.warnings, measured)
     for message in decisions.warnings:
         warnings.warn(message, UserWarning, stacklevel=2)
@@ -310,13 +311,12 @@ def build_projected(model: nn.Module, layers: dict, options: dict, decisions: De
     return compressed, info
 
 
-def unreached_goal(goal_name: str, goal: float, goal_reached: bool, options: dict,
-                   network_learnables: int) -> list[str]:
+def unreached_goal(goal: Goal, goal_reached: bool, options: dict, network_learnables: int) -> list[str]:
     """``[message]`` naming the maximum when a reduction goal could not be reached, else ``[]``."""
     if goal_reached:
         return []
     most = most_removable(options) / network_learnables
-    return [f"{goal_name}={goal:g} is above what projection can remove from these layers "
+    return [f"{goal} is above what projection can remove from these layers "
             f"({most:.2%} of the network's learnables, every layer at its smallest useful form); "
             "that maximum was removed"]
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from rankwise.divergence import HeldOutScorer
+from rankwise.goals import Goal
 from rankwise.ranks import CRITERIA, SequenceBound, choose_ranks, measured_options
 
 ALLOCATIONS = ("global", "uniform")
@@ -111,7 +112,7 @@ def fallback(criterion: str, allocation: str, has_gradients: bool, regularizatio
                      "global" if allocation == "auto" else allocation, regularization)
 
 
-def choose_by_measurement(model: nn.Module, npca, layers: dict, goal_name: str, goal: float, build,
+def choose_by_measurement(model: nn.Module, npca, layers: dict, goal: Goal, build,
                           criterion: str = "auto", allocation: str = "auto", forward_fn=None,
                           score_fn="auto", progress: bool = False) -> MeasuredChoice:
     """Build every candidate on the fitted statistics, score it on the held-out batches, keep the best.
@@ -124,8 +125,8 @@ def choose_by_measurement(model: nn.Module, npca, layers: dict, goal_name: str, 
         Statistics with held-out batches (:attr:`NeuronPCA.validation_batches`).
     layers : dict of str to torch.nn.Module
         The layers decided on.
-    goal_name, goal
-        A ``learnables_reduction_goal`` (see the module docstring).
+    goal : Goal
+        A learnables reduction goal (see the module docstring).
     build : callable
         ``build(options, choices) -> (compressed model, ProjectionInfo)`` on a copy of ``model``
         (:func:`rankwise.projection.build_projected`).
@@ -154,8 +155,8 @@ def choose_by_measurement(model: nn.Module, npca, layers: dict, goal_name: str, 
             if key not in options_of:
                 options_of[key] = (fitted, measured_options(model, fitted, layers, candidate.criterion))
             fitted, options = options_of[key]
-            choices, _ = choose_ranks(options, goal_name, goal, learnables, "off", candidate.allocation)
-            choices = SequenceBound(layers, options, fitted, goal_name, goal)(choices)
+            choices, _ = choose_ranks(options, goal, learnables, "off", candidate.allocation)
+            choices = SequenceBound(layers, options, fitted, goal)(choices)
             built, info = build(options, choices)
             result = CandidateScore(candidate, scorer.score(built), info.learnables_after)
         except ValueError as error:
@@ -188,7 +189,7 @@ def _best(scores: list[CandidateScore]) -> CandidateScore | None:
     return min(measured, key=lambda s: s.score) if measured else None
 
 
-def how_to_decide(model: nn.Module, npca, layers: dict, goal_name: str, goal: float, build,
+def how_to_decide(model: nn.Module, npca, layers: dict, goal: Goal, build,
                   criterion: str = "auto", allocation: str = "auto", forward_fn=None, score_fn="auto",
                   verbosity: str = "off") -> tuple[Candidate, MeasuredChoice | None]:
     """The candidate to decide with, and the measurement behind it (``None`` when there was
@@ -196,7 +197,7 @@ def how_to_decide(model: nn.Module, npca, layers: dict, goal_name: str, goal: fl
     learnables goal when ``criterion`` or ``allocation`` is ``"auto"``; else what was set (the
     variance criterion and the global allocation for ``"auto"`` under an explained variance
     goal); the documented :func:`fallback`, with a warning, when nothing was held out."""
-    if goal_name != "learnables_reduction_goal" or "auto" not in (criterion, allocation):
+    if not goal.is_budget or "auto" not in (criterion, allocation):
         return fallback("variance" if criterion == "auto" else criterion, allocation, False,
                         npca.regularization), None
     if not npca.validation_batches:
@@ -207,6 +208,6 @@ def how_to_decide(model: nn.Module, npca, layers: dict, goal_name: str, goal: fl
                       "used. Pass two or more batches, or held-out batches as validation=.",
                       UserWarning, stacklevel=4)
         return chosen, MeasuredChoice(chosen, reason="nothing held out to measure on: the documented fallback")
-    measured = choose_by_measurement(model, npca, layers, goal_name, goal, build, criterion, allocation, forward_fn,
+    measured = choose_by_measurement(model, npca, layers, goal, build, criterion, allocation, forward_fn,
                                      score_fn, progress=verbosity in ("steps", "iterations"))
     return measured.chosen, measured

@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rankwise.checks import check_verbosity
+from rankwise.goals import Goal
 from rankwise.learnables import count_learnables
 from rankwise.pca import NeuronPCA
 from rankwise.projection import Decisions, build_projected, check_statistics
@@ -110,10 +111,10 @@ def probe_sensitivity(model: nn.Module, npca_or_data, eval_fn, *,
     result = Sensitivity(float(eval_fn(model)))
     probes = [(name, goal) for name in layers for goal in goals]
     for name, goal in tqdm(probes, desc="sensitivity", disable=verbosity == "off"):
-        choices, _ = choose_ranks({name: options[name]}, "explained_variance_goal", goal, network_learnables)
-        choices = SequenceBound({name: layers[name]}, options, npca, "explained_variance_goal", goal)(choices)
-        net, info = build_projected(model, {name: layers[name]}, options,
-                                    Decisions(f"explained_variance_goal={goal:g}", choices))
+        probe = Goal("explained_variance", goal)
+        choices, _ = choose_ranks({name: options[name]}, probe, network_learnables)
+        choices = SequenceBound({name: layers[name]}, options, npca, probe)(choices)
+        net, info = build_projected(model, {name: layers[name]}, options, Decisions(probe, choices))
         layer = info.layers[name]
         result.layers.setdefault(name, []).append(SensitivityPoint(
             goal, layer.side, layer.rank_in, layer.rank_out, layer.learnables_after,

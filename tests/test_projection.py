@@ -6,6 +6,7 @@ from torch import nn
 
 import rankwise as rw
 from rankwise import io as rankwise_io
+from rankwise.goals import Goal
 from conftest import (assert_goal_met_by_the_built_modules, assert_unchanged, low_rank_linear,
                       make_batches, state_of, tiny_cnn, tiny_mlp)
 
@@ -208,7 +209,7 @@ def test_default_goal_is_explained_variance_095():
     torch.manual_seed(0)
     model, data = tiny_mlp(), make_batches((32, 12))
     _, info = rw.compress_network_using_projection(model, data, verbosity="off")
-    assert info.goal == "explained_variance_goal=0.95"
+    assert str(info.goal) == "explained_variance_goal=0.95" and info.goal == Goal("explained_variance", 0.95)
 
 
 def test_a_goal_below_what_is_lossless_removes_about_the_goal():

@@ -6,6 +6,7 @@ import torch
 
 import rankwise as rw
 from conftest import assert_unchanged, make_batches, state_of, tiny_cnn, tiny_mlp
+from rankwise.goals import Goal
 from rankwise.projection import Decisions, build_projected
 from rankwise.ranks import CRITERIA, Criterion, allocate_learnables_reduction, choose_ranks, layer_options
 from rankwise.ranks.criterion import variance_error
@@ -69,8 +70,8 @@ def test_build_projected_from_explicit_decisions_is_what_compress_builds(goal_na
                                                                   criterion="variance", allocation="global")
     layers = {name: model.get_submodule(name) for name in npca.layer_names}
     options = {name: layer_options(npca, name) for name in layers}
-    choices, reached = choose_ranks(options, goal_name, goal, rw.count_learnables(model))
-    decisions = Decisions(f"{goal_name}={goal:g}", choices, reached)
+    choices, reached = choose_ranks(options, Goal(goal_name.removesuffix("_goal"), goal), rw.count_learnables(model))
+    decisions = Decisions(Goal(goal_name.removesuffix("_goal"), goal), choices, reached)
     net, info = build_projected(model, layers, options, decisions)
     dry_net, dry_info = build_projected(model, layers, options, decisions, build=False)
     assert info == expected == dry_info and dry_net is None

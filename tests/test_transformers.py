@@ -10,6 +10,7 @@ from torch import nn
 import rankwise as rw
 from conftest import assert_goal_met_by_the_built_modules, assert_unchanged, state_of
 from rankwise.forms import compressed_forms
+from rankwise.goals import Goal
 from rankwise.projection import Decisions, build_projected
 from rankwise.ranks import RankChoice, measured_options
 from rankwise.targets import select_layers
@@ -75,7 +76,7 @@ def full_rank(model, npca, unpack=False, criterion="variance"):
     layers = select_layers(model, npca.layer_names)
     options = measured_options(model, npca, layers, criterion)
     choices = {n: RankChoice("output", None, options[n].output_basis.shape[1], 0, 0.0, 0.0) for n in layers}
-    net, _ = build_projected(model, layers, options, Decisions("full rank", choices), unpack=unpack)
+    net, _ = build_projected(model, layers, options, Decisions(Goal("explained_variance", 1.0), choices), unpack=unpack)
     assert set(compressed_forms(net)) == set(layers)
     return net
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rankwise.goals import Goal
 from rankwise.ranks.frontier import layer_options
 from rankwise.ranks.options import LOSSLESS, LayerOptions, RankChoice
 from rankwise.tables import format_ranks
@@ -96,7 +97,7 @@ def allocate_uniformly(options: dict[str, LayerOptions], goal: float, network_le
     return Allocation(keeping(low), True, [])
 
 
-def choose_ranks(options: dict[str, LayerOptions], goal_name: str, goal: float,
+def choose_ranks(options: dict[str, LayerOptions], goal: Goal,
                  network_learnables: int, verbosity: str = "off",
                  allocation: str = "global") -> tuple[dict[str, RankChoice], bool]:
     """Each layer's option for one goal, and whether the goal was reached.
@@ -105,8 +106,7 @@ def choose_ranks(options: dict[str, LayerOptions], goal_name: str, goal: float,
     ----------
     options : dict of str to LayerOptions
         The analysed layers' frontiers.
-    goal_name : {"explained_variance_goal", "learnables_reduction_goal"}
-    goal : float in [0, 1]
+    goal : Goal
     network_learnables : int
         Learnables of the whole network (the reduction goal's denominator).
     verbosity : str
@@ -119,11 +119,11 @@ def choose_ranks(options: dict[str, LayerOptions], goal_name: str, goal: float,
     choices : dict of str to RankChoice
     goal_reached : bool
     """
-    if goal_name == "explained_variance_goal":
-        chosen, goal_reached = choose_by_explained_variance(options, goal), True
+    if not goal.is_budget:
+        chosen, goal_reached = choose_by_explained_variance(options, goal.value), True
     else:
         allocate = allocate_uniformly if allocation == "uniform" else allocate_learnables_reduction
-        outcome = allocate(options, goal, network_learnables)
+        outcome = allocate(options, goal.value, network_learnables)
         chosen, goal_reached = outcome.chosen, outcome.goal_reached
         if verbosity == "iterations":
             _print_allocation(outcome, options, network_learnables)

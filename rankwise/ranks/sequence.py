@@ -48,6 +48,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_sequence
 
 from rankwise.batches import eval_mode
+from rankwise.goals import Goal
 from rankwise.kinds import kind_of
 from rankwise.layers.build import project_layer
 from rankwise.ranks.options import LayerOptions, RankChoice
@@ -92,8 +93,7 @@ class SequenceBound:
         Their frontiers.
     npca : NeuronPCA
         Their statistics; a recurrent layer's reservoir is read from them.
-    goal_name : {"explained_variance_goal", "learnables_reduction_goal"}
-    goal : float
+    goal : Goal
 
     Attributes
     ----------
@@ -102,12 +102,12 @@ class SequenceBound:
         goal (no reservoir); each was also issued as a ``UserWarning`` by the caller.
     """
 
-    def __init__(self, layers: dict, options: dict[str, LayerOptions], npca, goal_name: str, goal: float):
-        self.layers, self.options, self.goal_name, self.goal = layers, options, goal_name, goal
+    def __init__(self, layers: dict, options: dict[str, LayerOptions], npca, goal: Goal):
+        self.layers, self.options, self.goal = layers, options, goal
         self.reservoirs = {name: npca.statistics(name).reservoir for name, layer in layers.items()
                            if kind_of(layer).traits.sequences}
         self.warnings = [_unmeasured_message(name) for name, reservoir in self.reservoirs.items()
-                         if not reservoir and goal_name == "explained_variance_goal"]
+                         if not reservoir and not goal.is_budget]
         self._measured: dict[tuple[str, int], float] = {}
 
     def __call__(self, choices: dict[str, RankChoice]) -> dict[str, RankChoice]:
@@ -118,7 +118,7 @@ class SequenceBound:
     def _bounded(self, name: str, choice: RankChoice) -> RankChoice:
         opts = self.options[name]
         index = _index_of(opts, choice)
-        if self.goal_name == "explained_variance_goal" and self._measure(name, index) < self.goal:
+        if not self.goal.is_budget and self._measure(name, index) < self.goal.value:
             index = self._first_reaching(name, index)
         return dataclasses.replace(opts.choice(index), measured_explained_variance=self._measure(name, index))
 
@@ -127,7 +127,7 @@ class SequenceBound:
         passing = self.options[name].dense_index
         while passing - failing > 1:
             middle = (failing + passing) // 2
-            if self._measure(name, middle) >= self.goal:
+            if self._measure(name, middle) >= self.goal.value:
                 passing = middle
             else:
                 failing = middle

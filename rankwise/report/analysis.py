@@ -25,6 +25,7 @@ from rankwise.kinds import kind_of
 from rankwise.forms import is_form, outermost
 from rankwise.learnables import count_learnables
 from rankwise.checks import check_fraction, check_verbosity
+from rankwise.goals import Goal
 from rankwise.pca import NeuronPCA
 from rankwise.projection import (Decisions, ProjectionInfo, build_projected, check_statistics, excluded_layers,
                                  tie_warnings, unreached_goal)
@@ -210,9 +211,8 @@ def analyze(model: nn.Module, npca_or_data, *, layer_names=None, exclude=None,
     AnalysisReport
     """
     check_verbosity(verbosity)
-    goals = (_check_goals(explained_variance_goals, "explained_variance_goals", "explained_variance_goal")
-             + _check_goals(learnables_reduction_goals, "learnables_reduction_goals",
-                            "learnables_reduction_goal"))
+    goals = (_check_goals(explained_variance_goals, "explained_variance_goals", "explained_variance")
+             + _check_goals(learnables_reduction_goals, "learnables_reduction_goals", "learnables_reduction"))
     selected = select_layers(model, layer_names, exclude=exclude)
     tied = tied_left_out(model, layer_names)
     excluded = excluded_layers(model, layer_names, selected, tied)
@@ -225,8 +225,7 @@ def analyze(model: nn.Module, npca_or_data, *, layer_names=None, exclude=None,
         network_learnables,
         {name: _layer_report(name, module, selected, excluded, tied, options.get(name), npca)
          for name, module in _listed_modules(model)},
-        {f"{goal_name}={goal:g}": _goal_outcome(model, goal_name, goal, analysed, options, excluded, tied, npca)
-         for goal_name, goal in goals},
+        {str(goal): _goal_outcome(model, goal, analysed, options, excluded, tied, npca) for goal in goals},
         reduction, explained, None if eval_fn is None else _sensitivity(model, npca, eval_fn, goals, analysed))
     if verbosity != "off":
         print(report.table())
@@ -235,17 +234,17 @@ def analyze(model: nn.Module, npca_or_data, *, layer_names=None, exclude=None,
 
 def _sensitivity(model, npca, eval_fn, goals, analysed) -> Sensitivity:
     """The sensitivity probe at the report's explained variance goals (the defaults if none)."""
-    probed = [goal for name, goal in goals if name == "explained_variance_goal"]
+    probed = [goal.value for goal in goals if not goal.is_budget]
     return probe_sensitivity(model, npca, eval_fn, layer_names=list(analysed), verbosity="off",
                              explained_variance_goals=probed or DEFAULT_EXPLAINED_VARIANCE_GOALS)
 
 
-def _check_goals(goals, argument: str, goal_name: str) -> list[tuple[str, float]]:
-    """``[(goal_name, goal)]`` from a sequence of fractions, or an error naming ``argument``."""
+def _check_goals(goals, argument: str, kind: str) -> list[Goal]:
+    """The goals of ``kind`` at a sequence of fractions, or an error naming ``argument``."""
     if isinstance(goals, str) or not hasattr(goals, "__iter__"):
         raise ValueError(f"{argument}: expected a sequence of numbers in [0, 1] (e.g. (0.9, 0.95)), "
                          f"got {goals!r}.")
-    return [(goal_name, check_fraction(goal, argument)) for goal in goals]
+    return [Goal(kind, check_fraction(goal, argument)) for goal in goals]
 
 
 def _statistics(model, npca_or_data, selected: dict, all_layers: bool, verbosity, forward_fn):
@@ -304,14 +303,14 @@ def _layer_report(name: str, module: nn.Module, selected: dict, excluded: list, 
                        int(options.learnables[options.cheapest_within(0.0)]), sides)
 
 
-def _goal_outcome(model: nn.Module, goal_name: str, goal: float, layers: dict, options: dict,
+def _goal_outcome(model: nn.Module, goal: Goal, layers: dict, options: dict,
                   excluded: list, tied: dict, npca) -> ProjectionInfo:
     """The :class:`ProjectionInfo` that compressing with this goal would return (a dry run of
     :func:`~rankwise.projection.build_projected`: no network is built; a recurrent layer's
     projected form is, to measure its output sequence, :class:`~rankwise.ranks.SequenceBound`)."""
-    choices, goal_reached = choose_ranks(options, goal_name, goal, count_learnables(model))
-    bound = SequenceBound(layers, options, npca, goal_name, goal)
-    decisions = Decisions(f"{goal_name}={goal:g}", bound(choices), goal_reached, excluded=excluded,
-                          warnings=tie_warnings(tied) + unreached_goal(goal_name, goal, goal_reached, options,
+    choices, goal_reached = choose_ranks(options, goal, count_learnables(model))
+    bound = SequenceBound(layers, options, npca, goal)
+    decisions = Decisions(goal, bound(choices), goal_reached, excluded=excluded,
+                          warnings=tie_warnings(tied) + unreached_goal(goal, goal_reached, options,
                                                                        count_learnables(model)) + bound.warnings)
     return build_projected(model, layers, options, decisions, build=False)[1]

@@ -10,7 +10,7 @@ import base64
 import html
 
 from rankwise.report.plots import learnables_png, spectrum_png, tradeoff_png
-from rankwise.report.table import (FORMS_LEGEND, goal_rows, layer_rows, split_goal, summary_line,
+from rankwise.report.table import (FORMS_LEGEND, goal_rows, layer_rows, summary_line,
                                    unsupported_line)
 
 STYLE = """
@@ -73,7 +73,7 @@ def report_tables_html(report) -> str:
 
 
 def _section(name: str, report) -> str:
-    ev_goals = [value for name, value in map(split_goal, report.goals) if name == "explained_variance_goal"]
+    ev_goals = [info.goal.value for info in report.goals.values() if not info.goal.is_budget]
     spectra = "\n".join(
         f"<h3>{html.escape(layer.name)} ({html.escape(layer.type)})</h3>\n"
         + _image(spectrum_png(layer, ev_goals), f"spectrum of {layer.name}", "spectrum")

@@ -13,7 +13,6 @@ import io
 
 import numpy as np
 
-from rankwise.report.table import goal_label
 
 DPI = 96
 SIDE_STYLES = {"output": ("-", "tab:blue"), "input": ("--", "tab:orange")}
@@ -42,7 +41,7 @@ def tradeoff_png(report) -> bytes:
               color="tab:blue", label="allocation across layers")
     for goal, info in report.goals.items():
         axes.plot(100 * info.learnables_reduction, info.explained_variance, "o",
-                  label=goal_label(goal, spelled_out=True))
+                  label=info.goal.label(spelled_out=True))
     for fraction in report.learnables_reduction_range:
         axes.axvline(100 * fraction, color="grey", linestyle=":", linewidth=1)
     axes.set(xlabel="learnables removed (% of the network)",
@@ -57,7 +56,7 @@ def learnables_png(report) -> bytes:
     names = [name for name, layer in report.layers.items() if layer.learnables > 0]
     series = {"before": [report.layers[name].learnables for name in names]}
     for goal, info in report.goals.items():
-        series[goal_label(goal, spelled_out=True)] = [
+        series[info.goal.label(spelled_out=True)] = [
             info.layers[name].learnables_after if name in info.layers else report.layers[name].learnables
             for name in names]
     figure = require_matplotlib()(figsize=(max(6.4, 0.35 * len(names) * len(series)), 3.8),

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 
-from rankwise.report.table import split_goal
 
 FORMAT = "rankwise-analysis"
 FORMAT_VERSION = 1
@@ -55,8 +54,7 @@ def write_json(report, path) -> None:
 
 
 def _goal(goal: str, info) -> dict:
-    name, value = split_goal(goal)
-    return {"goal": goal, "name": name, "value": value, "goal_reached": info.goal_reached,
+    return {"goal": goal, "name": info.goal.argument, "value": info.goal.value, "goal_reached": info.goal_reached,
             "learnables_after": info.learnables_after,
             "learnables_reduction": info.learnables_reduction,
             "explained_variance": info.explained_variance}

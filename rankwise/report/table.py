@@ -9,10 +9,6 @@ import textwrap
 
 from rankwise.tables import format_ranks, format_table
 
-GOAL_LABELS = {  # goal name -> (column label, spelled out), formatted with the goal's value
-    "explained_variance_goal": ("var>={value:g}", "explained variance \u2265 {value:g}"),
-    "learnables_reduction_goal": ("removed>={percent:g}%", "learnables removed \u2265 {percent:g}%"),
-}
 GOALS_LEGEND = ("var>=X: explained_variance_goal=X, each layer keeps at least that fraction of its "
                 "output variance; removed>=Y%: learnables_reduction_goal=Y/100, at least that share of "
                 "the network's learnables removed")
@@ -25,28 +21,12 @@ LEGEND_WIDTH = 100
 UNSUPPORTED_SUFFIX = " layers are not supported"  # why_not_projectable's reason for a type no kind covers
 
 
-def split_goal(goal: str) -> tuple[str, float]:
-    """``"explained_variance_goal=0.95"`` -> ``("explained_variance_goal", 0.95)``."""
-    name, _, value = goal.partition("=")
-    return name, float(value)
-
-
-def goal_label(goal: str, spelled_out: bool = False) -> str:
-    """``"explained_variance_goal=0.95"`` -> ``"var>=0.95"``, spelled out ``"explained variance
-    >= 0.95"``; ``"learnables_reduction_goal=0.5"`` -> ``"removed>=50%"``, ``"learnables removed
-    >= 50%"`` (never ``lr``, which reads as a learning rate)."""
-    name, value = split_goal(goal)
-    if name not in GOAL_LABELS:
-        return goal
-    return GOAL_LABELS[name][spelled_out].format(value=value, percent=round(100 * value, 6))
-
-
 def goal_rows(report, spelled_out: bool = False) -> tuple[list[str], list[list[str]]]:
     """Header and rows: per goal (as the argument, spelled out first if asked), the network's
     learnables after, reduction and explained variance."""
     header = ["goal", *(["argument"] if spelled_out else []), "learnables", "removed",
               "explained var.", "reached"]
-    rows = [[*([goal_label(goal, spelled_out=True)] if spelled_out else []), goal,
+    rows = [[*([info.goal.label(spelled_out=True)] if spelled_out else []), goal,
              f"{info.learnables_after:,}", f"{info.learnables_reduction:.1%}",
              f"{info.explained_variance:.4f}", "yes" if info.goal_reached else "no (maximum removed)"]
             for goal, info in report.goals.items()]
@@ -61,7 +41,7 @@ def layer_rows(report, spelled_out: bool = False) -> tuple[list[str], list[list[
     convolution, a tied layer) keeps its row and its reason.
     """
     header = ["layer", "type", "learnables", "max. reduction", "lossless",
-              *(goal_label(goal, spelled_out) for goal in report.goals), "note"]
+              *(info.goal.label(spelled_out) for info in report.goals.values()), "note"]
     rows = []
     for name, layer in report.layers.items():
         if _unsupported(layer):
