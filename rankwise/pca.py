@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from rankwise.batches import model_device
 from rankwise.blockwise import check_blockwise
 from rankwise.checks import check_max_batches, check_regularization, check_verbosity
 from rankwise.distributed import active_group
@@ -36,7 +37,7 @@ from rankwise.progress import PROGRESS_DELAY_SECONDS
 from rankwise.statistics import Statistics, files
 from rankwise.statistics.calibration import ThinDataWarning, check_observations, gather, gradient_layers
 from rankwise.statistics.dense import settled
-from rankwise.statistics.gradients import check_loss_fn
+from rankwise.statistics.gradients import check_loss_fn, empty_gradient_moments
 from rankwise.targets import select_layers
 
 SIDES = ("input", "output")
@@ -94,7 +95,7 @@ class NeuronPCA:
         callable ``loss_fn(outputs, batch) -> scalar`` (e.g. a loss against the batch's labels).
         ``"auto"`` (the default) takes ``"kl"`` where the output is logits and ``"mse"``
         elsewhere (:func:`rankwise.statistics.gradients.output_loss`: a ``.logits`` output, or a
-        ``(N, C)`` output of batches with integer labels), on every fourth batch only (the
+        ``(N, C)`` output of batches with integer labels), on every fourth fitted batch only (the
         Fisher information from a quarter of the samples, for about a quarter of the backward
         passes' cost), and gathers nothing where no built-in loss reads the output, where no
         analysed layer has a loss criterion (LSTM, GRU and attention layers only), with
@@ -163,17 +164,18 @@ class NeuronPCA:
     def _hold_out(self, split, model, layers, forward_fn, loss_fn) -> None:
         """Keep the held-out batches of ``split`` with the statistics of the fitted part, and make
         this NeuronPCA's statistics those of every batch (:mod:`rankwise.holdout`)."""
-        if split is None:
-            return
-        if not split.held_out:
+        if split is None or not split.held_out:
             return
         if split.separate:
             self._validation = (split.held_out, None)
             return
-        held = NeuronPCA.__new__(NeuronPCA)
-        held._gather(model, split.held_out, layers, forward_fn, None, False, loss_fn, None, None, None,
-                     self.network_learnables, self._regularization)
+        held = NeuronPCA.__new__(NeuronPCA)  # with loss_fn="auto", the fitted part's gradients only
+        held._gather(model, split.held_out, layers, forward_fn, None, False, None if loss_fn == "auto" else loss_fn,
+                     None, None, None, self.network_learnables, self._regularization)
         fitted = self._view(self._regularization)
+        if loss_fn == "auto":
+            held._gradients = empty_gradient_moments({name: layers[name] for name in self._gradients},
+                                                     model_device(model))
         merged = fitted.merge(held)
         self._init_state(merged._stats, self.network_learnables, self._regularization, merged.num_batches,
                          merged._gradients, merged._gradient_samples)
