@@ -30,8 +30,8 @@ nothing is measured: the goal is met in its own unit, the variance criterion.
 from __future__ import annotations
 
 import itertools
-import warnings
 import time
+import warnings
 from dataclasses import dataclass, field
 
 from torch import nn
