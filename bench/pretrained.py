@@ -26,7 +26,18 @@ Budgets are fractions of ALL the network's learnables (MiniLM's embeddings inclu
   loss_fn="kl")`` for MobileNetV2, ``"mse"`` on the embeddings for MiniLM), ``+seq``:
   ``correction="sequential"``, ``+emb``: MiniLM's token embedding table projected too,
   ``+uniform``: ``allocation="uniform"`` (the same fraction of each layer's learnables),
-  ``+reg<alpha>``: ``NeuronPCA(..., regularization=alpha)`` instead of ``"auto"``.
+  ``+reg<alpha>``: ``NeuronPCA(..., regularization=alpha)`` instead of ``"auto"``;
+- ``rw-defaults[+kl][+emb][+data]`` (issue 21): no option set, the measured decisions:
+  ``rw.compress_network_using_projection(model, npca, learnables_reduction_goal=f)`` with
+  ``npca = rw.NeuronPCA(model, calibration)`` at its defaults (``loss_fn="auto"``,
+  ``validation="auto"``: every fourth batch held out and the candidates scored on it), which is
+  what passing the calibration batches themselves does (``+data``: they are passed, the statistics
+  recomputed per budget, to check that); ``+kl``: ``score_fn="kl"`` (MobileNetV2's batches are
+  bare image tensors, without labels, so the automatic score is the relative error of the logits);
+  MiniLM gets the library methods' ``forward_fn`` and layers (encoder Linears, ``+emb``: and the
+  token table); the rows keep ``info.choice`` and every candidate's score;
+- ``rw-old-defaults[+emb]``: the defaults before issue 21, ``criterion="variance",
+  allocation="global"`` on ``NeuronPCA(..., loss_fn=None, validation=None)``.
 
 MiniLM is calibrated one sentence per batch (no padding enters any statistic); it is evaluated
 on padded batches with attention masks. Each run adds its rows to bench/results/pretrained-<network>.json
@@ -60,8 +71,12 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 BUDGETS = (0.1, 0.2, 0.3, 0.4)
 PROTOTYPES = ("svd-uniform", "white-uniform", "white-relative", "white-global", "bn-uniform", "bn-global",
               "fisher-uniform", "fisher-global")
-METHODS = {"mobilenetv2": PROTOTYPES + ("rw-variance", "rw-variance+reg0.3", "rw-loss", "rw-variance+seq"),
-           "minilm": PROTOTYPES + ("rw-variance", "rw-variance+emb", "rw-loss+emb", "rw-loss+uniform")}
+METHODS = {"mobilenetv2": PROTOTYPES + ("rw-variance", "rw-variance+reg0.3", "rw-loss", "rw-variance+seq",
+                                       "rw-defaults", "rw-defaults+kl", "rw-old-defaults"),
+           "mobilenetv2-texture": ("svd-uniform", "white-relative", "bn-global", "rw-defaults", "rw-defaults+kl",
+                                   "rw-old-defaults"),
+           "minilm": PROTOTYPES + ("rw-variance", "rw-variance+emb", "rw-loss+emb", "rw-loss+uniform",
+                                   "rw-defaults", "rw-defaults+emb", "rw-old-defaults", "rw-old-defaults+emb")}
 QUICK_METHODS = ("svd-uniform", "white-uniform", "white-relative", "bn-global")
 
 
@@ -82,9 +97,11 @@ class Network:
         return self.score(torch.cat(outputs), torch.cat(self.reference[split]))
 
 
-def mobilenet_network(quick):
-    crops = {"calibration": 64, "validation": 16, "test": 12 if quick else 24}
-    images = {split: data.image_split(split, count, seed=i) for i, (split, count) in enumerate(crops.items())}
+def mobilenet_network(quick, splits=("calibration", "validation", "test"), calibration_crops=64,
+                      name="MobileNetV2"):
+    crops = {"calibration": calibration_crops, "validation": 16, "test": 12 if quick else 24}
+    images = {split: data.image_split(photos, count, seed=i)
+              for i, (split, photos, count) in enumerate(zip(crops, splits, crops.values()))}
     batches = {split: list(x.split(32)) for split, x in images.items()}
 
     def agreement(output, reference):
@@ -94,10 +111,18 @@ def mobilenet_network(quick):
         labels = torch.distributions.Categorical(logits=logits.detach()).sample()
         return F.cross_entropy(logits, labels, reduction="sum")
 
-    network = Network("MobileNetV2", data.mobilenet_v2(), batches["calibration"], batches["validation"],
+    network = Network(name, data.mobilenet_v2(), batches["calibration"], batches["validation"],
                       batches["test"], lambda m, b: m(b), agreement, sampled_nll)
     network.loss = "kl"
+    network.library_options = {}  # the library's own selection and forward are these layers and m(b)
     return network
+
+
+def mobilenet_texture_network(quick):
+    """MobileNetV2 calibrated on crops of textures (brick, grass, gravel: 85 crops each, 8 batches),
+    validated and tested on the other photos of the validation and test splits."""
+    return mobilenet_network(quick, ("texture_calibration", "texture_validation", "texture_test"), 85,
+                             "MobileNetV2, texture calibration")
 
 
 def minilm_network(quick):
@@ -118,10 +143,12 @@ def minilm_network(quick):
                       data.tokenize(tokenizer, sentences["test"], 32), data.mean_pooled, cosine,
                       gaussian_probe, skip)
     network.loss = "mse"
+    network.library_options = {"forward_fn": data.mean_pooled}
     return network
 
 
-NETWORKS = {"mobilenetv2": mobilenet_network, "minilm": minilm_network}
+NETWORKS = {"mobilenetv2": mobilenet_network, "mobilenetv2-texture": mobilenet_texture_network,
+            "minilm": minilm_network}
 
 
 class Statistics:
@@ -179,6 +206,19 @@ class Statistics:
             self.seconds += time.perf_counter() - start
         return self._npca[key]
 
+    def default_neuron_pca(self, embeddings=False, old=False):
+        """The NeuronPCA that ``compress_network_using_projection(model, calibration, ...)`` builds
+        with no option set (``loss_fn="auto"``, ``validation="auto"``), or with ``old`` the one of
+        the defaults before issue 21 (``loss_fn=None, validation=None``); cached."""
+        key = ("defaults", embeddings, old)
+        if key not in self._npca:
+            start = time.perf_counter()
+            self._npca[key] = rw.NeuronPCA(self.network.model, self.network.calibration, verbosity="off",
+                                           **library_options(self.network, embeddings),
+                                           **({"loss_fn": None, "validation": None} if old else {}))
+            self.seconds += time.perf_counter() - start
+        return self._npca[key]
+
     def _new_plans(self, kind, alpha):
         layers, metric = self.network.layers, self.metric("ones" if kind in ("svd", "white") else kind)
         plans = {}
@@ -223,6 +263,35 @@ def library_layers(network, embeddings=False):
     return list(network.layers) + ([EMBEDDING[network.name]] if embeddings else [])
 
 
+def library_options(network, embeddings=False):
+    """The options the library methods must set for `network`: none for MobileNetV2 (the
+    library's default layers are the factorable ones, its default forward ``model(batch)``);
+    MiniLM's mean pooling and the encoder Linears (and the token table with `embeddings`)."""
+    if not network.library_options:
+        return {}
+    return {**network.library_options, "layer_names": library_layers(network, embeddings)}
+
+
+def defaults_compress(network, statistics, method, budget):
+    """``rw-defaults[+kl][+emb][+data]`` and ``rw-old-defaults[+emb]`` (see the module docstring):
+    the compressed copy and ``{"choice": ..., "score_name": ..., "candidates": [...]}``."""
+    base, *options = method.split("+")
+    embeddings = "emb" in options
+    extra = library_options(network, embeddings)
+    if base == "rw-old-defaults":
+        compressed, info = rw.compress_network_using_projection(
+            network.model, statistics.default_neuron_pca(embeddings, old=True), learnables_reduction_goal=budget,
+            criterion="variance", allocation="global", verbosity="off", **extra)
+        return compressed, {}
+    data = network.calibration if "data" in options else statistics.default_neuron_pca(embeddings)
+    compressed, info = rw.compress_network_using_projection(
+        network.model, data, learnables_reduction_goal=budget, verbosity="off", **extra,
+        **({"score_fn": "kl"} if "kl" in options else {}))
+    measured = info.measured
+    return compressed, {"choice": info.choice, "score_name": measured.score_name if measured else None,
+                        "candidates": [s.as_dict() for s in info.candidates]}
+
+
 def library_compress(network, statistics, method, budget):
     """``rw-<criterion>[+seq][+emb][+uniform]`` through the library's public API."""
     base, *options = method.split("+")
@@ -241,6 +310,14 @@ def library_compress(network, statistics, method, budget):
 
 
 def compress(network, statistics, method, budget):
+    """The compressed copy of the network for `method` at `budget` (fraction of all learnables),
+    and a dict of what to add to its row (the measured choice of ``rw-defaults``)."""
+    if method.startswith(("rw-defaults", "rw-old-defaults")):
+        return defaults_compress(network, statistics, method, budget)
+    return compress_only(network, statistics, method, budget), {}
+
+
+def compress_only(network, statistics, method, budget):
     """The compressed copy of the network for `method` at `budget` (fraction of all learnables)."""
     target = budget * network.learnables
     if method.startswith("rankwise"):
@@ -309,10 +386,33 @@ def markdown(rows):
              "factored: every encoder Linear (the unused pooler stays; the embeddings stay except "
              "in the +emb methods, which project the token table; they always count in the denominator). "
              "rankwise-wave1: rankwise before the wave-2 criteria (commit 0594959's variance criterion). A budget not run for a method is an empty cell."]
+    if any(r["network"].startswith("MobileNetV2, texture") for r in rows):
+        parts.append("MobileNetV2, texture calibration (issue 21): calibration 255 crops of brick, grass and "
+                     "gravel (8 batches of 32), validation 64 crops of chelsea, flower, moon, hubble_deep_field, "
+                     "test 144 crops of the test photos other than gravel.")
     for network in dict.fromkeys(r["network"] for r in rows):
         for split in ("test", "validation"):
             parts.append(f"## {network}, {split} split\n\n{table(rows, network, split)}")
+    measured = [r for r in rows if r.get("candidates")]
+    if measured:
+        parts.append("## Measured choices (rw-defaults)\n\n" + choices_table(measured))
     return "\n\n".join(parts)
+
+
+def choices_table(rows):
+    """One line per measured row: the choice kept and every candidate's held-out score."""
+    def short(c):
+        alpha = c["regularization"]
+        return (f"{c['criterion']}/{c['allocation']}/"
+                + ("data-free" if alpha == 1.0 else f"a={alpha}"))
+    lines = ["| network | method | budget | score | candidates (held-out score, lower is better) | chosen |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        candidates = "; ".join(f"{short(c)} {c['score']:.4g}" if c["score"] is not None
+                               else f"{short(c)} not built" for c in r["candidates"])
+        lines.append(f"| {r['network']} | {r['method']} | {100 * r['budget']:.0f}% | {r['score_name']} "
+                     f"| {candidates} | {r['choice'].split(' (')[0]} |")
+    return "\n".join(lines)
 
 
 def main():
@@ -345,12 +445,12 @@ def main():
                 start, statistics_before = time.perf_counter(), statistics.seconds
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    compressed = compress(network, statistics, method, budget)
+                    compressed, extra = compress(network, statistics, method, budget)
                 seconds = time.perf_counter() - start - (statistics.seconds - statistics_before)
                 row = {"network": network.name, "method": method, "budget": budget, "seconds": seconds,
                        "removed": 1 - rw.count_learnables(compressed) / network.learnables,
                        "validation": network.evaluate(compressed, "validation"),
-                       "test": network.evaluate(compressed, "test")}
+                       "test": network.evaluate(compressed, "test"), **extra}
                 print(json.dumps(row), flush=True)
                 rows = save_rows(path, rows, [row])
         print(f"{network.name}: shared statistics (moments, Fisher) took {statistics.seconds:.0f}s", flush=True)
@@ -371,7 +471,7 @@ def minilm_stages():
     return embed + [lambda m, h, i=i: m.encoder.layer[i](h) for i in range(6)]
 
 
-STAGES = {"mobilenetv2": mobilenet_stages(), "minilm": minilm_stages()}
+STAGES = {"mobilenetv2": mobilenet_stages(), "mobilenetv2-texture": mobilenet_stages(), "minilm": minilm_stages()}
 
 if __name__ == "__main__":
     main()

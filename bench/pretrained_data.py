@@ -3,7 +3,8 @@
 - Images: random square crops (scale, position, horizontal flip) of the natural photos shipped by
   scikit-image (``skimage.data``) and scikit-learn (``load_sample_images``), resized to 224x224 and
   normalised with the ImageNet mean and standard deviation. Calibration, validation and test come
-  from different photos (:data:`PHOTO_SPLITS`).
+  from different photos (:data:`PHOTO_SPLITS`); the ``texture_*`` splits calibrate on three
+  texture photos (brick, grass, gravel) and keep the other validation and test photos.
 - Sentences: sentences of the docstrings of Python standard-library modules, calibration,
   validation and test from different modules (:data:`MODULE_SPLITS`).
 - Networks: torchvision's MobileNetV2 architecture with the ImageNet checkpoint of
@@ -26,6 +27,10 @@ PHOTO_SPLITS = {
     "validation": ["chelsea", "flower", "moon", "brick", "hubble_deep_field"],
     "test": ["stereo_motorcycle", "china", "immunohistochemistry", "coins", "gravel", "clock",
              "retina"],
+    # the shifted case of issue 21: calibrated on textures, validated and tested on the other photos
+    "texture_calibration": ["brick", "grass", "gravel"],
+    "texture_validation": ["chelsea", "flower", "moon", "hubble_deep_field"],
+    "texture_test": ["stereo_motorcycle", "china", "immunohistochemistry", "coins", "clock", "retina"],
 }
 MODULE_SPLITS = {
     "calibration": ["collections", "functools", "itertools", "pathlib", "json", "argparse"],
