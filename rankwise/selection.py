@@ -146,13 +146,14 @@ def choose_by_measurement(model: nn.Module, npca, layers: dict, goal: Goal, buil
     start = time.perf_counter()
     scorer = HeldOutScorer(model, npca.validation_batches, forward_fn, score_fn)
     learnables = npca.network_learnables
-    options_of = {}
+    options_of = {}  # the last (criterion, shrinkage)'s statistics and options: candidates come grouped
 
     def measure(candidate: Candidate) -> CandidateScore:
         try:
             key = (candidate.criterion, candidate.regularization)
-            fitted = npca.with_regularization(candidate.regularization).fitted()
             if key not in options_of:
+                options_of.clear()  # one set of spectra and bases in memory at a time
+                fitted = npca.with_regularization(candidate.regularization).fitted()
                 options_of[key] = (fitted, measured_options(model, fitted, layers, candidate.criterion))
             fitted, options = options_of[key]
             choices, _ = choose_ranks(options, goal, learnables, "off", candidate.allocation)
