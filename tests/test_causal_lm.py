@@ -62,6 +62,8 @@ def test_the_command_line_compresses_a_causal_lm_folder_that_generates_and_loads
     assert status == 0
     printed = capsys.readouterr().out
     assert "candidate criterion=" in printed and "chosen: criterion=" in printed
+    assert main(["info", str(output)]) == 0
+    assert "decided with criterion=" in capsys.readouterr().out  # the stored choice, with its reason
     net = hf.load_compressed(output)
     original = hf.load_hf_model(folder / "llama", quiet=True)
     assert type(net) is type(original)

@@ -89,6 +89,8 @@ def run_info(args) -> None:
         print(f"projection ({info.goal}): {info.learnables_before:,} -> {info.learnables_after:,} "
               f"learnables ({info.learnables_reduction:.1%} removed), explained variance "
               f"{info.explained_variance:.4f}")
+        if info.choice:
+            print(f"decided with {info.choice}")
 
 
 def _architecture(path: str) -> str:
