@@ -256,3 +256,18 @@ def build_sequentially(model: nn.Module, layers: dict, options: dict, choices: d
         refitted.metric = metric
         compressed.set_submodule(name, project_layer(corrected, refitted, choices[name], unpack))
     return fused_paths_off(compressed)
+
+
+def correction_batches(correction, correction_data, npca_or_data):
+    """The batches of the sequential correction (``None`` without one), or a ValueError."""
+    if correction not in (None, "sequential"):
+        raise ValueError(f"correction: expected None or 'sequential', got {correction!r}.")
+    if correction is None:
+        if correction_data is not None:
+            raise ValueError("correction_data: it is only used with correction='sequential'.")
+        return None
+    if correction_data is None and isinstance(npca_or_data, NeuronPCA):
+        raise ValueError("correction_data: correction='sequential' refits each layer on calibration "
+                         "data, which a NeuronPCA does not keep; pass the batches as correction_data "
+                         "(or pass data instead of the NeuronPCA).")
+    return npca_or_data if correction_data is None else correction_data

@@ -27,7 +27,7 @@ from rankwise.latency_aware import choose_faster_ranks, record_layer_calls
 from rankwise.layers.build import project_layer
 from rankwise.learnables import count_learnables
 from rankwise.pca import NeuronPCA
-from rankwise.correction import build_sequentially
+from rankwise.correction import build_sequentially, correction_batches
 from rankwise.ranks import SequenceBound, choose_ranks, criterion_named, measured_options, most_removable
 from rankwise.selection import MeasuredChoice, how_to_decide
 from rankwise.tables import format_ranks
@@ -147,16 +147,29 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
         Modify ``model`` itself instead of a copy.
     forward_fn : callable, optional
         ``forward_fn(model, batch)``, used when data is given (see :class:`NeuronPCA`).
-    allocation : {"global", "uniform"}
+    allocation : {"auto", "global", "uniform"}
         How a ``learnables_reduction_goal`` is spread: ``"global"`` (the least total estimated
         error, :mod:`rankwise.ranks.allocation`) or ``"uniform"`` (every layer keeps the same
-        fraction of its learnables, each at its least lossy option within it).
-    criterion : {"variance", "loss"}
+        fraction of its learnables, each at its least lossy option within it). ``"auto"`` (the
+        default): measured (see ``criterion``).
+    criterion : {"auto", "variance", "loss"} or another entry of :data:`rankwise.ranks.CRITERIA`
         How each option's error is estimated (see above). ``"loss"`` needs a NeuronPCA computed
-        with ``loss_fn`` (or ``loss_fn`` here, when data is given).
-    loss_fn : {"kl", "mse"} or callable, optional
-        With data and ``criterion="loss"``: the loss whose gradients the NeuronPCA gathers
-        (see :class:`NeuronPCA`).
+        with ``loss_fn`` (or ``loss_fn`` here, when data is given). ``"auto"`` (the default):
+        under a ``learnables_reduction_goal``, the criterion, allocation and shrinkage are
+        chosen by measuring candidate compressions, decided on the statistics of the fitted
+        calibration batches, on the held-out ones (:mod:`rankwise.selection`,
+        docs/decisions.md; ``info.candidates``, ``info.choice``); under an explained variance
+        goal, ``"variance"``.
+    loss_fn : {"auto", "kl", "mse"} or callable, optional
+        With data: the loss whose gradients the NeuronPCA gathers (see :class:`NeuronPCA`);
+        ``"auto"`` when ``None`` and the criterion may read gradients.
+    validation : "auto", float, iterable or None
+        With data: the calibration batches held out to measure the candidates on
+        (:class:`NeuronPCA`'s ``validation``); a NeuronPCA keeps its own.
+    score_fn : "auto", "kl", "relative_error" or callable
+        How a candidate's outputs on the held-out batches are compared with the original's
+        (:mod:`rankwise.divergence`; a callable ``(compressed_outputs, original_outputs, batch)
+        -> float``, lower is better).
     correction : {None, "sequential"}
         ``"sequential"``: refit each layer to the original's output given the compressed
         network's input before projecting it (see above).
@@ -188,7 +201,7 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
     needs_gradients = criterion == "auto" or criterion_named(criterion).needs_gradients
     check_allocation(allocation, goal)
     check_score_fn(score_fn)
-    correction_data = _correction_data(correction, correction_data, npca_or_data)
+    correction_data = correction_batches(correction, correction_data, npca_or_data)
     layers = select_layers(model, layer_names, exclude=exclude)
     tied = tied_left_out(model, layer_names)
     calls = None if latency_input is None else record_layer_calls(model, layers, latency_input)
@@ -225,21 +238,6 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
                                        verbosity=verbosity)
     _report(info, verbosity)
     return compressed, info
-
-
-def _correction_data(correction, correction_data, npca_or_data):
-    """The batches of the sequential correction (``None`` without one), or a ValueError."""
-    if correction not in (None, "sequential"):
-        raise ValueError(f"correction: expected None or 'sequential', got {correction!r}.")
-    if correction is None:
-        if correction_data is not None:
-            raise ValueError("correction_data: it is only used with correction='sequential'.")
-        return None
-    if correction_data is None and isinstance(npca_or_data, NeuronPCA):
-        raise ValueError("correction_data: correction='sequential' refits each layer on calibration "
-                         "data, which a NeuronPCA does not keep; pass the batches as correction_data "
-                         "(or pass data instead of the NeuronPCA).")
-    return npca_or_data if correction_data is None else correction_data
 
 
 def build_projected(model: nn.Module, layers: dict, options: dict, decisions: Decisions, *,
