@@ -77,34 +77,37 @@ class HeldOutScorer:
     def __init__(self, model: nn.Module, batches: list, forward_fn=None, score_fn="auto"):
         check_score_fn(score_fn)
         self.batches, self.forward_fn = batches, forward_fn
-        outputs = self._outputs(model)
-        if callable(score_fn):
-            self.name, self._score_fn, self.originals = "score_fn", score_fn, outputs
-            return
-        self._score_fn = None
-        self.name = score_fn if score_fn != "auto" else \
-            "kl" if output_loss(outputs[0], batches[0]) == "kl" else "relative_error"
-        self.originals = [self._rows(out, batch) for out, batch in zip(outputs, batches)]
+        self._score_fn = score_fn if callable(score_fn) else None
+        self.name = "score_fn" if callable(score_fn) else score_fn
+        self.originals = []  # the original's outputs (for score_fn) or their rows, batch by batch
+        for batch, outputs in self._outputs(model):
+            if self.name == "auto":
+                self.name = "kl" if output_loss(outputs, batch) == "kl" else "relative_error"
+            self.originals.append(outputs if self._score_fn else self._rows(outputs, batch))
 
     def score(self, model: nn.Module) -> float:
-        """The divergence of ``model``'s outputs from the original's over the held-out batches."""
-        outputs = self._outputs(model)
-        if self._score_fn is not None:
-            values = [float(self._score_fn(out, original, batch))
-                      for out, original, batch in zip(outputs, self.originals, self.batches)]
-            return sum(values) / len(values)
-        pairs = [(self._rows(out, batch).double(), original.double())
-                 for out, original, batch in zip(outputs, self.originals, self.batches)]
-        if self.name == "kl":
-            pairs = [(c.log_softmax(-1), o.log_softmax(-1)) for c, o in pairs]
-            kl = sum(float((o.exp() * (o - c)).sum()) for c, o in pairs)
-            return kl / sum(len(o) for _, o in pairs)
-        error = sum(float((c - o).square().sum()) for c, o in pairs)
-        return error / max(sum(float(o.square().sum()) for _, o in pairs), 1e-300)
+        """The divergence of ``model``'s outputs from the original's over the held-out batches,
+        computed one batch at a time (one batch's outputs in memory)."""
+        total = norm = 0.0
+        for (batch, outputs), original in zip(self._outputs(model), self.originals):
+            if self._score_fn is not None:
+                total, norm = total + float(self._score_fn(outputs, original, batch)), norm + 1
+                continue
+            compressed, original = self._rows(outputs, batch).double(), original.double()
+            if self.name == "kl":
+                compressed, original = compressed.log_softmax(-1), original.log_softmax(-1)
+                total += float((original.exp() * (original - compressed)).sum())
+                norm += len(original)
+            else:
+                total += float((compressed - original).square().sum())
+                norm += float(original.square().sum())
+        return total / max(norm, 1e-300)
 
-    def _outputs(self, model: nn.Module) -> list:
+    def _outputs(self, model: nn.Module):
+        """``(batch, outputs)`` of each held-out batch, computed as they are asked for."""
         with torch.no_grad(), eval_mode(model):
-            return [_run(model, batch, self.forward_fn) for batch in self.batches]
+            for batch in self.batches:
+                yield batch, _run(model, batch, self.forward_fn)
 
     def _rows(self, outputs, batch) -> torch.Tensor:
         """The output's rows (last dimension kept), float32 on the CPU (the log-probabilities of
