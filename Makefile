@@ -16,8 +16,11 @@ $(STAMP): requirements-dev.txt requirements-data.txt pyproject.toml
 demo: $(STAMP)
 	$(PYTHON) -m rankwise.demo
 
+# One torch thread: tests assert behaviour, not speed, and on a machine whose other core is busy
+# torch's default threads wait for each other (on this 2-core machine, busy with other jobs, the
+# suite took 23 min with torch's default 2 threads and 6 min with one).
 test: $(STAMP) chromium
-	$(PYTHON) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q tests
 
 # Headless Chromium for the test that renders the HTML report (tests/test_report.py): the Debian
 # package, installed when missing and this is root with apt-get (25 s here; at most 5 min, the

@@ -193,8 +193,6 @@ class ProjectionInfo:
                                                        f"{s.learnables_after:,} learnables"
                                                        if s.score is not None else f"not built: {s.note}")
                  for s in self.measured.scores]
-        if self.measured.scores:
-            lines.append(f"measuring the candidates took {self.measured.seconds:.1f} s")
         return lines + [f"chosen: {self.choice}"]
 
     def __str__(self) -> str:

@@ -181,7 +181,10 @@ def choose_by_measurement(model: nn.Module, npca, layers: dict, goal: Goal, buil
     runner_up = min(others, key=lambda s: s.score, default=None)
     reason = (f"lowest {scorer.name} on {len(npca.validation_batches)} held-out batches: {best.score:.4g}"
               + (f" (next: {runner_up.candidate.label}, {runner_up.score:.4g})" if runner_up else ""))
-    return MeasuredChoice(best.candidate, scores, scorer.name, reason, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    if progress:
+        print(f"rankwise: measuring {len(scores)} candidates took {seconds:.1f} s")
+    return MeasuredChoice(best.candidate, scores, scorer.name, reason, seconds)
 
 
 def _best(scores: list[CandidateScore]) -> CandidateScore | None:
