@@ -66,6 +66,8 @@ of a method and counted in both rows) plus the decision and build of that goal.
 """
 
 import argparse
+import contextlib
+import gc
 import importlib.util
 import json
 import math
@@ -223,9 +225,45 @@ def continuation(model, tokenizer):
 
 # --- methods -------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def lean_candidate_measurement(enabled=True):
+    """Bench-side memory workaround for ``rw-defaults`` on many layers (``--lean-candidates``).
+
+    :func:`rankwise.selection.choose_by_measurement` keeps the options (and the fitted view's
+    cached spectra) of every (criterion, shrinkage) pair it has built until the choice is made.
+    Its candidates use the pairs one after the other (variance/auto twice, loss/auto twice,
+    variance/1 twice, then the best at 1/2) and never come back to an earlier pair, so this
+    wraps ``rankwise.selection.measured_options`` to empty the previous pair's options and
+    spectra when the next pair is built: the same computations and scores, one pair in memory
+    at a time. The library's code is not changed; the wrapper is removed on exit.
+    """
+    if not enabled:
+        yield
+        return
+    import rankwise.selection as selection
+    original, previous = selection.measured_options, {}
+
+    def lean(model, npca, layers, criterion="variance", **kwargs):
+        if previous:
+            previous["options"].clear()
+            previous["npca"]._spectra.clear()
+            previous.clear()
+            gc.collect()
+        options = original(model, npca, layers, criterion, **kwargs)
+        previous.update(options=options, npca=npca)
+        return options
+
+    selection.measured_options = lean
+    try:
+        yield
+    finally:
+        selection.measured_options = original
+
+
 class Bench:
-    def __init__(self, model, tokenizer, batches, decoder_layers):
+    def __init__(self, model, tokenizer, batches, decoder_layers, lean_candidates=False):
         self.model, self.tokenizer, self.batches = model, tokenizer, batches
+        self.lean_candidates = lean_candidates
         self.learnables = rw.count_learnables(model)
         self.names = decoder_linear_names(model, decoder_layers)
         self.compressible = learnables_of(model, self.names)
@@ -267,7 +305,8 @@ class Bench:
         rows = []
         for fraction in fractions:
             start = time.perf_counter()
-            with warnings.catch_warnings(record=True) as caught:
+            lean = self.lean_candidates and method == "rw-defaults"
+            with warnings.catch_warnings(record=True) as caught, lean_candidate_measurement(lean):
                 warnings.simplefilter("always")
                 compressed, info = rw.compress_network_using_projection(
                     self.model, self._npca, learnables_reduction_goal=self.goal(fraction), layer_names=self.names,
@@ -275,7 +314,7 @@ class Bench:
             seconds = time.perf_counter() - start
             print(f"{method} {fraction}: compressed in {seconds:.0f} s, memory now / peak %.1f / %.1f GiB"
                   % rss_gib(), flush=True)
-            extra = {"warnings": sorted({str(w.message)[:300] for w in caught}), "choice": info.choice,
+            extra = {"lean_candidates": lean, "warnings": sorted({str(w.message)[:300] for w in caught}), "choice": info.choice,
                      "candidates": [s.as_dict() for s in info.candidates],
                      "measuring_seconds": info.measured.seconds if info.measured is not None else None}
             if method == "rw-defaults":
@@ -347,7 +386,11 @@ def markdown(rows, split, header):
             cells.append("" if row is None else
                          f"{row[split]:.2f} ({100 * row['removed_compressed_linear']:.1f}%, "
                          f"{row['calibration_seconds']:.0f} + {row['decision_seconds']:.0f} s)")
-        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+        lean = any(r.get("lean_candidates") for r in rows if r["method"] == method)
+        lines.append(f"| {LABELS[method]}{' (*)' if lean else ''} | " + " | ".join(cells) + " |")
+    if any(r.get("lean_candidates") for r in rows):
+        lines += ["", "(*) run with `--lean-candidates`: each (criterion, shrinkage) pair's options freed once "
+                  "the candidates move on (a bench-side memory workaround; same computations and scores)."]
     lines += ["", "Targets (rankwise defaults at most 0.5x the SVD-LLM whitened SVD's perplexity):", ""]
     for fraction in FRACTIONS:
         ours, theirs = find(rows, "rw-defaults", fraction), find(rows, "svd-llm", fraction)
@@ -397,6 +440,9 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--split", default="test", choices=("test", "validation"))
     parser.add_argument("--convert-only", action="store_true")
+    parser.add_argument("--lean-candidates", action="store_true",
+                        help="rw-defaults: free each (criterion, shrinkage) pair's options once the "
+                             "candidates move on (see lean_candidate_measurement; same scores)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -413,7 +459,7 @@ def main():
         suffix = "_layers" + "-".join(map(str, decoder_layers))
     suffix = ("_quick" if args.quick else "") + suffix + ("" if args.split == "test" else f"_{args.split}")
     batches, names = splits(tokenizer, PROFILES[profile])
-    bench = Bench(model, tokenizer, batches, decoder_layers)
+    bench = Bench(model, tokenizer, batches, decoder_layers, args.lean_candidates)
     path = os.path.join(RESULTS, f"smollm2{suffix}.json")
     rows = load_rows(path)
     start, failure = time.perf_counter(), None
