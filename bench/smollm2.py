@@ -30,15 +30,17 @@ same goal. The removed fractions are reported as measured.
 
 **Which layers.** By default the Linears of every fifth decoder layer, ``0, 5, 10, 15, 20, 25``
 (42 Linears, 21 233 664 learnables: goals 0.03157 and 0.06314), not all 30
-(``--decoder-layers all``; goals 0.1579 and 0.3157). All 30 do not fit this machine: the
-library's measured decisions need about 1.3 GiB per decoder layer at the peak of the candidate
-measurement (6 decoder layers: 2.7 GiB resident after the ``NeuronPCA``, 9.1 GiB at the peak;
-the float64 moments of the fitted and held-out parts, the gradient moments, and the spectra and
-options of every (criterion, shrinkage) pair, kept until the choice is made), so about 40 GiB
-for the 30 layers, on a 23 GiB machine shared with other jobs (the first attempt,
-``layer_names="model.layers.*"``, was killed by the kernel's OOM killer at 15.7 GiB); and the
-decision would take about 20 minutes per goal there (6 layers: 5-6 minutes, half of it the
-spectra). One subset was run, chosen before any result; it is not tuned.
+(``--decoder-layers all``; goals 0.1579 and 0.3157). On all 30, the measured decisions do not
+fit this machine (23 GiB, shared with other jobs): they need about 1.3 GiB per decoder layer at
+the peak of the candidate measurement (6 decoder layers: 2.7 GiB resident after the
+``NeuronPCA``, 9.1 GiB at the peak; the float64 moments of the fitted and held-out parts, the
+gradient moments, the derived output moments and weight Grams, and the spectra and options of
+the (criterion, shrinkage) pairs). The first attempt, ``layer_names="model.layers.*"``, was
+killed by the kernel's OOM killer at 15.0 GiB; under a 20 GiB address-space limit
+(``ulimit -v``) ``rw-defaults`` on all 30 failed twice at 17.0 GiB resident, in the loss
+criterion's whitening of the statistics, also with ``--lean-candidates``. The baselines and the
+other rankwise settings do run on all 30 (``bench/results/smollm2_all.*``; peak 12.3 GiB for
+``rw-loss-global``). The subset was chosen before any result and not tuned.
 
 **Methods.**
 
