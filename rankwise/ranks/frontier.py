@@ -73,9 +73,10 @@ def measured_options(model, npca, layers: dict, criterion: str = "variance",
     """Every layer's options, judged by ``criterion`` in the metric it measures errors in.
 
     The statistics of each layer with a metric (:func:`rankwise.ranks.criterion.output_metrics`:
-    a following BatchNorm, or the Fisher information) are whitened (:meth:`NeuronPCA.whitened`)
-    before the options are enumerated, and the options carry the metric, so that the builder
-    (:func:`rankwise.layers.build.project_layer`) projects in the same space.
+    a following BatchNorm, or the Fisher information) are whitened (:meth:`NeuronPCA.whitened`),
+    one layer at a time (its whitened moments freed once its options are enumerated), and the
+    options carry the metric, so that the builder (:func:`rankwise.layers.build.project_layer`)
+    projects in the same space.
 
     Parameters
     ----------
@@ -95,10 +96,11 @@ def measured_options(model, npca, layers: dict, criterion: str = "variance",
     """
     criterion_named(criterion)
     metrics = output_metrics(model, npca, layers, criterion)
-    analysed = npca.whitened(metrics, layers) if metrics else npca
     options = {}
     for name in tqdm(layers, desc="rankwise: spectra and options", delay=PROGRESS_DELAY_SECONDS,
                      leave=False, disable=not progress):
+        # one layer's whitened statistics at a time: freed once its options are enumerated
+        analysed = npca.whitened({name: metrics[name]}, layers) if name in metrics else npca
         options[name] = layer_options(analysed, name, criterion)
         options[name].metric = metrics.get(name)
         if name in metrics:
