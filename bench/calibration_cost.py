@@ -67,6 +67,13 @@ def workload(name):
     return model, tokenize(tokenizer, sentences, 1 if single else 32), lambda m, b: m(**b)
 
 
+def forward_over(model, batches, forward_one):
+    """The plain forward pass: ``forward_one(model, batch)`` on every batch, no gradients."""
+    with torch.no_grad():
+        for batch in batches:
+            forward_one(model, batch)
+
+
 def measure(name):
     """Forward, calibration and spectra seconds of workload `name` with the importable rankwise."""
     import rankwise as rw
@@ -75,9 +82,7 @@ def measure(name):
     model, batches, forward_one = workload(name)
 
     def forward():
-        with torch.no_grad():
-            for batch in batches:
-                forward_one(model, batch)
+        forward_over(model, batches, forward_one)
 
     def calibrate():
         return rw.NeuronPCA(model, batches, verbosity="off")

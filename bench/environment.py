@@ -1,6 +1,7 @@
 """Where and how a benchmark ran: machine, versions, date, command (for the results files)."""
 
 import datetime
+import json
 import os
 import platform
 import shlex
@@ -73,3 +74,11 @@ def repeats_to_fill(call, seconds, fewest=5, most=200):
     call()
     once = max(time.perf_counter() - start, 1e-6)
     return int(min(most, max(fewest, seconds / once)))
+
+
+def load_rows(path):
+    """The result rows a benchmark wrote to the JSON file `path` (none when it does not exist)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as stream:
+        return json.load(stream)

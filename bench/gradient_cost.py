@@ -26,7 +26,7 @@ import torch
 BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH)
 
-from calibration_cost import seconds, workload  # noqa: E402
+from calibration_cost import forward_over, seconds, workload  # noqa: E402
 from environment import write_result  # noqa: E402
 
 RESULT = os.path.join(BENCH, "results", "gradient_cost.md")
@@ -41,12 +41,7 @@ def measure(name: str, loss: str, repeats: int) -> dict:
     torch.set_num_threads(1)
     model, batches, forward_one = workload(name)
 
-    def forward():
-        with torch.no_grad():
-            for batch in batches:
-                forward_one(model, batch)
-
-    runs = {"forward": forward,
+    runs = {"forward": lambda: forward_over(model, batches, forward_one),
             "variance": lambda: rw.NeuronPCA(model, batches, verbosity="off", loss_fn=None, validation=None),
             "auto": lambda: rw.NeuronPCA(model, batches, verbosity="off"),
             "every batch": lambda: rw.NeuronPCA(model, batches, verbosity="off", loss_fn=loss)}

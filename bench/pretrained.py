@@ -63,7 +63,7 @@ import torch.nn.functional as F
 import pretrained_data as data
 import pretrained_methods as pm
 import rankwise as rw
-from environment import write_result
+from environment import load_rows, write_result
 from rankwise.batchnorm import fold_batchnorm, recalibrate_batchnorm
 from rankwise.metric import batchnorm_scale
 
@@ -339,13 +339,6 @@ def compress_only(network, statistics, method, budget):
     if recalibrate:
         recalibrate_batchnorm(compressed, network.calibration)
     return compressed
-
-
-def load_rows(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as stream:
-        return json.load(stream)
 
 
 def save_rows(path, rows, new_rows):

