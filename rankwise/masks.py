@@ -170,3 +170,16 @@ def token_rows(tensor: torch.Tensor, mask: TokenMask | None) -> torch.Tensor:
 
 def _described(value) -> str:
     return f"a {value.dim()}-d tensor" if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def channel_rows(tensor: torch.Tensor, layer, mask: TokenMask | None = None) -> torch.Tensor:
+    """``(rows, channels)``: the channel vectors of an activation (or gradient) of ``layer``.
+
+    A ``Linear`` (2-d weight) has its channels last and every leading position is a row, but
+    for the padding positions of ``mask`` (:func:`rankwise.masks.token_rows`); a convolution has
+    them on axis 1 (axis 0 unbatched) and every spatial position is a row (a mask is not read).
+    """
+    if layer.weight.dim() == 2:
+        return token_rows(tensor, mask).reshape(-1, tensor.shape[-1])
+    channel_dim = 1 if tensor.dim() == layer.weight.dim() else 0  # batched or unbatched
+    return tensor.movedim(channel_dim, -1).reshape(-1, tensor.shape[channel_dim])

@@ -104,8 +104,14 @@ def whitened_statistics(stats, layer: nn.Module, metric: OutputMetric):
     Returns
     -------
     LayerStatistics
-        Output moments ``(n, R s, R S R)``, the same input moments, and the Grams of ``R W``.
+        Output moments ``(n, R s, R S R)``, the same input moments, and the Grams of ``R W``;
+        statistics kept factored (``stats.factored``: an expanding ``Linear`` layer, output
+        moments not formed) stay so, with ``R W`` and ``R b`` as their weight and bias.
     """
+    if getattr(stats, "factored", False):
+        root = metric.root.to(stats.weight_matrix.device)
+        bias = None if stats.bias_vector is None else root @ stats.bias_vector.to(torch.float64)
+        return dataclasses.replace(stats, weight_matrix=whitened_weight(layer, metric), bias_vector=bias)
     root = metric.root.to(stats.output.sum.device)
     out = stats.output
     outer = root @ out.outer @ root

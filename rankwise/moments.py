@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rankwise.solvers import descending_eigh, solver_dtype, thin_left_singular
+
 
 class NonFiniteActivationError(ValueError):
     """A layer produced NaN or Inf activations during calibration."""
@@ -305,11 +307,16 @@ class Spectrum:
     eigenvalues : torch.Tensor
         ``(d,)`` float64, descending, of the regularised covariance.
     eigenvectors : torch.Tensor
-        ``(d, d)`` float64, column ``j`` belongs to ``eigenvalues[j]``.
+        ``(d, k)`` float64, column ``j`` belongs to ``eigenvalues[j]``; ``k = d``, or, for a
+        covariance known to have rank at most ``k`` (:meth:`factored`), the ``k`` columns whose
+        eigenvalues can be non-zero (``eigenvalues[k:]`` are then exactly 0).
     mean : torch.Tensor
         ``(d,)`` float64 mean of the activations.
     regularization : float
         The shrinkage ``alpha`` used.
+
+    Both constructors solve in the precision :func:`rankwise.solvers.solver_dtype` allows for
+    ``count`` rows (float32 within the bound stated in :mod:`rankwise.solvers`, else float64).
     """
 
     eigenvalues: torch.Tensor
@@ -319,9 +326,33 @@ class Spectrum:
 
     @classmethod
     def shrunk(cls, covariance: torch.Tensor, mean: torch.Tensor, alpha: float,
-               prior: torch.Tensor) -> "Spectrum":
-        """Eigen-decomposition of ``(1 - alpha) C + alpha prior`` (negative round-off clamped)."""
+               prior: torch.Tensor, count: float = 0) -> "Spectrum":
+        """Eigen-decomposition of ``(1 - alpha) C + alpha prior`` (negative round-off clamped), for
+        a covariance of ``count`` rows (``0``: unknown, solved in float64)."""
         if alpha > 0:
             covariance = (1 - alpha) * covariance + alpha * prior
-        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
-        return cls(eigenvalues.flip(0).clamp_min(0), eigenvectors.flip(1), mean, alpha)
+        values, vectors = descending_eigh(covariance, solver_dtype(len(covariance), count))
+        return cls(values, vectors, mean, alpha)
+
+    @classmethod
+    def factored(cls, weight: torch.Tensor, covariance: torch.Tensor, mean: torch.Tensor,
+                 alpha: float, power: float, count: float) -> "Spectrum":
+        """The spectrum of ``W C_reg W^T``, ``C_reg = (1 - alpha) C + alpha power I``, without forming it.
+
+        ``W`` is ``(m, k)`` (an expanding ``Linear`` layer's weight, ``k <= m``) and ``C`` the
+        ``(k, k)`` input covariance of ``count`` rows: ``C_reg = V diag(l) V^T`` (``eigh``,
+        ``O(k^3)``), ``B = W V diag(l)^(1/2)`` and ``W C_reg W^T = B B^T``, whose eigenvalues and
+        ``k`` eigenvectors are the thin SVD of ``B`` (:func:`rankwise.solvers.thin_left_singular`,
+        ``O(m k^2)`` instead of ``O(m^3)``; the other ``m - k`` eigenvalues are 0). For
+        ``y = W x + b`` this is the output covariance regularised toward ``power W W^T``, exactly
+        what :meth:`shrunk` decomposes, at a cost linear in the output width.
+        """
+        width = weight.shape[1]
+        if alpha > 0:
+            covariance = (1 - alpha) * covariance + alpha * power * torch.eye(
+                width, dtype=covariance.dtype, device=covariance.device)
+        dtype = solver_dtype(max(weight.shape), count)
+        values, vectors = descending_eigh(covariance, dtype)
+        factor = weight.to(torch.float64) @ (vectors * values.sqrt())
+        eigenvalues, eigenvectors = thin_left_singular(factor, dtype)
+        return cls(eigenvalues, eigenvectors, mean, alpha)

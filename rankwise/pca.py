@@ -264,7 +264,7 @@ class NeuronPCA:
         NeuronPCA
             A new NeuronPCA sharing everything but the whitened layers' statistics.
         """
-        stats = {name: whitened_statistics(self.statistics(name), layers[name], metrics[name])
+        stats = {name: whitened_statistics(self.statistics(name, settle=False), layers[name], metrics[name])
                  if name in metrics else s for name, s in self._stats.items()}
         result = NeuronPCA.__new__(NeuronPCA)
         result._init_state(stats, self.network_learnables, self._regularization, self.num_batches,
@@ -280,11 +280,12 @@ class NeuronPCA:
         """The shrinkage setting: ``"auto"`` or a float in ``[0, 1]``."""
         return self._regularization
 
-    def statistics(self, name: str) -> Statistics:
-        """Moments and weight Grams of layer ``name`` (derived output moments computed once, here)."""
+    def statistics(self, name: str, settle: bool = True) -> Statistics:
+        """Moments and weight Grams of layer ``name`` (derived output moments computed once, here;
+        with ``settle=False``, what the decisions read, an expanding ``Linear`` stays factored)."""
         if name not in self._stats:
             raise KeyError(f"{name!r} was not analysed. Analysed layers: {', '.join(self._stats)}.")
-        self._stats[name] = settled(self._stats[name])
+        self._stats[name] = settled(self._stats[name], keep_factored=not settle)
         return self._stats[name]
 
     def spectrum(self, name: str, side: str = "output", cell: str | None = None) -> Spectrum:
@@ -302,7 +303,7 @@ class NeuronPCA:
         """
         if side not in SIDES:
             raise ValueError(f"side: expected 'input' or 'output', got {side!r}.")
-        stats = self.statistics(name)
+        stats = self.statistics(name, settle=False)
         key = (name, side, stats.resolve_request(name, side, cell))
         if key not in self._spectra:
             self._spectra[key] = stats.spectrum(side, key[2], self._regularization)

@@ -375,7 +375,7 @@ def check_statistics(npca: NeuronPCA, layers: dict) -> None:
             raise ValueError(f"npca_or_data: the NeuronPCA has no statistics for layer {name!r} "
                              f"(it analysed: {', '.join(npca.layer_names)}). Compute it with that "
                              "layer included, or pass layer_names to restrict the projection.")
-        expected, found = kind_of(layer).statistics_shape(layer), npca.statistics(name).shape
+        expected, found = kind_of(layer).statistics_shape(layer), npca.statistics(name, settle=False).shape
         if found != expected:
             raise ValueError(f"npca_or_data: layer {name!r} has shape {expected} in the model but "
                              f"{found} in the NeuronPCA; it was computed on another model.")

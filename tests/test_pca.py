@@ -70,7 +70,7 @@ def test_layer_names_in_model_order_and_spectra(model_and_data):
             spectrum = npca.spectrum(name, side)
             assert torch.all(spectrum.eigenvalues[:-1] >= spectrum.eigenvalues[1:])
             vectors = spectrum.eigenvectors
-            torch.testing.assert_close(vectors.T @ vectors, torch.eye(len(vectors), dtype=torch.float64))
+            torch.testing.assert_close(vectors.T @ vectors, torch.eye(vectors.shape[1], dtype=torch.float64))
 
 
 def test_moments_of_two_shards_add_up_to_the_whole():

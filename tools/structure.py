@@ -34,7 +34,7 @@ MAX_LINES = 400
 """The most lines a module may have (one concept per module)."""
 
 STAGES = (  # earliest first
-    ("foundations", ("_version", "progress", "checks", "goals", "masks", "batches", "moments", "rnn", "learnables",
+    ("foundations", ("_version", "progress", "checks", "goals", "masks", "batches", "threads", "solvers", "moments", "rnn", "learnables",
                      "tables", "kinds", "distributed", "metric")),
     ("layers", ("forms", "layers")),
     ("statistics", ("statistics", "recurrent_statistics", "targets", "holdout", "blockwise", "pca", "divergence")),

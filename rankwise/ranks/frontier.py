@@ -127,13 +127,13 @@ def layer_options(npca, name: str, criterion: str = "variance") -> LayerOptions:
         exist only where the layer's kind analyses its input side (not for ``Linear`` layers,
         where output projection is optimal; see :mod:`rankwise.kinds`).
     """
-    kind = kind_named(npca.statistics(name).kind)
+    kind = kind_named(npca.statistics(name, settle=False).kind)
     return FRONTIERS[kind.family](npca, name, kind, criterion_named(criterion))
 
 
 def _dense_options(npca, name: str, kind, criterion: Criterion) -> LayerOptions:
     """The frontier of a ``Linear`` or convolution layer ``y = W x + b``."""
-    stats = npca.statistics(name)
+    stats = npca.statistics(name, settle="input" in kind.sides)  # a Linear's output Grams: not needed
     out_spec = npca.spectrum(name, "output")
     res_out = _residual_curve(out_spec.eigenvalues)
     in_c, out_c, k = (stats.in_channels, stats.out_channels, stats.kernel_numel)

@@ -18,11 +18,10 @@ learnables, so they never win. Its output moments are exact functions of its inp
     square_sum_y = tr(outer_y),
 
 so it gathers the Gram of its **smaller side only**: when ``d_in <= d_out`` the input's full
-moments (``n d_in^2`` per pass instead of ``n d_out^2``), the output's being derived from them
-in float64 when first asked for (after any merge or process-group sum, which add input
-moments); otherwise the output's full moments and only ``count``, ``sum`` and ``square_sum`` of
-its input, as before. Layers that read the same activation tensor in one forward call (the
-query, key and value of an attention, a gated MLP's gate and up projections, a residual
+moments (``n d_in^2`` per pass instead of ``n d_out^2``; the output's derived in float64 only
+when asked for, the decisions reading the factorisation instead: *factored* statistics);
+otherwise the output's full moments and only ``count``, ``sum`` and ``square_sum`` of its
+input. Layers that read the same activation tensor in one forward call (the query, key and value of an attention, a gated MLP's gate and up projections, a residual
 block's first convolution and its shortcut) share one computation of that input's batch moments,
 and the rows of ``Linear`` calls too small for an efficient product (a single sentence) are
 gathered, per group of layers reading them, into products of up to
@@ -43,7 +42,7 @@ import torch
 from torch import nn
 
 from rankwise.kinds import kind_named
-from rankwise.masks import TokenMask, active_mask, token_rows
+from rankwise.masks import active_mask, channel_rows  # noqa: F401 (channel_rows: imported from here too)
 from rankwise.moments import Moments, RowBuffer, Spectrum, computable, finite_sum, naming_layer
 from rankwise.statistics.spectra import shrinkage
 
@@ -112,6 +111,11 @@ class LayerStatistics:
         return gram_input, (w.reshape(out_c, -1) @ w.reshape(out_c, -1).T).to(torch.float64)
 
     @property
+    def factored(self) -> bool:
+        """Whether the output moments are known only as ``W`` applied to the input's (not formed)."""
+        return self.output is None and self.weight_matrix is not None
+
+    @property
     def width(self) -> int:
         """Largest dimension among the analysed sides (a Linear layer's input is not analysed)."""
         return max(self.in_channels, self.out_channels) if self._analyses_input else self.out_channels
@@ -164,13 +168,21 @@ class LayerStatistics:
 
         ``C_reg = (1 - alpha) C + alpha s P`` with ``s = tr(C_x) / d_in`` and the prior ``P = I``
         on the input side, ``P = W W^T`` on the output side (:mod:`rankwise.statistics.spectra`).
-        """
+
+        :attr:`factored` statistics have ``C_y,reg = W C_x,reg W^T`` exactly: their spectrum is
+        the factorisation's (:meth:`Spectrum.factored`), neither ``C_y`` nor ``W W^T`` formed."""
+        count = float(self.input.count)
+        alpha = shrinkage(regularization, count, self.width)
+        if side == "output" and self.factored:
+            weight = self.weight_matrix.reshape(self.out_channels, -1).to(torch.float64)
+            bias = 0 if self.bias_vector is None else self.bias_vector.to(torch.float64)
+            return Spectrum.factored(weight, self.input.covariance, weight @ self.input.mean + bias, alpha,
+                                     float(self.input.power), count)
         moments = self.moments(side)
         covariance = moments.covariance
         prior = (torch.eye(len(covariance), dtype=covariance.dtype, device=covariance.device)
                  if side == "input" else self._weight_grams()[1])
-        alpha = shrinkage(regularization, float(moments.count), self.width)
-        return Spectrum.shrunk(covariance, moments.mean, alpha, self.input.power * prior)
+        return Spectrum.shrunk(covariance, moments.mean, alpha, self.input.power * prior, count)
 
     def hook(self, name: str, layer: nn.Module):
         """A forward hook (``with_kwargs=True``) adding one call of ``layer`` to these moments.
@@ -199,10 +211,13 @@ class LayerStatistics:
         return dataclasses.replace(self, input=self.input + other.input, output=output)
 
 
-def settled(stats):
+def settled(stats, keep_factored: bool = False):
     """``stats`` with what a dense layer computes on first use filled in
-    (:meth:`LayerStatistics.settled`); any other statistics as they are."""
-    return stats.settled() if isinstance(stats, LayerStatistics) else stats
+    (:meth:`LayerStatistics.settled`; not for :attr:`~LayerStatistics.factored` ones with
+    ``keep_factored``); any other statistics as they are."""
+    if not isinstance(stats, LayerStatistics) or (keep_factored and stats.factored):
+        return stats
+    return stats.settled()
 
 
 class SharedInputs:
@@ -379,16 +394,3 @@ def _is_affine(layer: nn.Module, kind: str) -> bool:
     """Whether ``layer`` computes ``W x + b`` with its kind's own ``forward`` (a subclass that
     overrides it may compute anything, so its output moments are gathered, not derived)."""
     return any(type(layer).forward is t.forward for t in kind_named(kind).classes())
-
-
-def channel_rows(tensor: torch.Tensor, layer: nn.Module, mask: TokenMask | None = None) -> torch.Tensor:
-    """``(rows, channels)``: the channel vectors of an activation (or gradient) of ``layer``.
-
-    A ``Linear`` (2-d weight) has its channels last and every leading position is a row, but
-    for the padding positions of ``mask`` (:func:`rankwise.masks.token_rows`); a convolution has
-    them on axis 1 (axis 0 unbatched) and every spatial position is a row (a mask is not read).
-    """
-    if layer.weight.dim() == 2:
-        return token_rows(tensor, mask).reshape(-1, tensor.shape[-1])
-    channel_dim = 1 if tensor.dim() == layer.weight.dim() else 0  # batched or unbatched
-    return tensor.movedim(channel_dim, -1).reshape(-1, tensor.shape[channel_dim])
