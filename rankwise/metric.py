@@ -37,6 +37,7 @@ from torch import nn
 
 from rankwise.kinds import is_batchnorm, kind_of
 from rankwise.moments import Moments
+from rankwise.solvers import descending_eigh, solver_dtype
 
 FLOOR = 1e-6  # smallest eigenvalue of R kept, relative to the largest (R must be invertible)
 
@@ -64,8 +65,10 @@ class OutputMetric:
         return cls(torch.diag(scale), torch.diag(1.0 / scale))
 
     @classmethod
-    def from_gram(cls, gram: torch.Tensor, shrinkage: float) -> "OutputMetric":
-        """``M = (1 - a) G + a (tr G / d) I`` from a Gram ``G`` (e.g. a Fisher information).
+    def from_gram(cls, gram: torch.Tensor, shrinkage: float, count: float = 0) -> "OutputMetric":
+        """``M = (1 - a) G + a (tr G / d) I`` from a Gram ``G`` (e.g. a Fisher information) of
+        ``count`` samples (``0``: unknown), decomposed in the precision they allow
+        (:func:`rankwise.solvers.solver_dtype`).
 
         The shrinkage ``a`` in ``[0, 1]`` pulls the metric toward isotropy where the
         calibration data are too few to be trusted (``a = 1``: every direction alike).
@@ -78,8 +81,8 @@ class OutputMetric:
             return cls(identity, identity)
         shrunk = (1 - shrinkage) * gram + shrinkage * level * torch.eye(dim, dtype=torch.float64,
                                                                          device=gram.device)
-        values, vectors = torch.linalg.eigh(shrunk)
-        roots = values.clamp_min(0).sqrt()
+        values, vectors = descending_eigh(shrunk, solver_dtype(dim, count))
+        roots = values.sqrt()
         roots = roots.clamp_min(FLOOR * float(roots.max()))
         return cls(vectors @ torch.diag(roots) @ vectors.T, vectors @ torch.diag(1.0 / roots) @ vectors.T)
 

@@ -353,6 +353,6 @@ class Spectrum:
                 width, dtype=covariance.dtype, device=covariance.device)
         dtype = solver_dtype(max(weight.shape), count)
         values, vectors = descending_eigh(covariance, dtype)
-        factor = weight.to(torch.float64) @ (vectors * values.sqrt())
+        factor = weight.to(dtype) @ (vectors * values.sqrt()).to(dtype)
         eigenvalues, eigenvectors = thin_left_singular(factor, dtype)
         return cls(eigenvalues, eigenvectors, mean, alpha)

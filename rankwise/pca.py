@@ -25,7 +25,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from rankwise.batches import model_device
 from rankwise.blockwise import check_blockwise
 from rankwise.checks import check_max_batches, check_regularization, check_verbosity
 from rankwise.distributed import active_group
@@ -37,7 +36,7 @@ from rankwise.progress import PROGRESS_DELAY_SECONDS
 from rankwise.statistics import Statistics, files
 from rankwise.statistics.calibration import ThinDataWarning, check_observations, gather, gradient_layers
 from rankwise.statistics.dense import settled
-from rankwise.statistics.gradients import check_loss_fn, empty_gradient_moments
+from rankwise.statistics.gradients import check_loss_fn
 from rankwise.targets import select_layers
 
 SIDES = ("input", "output")
@@ -173,12 +172,13 @@ class NeuronPCA:
         held._gather(model, split.held_out, layers, forward_fn, None, False, None if loss_fn == "auto" else loss_fn,
                      None, None, None, self.network_learnables, self._regularization)
         fitted = self._view(self._regularization)
-        if loss_fn == "auto":
-            held._gradients = empty_gradient_moments({name: layers[name] for name in self._gradients},
-                                                     model_device(model))
-        merged = fitted.merge(held)
+        plain = fitted._view(self._regularization)
+        if loss_fn == "auto":  # the fitted part's gradients, shared: not a copy summed with zeros
+            plain._gradients = {}
+        merged = plain.merge(held)
+        grads = fitted if loss_fn == "auto" else merged
         self._init_state(merged._stats, self.network_learnables, self._regularization, merged.num_batches,
-                         merged._gradients, merged._gradient_samples)
+                         grads._gradients, grads._gradient_samples)
         self._validation = (split.held_out, fitted)
 
     def _gather(self, model, data, layers, forward_fn, max_batches, show_progress, loss_fn, process_group,

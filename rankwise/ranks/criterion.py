@@ -159,7 +159,8 @@ def fisher_metrics(model, npca, layers: dict) -> dict:
     metrics = {}
     for name in layers:
         fisher = npca.fisher(name)
-        metrics[name] = OutputMetric.from_gram(fisher, len(fisher) / (npca.gradient_samples + len(fisher)))
+        metrics[name] = OutputMetric.from_gram(fisher, len(fisher) / (npca.gradient_samples + len(fisher)),
+                                               npca.gradient_samples)
     return metrics
 
 

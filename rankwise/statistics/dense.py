@@ -116,6 +116,11 @@ class LayerStatistics:
         return self.output is None and self.weight_matrix is not None
 
     @property
+    def thin(self) -> bool:
+        """:attr:`factored` and ``d_in < d_out``: the output spectrum comes from the factorisation."""
+        return self.factored and self.in_channels < self.out_channels
+
+    @property
     def width(self) -> int:
         """Largest dimension among the analysed sides (a Linear layer's input is not analysed)."""
         return max(self.in_channels, self.out_channels) if self._analyses_input else self.out_channels
@@ -169,16 +174,16 @@ class LayerStatistics:
         ``C_reg = (1 - alpha) C + alpha s P`` with ``s = tr(C_x) / d_in`` and the prior ``P = I``
         on the input side, ``P = W W^T`` on the output side (:mod:`rankwise.statistics.spectra`).
 
-        :attr:`factored` statistics have ``C_y,reg = W C_x,reg W^T`` exactly: their spectrum is
-        the factorisation's (:meth:`Spectrum.factored`), neither ``C_y`` nor ``W W^T`` formed."""
+        :attr:`thin` statistics have ``C_y,reg = W C_x,reg W^T`` exactly: their spectrum is the
+        factorisation's (:meth:`Spectrum.factored`), neither ``C_y`` nor ``W W^T`` formed."""
         count = float(self.input.count)
         alpha = shrinkage(regularization, count, self.width)
-        if side == "output" and self.factored:
+        if side == "output" and self.thin:
             weight = self.weight_matrix.reshape(self.out_channels, -1).to(torch.float64)
             bias = 0 if self.bias_vector is None else self.bias_vector.to(torch.float64)
             return Spectrum.factored(weight, self.input.covariance, weight @ self.input.mean + bias, alpha,
                                      float(self.input.power), count)
-        moments = self.moments(side)
+        moments = self.moments(side)  # a square layer's eigh costs less than a thin SVD
         covariance = moments.covariance
         prior = (torch.eye(len(covariance), dtype=covariance.dtype, device=covariance.device)
                  if side == "input" else self._weight_grams()[1])
@@ -391,6 +396,5 @@ def _call_moments(tensor: torch.Tensor, layer: nn.Module, outer: bool, buffered:
 
 
 def _is_affine(layer: nn.Module, kind: str) -> bool:
-    """Whether ``layer`` computes ``W x + b`` with its kind's own ``forward`` (a subclass that
-    overrides it may compute anything, so its output moments are gathered, not derived)."""
+    """Whether ``layer`` computes ``W x + b`` with its kind's own ``forward`` (else outputs are gathered)."""
     return any(type(layer).forward is t.forward for t in kind_named(kind).classes())
