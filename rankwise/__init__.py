@@ -19,6 +19,7 @@ from rankwise.projection import (LayerProjection, ProjectionInfo, compress_netwo
                                  unpack_projected_layers)
 from rankwise.report import AnalysisReport, LayerReport, analyze
 from rankwise.sensitivity import Sensitivity, probe_sensitivity
+from rankwise.threads import solver_threads
 from rankwise.train import FineTuneHistory, fine_tune
 
 __all__ = [
@@ -33,5 +34,5 @@ __all__ = [
     "ProjectedLSTM", "ProjectedGRU", "ProjectedEmbedding", "ProjectedMultiheadAttention",
     "fold_batchnorm", "recalibrate_batchnorm",
     "median_latency", "count_flops", "compare_speed", "SpeedComparison", "UnstableTimingWarning",
-    "token_mask", "register_kind",
+    "token_mask", "register_kind", "solver_threads",
 ]

@@ -339,7 +339,8 @@ class Spectrum:
                  alpha: float, power: float, count: float) -> "Spectrum":
         """The spectrum of ``W C_reg W^T``, ``C_reg = (1 - alpha) C + alpha power I``, without forming it.
 
-        ``W`` is ``(m, k)`` (an expanding ``Linear`` layer's weight, ``k <= m``) and ``C`` the
+        ``W`` is ``(m, k)`` (an expanding ``Linear`` layer's weight, ``k < m``; for ``k >= m`` the
+        ``eigh`` of the formed ``W C_reg W^T``, cheaper than an SVD then) and ``C`` the
         ``(k, k)`` input covariance of ``count`` rows: ``C_reg = V diag(l) V^T`` (``eigh``,
         ``O(k^3)``), ``B = W V diag(l)^(1/2)`` and ``W C_reg W^T = B B^T``, whose eigenvalues and
         ``k`` eigenvectors are the thin SVD of ``B`` (:func:`rankwise.solvers.thin_left_singular`,
@@ -348,10 +349,15 @@ class Spectrum:
         what :meth:`shrunk` decomposes, at a cost linear in the output width.
         """
         width = weight.shape[1]
+        dtype = solver_dtype(max(weight.shape), count)
+        if width >= len(weight):  # not expanding: an eigh of the formed W C_reg W^T costs less
+            w = weight.to(torch.float64)
+            covariance = (1 - alpha) * covariance + alpha * power * torch.eye(width, dtype=w.dtype, device=w.device)
+            values, vectors = descending_eigh(w @ covariance @ w.T, dtype)
+            return cls(values, vectors, mean, alpha)
         if alpha > 0:
             covariance = (1 - alpha) * covariance + alpha * power * torch.eye(
                 width, dtype=covariance.dtype, device=covariance.device)
-        dtype = solver_dtype(max(weight.shape), count)
         values, vectors = descending_eigh(covariance, dtype)
         factor = weight.to(dtype) @ (vectors * values.sqrt()).to(dtype)
         eigenvalues, eigenvectors = thin_left_singular(factor, dtype)

@@ -116,11 +116,6 @@ class LayerStatistics:
         return self.output is None and self.weight_matrix is not None
 
     @property
-    def thin(self) -> bool:
-        """:attr:`factored` and ``d_in < d_out``: the output spectrum comes from the factorisation."""
-        return self.factored and self.in_channels < self.out_channels
-
-    @property
     def width(self) -> int:
         """Largest dimension among the analysed sides (a Linear layer's input is not analysed)."""
         return max(self.in_channels, self.out_channels) if self._analyses_input else self.out_channels
@@ -174,16 +169,16 @@ class LayerStatistics:
         ``C_reg = (1 - alpha) C + alpha s P`` with ``s = tr(C_x) / d_in`` and the prior ``P = I``
         on the input side, ``P = W W^T`` on the output side (:mod:`rankwise.statistics.spectra`).
 
-        :attr:`thin` statistics have ``C_y,reg = W C_x,reg W^T`` exactly: their spectrum is the
-        factorisation's (:meth:`Spectrum.factored`), neither ``C_y`` nor ``W W^T`` formed."""
+        :attr:`factored` statistics have ``C_y,reg = W C_x,reg W^T`` exactly: their spectrum is the
+        factorisation's (:meth:`Spectrum.factored`), neither ``C_y`` nor ``W W^T`` formed apart."""
         count = float(self.input.count)
         alpha = shrinkage(regularization, count, self.width)
-        if side == "output" and self.thin:
+        if side == "output" and self.factored:
             weight = self.weight_matrix.reshape(self.out_channels, -1).to(torch.float64)
             bias = 0 if self.bias_vector is None else self.bias_vector.to(torch.float64)
             return Spectrum.factored(weight, self.input.covariance, weight @ self.input.mean + bias, alpha,
                                      float(self.input.power), count)
-        moments = self.moments(side)  # a square layer's eigh costs less than a thin SVD
+        moments = self.moments(side)
         covariance = moments.covariance
         prior = (torch.eye(len(covariance), dtype=covariance.dtype, device=covariance.device)
                  if side == "input" else self._weight_grams()[1])
