@@ -4,6 +4,7 @@ from rankwise._version import __version__
 from rankwise.batchnorm import fold_batchnorm, recalibrate_batchnorm
 from rankwise.decompose import LayerTruncation, TruncatedConv, TruncationInfo, truncate_kernels
 from rankwise.evolve import EvolutionHistory, WidthEvolver, WidthGroup, analyze_widths
+from rankwise.estimate import CostEstimate, estimate_cost
 from rankwise.export import export_onnx
 from rankwise.incremental import IncrementalHistory, compress_incrementally
 from rankwise.io import load, save
@@ -34,5 +35,5 @@ __all__ = [
     "ProjectedLSTM", "ProjectedGRU", "ProjectedEmbedding", "ProjectedMultiheadAttention",
     "fold_batchnorm", "recalibrate_batchnorm",
     "median_latency", "count_flops", "compare_speed", "SpeedComparison", "UnstableTimingWarning",
-    "token_mask", "register_kind", "solver_threads",
+    "token_mask", "register_kind", "solver_threads", "estimate_cost", "CostEstimate",
 ]
