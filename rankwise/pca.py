@@ -174,8 +174,8 @@ class NeuronPCA:
                      None, None, None, self.network_learnables, self._regularization)
         fitted = self._view(self._regularization)
         if loss_fn == "auto":
-            held._gradients = empty_gradient_moments({name: layers[name] for name in self._gradients},
-                                                     model_device(model))
+            held._gradients = empty_gradient_moments({name: layer for name, layer in gradient_layers(layers, model).items()
+                                                      if name in self._gradients}, model_device(model))
         merged = fitted.merge(held)
         self._init_state(merged._stats, self.network_learnables, self._regularization, merged.num_batches,
                          merged._gradients, merged._gradient_samples)
