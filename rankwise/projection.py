@@ -32,7 +32,7 @@ from rankwise.ranks import SequenceBound, choose_ranks, criterion_named, measure
 from rankwise.selection import MeasuredChoice, how_to_decide
 from rankwise.tables import format_ranks
 from rankwise.targets import functional_layers, select_layers, tied_left_out
-from rankwise.ties import tied_pairs
+from rankwise.ties import check_tie_correction
 
 __all__ = ["Decisions", "LayerProjection", "ProjectionInfo", "build_projected", "check_statistics",
            "compress_network_using_projection", "unpack_projected_layers"]
@@ -333,16 +333,6 @@ def excluded_layers(model: nn.Module, layer_names, layers: dict, tied=()) -> lis
     if layer_names is None:
         left_out |= {name for name in functional_layers(model) if name.rpartition(".")[0] not in layers}
     return [name for name, _ in model.named_modules() if name in left_out]
-
-
-def check_tie_correction(correction, layers: dict, model: nn.Module) -> None:
-    """Refuse the sequential correction of a tied pair (it refits one layer at a time; the pair
-    is two layers sharing one table), naming the table to exclude."""
-    tables = [name for name in tied_pairs(model) if name in layers]
-    if correction is not None and tables:
-        raise ValueError(f"correction: the sequential correction refits one layer at a time, and "
-                         f"{', '.join(map(repr, tables))} is a token table tied to its output head (one "
-                         "factored table serving both ends); exclude it, or use correction=None.")
 
 
 def tie_warnings(tied: dict) -> list[str]:

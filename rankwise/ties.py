@@ -61,3 +61,13 @@ def why_tie_cannot_hold(model: nn.Module, names: list[str]) -> str | None:
     if refusal is not None:
         return f"the table cannot be projected: {refusal}"
     return None
+
+
+def check_tie_correction(correction, layers: dict, model: nn.Module) -> None:
+    """Refuse the sequential correction of a tied pair (it refits one layer at a time; the pair
+    is two layers sharing one table), naming the table to exclude."""
+    tables = [name for name in tied_pairs(model) if name in layers]
+    if correction is not None and tables:
+        raise ValueError(f"correction: the sequential correction refits one layer at a time, and "
+                         f"{', '.join(map(repr, tables))} is a token table tied to its output head (one "
+                         "factored table serving both ends); exclude it, or use correction=None.")

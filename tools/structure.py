@@ -35,7 +35,7 @@ MAX_LINES = 400
 
 STAGES = (  # earliest first
     ("foundations", ("_version", "progress", "checks", "goals", "masks", "batches", "moments", "rnn", "learnables",
-                     "tables", "kinds", "distributed", "metric")),
+                     "tables", "kinds", "ties", "distributed", "metric")),
     ("layers", ("forms", "layers")),
     ("statistics", ("statistics", "recurrent_statistics", "targets", "holdout", "blockwise", "pca", "divergence")),
     ("decisions", ("ranks",)),

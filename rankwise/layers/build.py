@@ -18,7 +18,6 @@ from rankwise.kinds import kind_of
 from rankwise.layers.base import ProjectedLayer
 from rankwise.layers.tied import TiedEmbedding
 from rankwise.metric import unwhiten_output, whitened_layer
-from rankwise.ranks.options import TiedOptions
 
 
 def project_layer(layer: nn.Module, options, choice, unpack: bool = False) -> nn.Module:
@@ -39,7 +38,7 @@ def project_layer(layer: nn.Module, options, choice, unpack: bool = False) -> nn
     -------
     torch.nn.Module
     """
-    if isinstance(options, TiedOptions):  # the table end of a tied pair (rankwise.layers.tied)
+    if _tied_head(options) is not None:  # the table end of a tied pair (rankwise.layers.tied)
         return TiedEmbedding.from_dense(layer, options.output_basis[:, :choice.rank_out], options.head)
     kind = kind_of(layer)
     wrapper: type[ProjectedLayer] = (kind.wrapper if isinstance(kind.wrapper, type)
@@ -65,11 +64,16 @@ def projected_modules(model: nn.Module, name: str, layer: nn.Module, options, ch
     """``{name: project_layer(...)}``, and for a tied pair (:class:`~rankwise.ranks.options.TiedOptions`)
     also ``{head: its head end}``, sharing the table end's parameters (with a copy of the head's bias)."""
     projected = project_layer(layer, options, choice, unpack)
-    if not isinstance(options, TiedOptions):
+    if _tied_head(options) is None:
         return {name: projected}
     head = model.get_submodule(options.head)
     bias = None if head.bias is None else nn.Parameter(head.bias.detach().clone(), head.bias.requires_grad)
     return {name: projected, options.head: projected.head_end(bias, name)}
+
+
+def _tied_head(options) -> str | None:
+    """The head a tied pair's options name (``TiedOptions.head``), ``None`` for any other layer's."""
+    return getattr(options, "head", None) or None
 
 
 def _unmeasured(options):
