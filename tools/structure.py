@@ -39,7 +39,7 @@ STAGES = (  # earliest first
     ("layers", ("forms", "layers")),
     ("statistics", ("statistics", "recurrent_statistics", "targets", "holdout", "blockwise", "pca", "divergence")),
     ("decisions", ("ranks",)),
-    ("construction", ("selection", "info", "projection", "flops", "latency", "latency_aware", "batchnorm",
+    ("construction", ("selection", "info", "projection", "flops", "latency", "throughput", "latency_aware", "batchnorm",
                       "correction")),
     ("methods", ("decompose", "evolve", "train", "sensitivity", "incremental")),
     ("outputs", ("report", "io", "export", "hf", "cli", "datasets", "examples", "demo", "__init__")),
