@@ -18,6 +18,10 @@ of 256 tokens of standard-library docstrings, perplexity on the 16 held-apart te
   layers exceeds this shared machine's memory budget (see :mod:`smollm2`), and ``0.2`` is of the
   whole network's learnables, so the goal needs about a quarter of the candidates' learnables.
 
+**Where the perplexity goes.** For each criterion, two more rows from the same NeuronPCA: the
+table alone as the only candidate, asked to remove what the table gave in the joint decision, and
+the decoder Linears alone, asked to remove what they gave.
+
 **Which decoder layers.** Every third, ``0, 3, ..., 27`` (10 layers, 70 Linears, 35 389 440
 learnables), chosen before any result, to keep the peak resident memory under 8 GiB; with the
 table, 63 700 992 candidate learnables, of which the goal (26 903 002) is 42%.
@@ -82,8 +86,28 @@ def run(profile):
                      "continuation": continuation(net, tokenizer)})
         print({k: v for k, v in rows[-1].items()}, flush=True)
         del net
+        rows += split_rows(model, npca, names, criterion, rows[-1], batches["test"])
     return {"profile": profile, "decoder_layers": list(DECODER_LAYERS[profile]), "candidates": len(names),
             "threads": torch.get_num_threads(), "network_learnables": total, "rows": rows}
+
+
+def split_rows(model, npca, names, criterion, row, test):
+    """Where the perplexity went: the same criterion with only the table as a candidate, removing
+    what the table gave, and with only the decoder Linears, removing what they gave."""
+    total, rows = rw.count_learnables(model), []
+    table_removed = row["table_learnables"][0] - row["table_learnables"][1]
+    for part, layer_names, removed in (("table only", [TABLE], table_removed),
+                                       ("decoder only", names[1:], row["decoder_removed"])):
+        if removed == 0:
+            continue
+        net, info = rw.compress_network_using_projection(model, npca, learnables_reduction_goal=removed / total,
+                                                         layer_names=layer_names, criterion=criterion,
+                                                         allocation="global", verbosity="off")
+        rows.append({"method": f"rw-{criterion}-global, {part}", "learnables": rw.count_learnables(net),
+                     "learnables_reduction": info.learnables_reduction, "perplexity": perplexity(net, test),
+                     "table_rank": info.layers[TABLE].rank_out if TABLE in info.layers else None})
+        print(rows[-1], flush=True)
+    return rows
 
 
 def shared_table(end):
@@ -100,13 +124,18 @@ def markdown(result):
             lines.append(f"| original | {row['learnables']:,} | - | 49152 x 576 dense | - | yes | "
                          f"{row['perplexity']:.2f} | - | - |")
             continue
+        if "table_learnables" not in row:  # a split row
+            lines.append(f"| {row['method']} | {row['learnables']:,} | {row['learnables_reduction']:.2%} | "
+                         f"{row['table_rank'] or 'dense'} | "
+                         f"| yes | {row['perplexity']:.2f} | | |")
+            continue
         before, after = row["table_learnables"]
         lines.append(f"| {row['method']} | {row['learnables']:,} | {row['learnables_reduction']:.2%} | "
                      f"{row['table_rank'] or 'dense'} ({before:,} -> {after:,}) | {row['decoder_removed']:,} | "
                      f"{'yes' if row['tie_kept'] else 'NO'} | {row['perplexity']:.2f} | "
                      f"{row['calibration_seconds']:.0f} + {row['decision_seconds']:.0f} | {row['peak_rss_gib']:.1f} |")
     lines.append("")
-    lines += [f"- {row['method']}: {row['continuation']!r}" for row in result["rows"]]
+    lines += [f"- {row['method']}: {row['continuation']!r}" for row in result["rows"] if "continuation" in row]
     return "\n".join(lines) + "\n"
 
 

@@ -12,7 +12,9 @@ A language model is used in two regimes that stress the hardware differently:
 :func:`compare_generation_speed` measures both for an original and a compressed model on the same
 prompt, as :func:`rankwise.compare_speed` does for one forward pass: untimed warm-up calls, then
 ``repeats`` timed measurements alternating between the two models (so that a shared machine's
-drift hits both alike), and the medians. Prefill throughput is ``B T / t_prefill``; decode
+drift hits both alike), and the medians. Prefill throughput is ``B T / t_prefill`` (computing the
+logits of the last position only, as ``generate()`` does, where the model offers
+``logits_to_keep``); decode
 throughput is ``B n / t_decode`` for ``n`` greedy steps after an untimed prefill (each step feeds
 the arg-max token with the cache). Everything runs in eval mode under ``torch.inference_mode()``.
 
@@ -128,9 +130,11 @@ def compare_generation_speed(original: nn.Module, compressed: nn.Module, input_i
 
 
 def _prefill_seconds(model: nn.Module, input_ids: torch.Tensor):
-    """``(seconds, outputs)`` of one prefill pass filling a fresh cache."""
+    """``(seconds, outputs)`` of one prefill pass filling a fresh cache (the logits of the last
+    position only where the model's ``forward`` offers ``logits_to_keep``, as ``generate()`` asks)."""
+    last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     start = time.perf_counter()
-    outputs = model(input_ids=input_ids, use_cache=True)
+    outputs = model(input_ids=input_ids, use_cache=True, **last)
     return time.perf_counter() - start, outputs
 
 

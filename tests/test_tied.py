@@ -2,6 +2,8 @@
 serving the lookup and the head, exact at full rank, kept tied through save, load and ``generate()``,
 judged on both ends, and refused with the reason where the tie cannot hold."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from torch import nn
 import rankwise as rw
 from conftest import assert_unchanged, state_of
 from rankwise import hf
+from rankwise.cli import main
 from rankwise.goals import Goal
 from rankwise.layers import TiedEmbedding, TiedHead
 from rankwise.projection import Decisions, build_projected
@@ -84,10 +87,12 @@ def test_full_rank_is_exact_on_both_ends_and_generates_the_same_continuation(cal
     assert_unchanged(model, snapshot)
 
 
-def test_save_and_load_keep_one_tensor_serving_both_ends(calibrated, tmp_path):
+def test_save_and_load_keep_one_tensor_serving_both_ends(calibrated, tmp_path, capsys):
     name, model, data, npca = calibrated
     net, _ = table_at(model, npca, 7)
     rw.save(net, tmp_path / "tied.safetensors", metadata=hf.hf_metadata(model))
+    assert main(["info", str(tmp_path / "tied.safetensors")]) == 0
+    assert re.search(r"TiedHead +wrapper +projection \(output\) +in -, out 7", capsys.readouterr().out)
     for loaded in (rw.load(tmp_path / "tied.safetensors", model=build(name, seed=1)),
                    hf.load_compressed(tmp_path / "tied.safetensors")):
         embeddings, head = loaded.get_input_embeddings(), loaded.get_output_embeddings()

@@ -69,13 +69,14 @@ class TiedEmbedding(CompressedForm, nn.Module):
         return cls(a, b, head, table.padding_idx, table.scale_grad_by_freq, table.sparse)
 
     def spec(self) -> dict:
-        return {"type": type(self).__name__, "rank": self.rank, "head": self.head}
+        """``{"type", "rank_in": None, "rank_out": r, "head"}``: an output-side projection of rank ``r``."""
+        return {"type": type(self).__name__, "rank_in": None, "rank_out": self.rank, "head": self.head}
 
     @classmethod
     def from_spec(cls, layer: nn.Embedding, spec: dict) -> "TiedEmbedding":
         """Placeholder weights of the structure ``spec`` describes, for the dense table ``layer``."""
         cls.check_spec_type(spec)
-        return cls.from_dense(layer, torch.eye(layer.weight.shape[1], dtype=torch.float64)[:, :spec["rank"]],
+        return cls.from_dense(layer, torch.eye(layer.weight.shape[1], dtype=torch.float64)[:, :spec["rank_out"]],
                               spec["head"])
 
     def head_end(self, bias: nn.Parameter | None, table_name: str) -> "TiedHead":
@@ -109,7 +110,8 @@ class TiedHead(CompressedForm, nn.Module):
         return F.linear(F.linear(x, self.basis), self.table, self.bias)
 
     def spec(self) -> dict:
-        return {"type": type(self).__name__, "rank": self.basis.shape[0], "table": self.table_name}
+        """``{"type", "rank_in": None, "rank_out": r, "table"}``."""
+        return {"type": type(self).__name__, "rank_in": None, "rank_out": self.basis.shape[0], "table": self.table_name}
 
     @classmethod
     def from_spec(cls, layer: nn.Linear, spec: dict) -> "TiedHead":
@@ -118,8 +120,8 @@ class TiedHead(CompressedForm, nn.Module):
         cls.check_spec_type(spec)
         vocabulary, width = layer.weight.shape
         like = dict(device=layer.weight.device, dtype=layer.weight.dtype)
-        return cls(nn.Parameter(torch.zeros(vocabulary, spec["rank"], **like)),
-                   nn.Parameter(torch.zeros(spec["rank"], width, **like)), layer.bias, spec["table"])
+        return cls(nn.Parameter(torch.zeros(vocabulary, spec["rank_out"], **like)),
+                   nn.Parameter(torch.zeros(spec["rank_out"], width, **like)), layer.bias, spec["table"])
 
     def unpack(self) -> nn.Module:
         return self
