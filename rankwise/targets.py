@@ -179,13 +179,15 @@ def tied_left_out(model: nn.Module, layer_names=None, exclude=None) -> dict[str,
     entries = _entries(layer_names, "layer_names", allow_empty=False)
     pairs, dropped = tied_pairs(model), _heads_excluded(tied_pairs(model), exclude)
     selected = set(select_layers(model, layer_names, exclude)) if pairs else set()
+    dropped |= {table: head for table, head in pairs.items()  # a table excluded itself: listed as excluded
+                if any(_matches(entry, table, "exclude") for entry in _entries(exclude, "exclude", True))}
     named = lambda name: not entries or any(_matches(entry, name, "layer_names") for entry in entries)  # noqa: E731
     left = {name: why for name, why in tied_layers(model).items()
             if why_not_projectable(model.get_submodule(name)) is None and named(name)
             and not any(head == name and (table in selected or table in dropped) for table, head in pairs.items())}
     left.update({table: (f"its tied head {head!r} was excluded, and the tie cannot hold with one end "
                          "compressed; exclude neither end to compress the pair")
-                 for table, head in dropped.items() if named(table)})
+                 for table, head in _heads_excluded(pairs, exclude).items() if named(table)})
     return {name: left[name] for name, _ in model.named_modules() if name in left}
 
 

@@ -3,6 +3,7 @@ serving the lookup and the head, exact at full rank, kept tied through save, loa
 judged on both ends, and refused with the reason where the tie cannot hold."""
 
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -185,6 +186,12 @@ def test_excluding_one_end_leaves_the_pair_dense_or_is_refused_and_the_model_unt
         net, info = rw.compress_network_using_projection(model, data, exclude="lm_head", learnables_reduction_goal=0.2,
                                                          verbosity="off", criterion="variance", allocation="global")
     assert "transformer.wte" in info.excluded and net.lm_head.weight is net.transformer.wte.weight
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # excluding the table itself: the pair stays dense, nothing to warn of
+        net, info = rw.compress_network_using_projection(model, data, exclude="transformer.wte", verbosity="off",
+                                                         learnables_reduction_goal=0.2, criterion="variance",
+                                                         allocation="global")
+    assert info.excluded == ["transformer.wte"] and net.lm_head.weight is net.transformer.wte.weight
     with pytest.raises(ValueError, match="exclude: 'lm_head' is the output head tied to 'transformer.wte', which "
                                          "layer_names names"):
         rw.compress_network_using_projection(model, data, layer_names=["transformer.wte", "transformer.h.*"],
