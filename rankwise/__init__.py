@@ -11,6 +11,7 @@ from rankwise.io import load, save
 from rankwise.kinds import register_kind
 from rankwise.flops import count_flops
 from rankwise.latency import SpeedComparison, UnstableTimingWarning, compare_speed, median_latency
+from rankwise.throughput import GenerationSpeed, compare_generation_speed
 from rankwise.layers import (ProjectedConv, ProjectedEmbedding, ProjectedGRU, ProjectedLayer, ProjectedLinear,
                              ProjectedLSTM, ProjectedMultiheadAttention)
 from rankwise.learnables import count_learnables
@@ -35,5 +36,6 @@ __all__ = [
     "ProjectedLSTM", "ProjectedGRU", "ProjectedEmbedding", "ProjectedMultiheadAttention",
     "fold_batchnorm", "recalibrate_batchnorm",
     "median_latency", "count_flops", "compare_speed", "SpeedComparison", "UnstableTimingWarning",
+    "compare_generation_speed", "GenerationSpeed",
     "token_mask", "register_kind", "solver_threads", "estimate_cost", "CostEstimate",
 ]

@@ -24,7 +24,7 @@ from rankwise.forms import fused_paths_off, unpack_forms
 from rankwise.info import LayerProjection, ProjectionInfo, describe_choice
 from rankwise.kinds import kind_of
 from rankwise.latency_aware import choose_faster_ranks, record_layer_calls
-from rankwise.layers.build import project_layer
+from rankwise.layers.build import projected_modules
 from rankwise.learnables import count_learnables
 from rankwise.pca import NeuronPCA
 from rankwise.correction import build_sequentially, correction_batches
@@ -32,6 +32,7 @@ from rankwise.ranks import SequenceBound, choose_ranks, criterion_named, measure
 from rankwise.selection import MeasuredChoice, how_to_decide
 from rankwise.tables import format_ranks
 from rankwise.targets import functional_layers, select_layers, tied_left_out
+from rankwise.ties import check_tie_correction
 
 __all__ = ["Decisions", "LayerProjection", "ProjectionInfo", "build_projected", "check_statistics",
            "compress_network_using_projection", "unpack_projected_layers"]
@@ -203,7 +204,8 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
     check_score_fn(score_fn)
     correction_data = correction_batches(correction, correction_data, npca_or_data)
     layers = select_layers(model, layer_names, exclude=exclude)
-    tied = tied_left_out(model, layer_names)
+    tied = tied_left_out(model, layer_names, exclude)
+    check_tie_correction(correction, layers, model)
     calls = None if latency_input is None else record_layer_calls(model, layers, latency_input)
     npca = npca_or_data if isinstance(npca_or_data, NeuronPCA) else NeuronPCA(
         model, npca_or_data, layer_names=list(layers), verbosity=verbosity, forward_fn=forward_fn,
@@ -293,8 +295,9 @@ def build_projected(model: nn.Module, layers: dict, options: dict, decisions: De
                                         progress=None if verbosity == "off" else "sequential correction")
         learnables_after = count_learnables(compressed)
     elif build:
-        replacements = {name: project_layer(layers[name], options[name], choice, unpack)
-                        for name, choice in decisions.choices.items() if choice.side != "dense"}
+        replacements = {end: module for name, choice in decisions.choices.items() if choice.side != "dense"
+                        for end, module in projected_modules(model, name, layers[name], options[name], choice,
+                                                             unpack).items()}
         compressed = model if inplace else copy.deepcopy(model)
         for name, replacement in replacements.items():
             compressed.set_submodule(name, replacement)

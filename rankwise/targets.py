@@ -32,6 +32,7 @@ from torch import nn
 
 from rankwise.forms import compressed_parts, describe_form, is_form
 from rankwise.kinds import kind_of, supported_names
+from rankwise.ties import shared_owners, table_first, tied_pairs, why_tie_cannot_hold
 
 REGEX_PREFIX = "re:"
 GLOB_CHARACTERS = "*?["
@@ -100,22 +101,32 @@ def projectable_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def tied_layers(model: nn.Module) -> dict[str, str]:
-    """``{layer: why}`` for the modules holding a parameter that another module holds too.
+    """``{layer: why}`` for the modules holding a parameter that another module holds too, but the
+    table of a tie compressed as one unit (:func:`rankwise.ties.tied_pairs`), which is a candidate.
 
     A tied pair (a language model's output head sharing the token embedding's table) is one
-    set of learnables used twice: replacing either side would break the tie and add the
-    factored form's learnables to the shared table, making the network larger.
+    set of learnables used twice: replacing either end alone would break the tie and add the
+    factored form's learnables to the shared table, making the network larger. Where the tie
+    can hold, the pair is compressed under the table's name, one factored table serving both
+    ends (:mod:`rankwise.layers.tied`), and its head is withheld as a layer of its own; any
+    other tie is left dense, with the reason it cannot hold.
     """
-    owners: dict[int, list[str]] = {}
-    for name, module in model.named_modules():
-        for parameter in module.parameters(recurse=False):
-            owners.setdefault(id(parameter), []).append(name)
+    parts = compressed_parts(model)
     tied = {}
-    for names in owners.values():
-        for name in names if len(names) > 1 else ():
+    for names in shared_owners(model):
+        names = table_first(model, names)
+        if any(name in parts for name in names):
+            continue
+        reason = why_tie_cannot_hold(model, names)
+        if reason is None:
+            tied[names[1]] = (f"it is the output head tied to {names[0]!r} (the same tensor): the pair is "
+                              f"compressed as one unit, one factored table serving both ends; select "
+                              f"{names[0]!r} to compress it")
+            continue
+        for name in names:
             others = ", ".join(repr(other) for other in names if other != name)
-            tied[name] = (f"its weight is tied to {others} (the same tensor): projecting it would break "
-                          "the tie and add learnables; leave it out, or untie the weights first")
+            tied[name] = (f"its weight is tied to {others} (the same tensor), and the tie cannot be kept "
+                          f"compressed: {reason}; leave it out, or untie the weights first")
     return tied
 
 
@@ -155,19 +166,29 @@ def _child(parent: str, child: str) -> str:
     return f"{parent}.{child}" if parent else child
 
 
-def tied_left_out(model: nn.Module, layer_names=None) -> dict[str, str]:
-    """``{layer: why}``: the tied layers (:func:`tied_layers`) of a projectable kind that
-    ``layer_names`` would select were they not tied, in model order.
+def tied_left_out(model: nn.Module, layer_names=None, exclude=None) -> dict[str, str]:
+    """``{layer: why}``: the tied layers left dense that ``layer_names`` would select were they
+    not tied, in model order.
 
     With ``layer_names=None`` every such layer; otherwise those its patterns match (an exact
-    name of a tied layer is refused by :func:`select_layers` with the same reason). These are
-    left dense, and the functions that select by ``layer_names`` list them as excluded.
+    name of a tied layer is refused by :func:`select_layers` with the same reason). A head
+    whose table is compressed with it is not left dense; a table whose head ``exclude`` names
+    is (the tie cannot hold with one end compressed). The functions that select by
+    ``layer_names`` list these as excluded.
     """
     entries = _entries(layer_names, "layer_names", allow_empty=False)
-    tied = tied_layers(model)
-    return {name: tied[name] for name, module in model.named_modules()
-            if name in tied and why_not_projectable(module) is None
-            and (not entries or any(_matches(entry, name, "layer_names") for entry in entries))}
+    pairs, dropped = tied_pairs(model), _heads_excluded(tied_pairs(model), exclude)
+    selected = set(select_layers(model, layer_names, exclude)) if pairs else set()
+    dropped |= {table: head for table, head in pairs.items()  # a table excluded itself: listed as excluded
+                if any(_matches(entry, table, "exclude") for entry in _entries(exclude, "exclude", True))}
+    named = lambda name: not entries or any(_matches(entry, name, "layer_names") for entry in entries)  # noqa: E731
+    left = {name: why for name, why in tied_layers(model).items()
+            if why_not_projectable(model.get_submodule(name)) is None and named(name)
+            and not any(head == name and (table in selected or table in dropped) for table, head in pairs.items())}
+    left.update({table: (f"its tied head {head!r} was excluded, and the tie cannot hold with one end "
+                         "compressed; exclude neither end to compress the pair")
+                 for table, head in _heads_excluded(pairs, exclude).items() if named(table)})
+    return {name: left[name] for name, _ in model.named_modules() if name in left}
 
 
 def select_layers(model: nn.Module, layer_names=None, exclude=None) -> dict[str, nn.Module]:
@@ -201,7 +222,28 @@ def select_layers(model: nn.Module, layer_names=None, exclude=None) -> dict[str,
                                   lambda module: withheld.get(id(module)) or why_not_projectable(module),
                                   "projected", "Projectable layers",
                                   f"model: it has no projectable layer ({supported_names()}).")
-    return select(model, candidates, layer_names, exclude)
+    pairs = tied_pairs(model)
+    dropped = _heads_excluded(pairs, exclude)
+    exclude = [entry for entry in _entries(exclude, "exclude", allow_empty=True)
+               if not any(_matches(entry, head, "exclude") for head in pairs.values())
+               or any(_matches(entry, name, "exclude") for name in candidates.layers)]
+    selected = select(model, candidates, layer_names, exclude)
+    for table, head in dropped.items():
+        if table in selected and table in _entries(layer_names, "layer_names", allow_empty=False):
+            raise ValueError(f"exclude: {head!r} is the output head tied to {table!r}, which layer_names "
+                             "names: the tie cannot hold with one end compressed. Exclude neither end to "
+                             "compress the pair, or both to leave it dense.")
+    selected = {name: module for name, module in selected.items() if name not in dropped}
+    if not selected:
+        raise ValueError(f"exclude: it leaves no layer to be projected (the tied table(s) "
+                         f"{', '.join(dropped)} go with their excluded head); exclude fewer layers.")
+    return selected
+
+
+def _heads_excluded(pairs: dict, exclude) -> dict[str, str]:
+    """``{table: head}`` of the tied pairs whose head an entry of ``exclude`` matches."""
+    entries = _entries(exclude, "exclude", allow_empty=True)
+    return {table: head for table, head in pairs.items() if any(_matches(entry, head, "exclude") for entry in entries)}
 
 
 def select(model: nn.Module, candidates: SelectableLayers, layer_names=None, exclude=None,

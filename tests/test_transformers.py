@@ -14,6 +14,7 @@ from rankwise.goals import Goal
 from rankwise.projection import Decisions, build_projected
 from rankwise.ranks import RankChoice, measured_options
 from rankwise.targets import select_layers
+from rankwise.ties import tied_pairs
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore:layer '.*' was left dense:UserWarning")  # the tie, tested below
@@ -67,7 +68,7 @@ def test_every_linear_conv1d_and_embedding_is_analysed(calibrated):
     assert set(kinds.values()) == KINDS[name]
     dense = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Embedding)
              or type(m).__name__ == "Conv1D"]
-    tied = {"gpt2": {"transformer.wte", "lm_head"}}.get(name, set())
+    tied = {"gpt2": {"lm_head"}}.get(name, set())  # compressed with its table, under the table's name
     assert set(npca.layer_names) == set(dense) - tied
 
 
@@ -77,7 +78,7 @@ def full_rank(model, npca, unpack=False, criterion="variance"):
     options = measured_options(model, npca, layers, criterion)
     choices = {n: RankChoice("output", None, options[n].output_basis.shape[1], 0, 0.0, 0.0) for n in layers}
     net, _ = build_projected(model, layers, options, Decisions(Goal("explained_variance", 1.0), choices), unpack=unpack)
-    assert set(compressed_forms(net)) == set(layers)
+    assert set(compressed_forms(net)) == set(layers) | set(tied_pairs(model).values())  # a tied head with its table
     return net
 
 
@@ -105,7 +106,7 @@ def test_gpt2_conv1d_unpacks_to_gpt2_layers():
     net, info = rw.compress_network_using_projection(model, data, learnables_reduction_goal=0.3, verbosity="off")
     conv1d = type(model.transformer.h[0].attn.c_attn)
     projected = {n: m for n, m in net.named_modules() if isinstance(m, rw.layers.ProjectedConv1D)}
-    assert projected and set(projected) == set(info.layer_names)
+    assert projected and set(projected) == set(info.layer_names) - {"transformer.wte"}  # the tied table: test_tied.py
     for form in projected.values():
         plain = form.unpack()
         assert [type(m) for m in plain] == [nn.Linear, conv1d]  # bias-free projection, then a Conv1D
@@ -129,19 +130,17 @@ def test_goals_are_honoured_and_the_input_model_is_unchanged(calibrated, goal):
     assert outputs(net, data[0]).shape == outputs(model, data[0]).shape
 
 
-def test_gpt2_keeps_its_tied_head_and_never_grows():
+def test_gpt2_compresses_its_tied_table_and_head_as_one_unit_and_never_grows():
     model, data = build("gpt2"), batches()
     assert model.lm_head.weight is model.transformer.wte.weight
-    with pytest.warns(UserWarning, match="'lm_head' was left dense: its weight is tied to 'transformer.wte'"):
-        net, info = rw.compress_network_using_projection(model, data, learnables_reduction_goal=0.3,
-                                                         verbosity="off")
-    assert net.lm_head.weight is net.transformer.wte.weight
-    assert {"transformer.wte", "lm_head"} <= set(info.excluded)
-    assert "transformer.wte" not in info.layers and "lm_head" not in info.layers
+    net, info = rw.compress_network_using_projection(model, data, learnables_reduction_goal=0.3, verbosity="off",
+                                                     criterion="variance", allocation="global")
+    ends = [net.lm_head, net.transformer.wte]
+    assert ends[0].weight is ends[1].weight if info.layers["transformer.wte"].side == "dense" else ends[0].table is ends[1].table
+    assert "lm_head" not in info.layers and not info.excluded and not info.warnings
     assert info.learnables_reduction >= 0.3 and rw.count_learnables(net) == info.learnables_after
-    assert "excluded: transformer.wte, lm_head" in info.table()
-    with pytest.raises(ValueError, match="layer_names: 'lm_head' cannot be projected: its weight is tied to "
-                                         "'transformer.wte'"):
+    with pytest.raises(ValueError, match="layer_names: 'lm_head' cannot be projected: it is the output head tied "
+                                         "to 'transformer.wte'"):
         rw.compress_network_using_projection(model, data, layer_names="lm_head", verbosity="off")
 
 
@@ -150,7 +149,7 @@ def test_the_analysis_report_gives_the_tie_as_the_reason_and_the_infos_compressi
     npca = rw.NeuronPCA(model, data, verbosity="off")
     report = rw.analyze(model, npca, learnables_reduction_goals=[0.3], verbosity="off")
     head = report.layers["lm_head"]
-    assert not head.projectable and head.reason.startswith("its weight is tied to 'transformer.wte'")
+    assert not head.projectable and head.reason.startswith("it is the output head tied to 'transformer.wte'")
     _, built = rw.compress_network_using_projection(model, npca, learnables_reduction_goal=0.3, verbosity="off",
                                                     criterion="variance", allocation="global")
     assert report.goals["learnables_reduction_goal=0.3"] == built

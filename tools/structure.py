@@ -35,12 +35,12 @@ MAX_LINES = 400
 
 STAGES = (  # earliest first
     ("foundations", ("_version", "progress", "checks", "goals", "masks", "batches", "threads", "solvers", "moments", "rnn", "learnables",
-                     "tables", "kinds", "distributed", "metric")),
+                     "tables", "kinds", "ties", "distributed", "metric")),
     ("layers", ("forms", "layers")),
     ("statistics", ("statistics", "recurrent_statistics", "targets", "holdout", "blockwise", "pca", "divergence",
                     "estimate")),
     ("decisions", ("ranks",)),
-    ("construction", ("selection", "info", "projection", "flops", "latency", "latency_aware", "batchnorm",
+    ("construction", ("selection", "info", "projection", "flops", "latency", "throughput", "latency_aware", "batchnorm",
                       "correction")),
     ("methods", ("decompose", "evolve", "train", "sensitivity", "incremental")),
     ("outputs", ("report", "io", "export", "hf", "cli", "datasets", "examples", "demo", "__init__")),

@@ -9,6 +9,7 @@ from rankwise.layers.linear import ProjectedLinear
 from rankwise.layers.gru import ProjectedGRU
 from rankwise.layers.lstm import ProjectedLSTM
 from rankwise.layers.recurrent import ProjectedRecurrent
+from rankwise.layers.tied import TiedEmbedding, TiedHead
 
 __all__ = ["ProjectedLayer", "ProjectedLinear", "ProjectedConv", "ProjectedConv1D", "ProjectedEmbedding", "ProjectedLSTM", "ProjectedGRU",
-           "ProjectedMultiheadAttention", "ProjectedRecurrent"]
+           "ProjectedMultiheadAttention", "ProjectedRecurrent", "TiedEmbedding", "TiedHead"]

@@ -16,6 +16,7 @@ from torch import nn
 import rankwise.layers
 from rankwise.kinds import kind_of
 from rankwise.layers.base import ProjectedLayer
+from rankwise.layers.tied import TiedEmbedding
 from rankwise.metric import unwhiten_output, whitened_layer
 
 
@@ -37,6 +38,8 @@ def project_layer(layer: nn.Module, options, choice, unpack: bool = False) -> nn
     -------
     torch.nn.Module
     """
+    if _tied_head(options) is not None:  # the table end of a tied pair (rankwise.layers.tied)
+        return TiedEmbedding.from_dense(layer, options.output_basis[:, :choice.rank_out], options.head)
     kind = kind_of(layer)
     wrapper: type[ProjectedLayer] = (kind.wrapper if isinstance(kind.wrapper, type)
                                      else getattr(rankwise.layers, kind.wrapper))
@@ -54,6 +57,23 @@ def project_layer(layer: nn.Module, options, choice, unpack: bool = False) -> nn
             layer, input_basis=_leading(options.input_basis, choice.rank_in), input_mean=options.input_mean,
             output_basis=_leading(options.output_basis, choice.rank_out), output_mean=options.output_mean)
     return projected.unpack() if unpack else projected
+
+
+def projected_modules(model: nn.Module, name: str, layer: nn.Module, options, choice,
+                      unpack: bool = False) -> dict[str, nn.Module]:
+    """``{name: project_layer(...)}``, and for a tied pair (:class:`~rankwise.ranks.options.TiedOptions`)
+    also ``{head: its head end}``, sharing the table end's parameters (with a copy of the head's bias)."""
+    projected = project_layer(layer, options, choice, unpack)
+    if _tied_head(options) is None:
+        return {name: projected}
+    head = model.get_submodule(options.head)
+    bias = None if head.bias is None else nn.Parameter(head.bias.detach().clone(), head.bias.requires_grad)
+    return {name: projected, options.head: projected.head_end(bias, name)}
+
+
+def _tied_head(options) -> str | None:
+    """The head a tied pair's options name (``TiedOptions.head``), ``None`` for any other layer's."""
+    return getattr(options, "head", None) or None
 
 
 def _unmeasured(options):

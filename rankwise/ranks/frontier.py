@@ -62,7 +62,8 @@ from rankwise.kinds import kind_named
 from rankwise.learnables import dense_learnables, factored_learnables, recurrent_learnables
 from rankwise.progress import PROGRESS_DELAY_SECONDS
 from rankwise.ranks.criterion import Candidates, Criterion, criterion_named, output_metrics
-from rankwise.ranks.options import AttentionOptions, LayerOptions, RecurrentOptions
+from rankwise.ranks.options import AttentionOptions, LayerOptions, RecurrentOptions, frontier_indices
+from rankwise.ranks.tied import is_tied, tied_options
 from rankwise.rnn import GATES
 
 MAX_BOTH_INPUT_RANKS = 256  # input ranks tried in the both-sides grid
@@ -100,6 +101,9 @@ def measured_options(model, npca, layers: dict, criterion: str = "variance",
     for name in tqdm(layers, desc="rankwise: spectra and options", delay=PROGRESS_DELAY_SECONDS,
                      leave=False, disable=not progress):
         # one layer's whitened statistics at a time: freed once its options are enumerated
+        if is_tied(npca.statistics(name)):  # both ends judged in their own metrics (rankwise.ranks.tied)
+            options[name] = tied_options(npca, name, criterion_named(criterion))
+            continue
         analysed = npca.whitened({name: metrics[name]}, layers) if name in metrics else npca
         options[name] = layer_options(analysed, name, criterion)
         options[name].metric = metrics.get(name)
@@ -145,7 +149,7 @@ def _dense_options(npca, name: str, kind, criterion: Criterion) -> LayerOptions:
     candidates = _all_options(res_in, res_out, partial(factored_learnables, in_c, out_c, k),
                               dense_learnables(in_c, out_c, k, stats.bias))
     error = criterion(npca, name, None, candidates)
-    keep = _frontier(candidates.learnables, error)
+    keep = frontier_indices(candidates.learnables, error)
     side_residuals = {"output": res_out} if res_in is None else {"input": res_in, "output": res_out}
     return LayerOptions(name, candidates.side[keep], candidates.rank_in[keep], candidates.rank_out[keep],
                         candidates.learnables[keep], candidates.residual[keep], error[keep],
@@ -210,7 +214,7 @@ def _part_options(npca, name: str, part: str, criterion: Criterion) -> LayerOpti
     candidates = _all_options(None, res_out, partial(factored_learnables, width, stats.embed_dim, 1),
                               dense_learnables(width, stats.embed_dim, 1, True))
     error = criterion(npca, name, part, candidates)
-    keep = _frontier(candidates.learnables, error)
+    keep = frontier_indices(candidates.learnables, error)
     return LayerOptions(name, candidates.side[keep], candidates.rank_in[keep], candidates.rank_out[keep],
                         candidates.learnables[keep], candidates.residual[keep], error[keep], None, None,
                         spectrum.eigenvectors, spectrum.mean, {"output": res_out})
@@ -245,7 +249,7 @@ def _cell_options(npca, name: str, cell: str, directions: dict, layer_total: flo
     candidates = _all_options(side_residuals["input"], side_residuals["output"], count, count(None, None),
                               total / layer_total if layer_total > 0 else 0.0)
     error = criterion(npca, name, cell, candidates)
-    keep = _frontier(candidates.learnables, error)
+    keep = frontier_indices(candidates.learnables, error)
     (in_spec, (_, in_basis)), (out_spec, (_, out_basis)) = directions["input"], directions["output"]
     return LayerOptions(name, candidates.side[keep], candidates.rank_in[keep], candidates.rank_out[keep],
                         candidates.learnables[keep], candidates.residual[keep], error[keep],
@@ -267,7 +271,7 @@ def _combine(frontiers: list[tuple[LayerOptions, float]]):
         error = (error[:, None] + options.error[None, :]).ravel()
         picks = np.concatenate([np.repeat(picks, count, 0),
                                 np.tile(np.arange(count), len(picks))[:, None]], 1)
-        keep = _frontier(learnables, error)
+        keep = frontier_indices(learnables, error)
         picks, learnables, lost, error = picks[keep], learnables[keep], lost[keep], error[keep]
     return picks, learnables, lost, error
 
@@ -305,17 +309,12 @@ def _all_options(res_in, res_out, count, dense: int, variance_share: float = 1.0
     return Candidates(*columns, variance_share=variance_share)
 
 
-def _frontier(learnables: np.ndarray, error: np.ndarray) -> np.ndarray:
-    """Indices of the factored options beaten by no other, learnables ascending, then dense.
-
-    The dense option (the last of ``learnables``) always closes the frontier.
-    """
-    order = np.lexsort((error, learnables))
-    best_before = np.minimum.accumulate(np.concatenate([[np.inf], error[order]]))[:-1]
-    pareto = order[error[order] < best_before]
-    dense = len(learnables) - 1
-    return np.append(pareto[learnables[pareto] < learnables[dense]], dense)
+def _embedding_options(npca, name: str, kind, criterion: Criterion) -> LayerOptions:
+    """A table's options: a ``Linear`` layer's on one-hot tokens, or a tied pair's (:mod:`rankwise.ranks.tied`)."""
+    if is_tied(npca.statistics(name)):
+        return tied_options(npca, name, criterion)
+    return _dense_options(npca, name, kind, criterion)
 
 
-FRONTIERS = {"dense": _dense_options, "embedding": _dense_options, "recurrent": _recurrent_options,
+FRONTIERS = {"dense": _dense_options, "embedding": _embedding_options, "recurrent": _recurrent_options,
              "attention": _attention_options}

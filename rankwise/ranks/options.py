@@ -152,3 +152,23 @@ class AttentionOptions(RecurrentOptions):
         side = "dense" if all(r is None for r in ranks) else "output"
         return RankChoice(side, None, None if side == "dense" else ranks, int(self.learnables[index]),
                           float(self.residual[index]), float(self.error[index]))
+
+
+@dataclass
+class TiedOptions(LayerOptions):
+    """The frontier of a tied table and head pair's options (:mod:`rankwise.ranks.tied`): output-side
+    ranks ``r`` of the one factored table ``E P P^T`` serving both ends; ``head`` names the head."""
+
+    head: str = ""
+
+
+def frontier_indices(learnables: np.ndarray, error: np.ndarray) -> np.ndarray:
+    """Indices of the factored options beaten by no other, learnables ascending, then dense.
+
+    The dense option (the last of ``learnables``) always closes the frontier.
+    """
+    order = np.lexsort((error, learnables))
+    best_before = np.minimum.accumulate(np.concatenate([[np.inf], error[order]]))[:-1]
+    pareto = order[error[order] < best_before]
+    dense = len(learnables) - 1
+    return np.append(pareto[learnables[pareto] < learnables[dense]], dense)

@@ -34,7 +34,7 @@ from rankwise.report.html import report_tables_html, write_html
 from rankwise.report.serialize import report_to_dict, write_json
 from rankwise.report.table import report_table, summary_line
 from rankwise.sensitivity import Sensitivity, probe_sensitivity
-from rankwise.targets import select_layers, tied_left_out, why_not_projectable
+from rankwise.targets import select_layers, tied_layers, tied_left_out, why_not_projectable
 
 DEFAULT_EXPLAINED_VARIANCE_GOALS = (0.9, 0.95, 0.99)
 DEFAULT_LEARNABLES_REDUCTION_GOALS = (0.5, 0.8, 0.9)
@@ -214,7 +214,8 @@ def analyze(model: nn.Module, npca_or_data, *, layer_names=None, exclude=None,
     goals = (_check_goals(explained_variance_goals, "explained_variance_goals", "explained_variance")
              + _check_goals(learnables_reduction_goals, "learnables_reduction_goals", "learnables_reduction"))
     selected = select_layers(model, layer_names, exclude=exclude)
-    tied = tied_left_out(model, layer_names)
+    tied = tied_left_out(model, layer_names, exclude)
+    withheld = {**tied_layers(model), **tied}  # a tied head compressed with its table says so
     excluded = excluded_layers(model, layer_names, selected, tied)
     npca, analysed = _statistics(model, npca_or_data, selected, layer_names is None,
                                  verbosity, forward_fn)
@@ -223,7 +224,7 @@ def analyze(model: nn.Module, npca_or_data, *, layer_names=None, exclude=None,
     reduction, explained = tradeoff_curve(options, network_learnables)
     report = AnalysisReport(
         network_learnables,
-        {name: _layer_report(name, module, selected, excluded, tied, options.get(name), npca)
+        {name: _layer_report(name, module, selected, excluded, withheld, options.get(name), npca)
          for name, module in _listed_modules(model)},
         {str(goal): _goal_outcome(model, goal, analysed, options, excluded, tied, npca) for goal in goals},
         reduction, explained, None if eval_fn is None else _sensitivity(model, npca, eval_fn, goals, analysed))

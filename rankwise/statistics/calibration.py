@@ -22,7 +22,11 @@ from rankwise.distributed import (active_group, all_gather_count, all_reduce_cou
 from rankwise.kinds import kind_of
 from rankwise.statistics import moment_tensors, statistics_for
 from rankwise.statistics.dense import sharing_inputs
-from rankwise.statistics.gradients import AUTO_GRADIENT_EVERY, empty_gradient_moments, gradient_moments
+from rankwise.statistics.gradients import AUTO_GRADIENT_EVERY, InputOf, empty_gradient_moments, gradient_moments
+from rankwise.ties import tied_pairs
+
+HEAD_INPUT = " head input"
+"""The suffix of a tied table's name under which its head's input gradients are kept."""
 
 NO_BATCH = ("data: the iterable yielded no batch. Pass a DataLoader or a list of tensors holding "
             "representative inputs.")
@@ -49,18 +53,25 @@ def gather(model: nn.Module, data, layers: dict, forward_fn=None, max_batches: i
     ValueError
         When no batch was run (on any rank of the group), or the model rejects a batch.
     """
-    gathered = Gathered({name: statistics_for(m) for name, m in layers.items()})
+    pairs = tied_pairs(model)
+    gathered = Gathered({name: statistics_for(m) if name not in pairs else
+                         statistics_for(m).tied_to(pairs[name], model.get_submodule(pairs[name]))
+                         for name, m in layers.items()})
     _calibrate_shard(gathered, model, data, layers, forward_fn, max_batches, show_progress, loss_fn,
                      process_group, blocks, device)
     _sum_over(gathered, process_group)
     return gathered
 
 
-def gradient_layers(layers: dict) -> dict:
+def gradient_layers(layers: dict, model: nn.Module | None = None) -> dict:
     """The layers that get gradient statistics with ``loss_fn``: the dense and embedding ones
-    (recurrent and attention layers have no loss criterion)."""
-    return {name: layer for name, layer in layers.items()
-            if kind_of(layer).traits.gradients}
+    (recurrent and attention layers have no loss criterion); with ``model``, also the input of
+    the head tied to each table of ``layers`` (:class:`~rankwise.statistics.gradients.InputOf`,
+    under the table's name followed by :data:`HEAD_INPUT`)."""
+    chosen = {name: layer for name, layer in layers.items() if kind_of(layer).traits.gradients}
+    pairs = {} if model is None else tied_pairs(model)
+    return {**chosen, **{name + HEAD_INPUT: InputOf(model.get_submodule(pairs[name])) for name in chosen
+                         if name in pairs}}
 
 
 def _calibrate(gathered: Gathered, model, data, layers, forward_fn, max_batches, show_progress, loss_fn, blocks,
@@ -71,6 +82,8 @@ def _calibrate(gathered: Gathered, model, data, layers, forward_fn, max_batches,
     with sharing_inputs() as shared:
         handles = [layer.register_forward_hook(gathered.stats[name].hook(name, layer), with_kwargs=True)
                    for name, layer in layers.items()]
+        handles += [model.get_submodule(stats.head).register_forward_hook(stats.head_hook(stats.head), with_kwargs=True)
+                    for stats in gathered.stats.values() if getattr(stats, "head", None) is not None]
         handles.append(model.register_forward_pre_hook(lambda *_: shared.clear()))
         progress = "NeuronPCA" if show_progress else None
         if blocks is not None:
@@ -81,7 +94,7 @@ def _calibrate(gathered: Gathered, model, data, layers, forward_fn, max_batches,
                                                empty_message=NO_BATCH)
         else:
             gathered.gradients, gathered.gradient_samples, gathered.num_batches = gradient_moments(
-                model, data, gradient_layers(layers), loss_fn, forward_fn, max_batches, progress, handles=handles,
+                model, data, gradient_layers(layers, model), loss_fn, forward_fn, max_batches, progress, handles=handles,
                 every=AUTO_GRADIENT_EVERY if loss_fn == "auto" else 1)
 
 
@@ -102,7 +115,7 @@ def _calibrate_shard(gathered: Gathered, model, data, layers, forward_fn, max_ba
         if shard.yielded or not isinstance(error, ValueError):
             failure = error
         elif loss_fn is not None:  # an empty shard: zero gradient moments, shaped as the others'
-            gathered.gradients = empty_gradient_moments(gradient_layers(layers), model_device(model))
+            gathered.gradients = empty_gradient_moments(gradient_layers(layers, model), model_device(model))
     raise_on_every_rank(failure, process_group)
 
 

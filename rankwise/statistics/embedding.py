@@ -17,9 +17,17 @@ So the thin-data shrinkage of :mod:`rankwise.statistics.spectra` pulls the outpu
 toward ``s E^T E`` with ``s = tr(C_x) / V = (1 - sum_t p_t^2) / V ~ 1 / V``: the covariance of a
 token drawn uniformly from the whole vocabulary. Directions of tokens that calibration never
 showed keep that prior weight, which is what makes a projected table robust for them.
+
+A table tied to an output head (:mod:`rankwise.ties`) also gathers the moments of the head's
+input rows ``x`` (``head_input``, with their outer products, ``d x d``): the tied pair's options
+judge the head's logits ``E x`` through them (:mod:`rankwise.ranks.tied`). ``head`` is the
+head's qualified name (``None`` for a table that is not tied).
 """
 
 from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -29,8 +37,13 @@ from rankwise.moments import Moments, naming_layer
 from rankwise.statistics.dense import LayerStatistics, add_call
 
 
+@dataclass
 class EmbeddingStatistics(LayerStatistics):
-    """:class:`LayerStatistics` of ``W = E^T`` on one-hot inputs (see the module docstring)."""
+    """:class:`LayerStatistics` of ``W = E^T`` on one-hot inputs, and of a tied head's input
+    (see the module docstring)."""
+
+    head: str | None = None
+    head_input: Moments | None = None
 
     @classmethod
     def for_layer(cls, layer: nn.Embedding, kind: str) -> "EmbeddingStatistics":
@@ -53,6 +66,22 @@ class EmbeddingStatistics(LayerStatistics):
 
         return hook
 
+    def tied_to(self, head: str, layer: nn.Linear) -> "EmbeddingStatistics":
+        """These statistics also gathering the input of the tied head ``layer``, called ``head``."""
+        return dataclasses.replace(self, head=head, head_input=Moments.zeros(layer.in_features, layer.weight.device))
+
+    def head_hook(self, head: str):
+        """A forward hook on the tied head adding its input rows to ``head_input``."""
+        def hook(module, args, kwargs, output):
+            with naming_layer(head, "input activations"):
+                add_call(self.head_input, (args[0] if args else next(iter(kwargs.values()))).detach(), module,
+                         shared=False)
+
+        return hook
+
     def __add__(self, other: "EmbeddingStatistics") -> "EmbeddingStatistics":
+        if self.head != other.head:
+            raise ValueError("the two statistics describe tables tied to different heads")
         total = super().__add__(other)
-        return EmbeddingStatistics(**vars(total))
+        head_input = None if self.head_input is None else self.head_input + other.head_input
+        return EmbeddingStatistics(**{**vars(total), "head_input": head_input})

@@ -37,6 +37,7 @@ the sequences' sampled targets are independent and of zero-mean score.
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -80,9 +81,19 @@ def output_loss(outputs, batch) -> str:
     return "mse"
 
 
-def empty_gradient_moments(layers: dict[str, nn.Module], device) -> dict[str, Moments]:
-    """The gradient moments of no data: per layer, zero moments of its output width, on ``device``."""
-    return {name: Moments.zeros(kind_of(layer).weight(layer).shape[0], device=device)
+@dataclass(frozen=True)
+class InputOf:
+    """An entry of :func:`gradient_moments`' ``layers`` asking for the gradients with respect to
+    the ``Linear`` ``layer``'s **input** rows (a tied head's, :mod:`rankwise.ranks.tied`)."""
+
+    layer: nn.Linear
+
+
+def empty_gradient_moments(layers: dict, device) -> dict[str, Moments]:
+    """The gradient moments of no data: per layer, zero moments of its output width (of its input
+    width for an :class:`InputOf` entry), on ``device``."""
+    return {name: Moments.zeros(layer.layer.in_features if isinstance(layer, InputOf)
+                                else kind_of(layer).weight(layer).shape[0], device=device)
             for name, layer in layers.items()}
 
 
@@ -102,8 +113,9 @@ def gradient_moments(model: nn.Module, data, layers: dict[str, nn.Module], loss_
         their ``.grad`` are as before afterwards.
     data : iterable or torch.Tensor
         Calibration batches (see :mod:`rankwise.batches`).
-    layers : dict of str to torch.nn.Module
-        The layers whose output gradients are wanted, by qualified name.
+    layers : dict of str to torch.nn.Module or InputOf
+        The layers whose output gradients are wanted, by qualified name (an :class:`InputOf`
+        entry: the gradients of that layer's input).
     loss_fn : {"auto", "kl", "mse"} or callable
         See the module docstring; ``"auto"`` is :func:`output_loss` of the first batch, and no
         gradients at all (empty moments) where no built-in loss reads the output.
@@ -136,8 +148,9 @@ def gradient_moments(model: nn.Module, data, layers: dict[str, nn.Module], loss_
     moments = empty_gradient_moments(layers, device)
     captured: dict[str, tuple] = {}  # name -> (output, the token mask of its rows)
     output_mask: dict = {}  # "mask" -> the token mask active when the model ran
-    handles = list(handles) + [layer.register_forward_hook(_capture(name, captured))
-                               for name, layer in layers.items()]
+    handles = list(handles) + [
+        _observed(layer).register_forward_hook(_capture(name, captured, inputs=isinstance(layer, InputOf)))
+        for name, layer in layers.items()]
     handles.append(model.register_forward_hook(_capture_mask(output_mask)))
     frozen = [p for p in model.parameters() if not p.requires_grad]
     was_training = model.training
@@ -166,7 +179,7 @@ def gradient_moments(model: nn.Module, data, layers: dict[str, nn.Module], loss_
             grads = torch.autograd.grad(loss, [captured[name][0] for name in names], allow_unused=True) if names else ()
             for name, grad in zip(names, grads):
                 if grad is not None:
-                    rows = channel_rows(grad.detach(), layers[name], captured[name][1])
+                    rows = channel_rows(grad.detach(), _observed(layers[name]), captured[name][1])
                     moments[name].update_of(rows, name, "output gradients")
             samples += _batch_size(batch)
     finally:
@@ -189,9 +202,16 @@ def _automatic_loss(outputs, batch) -> str | None:
         return None
 
 
-def _capture(name: str, captured: dict):
-    """A forward hook keeping the layer's output and the token mask of its own rows."""
+def _observed(layer) -> nn.Module:
+    """The module whose call a ``layers`` entry of :func:`gradient_moments` observes."""
+    return layer.layer if isinstance(layer, InputOf) else layer
+
+
+def _capture(name: str, captured: dict, inputs: bool = False):
+    """A forward hook keeping the layer's output (its first input with ``inputs``) and the token
+    mask of its own rows."""
     def hook(module, args, output):
+        output = args[0] if inputs and args else output
         if isinstance(output, torch.Tensor) and output.requires_grad:
             mask = active_mask()
             captured[name] = (output, mask.exact(output) if mask else None)
