@@ -28,7 +28,8 @@ from rankwise.layers.build import project_layer
 from rankwise.learnables import count_learnables
 from rankwise.pca import NeuronPCA
 from rankwise.correction import build_sequentially, correction_batches
-from rankwise.ranks import SequenceBound, choose_ranks, criterion_named, measured_options, most_removable
+from rankwise.flops import flop_budget, flops_example
+from rankwise.ranks import SequenceBound, choose_ranks, criterion_named, measured_options, unreached_goal
 from rankwise.selection import MeasuredChoice, how_to_decide
 from rankwise.tables import format_ranks
 from rankwise.targets import functional_layers, select_layers, tied_left_out
@@ -43,7 +44,8 @@ class Decisions:
 
     ``choices`` maps every layer to its :class:`~rankwise.ranks.RankChoice` (``"dense"`` for a
     layer kept as it is), in model order; ``timings`` the measured ``(dense_seconds,
-    projected_seconds)`` of the layers timed. The other fields are copied into the
+    projected_seconds)`` of the layers timed; ``flops`` the FLOPs of the network and its layers on
+    the example batch of a FLOPs goal (``None`` otherwise). The other fields are copied into the
     :class:`ProjectionInfo` (see there).
     """
 
@@ -56,11 +58,13 @@ class Decisions:
     excluded: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
     measured: MeasuredChoice | None = None
+    flops: object = None  # a FlopBudget (rankwise.ranks.costs)
 
 
 def compress_network_using_projection(model: nn.Module, npca_or_data, *,
                                       explained_variance_goal: float | None = None,
                                       learnables_reduction_goal: float | None = None,
+                                      flops_reduction_goal: float | None = None, flops_input=None,
                                       layer_names=None, unpack: bool = False,
                                       verbosity: str = "summary", inplace: bool = False,
                                       forward_fn=None, latency_input=None, exclude=None,
@@ -131,7 +135,18 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
     learnables_reduction_goal : float in [0, 1], optional
         Fraction of the whole network's learnables to remove, with ranks allocated across
         layers globally. At least the goal is removed; the maximum when the goal is above it;
-        more where it costs no variance. Exclusive with ``explained_variance_goal``.
+        more where it costs no variance. Exclusive with the other goals.
+    flops_reduction_goal : float in [0, 1], optional
+        Fraction of the network's FLOPs on an example batch (``flops_input``; counted as
+        :func:`rankwise.count_flops` counts) to remove, with ranks allocated across layers by
+        estimated error per FLOP saved (:mod:`rankwise.ranks.costs`): at least the goal is
+        removed, the maximum when the goal is above it. Only ``Linear``, convolution and GPT-2
+        ``Conv1D`` layers are priced; the others stay dense under it. Exclusive with the other
+        goals. :attr:`ProjectionInfo.flops_reduction` gives what was removed.
+    flops_input : torch.Tensor, tuple, list or dict, optional
+        The example batch of ``flops_reduction_goal``, run as a calibration batch is (a tuple or
+        list starts with the input; ``forward_fn`` runs it when given). Default: the first
+        held-out calibration batch (``validation``); with none held out, it must be given.
     layer_names : str or list of str, optional
         Project only these layers (qualified module names).
     exclude : str or list of str, optional
@@ -197,7 +212,7 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
         layer. The model is left as it was.
     """
     check_verbosity(verbosity)
-    goal = check_goals(explained_variance_goal, learnables_reduction_goal)
+    goal = check_goals(explained_variance_goal, learnables_reduction_goal, flops_reduction_goal)
     needs_gradients = criterion == "auto" or criterion_named(criterion).needs_gradients
     check_allocation(allocation, goal)
     check_score_fn(score_fn)
@@ -209,10 +224,12 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
         model, npca_or_data, layer_names=list(layers), verbosity=verbosity, forward_fn=forward_fn,
         loss_fn=(loss_fn or "auto") if needs_gradients else None, validation=validation)
     check_statistics(npca, layers)
+    flops = None if goal.kind != "flops_reduction" else flop_budget(
+        model, layers, *flops_example(npca, flops_input), forward_fn=forward_fn)
     build = lambda options, choices: build_projected(  # noqa: E731 (one build per measured candidate)
-        model, layers, options, Decisions(goal, choices))
+        model, layers, options, Decisions(goal, choices, flops=flops))
     chosen, measured = how_to_decide(model, npca, layers, goal, build, criterion, allocation,
-                                     forward_fn, score_fn, verbosity)
+                                     forward_fn, score_fn, verbosity, flops)
     criterion, allocation = chosen.criterion, chosen.allocation
     npca = npca.with_regularization(chosen.regularization)
     options = measured_options(model, npca, layers, criterion, progress=verbosity != "off")
@@ -220,17 +237,17 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
     bound = SequenceBound(layers, options, npca, goal)
     timings, kept_dense = {}, []
     if calls is None:
-        choices, goal_reached = choose_ranks(options, goal, learnables_before, verbosity, allocation)
+        choices, goal_reached = choose_ranks(options, goal, learnables_before, verbosity, allocation, flops)
         choices = bound(choices)
     else:
         choices, goal_reached, timings, kept_dense = choose_faster_ranks(
             layers, options, calls, goal, learnables_before, unpack, verbosity, allocation,
-            refine=bound)
+            refine=bound, flops=flops)
     decisions = Decisions(goal, choices, goal_reached, timings, kept_dense,
                           None if calls is None else str(latency.device_of(model, latency_input)),
                           excluded_layers(model, layer_names, layers, tied),
-                          tie_warnings(tied) + unreached_goal(goal, goal_reached, options, learnables_before)
-                          + bound.warnings, measured)
+                          tie_warnings(tied) + unreached_goal(goal, goal_reached, options, learnables_before, flops)
+                          + bound.warnings, measured, flops)
     for message in decisions.warnings:
         warnings.warn(message, UserWarning, stacklevel=2)
     compressed, info = build_projected(model, layers, options, decisions, unpack=unpack, inplace=inplace,
@@ -305,18 +322,10 @@ def build_projected(model: nn.Module, layers: dict, options: dict, decisions: De
                                                    for p in projections.values())
     info = ProjectionInfo(decisions.goal, decisions.goal_reached, learnables_before, learnables_after,
                           projections, list(decisions.kept_dense_for_latency), decisions.latency_device,
-                          list(decisions.excluded), list(decisions.warnings), decisions.measured)
+                          list(decisions.excluded), list(decisions.warnings), decisions.measured,
+                          *(() if decisions.flops is None else
+                            (decisions.flops.network_flops, decisions.flops.flops_after(decisions.choices))))
     return compressed, info
-
-
-def unreached_goal(goal: Goal, goal_reached: bool, options: dict, network_learnables: int) -> list[str]:
-    """``[message]`` naming the maximum when a reduction goal could not be reached, else ``[]``."""
-    if goal_reached:
-        return []
-    most = most_removable(options) / network_learnables
-    return [f"{goal} is above what projection can remove from these layers "
-            f"({most:.2%} of the network's learnables, every layer at its smallest useful form); "
-            "that maximum was removed"]
 
 
 def excluded_layers(model: nn.Module, layer_names, layers: dict, tied=()) -> list[str]:
