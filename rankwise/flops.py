@@ -90,7 +90,7 @@ def _delta_hooks(module: nn.Module, counter, after) -> list:
 
 
 def flop_budget(model: nn.Module, layers: dict, batch, argument: str = "flops_input",
-                forward_fn=None) -> FlopBudget:
+                forward_fn=None, round_to: int = 1) -> FlopBudget:
     """The network's FLOPs on ``batch`` and what each analysed layer does on it.
 
     ``batch`` runs as a calibration batch does (``forward_fn(model, batch)``, or a tensor as the
@@ -109,6 +109,8 @@ def flop_budget(model: nn.Module, layers: dict, batch, argument: str = "flops_in
     argument : str
         The argument ``batch`` came from, named in the errors.
     forward_fn : callable, optional
+    round_to : int
+        See :class:`~rankwise.ranks.costs.FlopBudget`.
 
     Returns
     -------
@@ -145,7 +147,18 @@ def flop_budget(model: nn.Module, layers: dict, batch, argument: str = "flops_in
     for name, layer in priced.items():
         shape = kind_of(layer).weight(layer).shape
         geometry[name] = LayerGeometry(int(shape[1]), int(shape[0]), math.prod(shape[2:]), *seen[name])
-    return FlopBudget(total, geometry, {name: seen[name][2] for name in layers if name not in priced})
+    return FlopBudget(total, geometry, {name: seen[name][2] for name in layers if name not in priced}, round_to)
+
+
+def check_round_to(round_to, goal) -> None:
+    """``round_to`` must be ``None`` or a positive integer, given with a FLOPs goal only."""
+    if round_to is None:
+        return
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise ValueError(f"round_to: expected a positive integer, got {round_to!r}.")
+    if goal.kind != "flops_reduction":
+        raise ValueError(f"round_to: it rounds the ranks of a flops_reduction_goal; with {goal.argument} "
+                         "drop it.")
 
 
 def flops_example(npca, flops_input) -> tuple[object, str]:

@@ -28,7 +28,7 @@ from rankwise.layers.build import project_layer
 from rankwise.learnables import count_learnables
 from rankwise.pca import NeuronPCA
 from rankwise.correction import build_sequentially, correction_batches
-from rankwise.flops import flop_budget, flops_example
+from rankwise.flops import check_round_to, flop_budget, flops_example
 from rankwise.ranks import SequenceBound, choose_ranks, criterion_named, measured_options, unreached_goal
 from rankwise.selection import MeasuredChoice, how_to_decide
 from rankwise.tables import format_ranks
@@ -44,9 +44,8 @@ class Decisions:
 
     ``choices`` maps every layer to its :class:`~rankwise.ranks.RankChoice` (``"dense"`` for a
     layer kept as it is), in model order; ``timings`` the measured ``(dense_seconds,
-    projected_seconds)`` of the layers timed; ``flops`` the FLOPs of the network and its layers on
-    the example batch of a FLOPs goal (``None`` otherwise). The other fields are copied into the
-    :class:`ProjectionInfo` (see there).
+    projected_seconds)`` of the layers timed; ``flops`` the FlopBudget of a FLOPs goal. The other
+    fields are copied into the :class:`ProjectionInfo` (see there).
     """
 
     goal: Goal
@@ -65,6 +64,7 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
                                       explained_variance_goal: float | None = None,
                                       learnables_reduction_goal: float | None = None,
                                       flops_reduction_goal: float | None = None, flops_input=None,
+                                      round_to: int | None = None,
                                       layer_names=None, unpack: bool = False,
                                       verbosity: str = "summary", inplace: bool = False,
                                       forward_fn=None, latency_input=None, exclude=None,
@@ -137,16 +137,15 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
         layers globally. At least the goal is removed; the maximum when the goal is above it;
         more where it costs no variance. Exclusive with the other goals.
     flops_reduction_goal : float in [0, 1], optional
-        Fraction of the network's FLOPs on an example batch (``flops_input``; counted as
-        :func:`rankwise.count_flops` counts) to remove, with ranks allocated across layers by
-        estimated error per FLOP saved (:mod:`rankwise.ranks.costs`): at least the goal is
-        removed, the maximum when the goal is above it. Only ``Linear``, convolution and GPT-2
-        ``Conv1D`` layers are priced; the others stay dense under it. Exclusive with the other
-        goals. :attr:`ProjectionInfo.flops_reduction` gives what was removed.
+        Fraction of the network's FLOPs on ``flops_input`` (:func:`rankwise.count_flops`) to
+        remove, ranks allocated by estimated error per FLOP saved (:mod:`rankwise.ranks.costs`;
+        ``Linear``, convolution, GPT-2 ``Conv1D`` layers; others stay dense). At least the goal
+        is removed, the maximum above it (``info.flops_reduction``). Exclusive with the others.
     flops_input : torch.Tensor, tuple, list or dict, optional
-        The example batch of ``flops_reduction_goal``, run as a calibration batch is (a tuple or
-        list starts with the input; ``forward_fn`` runs it when given). Default: the first
-        held-out calibration batch (``validation``); with none held out, it must be given.
+        Its example batch, run as a calibration batch is. Default: the first held-out batch.
+    round_to : int, optional
+        With ``flops_reduction_goal``: every projected rank a multiple of it (CPU convolution
+        kernels pad channels to blocks of 8 or 16; BENCHMARKS.md, "FLOPs goals and speed").
     layer_names : str or list of str, optional
         Project only these layers (qualified module names).
     exclude : str or list of str, optional
@@ -213,6 +212,7 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
     """
     check_verbosity(verbosity)
     goal = check_goals(explained_variance_goal, learnables_reduction_goal, flops_reduction_goal)
+    check_round_to(round_to, goal)
     needs_gradients = criterion == "auto" or criterion_named(criterion).needs_gradients
     check_allocation(allocation, goal)
     check_score_fn(score_fn)
@@ -225,7 +225,7 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
         loss_fn=(loss_fn or "auto") if needs_gradients else None, validation=validation)
     check_statistics(npca, layers)
     flops = None if goal.kind != "flops_reduction" else flop_budget(
-        model, layers, *flops_example(npca, flops_input), forward_fn=forward_fn)
+        model, layers, *flops_example(npca, flops_input), forward_fn=forward_fn, round_to=round_to or 1)
     build = lambda options, choices: build_projected(  # noqa: E731 (one build per measured candidate)
         model, layers, options, Decisions(goal, choices, flops=flops))
     chosen, measured = how_to_decide(model, npca, layers, goal, build, criterion, allocation,

@@ -159,3 +159,33 @@ def test_unpriced_layers_stay_dense_under_a_flops_goal():
                                                    criterion="variance", allocation="global", verbosity="off")
     assert info.layers["table"].side == "dense" and info.layers["head"].side != "dense"
     assert info.flops_after <= 0.7 * info.flops_before
+
+
+def test_round_to_makes_every_projected_rank_a_multiple():
+    _, _, net, info = compressed("cnn", 0.3, criterion="variance", allocation="global", round_to=4)
+    ranks = [r for p in info.layers.values() for r in (p.rank_in, p.rank_out) if r is not None]
+    assert ranks and all(r % 4 == 0 for r in ranks)
+    assert info.goal_reached and info.flops_after <= 0.7 * info.flops_before
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"flops_reduction_goal": 0.5, "round_to": 0}, "round_to: expected a positive integer"),
+    ({"learnables_reduction_goal": 0.5, "round_to": 8}, "round_to: it rounds the ranks of a flops_reduction_goal")])
+def test_round_to_errors_name_it(options, message):
+    model, batches = TINY_MODELS["cnn"][0](), make_batches((32, 3, 8, 8))
+    with pytest.raises(ValueError, match=message):
+        rw.compress_network_using_projection(model, batches, verbosity="off", **options)
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 5, 5), (6, 5, 5)])
+def test_projected_convolution_runs_the_same_in_every_memory_format(shape):
+    conv = nn.Conv2d(6, 10, 3, padding=1)
+    built = ProjectedConv.from_dense(conv, input_basis=torch.linalg.qr(torch.randn(6, 6))[0][:, :4],
+                                     output_basis=torch.linalg.qr(torch.randn(10, 10))[0][:, :5])
+    x = torch.randn(*shape)
+    reference = built.unpack()(x)
+    torch.testing.assert_close(built(x), reference, rtol=1e-5, atol=1e-5)
+    if x.dim() == 4:
+        fast = built.to(memory_format=torch.channels_last)
+        torch.testing.assert_close(fast(x.contiguous(memory_format=torch.channels_last)), reference,
+                                   rtol=1e-5, atol=1e-5)

@@ -73,18 +73,27 @@ class FlopBudget:
     unpriced : dict of str to int
         The analysed layers whose options are not priced (see the module docstring), with the
         FLOPs the counter saw them take.
+    round_to : int
+        Only options whose projected widths are multiples of it are priced (the others are left
+        out of the frontier): CPU convolution kernels pad channels to blocks of 8 or 16, so a
+        width between two multiples costs the time of the next one.
     """
 
     network_flops: int
     layers: dict = field(default_factory=dict)
     unpriced: dict = field(default_factory=dict)
+    round_to: int = 1
 
     def option_flops(self, options: LayerOptions) -> np.ndarray:
         """FLOPs of every option of ``options`` (dense last); all at the dense FLOPs for an
         unpriced layer."""
         if options.name not in self.layers:
             return np.full(len(options.learnables), self.unpriced.get(options.name, 0), dtype=np.int64)
-        return option_flops(self.layers[options.name], options)
+        flops = option_flops(self.layers[options.name], options)
+        side = options.side
+        off_grid = ((((side == 1) | (side == 3)) & (options.rank_in % self.round_to != 0))
+                    | (((side == 2) | (side == 3)) & (options.rank_out % self.round_to != 0)))
+        return np.where(off_grid, flops[-1], flops)  # left out as costing what dense costs
 
     def choice_flops(self, name: str, choice: RankChoice) -> int:
         """FLOPs of layer ``name`` in the form of ``choice``."""
