@@ -2,14 +2,14 @@
 
 **Speed.** A 1x1 convolution is a matrix product over the channels,
 ``y[n, :, p] = W x[n, :, p] + b`` at every position ``p``. On the CPU, torch's convolution
-kernel (oneDNN) is slow for it on a contiguous (``NCHW``) input whose channel counts are not
-multiples of its block (16 with AVX-512): measured at 1 thread on a batch of 256 MNIST-sized
-maps, 16 -> 10 channels took 6.7 ms as a convolution and 0.3 ms as a matrix product, 24 -> 32
-took 17.6 ms against 2.1 ms (BENCHMARKS.md, "FLOPs goals and speed"), enough to make a factored
-layer slower than the dense one. So on a contiguous input the projections run as
-``torch.matmul(W, x.reshape(N, C, -1))`` (:func:`pointwise`); on any other layout (channels-last,
-where the convolution kernel is the fast one) as the convolution. The outputs are the same; the
-plain layers of :meth:`unpack` keep the convolutions.
+kernel (oneDNN) can be slow for it on a contiguous (``NCHW``) input whose channel counts are not
+multiples of its block (16 with AVX-512): measured alone at 1 thread on 256 maps of 14x14,
+16 -> 10 channels took 6.7 ms as a convolution and 0.3 ms as a matrix product; inside the
+factored second convolution of the MNIST CNN (50% of its FLOPs removed) the whole layer took
+15-19 ms against 17-19 ms unpacked (BENCHMARKS.md, "FLOPs goals and speed"). So on a contiguous
+input the projections run as a batched matrix product (:func:`pointwise`); on any other layout
+(channels-last, where the convolution kernel is the fast one) as the convolution. The outputs
+are the same; the plain layers of :meth:`unpack` keep the convolutions.
 """
 
 from __future__ import annotations
