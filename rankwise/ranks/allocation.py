@@ -1,4 +1,4 @@
-"""Goals: each layer's option for an explained variance goal, or a global learnables budget.
+"""Goals: each layer's option for an explained variance goal, or a global learnables or FLOPs budget.
 
 Every layer arrives as its frontier (:mod:`rankwise.ranks.frontier`): learnables ascending,
 error descending, ending at the dense layer. Its options carry a *residual* (the fraction of
@@ -7,6 +7,8 @@ the layer's output variance lost) and an *error* (the criterion's estimate,
 
 - ``explained_variance_goal = g``: each layer takes its cheapest option with
   ``res <= 1 - g``.
+- ``flops_reduction_goal = f``: as the learnables goal below, on every layer's frontier priced in FLOPs
+  (:mod:`rankwise.ranks.costs`: FLOPs in place of ``L``, error per FLOP saved).
 - ``learnables_reduction_goal = f``: ranks are allocated globally to minimise the sum of the
   layers' errors while removing at least ``f`` of the network's learnables ``L``,
 
@@ -135,7 +137,7 @@ def choose_ranks(options: dict[str, LayerOptions], goal: Goal,
         outcome = allocate(priced, goal.value, flops.network_flops)
         chosen = {name: int(back[name][index]) for name, index in outcome.chosen.items()}
         if verbosity == "iterations":
-            _print_allocation(outcome, priced, flops.network_flops, "FLOPs")
+            _print_allocation(outcome, priced, flops.network_flops, "of the FLOPs ")
     else:
         outcome = allocate(options, goal.value, network_learnables)
         chosen = outcome.chosen
@@ -252,7 +254,8 @@ def reduction_range(npca) -> tuple[float, float]:
 
 
 def _print_allocation(allocation: Allocation, options: dict, network_total: int, unit: str = "") -> None:
+    """One line per step: the layer, its option and the share of ``network_total`` removed so far."""
     for step, (name, removed, index) in enumerate(allocation.steps, start=1):
         choice = options[name].choice(index)
         print(f"allocation step {step}: {name} -> {choice.side} (rank in {format_ranks(choice.rank_in)}, "
-              f"rank out {format_ranks(choice.rank_out)}), {removed / network_total:.2%}{' ' + unit if unit else ''} removed")
+              f"rank out {format_ranks(choice.rank_out)}), {removed / network_total:.2%} {unit}removed")
