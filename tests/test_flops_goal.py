@@ -189,3 +189,16 @@ def test_projected_convolution_runs_the_same_in_every_memory_format(shape):
         fast = built.to(memory_format=torch.channels_last)
         torch.testing.assert_close(fast(x.contiguous(memory_format=torch.channels_last)), reference,
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_analyze_reports_flops_goals_as_compression_reaches_them():
+    torch.manual_seed(0)
+    model, batches = TINY_MODELS["cnn"][0]().eval(), make_batches((32, 3, 8, 8))
+    report = rw.analyze(model, batches, flops_reduction_goals=(0.4,), verbosity="off")
+    outcome = report.goals["flops_reduction_goal=0.4"]
+    _, info = rw.compress_network_using_projection(model, batches, flops_reduction_goal=0.4, validation=None,
+                                                   flops_input=batches[0], criterion="variance",
+                                                   allocation="global", verbosity="off")
+    assert (outcome.flops_before, outcome.flops_after) == (info.flops_before, info.flops_after)
+    assert outcome.flops_after <= 0.6 * outcome.flops_before
+    assert "FLOPs removed" in report.table() and "flops-40%" in report.table()
