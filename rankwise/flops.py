@@ -122,19 +122,20 @@ def flop_budget(model: nn.Module, layers: dict, batch, argument: str = "flops_in
         When the forward fails on ``batch``, does not call every analysed layer, counts no FLOPs,
         or counts for a layer other FLOPs than its shapes give (the count cannot follow it).
     """
-    seen = {name: [0, 0, 0] for name in layers}  # positions in, positions out, flops
+    seen = {name: [0, 0, 0, 0] for name in layers}  # positions in, positions out, flops, calls
+    priced = {name: layer for name, layer in layers.items() if kind_of(layer).family == "dense"}
 
     def recorder(name, layer):
-        out_c, in_c = kind_of(layer).weight(layer).shape[:2]
+        out_c, in_c = kind_of(layer).weight(layer).shape[:2] if name in priced else (1, 1)
 
         def after(args, output, flops):
             record = seen[name]
             record[0] += args[0].numel() // in_c if args and isinstance(args[0], torch.Tensor) else 0
             record[1] += output.numel() // out_c if isinstance(output, torch.Tensor) else 0
             record[2] += flops
+            record[3] += 1
         return after
 
-    priced = {name: layer for name, layer in layers.items() if kind_of(layer).family == "dense"}
     try:
         total = _counted(model, lambda: forward(model, move_to(batch, model_device(model)), forward_fn),
                          [(layer, recorder(name, layer)) for name, layer in layers.items()])
@@ -146,7 +147,7 @@ def flop_budget(model: nn.Module, layers: dict, batch, argument: str = "flops_in
     geometry = {}
     for name, layer in priced.items():
         shape = kind_of(layer).weight(layer).shape
-        geometry[name] = LayerGeometry(int(shape[1]), int(shape[0]), math.prod(shape[2:]), *seen[name])
+        geometry[name] = LayerGeometry(int(shape[1]), int(shape[0]), math.prod(shape[2:]), *seen[name][:3])
     return FlopBudget(total, geometry, {name: seen[name][2] for name in layers if name not in priced}, round_to)
 
 
@@ -176,7 +177,7 @@ def flops_example(npca, flops_input) -> tuple[object, str]:
 def _check_counted(seen: dict, priced: dict, total: int, argument: str) -> None:
     """Raise when a layer was not called, nothing was counted, or a layer's count is not what its
     shapes give (``2 N_out in k out``)."""
-    missing = [name for name, record in seen.items() if record[1] == 0]
+    missing = [name for name, record in seen.items() if record[3] == 0]
     if missing:
         raise ValueError(f"{argument}: the model's forward on it did not call {', '.join(missing)}, so their "
                          "FLOPs cannot be counted. Pass a batch that runs every layer being compressed.")

@@ -202,3 +202,22 @@ def test_analyze_reports_flops_goals_as_compression_reaches_them():
     assert (outcome.flops_before, outcome.flops_after) == (info.flops_before, info.flops_after)
     assert outcome.flops_after <= 0.6 * outcome.flops_before
     assert "FLOPs removed" in report.table() and "flops-40%" in report.table()
+
+
+class Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm, self.head = nn.LSTM(6, 8, batch_first=True), nn.Linear(8, 12)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0])
+
+
+def test_a_recurrent_layer_stays_dense_and_its_flops_are_counted():
+    torch.manual_seed(0)
+    batches = make_batches((4, 5, 6))
+    model = Recurrent()
+    _, info = rw.compress_network_using_projection(model, batches, flops_reduction_goal=0.05,
+                                                   criterion="variance", allocation="global", verbosity="off")
+    assert info.layers["lstm"].side == "dense"
+    assert info.flops_before == rw.count_flops(model, batches[1])
