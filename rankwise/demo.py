@@ -4,7 +4,9 @@ Run with ``python -m rankwise.demo`` (or ``make demo``). The first run trains th
 networks once and caches their weights (see :func:`rankwise.examples.pretrained_mnist` and
 :func:`rankwise.examples.cache_dir`); later runs load them. On an idle 2-core machine the whole
 first run took 62 s, 34 s of it training; on one kept busy by other jobs (load average 8-9) the
-CNN's training alone took 484 s, and the demo says so before it starts.
+CNN's training alone took 484 s, and the demo says so before it starts. With the speed
+comparisons and the FLOPs goals, a run with both networks cached took 100 s on a busy machine
+(load average 5).
 
 For each network: one calibration pass over 2048 training images
 (:class:`rankwise.NeuronPCA`), then :func:`rankwise.compress_network_using_projection` at

@@ -5,6 +5,8 @@ weights at each call), and fewer operations do not always mean a faster network
 (:mod:`rankwise.latency`). :func:`count_flops` counts matrix products and convolutions with
 ``torch.utils.flop_counter.FlopCounterMode`` (2 FLOPs per multiply-add) and the fused recurrent
 kernels, which that counter does not see, by their formula (:func:`recurrent_flops`).
+:func:`flop_budget` counts the same on one example batch with what each analysed layer reads,
+writes and costs, for a ``flops_reduction_goal`` (:mod:`rankwise.ranks.costs`).
 """
 
 from __future__ import annotations
