@@ -1,8 +1,9 @@
 """Goals: what a compression is asked to reach, as one value carried from the checks to the report.
 
 A :class:`Goal` is a kind and a value: ``explained_variance`` (each layer keeps at least this
-fraction of its output variance) or ``learnables_reduction`` (at least this fraction of the
-whole network's learnables removed). :func:`check_goals` makes it from the two exclusive
+fraction of its output variance), ``learnables_reduction`` (at least this fraction of the
+whole network's learnables removed) or ``flops_reduction`` (at least this fraction of the
+network's FLOPs on an example input removed). :func:`check_goals` makes it from the exclusive
 arguments; the decisions, the infos, the incremental history and the report carry it as it is,
 and print it as the argument it came from (``learnables_reduction_goal=0.5``).
 """
@@ -16,6 +17,7 @@ from rankwise.checks import DEFAULT_EXPLAINED_VARIANCE, check_fraction
 LABELS = {  # kind -> (column label, spelled out), formatted with the goal's value
     "explained_variance": ("var>={value:g}", "explained variance \u2265 {value:g}"),
     "learnables_reduction": ("removed>={percent:g}%", "learnables removed \u2265 {percent:g}%"),
+    "flops_reduction": ("flops-{percent:g}%", "FLOPs removed \u2265 {percent:g}%"),
 }
 """Every kind of goal; adding one is an entry here, and its allocation in :mod:`rankwise.ranks`."""
 
@@ -26,7 +28,7 @@ class Goal:
 
     Attributes
     ----------
-    kind : {"explained_variance", "learnables_reduction"}
+    kind : {"explained_variance", "learnables_reduction", "flops_reduction"}
     value : float in [0, 1]
     """
 
@@ -40,9 +42,9 @@ class Goal:
 
     @property
     def is_budget(self) -> bool:
-        """Whether it is a budget of learnables for the whole network (candidates then compare
-        at equal size; :mod:`rankwise.selection`)."""
-        return self.kind == "learnables_reduction"
+        """Whether it is a budget for the whole network, of learnables or of FLOPs (candidates
+        then compare at equal size; :mod:`rankwise.selection`)."""
+        return self.kind in ("learnables_reduction", "flops_reduction")
 
     def label(self, spelled_out: bool = False) -> str:
         """``"var>=0.95"`` / ``"removed>=50%"``, spelled out ``"explained variance >= 0.95"`` /
@@ -62,24 +64,26 @@ class Goal:
         return cls(argument.removesuffix("_goal"), float(value))
 
 
-def check_goals(explained_variance_goal, learnables_reduction_goal) -> Goal:
-    """The :class:`Goal` of the two exclusive goal arguments (the explained variance goal of
-    :data:`~rankwise.checks.DEFAULT_EXPLAINED_VARIANCE` when neither is given), or a ValueError."""
-    if explained_variance_goal is not None and learnables_reduction_goal is not None:
-        raise ValueError("explained_variance_goal and learnables_reduction_goal are exclusive: "
-                         "give one of them.")
-    if learnables_reduction_goal is not None:
-        return Goal("learnables_reduction", check_fraction(learnables_reduction_goal, "learnables_reduction_goal"))
-    if explained_variance_goal is None:
+def check_goals(explained_variance_goal, learnables_reduction_goal, flops_reduction_goal=None) -> Goal:
+    """The :class:`Goal` of the exclusive goal arguments (the explained variance goal of
+    :data:`~rankwise.checks.DEFAULT_EXPLAINED_VARIANCE` when none is given), or a ValueError."""
+    given = {name: value for name, value in (("explained_variance_goal", explained_variance_goal),
+                                             ("learnables_reduction_goal", learnables_reduction_goal),
+                                             ("flops_reduction_goal", flops_reduction_goal)) if value is not None}
+    if len(given) > 1:
+        raise ValueError(f"{' and '.join(given)} are exclusive: give one of them.")
+    if not given:
         return Goal("explained_variance", DEFAULT_EXPLAINED_VARIANCE)
-    return Goal("explained_variance", check_fraction(explained_variance_goal, "explained_variance_goal"))
+    (argument, value), = given.items()
+    return Goal(argument.removesuffix("_goal"), check_fraction(value, argument))
 
 
 def check_allocation(allocation, goal: Goal) -> None:
     """``allocation`` must be ``"auto"``, ``"global"`` or ``"uniform"``, and ``"uniform"`` needs a
-    learnables goal."""
+    learnables or FLOPs goal."""
     if allocation not in ("auto", "global", "uniform"):
         raise ValueError(f"allocation: expected 'auto', 'global' or 'uniform', got {allocation!r}.")
     if allocation == "uniform" and not goal.is_budget:
-        raise ValueError("allocation: 'uniform' spreads a learnables_reduction_goal over the layers; "
+        raise ValueError("allocation: 'uniform' spreads a learnables_reduction_goal or a flops_reduction_goal over "
+                         "the layers; "
                          "with an explained_variance_goal every layer already gets its own ranks.")

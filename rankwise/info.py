@@ -97,6 +97,9 @@ class ProjectionInfo:
     measured : MeasuredChoice or None
         How the criterion, allocation and shrinkage were chosen (:mod:`rankwise.selection`):
         the candidate kept, every candidate's score on the held-out batches, the reason.
+    flops_before, flops_after : int or None
+        Under a ``flops_reduction_goal``: the network's FLOPs on the example batch
+        (``flops_input``) before and after (``None`` under the other goals).
     """
 
     goal: Goal
@@ -109,6 +112,13 @@ class ProjectionInfo:
     excluded: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
     measured: object = None
+    flops_before: int | None = None
+    flops_after: int | None = None
+
+    @property
+    def flops_reduction(self) -> float | None:
+        """Fraction of the network's FLOPs on the example batch removed (``None`` when not counted)."""
+        return None if self.flops_before is None else 1.0 - self.flops_after / self.flops_before
 
     @property
     def candidates(self) -> list:
@@ -163,6 +173,9 @@ class ProjectionInfo:
             footer += "\n" + (f"kept dense: not faster on {self.latency_device}: "
                               + ", ".join(self.kept_dense_for_latency) if self.kept_dense_for_latency
                               else f"latency on {self.latency_device}: every projected layer is faster")
+        if self.flops_before is not None:
+            footer += (f"\nFLOPs on the example batch: {self.flops_before:,} -> {self.flops_after:,} "
+                       f"({100 * self.flops_reduction:.1f}% removed)")
         footer += self._notes()
         if self.excluded:
             footer += "\nexcluded: " + ", ".join(self.excluded)

@@ -87,7 +87,7 @@ def record_layer_calls(model: nn.Module, layers: dict, latency_input) -> dict[st
 
 def choose_faster_ranks(layers: dict, options: dict[str, LayerOptions], calls: dict, goal: Goal,
                         network_learnables: int, unpack: bool, verbosity: str = "off",
-                        allocation: str = "global", refine=None):
+                        allocation: str = "global", refine=None, flops=None):
     """:func:`choose_ranks`, keeping dense the layers whose projected form is not faster.
 
     Each round chooses ranks over the layers not yet excluded, times every layer to be
@@ -102,7 +102,7 @@ def choose_faster_ranks(layers: dict, options: dict[str, LayerOptions], calls: d
     options : dict of str to LayerOptions
     calls : dict of str to (tuple, dict)
         Each layer's recorded arguments (:func:`record_layer_calls`).
-    goal, network_learnables, verbosity, allocation
+    goal, network_learnables, verbosity, allocation, flops
         As for :func:`choose_ranks`.
     unpack : bool
         Time the projected forms as plain torch layers (as they will be built).
@@ -125,7 +125,7 @@ def choose_faster_ranks(layers: dict, options: dict[str, LayerOptions], calls: d
     rejected: dict[str, tuple[float, float]] = {}
     for _ in range(len(options) + 1):  # every round but the last excludes a layer
         active = {name: opts for name, opts in options.items() if name not in rejected}
-        choices, goal_reached = choose_ranks(active, goal, network_learnables, verbosity, allocation)
+        choices, goal_reached = choose_ranks(active, goal, network_learnables, verbosity, allocation, flops)
         if refine is not None:
             choices = refine(choices)
         slower = {}

@@ -28,7 +28,8 @@ from rankwise.layers.build import projected_modules
 from rankwise.learnables import count_learnables
 from rankwise.pca import NeuronPCA
 from rankwise.correction import build_sequentially, correction_batches
-from rankwise.ranks import SequenceBound, choose_ranks, criterion_named, measured_options, most_removable
+from rankwise.flops import check_round_to, flop_budget, flops_example
+from rankwise.ranks import SequenceBound, choose_ranks, criterion_named, measured_options, unreached_goal
 from rankwise.selection import MeasuredChoice, how_to_decide
 from rankwise.tables import format_ranks
 from rankwise.targets import functional_layers, select_layers, tied_left_out
@@ -44,8 +45,8 @@ class Decisions:
 
     ``choices`` maps every layer to its :class:`~rankwise.ranks.RankChoice` (``"dense"`` for a
     layer kept as it is), in model order; ``timings`` the measured ``(dense_seconds,
-    projected_seconds)`` of the layers timed. The other fields are copied into the
-    :class:`ProjectionInfo` (see there).
+    projected_seconds)`` of the layers timed; ``flops`` the FlopBudget of a FLOPs goal. The other
+    fields are copied into the :class:`ProjectionInfo` (see there).
     """
 
     goal: Goal
@@ -57,11 +58,14 @@ class Decisions:
     excluded: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
     measured: MeasuredChoice | None = None
+    flops: object = None  # a FlopBudget (rankwise.ranks.costs)
 
 
 def compress_network_using_projection(model: nn.Module, npca_or_data, *,
                                       explained_variance_goal: float | None = None,
                                       learnables_reduction_goal: float | None = None,
+                                      flops_reduction_goal: float | None = None, flops_input=None,
+                                      round_to: int | None = None,
                                       layer_names=None, unpack: bool = False,
                                       verbosity: str = "summary", inplace: bool = False,
                                       forward_fn=None, latency_input=None, exclude=None,
@@ -132,7 +136,17 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
     learnables_reduction_goal : float in [0, 1], optional
         Fraction of the whole network's learnables to remove, with ranks allocated across
         layers globally. At least the goal is removed; the maximum when the goal is above it;
-        more where it costs no variance. Exclusive with ``explained_variance_goal``.
+        more where it costs no variance. Exclusive with the other goals.
+    flops_reduction_goal : float in [0, 1], optional
+        Fraction of the network's FLOPs on ``flops_input`` (:func:`rankwise.count_flops`) to
+        remove, ranks allocated by estimated error per FLOP saved (:mod:`rankwise.ranks.costs`;
+        ``Linear``, convolution, GPT-2 ``Conv1D`` layers; others stay dense). At least the goal
+        is removed, the maximum above it (``info.flops_reduction``). Exclusive with the others.
+    flops_input : torch.Tensor, tuple, list or dict, optional
+        Its example batch, run as a calibration batch is. Default: the first held-out batch.
+    round_to : int, optional
+        With ``flops_reduction_goal``: every projected rank a multiple of it (CPU convolution
+        kernels pad channels to blocks of 8 or 16; BENCHMARKS.md, "FLOPs goals and speed").
     layer_names : str or list of str, optional
         Project only these layers (qualified module names).
     exclude : str or list of str, optional
@@ -198,7 +212,8 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
         layer. The model is left as it was.
     """
     check_verbosity(verbosity)
-    goal = check_goals(explained_variance_goal, learnables_reduction_goal)
+    goal = check_goals(explained_variance_goal, learnables_reduction_goal, flops_reduction_goal)
+    check_round_to(round_to, goal)
     needs_gradients = criterion == "auto" or criterion_named(criterion).needs_gradients
     check_allocation(allocation, goal)
     check_score_fn(score_fn)
@@ -211,10 +226,12 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
         model, npca_or_data, layer_names=list(layers), verbosity=verbosity, forward_fn=forward_fn,
         loss_fn=(loss_fn or "auto") if needs_gradients else None, validation=validation)
     check_statistics(npca, layers)
+    flops = None if goal.kind != "flops_reduction" else flop_budget(
+        model, layers, *flops_example(npca, flops_input), forward_fn=forward_fn, round_to=round_to or 1)
     build = lambda options, choices: build_projected(  # noqa: E731 (one build per measured candidate)
-        model, layers, options, Decisions(goal, choices))
+        model, layers, options, Decisions(goal, choices, flops=flops))
     chosen, measured = how_to_decide(model, npca, layers, goal, build, criterion, allocation,
-                                     forward_fn, score_fn, verbosity)
+                                     forward_fn, score_fn, verbosity, flops)
     criterion, allocation = chosen.criterion, chosen.allocation
     npca = npca.with_regularization(chosen.regularization)
     options = measured_options(model, npca, layers, criterion, progress=verbosity != "off")
@@ -222,17 +239,17 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
     bound = SequenceBound(layers, options, npca, goal)
     timings, kept_dense = {}, []
     if calls is None:
-        choices, goal_reached = choose_ranks(options, goal, learnables_before, verbosity, allocation)
+        choices, goal_reached = choose_ranks(options, goal, learnables_before, verbosity, allocation, flops)
         choices = bound(choices)
     else:
         choices, goal_reached, timings, kept_dense = choose_faster_ranks(
             layers, options, calls, goal, learnables_before, unpack, verbosity, allocation,
-            refine=bound)
+            refine=bound, flops=flops)
     decisions = Decisions(goal, choices, goal_reached, timings, kept_dense,
                           None if calls is None else str(latency.device_of(model, latency_input)),
                           excluded_layers(model, layer_names, layers, tied),
-                          tie_warnings(tied) + unreached_goal(goal, goal_reached, options, learnables_before)
-                          + bound.warnings, measured)
+                          tie_warnings(tied) + unreached_goal(goal, goal_reached, options, learnables_before, flops)
+                          + bound.warnings, measured, flops)
     for message in decisions.warnings:
         warnings.warn(message, UserWarning, stacklevel=2)
     compressed, info = build_projected(model, layers, options, decisions, unpack=unpack, inplace=inplace,
@@ -308,18 +325,10 @@ def build_projected(model: nn.Module, layers: dict, options: dict, decisions: De
                                                    for p in projections.values())
     info = ProjectionInfo(decisions.goal, decisions.goal_reached, learnables_before, learnables_after,
                           projections, list(decisions.kept_dense_for_latency), decisions.latency_device,
-                          list(decisions.excluded), list(decisions.warnings), decisions.measured)
+                          list(decisions.excluded), list(decisions.warnings), decisions.measured,
+                          *(() if decisions.flops is None else
+                            (decisions.flops.network_flops, decisions.flops.flops_after(decisions.choices))))
     return compressed, info
-
-
-def unreached_goal(goal: Goal, goal_reached: bool, options: dict, network_learnables: int) -> list[str]:
-    """``[message]`` naming the maximum when a reduction goal could not be reached, else ``[]``."""
-    if goal_reached:
-        return []
-    most = most_removable(options) / network_learnables
-    return [f"{goal} is above what projection can remove from these layers "
-            f"({most:.2%} of the network's learnables, every layer at its smallest useful form); "
-            "that maximum was removed"]
 
 
 def excluded_layers(model: nn.Module, layer_names, layers: dict, tied=()) -> list[str]:

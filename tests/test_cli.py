@@ -114,6 +114,16 @@ def test_compress_writes_a_file_that_info_describes_and_rw_load_reads(folder):
     assert "architecture stored as a pickle" in run.stdout and "mode eval" in run.stdout
 
 
+def test_compress_to_a_flops_goal_and_info_reports_the_flops(folder):
+    run = rankwise("compress", "cnn.pt", "--trust-pickle", "--data", "images.pt", "--flops-reduction", "0.4",
+                   "--criterion", "variance", "--allocation", "global", "--output", "fast.safetensors", cwd=folder)
+    assert run.returncode == 0, run.stderr
+    assert "flops_reduction_goal=0.4" in run.stdout and "FLOPs on the example batch" in run.stdout
+    run = rankwise("info", "fast.safetensors", cwd=folder)
+    assert run.returncode == 0, run.stderr
+    assert "projection (flops_reduction_goal=0.4)" in run.stdout and "FLOPs on the example batch" in run.stdout
+
+
 def test_compress_quietly_unpacked_selected_layers_then_analyze_the_result(folder):
     run = rankwise("compress", "cnn.pt", "--trust-pickle", "--data", "images.npz", "--explained-variance", "0.9",
                    "--layers", "2,5", "--unpack", "--output", "unpacked.safetensors", "--quiet",
@@ -218,7 +228,7 @@ BAD_ARGUMENTS = {  # case -> (arguments, what the one-line message says)
     "html folder missing": ([*ANALYZE, "--html", "nowhere/r.html"],
                             "--html: the folder 'nowhere' does not exist"),
     "json is a folder": ([*ANALYZE, "--json", "folder"], "--json: 'folder' is a folder"),
-    "no goal": (COMPRESS, "one of the arguments --explained-variance --learnables-reduction is required"),
+    "no goal": (COMPRESS, "one of the arguments --explained-variance --learnables-reduction --flops-reduction is required"),
     "two goals": ([*COMPRESS, "--explained-variance", "0.9", "--learnables-reduction", "0.5"],
                   "not allowed with argument"),
     "goal above one": ([*COMPRESS, "--explained-variance", "1.5"],

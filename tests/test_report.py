@@ -176,7 +176,8 @@ def test_json_fields(mixed, tmp_path):
     assert (goal["name"], goal["value"]) == ("learnables_reduction_goal", 0.5)
     assert goal["learnables_after"] == report.goals[goal["goal"]].learnables_after
     assert set(goal) == {"goal", "name", "value", "goal_reached", "learnables_after",
-                         "learnables_reduction", "explained_variance"}
+                         "learnables_reduction", "explained_variance", "flops_before", "flops_after"}
+    assert goal["flops_before"] is None  # counted under a FLOPs goal only
     layers = {layer["name"]: layer for layer in data["layers"]}
     assert list(layers) == list(report.layers)
     conv = layers["0"]

@@ -51,6 +51,8 @@ def run_compress(args) -> None:
     options = library_arguments(args)
     if args.criterion != "auto" and not CRITERIA[args.criterion].needs_gradients:
         options["loss_fn"] = None  # --loss counts where a criterion that reads gradients may be used
+    if options.get("flops_reduction_goal") is not None and batches:
+        options["flops_input"] = batches[0]  # FLOPs counted on one calibration batch, as deployed
     net, info = library(compress_network_using_projection, model, batches, names=option_names(args),
                         verbosity=_verbosity(args), **options)
     if args.rank != 0:
@@ -89,6 +91,9 @@ def run_info(args) -> None:
         print(f"projection ({info.goal}): {info.learnables_before:,} -> {info.learnables_after:,} "
               f"learnables ({info.learnables_reduction:.1%} removed), explained variance "
               f"{info.explained_variance:.4f}")
+        if info.flops_before is not None:
+            print(f"FLOPs on the example batch: {info.flops_before:,} -> {info.flops_after:,} "
+                  f"({info.flops_reduction:.1%} removed)")
         if info.choice:
             print(f"decided with {info.choice}")
 

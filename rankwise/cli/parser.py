@@ -123,6 +123,10 @@ def build_parser() -> Parser:
     compress.add_library_option("--learnables-reduction", keyword="learnables_reduction_goal", group=goal,
                                 type=_fraction, metavar="X",
                                 help="remove at least this fraction of the network's learnables")
+    compress.add_library_option("--flops-reduction", keyword="flops_reduction_goal",
+                                group=goal, type=_fraction, metavar="X",
+                                help="remove at least this fraction of the network's FLOPs on the first "
+                                     "calibration batch (--batch-size inputs)")
     compress.add_library_option("--layers", keyword="layer_names", type=_names, metavar="A,B",
                                 help="project only these layers (names, globs or 're:' regular expressions)")
     compress.add_library_option("--unpack", keyword="unpack", action="store_true",
@@ -138,7 +142,7 @@ def build_parser() -> Parser:
                                      "else mse, on every fourth batch (default: auto)")
     compress.add_library_option("--allocation", keyword="allocation", choices=("auto", "global", "uniform"),
                                 default="auto",
-                                help="spread --learnables-reduction by estimated error, or as the same "
+                                help="spread --learnables-reduction (or --flops-reduction) by estimated error, or as the same "
                                      "fraction of every layer; auto: measure both (default: auto)")
     compress.add_library_option("--validation", keyword="validation", type=_validation, default="auto",
                                 metavar="X",

@@ -1,4 +1,4 @@
-"""Goals: each layer's option for an explained variance goal, or a global learnables budget.
+"""Goals: each layer's option for an explained variance goal, or a global learnables or FLOPs budget.
 
 Every layer arrives as its frontier (:mod:`rankwise.ranks.frontier`): learnables ascending,
 error descending, ending at the dense layer. Its options carry a *residual* (the fraction of
@@ -7,6 +7,8 @@ the layer's output variance lost) and an *error* (the criterion's estimate,
 
 - ``explained_variance_goal = g``: each layer takes its cheapest option with
   ``res <= 1 - g``.
+- ``flops_reduction_goal = f``: as the learnables goal below, on every layer's frontier priced in FLOPs
+  (:mod:`rankwise.ranks.costs`: FLOPs in place of ``L``, error per FLOP saved).
 - ``learnables_reduction_goal = f``: ranks are allocated globally to minimise the sum of the
   layers' errors while removing at least ``f`` of the network's learnables ``L``,
 
@@ -99,7 +101,7 @@ def allocate_uniformly(options: dict[str, LayerOptions], goal: float, network_le
 
 def choose_ranks(options: dict[str, LayerOptions], goal: Goal,
                  network_learnables: int, verbosity: str = "off",
-                 allocation: str = "global") -> tuple[dict[str, RankChoice], bool]:
+                 allocation: str = "global", flops=None) -> tuple[dict[str, RankChoice], bool]:
     """Each layer's option for one goal, and whether the goal was reached.
 
     Parameters
@@ -112,7 +114,12 @@ def choose_ranks(options: dict[str, LayerOptions], goal: Goal,
     verbosity : str
         ``"iterations"`` prints every step of the global allocation.
     allocation : {"global", "uniform"}
-        How a learnables reduction goal is spread over the layers (see the module docstring).
+        How a learnables or FLOPs reduction goal is spread over the layers (see the module
+        docstring).
+    flops : FlopBudget, optional
+        Needed by a ``flops_reduction_goal`` (:mod:`rankwise.ranks.costs`): the allocation then
+        runs on every layer's frontier priced in FLOPs, with the network's FLOPs as the
+        denominator (the error per FLOP saved in place of the error per learnable saved).
 
     Returns
     -------
@@ -120,14 +127,23 @@ def choose_ranks(options: dict[str, LayerOptions], goal: Goal,
     goal_reached : bool
     """
     if not goal.is_budget:
-        chosen, goal_reached = choose_by_explained_variance(options, goal.value), True
+        chosen = choose_by_explained_variance(options, goal.value)
+        return {name: options[name].choice(index) for name, index in chosen.items()}, True
+    allocate = allocate_uniformly if allocation == "uniform" else allocate_learnables_reduction
+    if goal.kind == "flops_reduction":
+        if flops is None:
+            raise ValueError("flops_reduction_goal needs the network's FLOPs on an example input (flops=).")
+        priced, back = flops.priced(options)
+        outcome = allocate(priced, goal.value, flops.network_flops)
+        chosen = {name: int(back[name][index]) for name, index in outcome.chosen.items()}
+        if verbosity == "iterations":
+            _print_allocation(outcome, priced, flops.network_flops, "of the FLOPs ")
     else:
-        allocate = allocate_uniformly if allocation == "uniform" else allocate_learnables_reduction
         outcome = allocate(options, goal.value, network_learnables)
-        chosen, goal_reached = outcome.chosen, outcome.goal_reached
+        chosen = outcome.chosen
         if verbosity == "iterations":
             _print_allocation(outcome, options, network_learnables)
-    return {name: options[name].choice(index) for name, index in chosen.items()}, goal_reached
+    return {name: options[name].choice(index) for name, index in chosen.items()}, outcome.goal_reached
 
 
 def _saving(opts: LayerOptions, index: int) -> int:
@@ -210,6 +226,21 @@ def tradeoff_curve(options: dict[str, LayerOptions], network_learnables: int):
             np.clip(1.0 - np.array(lost) / total_weight, 0.0, 1.0))
 
 
+def unreached_goal(goal: Goal, goal_reached: bool, options: dict, network_learnables: int,
+                   flops=None) -> list[str]:
+    """``[message]`` naming the maximum when a reduction goal could not be reached, else ``[]``."""
+    if goal_reached:
+        return []
+    if goal.kind == "flops_reduction":
+        priced, _ = flops.priced(options)
+        most, unit = most_removable(priced) / flops.network_flops, "FLOPs"
+    else:
+        most, unit = most_removable(options) / network_learnables, "learnables"
+    return [f"{goal} is above what projection can remove from these layers "
+            f"({most:.2%} of the network's {unit}, every layer at its smallest useful form); "
+            "that maximum was removed"]
+
+
 def most_removable(options: dict[str, LayerOptions]) -> int:
     """Learnables removed with every layer at its cheapest option (the reduction's maximum)."""
     return sum(_saving(o, 0) for o in options.values())
@@ -222,8 +253,9 @@ def reduction_range(npca) -> tuple[float, float]:
     return lossless / npca.network_learnables, most_removable(options) / npca.network_learnables
 
 
-def _print_allocation(allocation: Allocation, options: dict, network_learnables: int) -> None:
+def _print_allocation(allocation: Allocation, options: dict, network_total: int, unit: str = "") -> None:
+    """One line per step: the layer, its option and the share of ``network_total`` removed so far."""
     for step, (name, removed, index) in enumerate(allocation.steps, start=1):
         choice = options[name].choice(index)
         print(f"allocation step {step}: {name} -> {choice.side} (rank in {format_ranks(choice.rank_in)}, "
-              f"rank out {format_ranks(choice.rank_out)}), {removed / network_learnables:.2%} removed")
+              f"rank out {format_ranks(choice.rank_out)}), {removed / network_total:.2%} {unit}removed")

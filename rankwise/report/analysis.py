@@ -24,7 +24,9 @@ from torch import nn
 from rankwise.kinds import kind_of
 from rankwise.forms import is_form, outermost
 from rankwise.learnables import count_learnables
+from rankwise.batches import as_batches
 from rankwise.checks import check_fraction, check_verbosity
+from rankwise.flops import flop_budget, flops_example
 from rankwise.goals import Goal
 from rankwise.pca import NeuronPCA
 from rankwise.projection import (Decisions, ProjectionInfo, build_projected, check_statistics, excluded_layers,
@@ -175,8 +177,8 @@ class AnalysisReport:
 
 def analyze(model: nn.Module, npca_or_data, *, layer_names=None, exclude=None,
             explained_variance_goals=DEFAULT_EXPLAINED_VARIANCE_GOALS,
-            learnables_reduction_goals=DEFAULT_LEARNABLES_REDUCTION_GOALS,
-            verbosity: str = "summary", forward_fn=None, eval_fn=None,
+            learnables_reduction_goals=DEFAULT_LEARNABLES_REDUCTION_GOALS, flops_reduction_goals=(),
+            flops_input=None, verbosity: str = "summary", forward_fn=None, eval_fn=None,
             criterion: str = "variance") -> AnalysisReport:
     """Analyse how far each layer of ``model`` can be compressed by projection.
 
@@ -195,6 +197,11 @@ def analyze(model: nn.Module, npca_or_data, *, layer_names=None, exclude=None,
     explained_variance_goals, learnables_reduction_goals : sequence of float in [0, 1]
         Goals whose outcome the report gives, as
         :func:`~rankwise.compress_network_using_projection` would reach them.
+    flops_reduction_goals : sequence of float in [0, 1]
+        FLOPs goals, counted on ``flops_input`` (default: the NeuronPCA's first held-out batch,
+        or the first batch of the data given).
+    flops_input : torch.Tensor, tuple, list or dict, optional
+        The example batch of ``flops_reduction_goals``.
     verbosity : {"off", "summary", "steps", "iterations"}
         ``"off"`` prints nothing; otherwise the report's table is printed.
     forward_fn : callable, optional
@@ -212,7 +219,8 @@ def analyze(model: nn.Module, npca_or_data, *, layer_names=None, exclude=None,
     """
     check_verbosity(verbosity)
     goals = (_check_goals(explained_variance_goals, "explained_variance_goals", "explained_variance")
-             + _check_goals(learnables_reduction_goals, "learnables_reduction_goals", "learnables_reduction"))
+             + _check_goals(learnables_reduction_goals, "learnables_reduction_goals", "learnables_reduction")
+             + _check_goals(flops_reduction_goals, "flops_reduction_goals", "flops_reduction"))
     selected = select_layers(model, layer_names, exclude=exclude)
     tied = tied_left_out(model, layer_names, exclude)
     withheld = {**tied_layers(model), **tied}  # a tied head compressed with its table says so
@@ -221,12 +229,14 @@ def analyze(model: nn.Module, npca_or_data, *, layer_names=None, exclude=None,
                                  verbosity, forward_fn)
     options = measured_options(model, npca, analysed, criterion, progress=verbosity != "off")
     network_learnables = count_learnables(model)
+    flops = None if not flops_reduction_goals else flop_budget(
+        model, analysed, *_flops_example(npca, npca_or_data, flops_input), forward_fn=forward_fn)
     reduction, explained = tradeoff_curve(options, network_learnables)
     report = AnalysisReport(
         network_learnables,
         {name: _layer_report(name, module, selected, excluded, withheld, options.get(name), npca)
          for name, module in _listed_modules(model)},
-        {str(goal): _goal_outcome(model, goal, analysed, options, excluded, tied, npca) for goal in goals},
+        {str(goal): _goal_outcome(model, goal, analysed, options, excluded, tied, npca, flops) for goal in goals},
         reduction, explained, None if eval_fn is None else _sensitivity(model, npca, eval_fn, goals, analysed))
     if verbosity != "off":
         print(report.table())
@@ -246,6 +256,16 @@ def _check_goals(goals, argument: str, kind: str) -> list[Goal]:
         raise ValueError(f"{argument}: expected a sequence of numbers in [0, 1] (e.g. (0.9, 0.95)), "
                          f"got {goals!r}.")
     return [Goal(kind, check_fraction(goal, argument)) for goal in goals]
+
+
+def _flops_example(npca, npca_or_data, flops_input):
+    """``(batch, argument)`` of the FLOPs goals: ``flops_input``, the first held-out batch, or the
+    first batch of the data given."""
+    if flops_input is None and not isinstance(npca_or_data, NeuronPCA):
+        first = next(iter(as_batches(npca_or_data)), None)  # None: an iterator the calibration used up
+        if first is not None:
+            return first, "flops_input (the first calibration batch)"
+    return flops_example(npca, flops_input)
 
 
 def _statistics(model, npca_or_data, selected: dict, all_layers: bool, verbosity, forward_fn):
@@ -305,13 +325,15 @@ def _layer_report(name: str, module: nn.Module, selected: dict, excluded: list, 
 
 
 def _goal_outcome(model: nn.Module, goal: Goal, layers: dict, options: dict,
-                  excluded: list, tied: dict, npca) -> ProjectionInfo:
+                  excluded: list, tied: dict, npca, flops=None) -> ProjectionInfo:
     """The :class:`ProjectionInfo` that compressing with this goal would return (a dry run of
     :func:`~rankwise.projection.build_projected`: no network is built; a recurrent layer's
     projected form is, to measure its output sequence, :class:`~rankwise.ranks.SequenceBound`)."""
-    choices, goal_reached = choose_ranks(options, goal, count_learnables(model))
+    choices, goal_reached = choose_ranks(options, goal, count_learnables(model), flops=flops)
     bound = SequenceBound(layers, options, npca, goal)
-    decisions = Decisions(goal, bound(choices), goal_reached, excluded=excluded,
+    flops = flops if goal.kind == "flops_reduction" else None
+    decisions = Decisions(goal, bound(choices), goal_reached, excluded=excluded, flops=flops,
                           warnings=tie_warnings(tied) + unreached_goal(goal, goal_reached, options,
-                                                                       count_learnables(model)) + bound.warnings)
+                                                                       count_learnables(model), flops)
+                          + bound.warnings)
     return build_projected(model, layers, options, decisions, build=False)[1]

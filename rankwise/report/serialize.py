@@ -9,7 +9,8 @@ Fields (``format_version`` 1)::
     network.tradeoff                      {"learnables_reduction": [...], "explained_variance": [...]}
     goals[]                               goal ("learnables_reduction_goal=0.9"), name, value,
                                           goal_reached, learnables_after, learnables_reduction,
-                                          explained_variance
+                                          explained_variance, flops_before, flops_after (null
+                                          but under a FLOPs goal)
     layers[]                              name, type, learnables, projectable, reason,
                                           max_reduction, lossless_reduction, min_learnables,
                                           lossless_learnables (null where not analysed),
@@ -57,7 +58,8 @@ def _goal(goal: str, info) -> dict:
     return {"goal": goal, "name": info.goal.argument, "value": info.goal.value, "goal_reached": info.goal_reached,
             "learnables_after": info.learnables_after,
             "learnables_reduction": info.learnables_reduction,
-            "explained_variance": info.explained_variance}
+            "explained_variance": info.explained_variance,
+            "flops_before": info.flops_before, "flops_after": info.flops_after}
 
 
 def _layer(layer, goals: dict) -> dict:

@@ -11,7 +11,8 @@ from rankwise.tables import format_ranks, format_table
 
 GOALS_LEGEND = ("var>=X: explained_variance_goal=X, each layer keeps at least that fraction of its "
                 "output variance; removed>=Y%: learnables_reduction_goal=Y/100, at least that share of "
-                "the network's learnables removed")
+                "the network's learnables removed; flops-Z%: flops_reduction_goal=Z/100, at least that "
+                "share of the FLOPs on the example batch removed")
 FORMS_LEGEND = ("in each goal's column, the form it gives the layer: 'dense', kept as it is; "
                 "'in 5 out 15', input projected onto its 5 leading principal directions and output "
                 "onto 15 (one side alone: 'out 12'); 'in -/3 out 2/1', an LSTM / GRU with a rank per "
@@ -21,13 +22,19 @@ LEGEND_WIDTH = 100
 UNSUPPORTED_SUFFIX = " layers are not supported"  # why_not_projectable's reason for a type no kind covers
 
 
+def _flops_removed(info) -> str:
+    return "-" if info.flops_before is None else f"{info.flops_reduction:.1%}"
+
+
 def goal_rows(report, spelled_out: bool = False) -> tuple[list[str], list[list[str]]]:
     """Header and rows: per goal (as the argument, spelled out first if asked), the network's
     learnables after, reduction and explained variance."""
+    counted = any(info.flops_before is not None for info in report.goals.values())
     header = ["goal", *(["argument"] if spelled_out else []), "learnables", "removed",
-              "explained var.", "reached"]
+              *(["FLOPs removed"] if counted else []), "explained var.", "reached"]
     rows = [[*([info.goal.label(spelled_out=True)] if spelled_out else []), goal,
              f"{info.learnables_after:,}", f"{info.learnables_reduction:.1%}",
+             *([_flops_removed(info)] if counted else []),
              f"{info.explained_variance:.4f}", "yes" if info.goal_reached else "no (maximum removed)"]
             for goal, info in report.goals.items()]
     return header, rows
