@@ -35,13 +35,13 @@ MAX_LINES = 400
 
 STAGES = (  # earliest first
     ("foundations", ("_version", "progress", "checks", "goals", "masks", "batches", "moments", "rnn", "learnables",
-                     "tables", "kinds", "distributed", "metric")),
+                     "tables", "kinds", "distributed", "metric", "batchnorm_modes")),
     ("layers", ("forms", "layers")),
     ("statistics", ("statistics", "recurrent_statistics", "targets", "holdout", "blockwise", "pca", "divergence")),
     ("decisions", ("ranks",)),
     ("construction", ("selection", "info", "projection", "flops", "latency", "latency_aware", "batchnorm",
                       "correction")),
-    ("methods", ("decompose", "evolve", "train", "sensitivity", "incremental")),
+    ("methods", ("decompose", "evolve", "train", "recovery", "sensitivity", "incremental")),
     ("outputs", ("report", "io", "export", "hf", "cli", "datasets", "examples", "demo", "__init__")),
 )
 
