@@ -198,3 +198,19 @@ def test_refusals_name_the_fix():
     assert_unchanged(compressed, snapshot)
     with pytest.raises(ValueError, match="batchnorm: expected one of"):
         rw.fine_tune(bn_cnn(), images(), epochs=1, batchnorm="off", progress=False)
+
+
+def test_incremental_compression_recovers_each_step_the_same_way():
+    from conftest import blob_task
+    model, train, val, accuracy = blob_task()
+    snapshot = state_of(model)
+    net, history = rw.compress_incrementally(model, [x for x, _ in train], train_data=train, eval_fn=accuracy,
+                                             learnables_reduction_goal=0.5, tolerance=0.05, val_data=val,
+                                             recovery="logits", verbosity="off")
+    assert history.steps and all(isinstance(s.fine_tune, rw.RecoveryRecord) for s in history.steps)
+    assert all(s.fine_tune.validation_after <= s.fine_tune.validation_before for s in history.steps)
+    assert history.final_learnables == rw.count_learnables(net)
+    assert_unchanged(model, snapshot)
+    with pytest.raises(ValueError, match="teacher and recovery are exclusive"):
+        rw.compress_incrementally(model, [x for x, _ in train], train_data=train, eval_fn=accuracy,
+                                  recovery="logits", teacher=model, verbosity="off")
