@@ -10,8 +10,9 @@ images (N = 1,000 and 5,000), and recovered on those same N images:
 - the old behaviour: ``rw.fine_tune`` with the labels, BatchNorm in train mode (``batchnorm="train"``),
   and the same with ``batchnorm="frozen"``: training and validation losses per epoch, to see
   the divergence and what removes it;
-- ``rw.recover`` with ``method="logits"``, ``"features"`` and ``"lora"`` (BatchNorm ``"auto"``,
-  i.e. frozen for so few images), and ``"logits"`` with ``batchnorm="train"`` / ``"reestimate"``.
+- ``rw.recover`` with ``method="logits"``, ``"features"`` and ``"lora"`` (BatchNorm ``"auto"``:
+  measured on the held-out batches, ``"train"`` when re-estimated statistics score better than
+  the stored ones, else ``"frozen"``), and ``"logits"`` with ``batchnorm="frozen"`` / ``"reestimate"``.
 
 Held-out data: ``rw.recover`` holds out every 4th of the N images' batches by itself; the
 fine-tuning rows get the same batches as ``val_data``. Nothing is chosen on the test set: the
@@ -50,7 +51,8 @@ def options(epochs):
         def run(net, original, batches, fitted, held_out):
             r = rw.recover(net, original, batches, method=method, epochs=epochs, batchnorm=batchnorm, progress=False)
             return (f"val KL {r.validation_before:.3f} -> {r.validation_after:.3f} "
-                    f"({'kept' if r.kept else 'not kept'}), batchnorm={r.batchnorm}")
+                    f"({'kept' if r.kept else 'not kept'}), batchnorm={r.batchnorm}"
+                    + (" (measured)" if batchnorm == "auto" else ""))
         return run
 
     def recalibrate(net, original, batches, fitted, held_out):
@@ -62,7 +64,7 @@ def options(epochs):
             ("fine_tune labels, batchnorm=frozen", fine_tune("frozen")),
             ("recover logits", recover("logits")), ("recover features", recover("features")),
             ("recover lora", recover("lora")),
-            ("recover logits, batchnorm=train", recover("logits", "train")),
+            ("recover logits, batchnorm=frozen", recover("logits", "frozen")),
             ("recover logits, batchnorm=reestimate", recover("logits", "reestimate"))]
 
 

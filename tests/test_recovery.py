@@ -72,14 +72,26 @@ def test_frozen_batchnorm_keeps_running_statistics_while_the_rest_trains():
     assert not same_stats(running_stats(trained), before)  # torch's train mode does move them
 
 
-def test_auto_batchnorm_is_frozen_for_small_data_and_recover_keeps_the_statistics():
+def test_auto_batchnorm_is_frozen_for_small_data_and_recover_keeps_frozen_statistics():
     model, data = bn_cnn(), images()
     assert rw.fine_tune(copy.deepcopy(model), data, epochs=1, progress=False).batchnorm == "frozen"
     original = copy.deepcopy(model)
     before = running_stats(model)
-    record = rw.recover(model, original, data, method="logits", epochs=1, lr=0.05, progress=False)
+    record = rw.recover(model, original, data, method="logits", epochs=1, batchnorm="frozen", progress=False)
     assert record.batchnorm == "frozen"
     assert same_stats(running_stats(model), before)
+
+
+def test_recover_measures_auto_batchnorm_on_the_held_out_batches():
+    original, data = bn_cnn(), images()
+    rw.recalibrate_batchnorm(original, data)  # statistics that describe the data
+    stale = copy.deepcopy(original)
+    with torch.no_grad():
+        stale[1].running_var.mul_(25.0)  # statistics that no longer describe what the layer sees
+        stale[1].running_mean.add_(3.0)
+    record = rw.recover(stale, original, data, method="logits", epochs=1, progress=False)
+    assert record.batchnorm == "train" and "(better)" in record.batchnorm_reason
+    assert "batchnorm=train" in str(record)
 
 
 def test_reestimate_recomputes_the_statistics_from_the_training_batches():

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from rankwise.batchnorm import recalibrate_batchnorm
 from rankwise.batchnorm_modes import resolve_batchnorm
 from rankwise.divergence import HeldOutScorer
 from rankwise.forms import compressed_forms
@@ -53,6 +54,8 @@ class RecoveryRecord:
     ----------
     method, batchnorm : str
         The method and the BatchNorm mode that applied (``"none"``: no BatchNorm).
+    batchnorm_reason : str
+        Why that mode (``batchnorm="auto"`` measures it; see :func:`measured_batchnorm`).
     score : str
         How the held-out batches were scored (``"kl"``, ``"relative_error"``, ``"score_fn"``).
     validation_before, validation_after : float
@@ -80,12 +83,13 @@ class RecoveryRecord:
     trained_tensors: int = 0
     held_out_batches: int = 0
     seconds: float = 0.0
+    batchnorm_reason: str = ""
 
     def table(self) -> str:
         rows = [(str(i), f"{t:.4g}", f"{v:.4g}") for i, (t, v) in enumerate(zip(self.train_loss, self.val_score), 1)]
         outcome = "kept" if self.kept else "NOT kept (no better than before: weights put back)"
         return format_table(("epoch", "train loss", f"validation {self.score}"), rows, footer=(
-            f"recover: method={self.method}, batchnorm={self.batchnorm}; validation {self.score} on "
+            f"recover: method={self.method}, batchnorm={self.batchnorm} ({self.batchnorm_reason}); validation {self.score} on "
             f"{self.held_out_batches} held-out batches {self.validation_before:.4g} -> {self.validation_after:.4g} "
             f"(best trained {self.best_trained:.4g}), {outcome}; {self.seconds:.1f} s"))
 
@@ -123,7 +127,9 @@ def recover(compressed: nn.Module, original: nn.Module, data, *, method: str = "
         Held-out batches (:mod:`rankwise.holdout`): ``"auto"`` every 4th batch of ``data``, a
         fraction, or separate batches.
     batchnorm : {"auto", "frozen", "reestimate", "train"}
-        :mod:`rankwise.batchnorm_modes`.
+        :mod:`rankwise.batchnorm_modes`; ``"auto"`` is measured here (:func:`measured_batchnorm`):
+        ``"train"`` when re-estimated statistics score better on the held-out batches, else
+        ``"frozen"``.
     lora_rank : int
         Rank ``k`` of each correction (``method="lora"``).
     sequential : bool
@@ -157,8 +163,11 @@ def recover(compressed: nn.Module, original: nn.Module, data, *, method: str = "
             raise ValueError("validation: no batch is held out (validation='auto' holds out every 4th batch "
                              "from the 2nd, so give at least 2 batches, or pass validation=separate_batches).")
         scorer = HeldOutScorer(original, split.held_out, forward_fn, score_fn)
-        mode = resolve_batchnorm(batchnorm, compressed, data)
-        record = RecoveryRecord(method, mode, scorer.name, scorer.score(compressed), held_out_batches=len(split.held_out))
+        before = scorer.score(compressed)
+        mode, reason = measured_batchnorm(compressed, split, scorer, before, forward_fn) \
+            if batchnorm == "auto" else (resolve_batchnorm(batchnorm, compressed, data), "as asked")
+        record = RecoveryRecord(method, mode, scorer.name, before, held_out_batches=len(split.held_out),
+                                batchnorm_reason=reason)
         loop = RecoveryLoop(compressed, _objective(method, compressed, original, forward_fn, temperature),
                             scorer, mode, progress)
         try:
@@ -180,6 +189,24 @@ def recover(compressed: nn.Module, original: nn.Module, data, *, method: str = "
         compressed.eval()
     record.seconds = time.perf_counter() - start
     return record
+
+
+def measured_batchnorm(compressed, fitted, scorer, before: float, forward_fn) -> tuple[str, str]:
+    """``batchnorm="auto"`` for :func:`recover`: ``"train"`` when re-estimating the BatchNorm
+    statistics on the training batches (:func:`rankwise.recalibrate_batchnorm`, on a copy)
+    scores better on the held-out batches than the stored statistics (the compression changed
+    what the BatchNorms see: let them follow), else ``"frozen"`` (the stored statistics still
+    describe the network better than these batches do). ``("none", ...)`` without BatchNorm."""
+    if resolve_batchnorm("frozen", compressed, fitted) == "none":
+        return "none", "no BatchNorm"
+    trial = copy.deepcopy(compressed)
+    recalibrate_batchnorm(trial, fitted, forward_fn=forward_fn)
+    score = scorer.score(trial)
+    del trial
+    verdict = "better" if score < before else "not better"
+    return ("train" if score < before else "frozen"), (
+        f"auto: statistics re-estimated on the training batches score {score:.4g} against {before:.4g} "
+        f"stored ({verdict})")
 
 
 def _objective(method, compressed, original, forward_fn, temperature):
