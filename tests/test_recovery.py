@@ -201,6 +201,9 @@ def test_refusals_name_the_fix():
         rw.recover(compressed, compressed, data, progress=False)
     with pytest.raises(ValueError, match="data: recovery passes over it several times"):
         rw.recover(compressed, model, iter(data), progress=False)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.cat(data)), batch_size=32, shuffle=True)
+    with pytest.raises(ValueError, match="data: a shuffling DataLoader"):
+        rw.recover(compressed, model, loader, progress=False)
     with pytest.raises(ValueError, match="validation: no batch is held out"):
         rw.recover(compressed, model, data[:1], progress=False)
     with pytest.raises(ValueError, match="compressed: it has no compressed layer"):

@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass, field
 
 from torch import nn
+from torch.utils.data import RandomSampler
 
 from rankwise.batchnorm import recalibrate_batchnorm
 from rankwise.batchnorm_modes import resolve_batchnorm
@@ -258,5 +259,9 @@ def _check(compressed, original, data, method, epochs, lr, validation, lora_rank
     if iter(data) is data:
         raise ValueError("data: recovery passes over it several times; pass a list or a DataLoader, "
                          "not an iterator or generator.")
+    if isinstance(getattr(data, "sampler", None), RandomSampler) and isinstance(validation, str | float | int):
+        raise ValueError("data: a shuffling DataLoader gives other batches at every pass, so batches held out "
+                         "from it would be trained on in later epochs; pass validation=separate_batches, or "
+                         "a DataLoader with shuffle=False.")
     if count_learnables(compressed) == 0:
         raise ValueError("compressed: it has no learnable to train.")
