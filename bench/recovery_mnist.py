@@ -19,7 +19,8 @@ fine-tuning rows get the same batches as ``val_data``. Nothing is chosen on the 
 10,000 test images are only used for the accuracy reported.
 
 Run from the repository root: ``OMP_NUM_THREADS=1 python bench/recovery_mnist.py`` (about 10 min
-at 1 thread); ``--quick`` runs N = 1,000 at 95% with 2 epochs. Writes ``bench/results/recovery_mnist.md``.
+at 1 thread); ``--quick`` runs N = 1,000 at 95% with 2 epochs; ``--images``, ``--goals``, ``--epochs``,
+``--only "recover logits"`` and ``--output`` select a part. Writes ``bench/results/recovery_mnist.md``.
 """
 
 import argparse
@@ -72,9 +73,15 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--images", default="1000,5000")
+    parser.add_argument("--goals", default="0.90,0.95")
+    parser.add_argument("--only", default=None, help="comma-separated option labels to run (default: all)")
+    parser.add_argument("--output", default="bench/results/recovery_mnist.md")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    counts, goals, epochs = ((1000,), (0.95,), 2) if args.quick else ((1000, 5000), (0.90, 0.95), args.epochs)
+    counts, goals = [int(c) for c in args.images.split(",")], [float(g) for g in args.goals.split(",")]
+    counts, goals, epochs = ((1000,), (0.95,), 2) if args.quick else (counts, goals, args.epochs)
+    chosen = None if args.only is None else set(args.only.split(","))
     original = pretrained_mnist("small_resnet", verbose=False)
     images, labels = load_mnist("train")
     test_images, test_labels = load_mnist("test")
@@ -91,6 +98,8 @@ def main():
                 compressed, info = rw.compress_network_using_projection(
                     original, batches, learnables_reduction_goal=goal, verbosity="off")
             for label, run in options(epochs):
+                if chosen is not None and label not in chosen:
+                    continue
                 net = copy.deepcopy(compressed)
                 torch.manual_seed(0)
                 start = time.perf_counter()
@@ -108,7 +117,7 @@ def main():
              "|---:|---:|---|---:|---:|---:|---|"]
     lines += [f"| {c:,} | {r} | {label} | {a:.2%} | {d * 100:+.2f} pt | {s:.1f} | {n} |"
               for c, r, label, a, d, s, n in rows]
-    write_result("bench/results/recovery_mnist.md", "Recovery after compression: small ResNet (BatchNorm) on MNIST",
+    write_result(args.output, "Recovery after compression: small ResNet (BatchNorm) on MNIST",
                  "\n".join(lines))
 
 
