@@ -55,6 +55,7 @@ def main():
     parser.add_argument("--methods", default="logits:0.001,lora",
                         help="comma-separated method[:relative lr]; no lr: the library's default rule")
     parser.add_argument("--calibration", type=int, default=16, help="calibration chunks (full profile)")
+    parser.add_argument("--output", default=None, help="results file (default bench/results/smollm2_healing.md)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     profile = "quick" if args.quick else "full"
@@ -104,7 +105,7 @@ def main():
         healed = min((p for g, m, p, *_ in rows if g == fraction and m != "none"), default=float("nan"))
         lines.append(f"- {fraction:.0%}: best healed {healed:.2f} = {healed / reference:.2f}x: "
                      f"**{'reached' if healed / reference <= limit else 'NOT reached'}**")
-    write_result(f"bench/results/smollm2_healing{'_quick' if args.quick else ''}.md",
+    write_result(args.output or f"bench/results/smollm2_healing{'_quick' if args.quick else ''}.md",
                  "SmolLM2-135M: healing after compression", "\n".join(lines))
 
 
