@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.data import RandomSampler
 
 from rankwise.batchnorm import recalibrate_batchnorm
-from rankwise.batchnorm_modes import resolve_batchnorm
+from rankwise.batchnorm_modes import check_batchnorm, resolve_batchnorm
 from rankwise.divergence import HeldOutScorer
 from rankwise.forms import compressed_forms
 from rankwise.holdout import HeldOutSplit, check_validation
@@ -149,6 +149,7 @@ def recover(compressed: nn.Module, original: nn.Module, data, *, method: str = "
     RecoveryRecord
     """
     _check(compressed, original, data, method, epochs, lr, validation, lora_rank, temperature)
+    check_batchnorm(batchnorm)
     if method == "features":
         feature_layers(compressed, original)
     elif method == "lora":
