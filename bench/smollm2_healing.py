@@ -48,6 +48,28 @@ def compress(model, names, batches, fraction, total, npca):
     return net, info
 
 
+def report(rows, reference, names, profile, calibration, test, epochs, calibration_seconds):
+    """The markdown table and targets of ``rows`` ``(fraction, method, perplexity, record or None,
+    seconds, peak RSS)``."""
+    lines = [f"Original test perplexity **{reference:.2f}**; {len(names)} Linears of decoder layers "
+             f"{', '.join(map(str, sm.DECODER_LAYERS[profile]))} compressed (old defaults, {calibration_seconds:.0f} s "
+             f"of calibration); {calibration} calibration chunks of {sm.CONTEXT} tokens (every 4th held out by "
+             f"`rw.recover`), {test} test chunks; {epochs} epoch(s) per healing (per phase for lora); "
+             "`method:lr` rows use that relative lr, the others the default rule (1e-2); 1 torch thread.", "",
+             "| removed | healing | test perplexity | x original | validation KL before -> after (kept) | s | peak RSS GiB |",
+             "|---:|---|---:|---:|---|---:|---:|"]
+    for fraction, method, ppl, record, seconds, peak in rows:
+        kl = "" if record is None else (f"{record.validation_before:.4f} -> {record.validation_after:.4f} "
+                                        f"({'kept' if record.kept else 'not kept'})")
+        lines.append(f"| {fraction:.0%} | {method} | {ppl:.2f} | {ppl / reference:.2f}x | {kl} | {seconds:.0f} | {peak:.1f} |")
+    lines += ["", "Targets (issue 22, with healing): within 1.5x of the original at 20%, 2.5x at 40%:"]
+    for fraction, limit in zip(sm.FRACTIONS, (1.5, 2.5)):
+        healed = min((p for g, m, p, *_ in rows if g == fraction and m != "none"), default=float("nan"))
+        lines.append(f"- {fraction:.0%}: best healed {healed:.2f} = {healed / reference:.2f}x: "
+                     f"**{'reached' if healed / reference <= limit else 'NOT reached'}**")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
@@ -89,24 +111,9 @@ def main():
             rows.append((fraction, entry, sm.perplexity(healed, test), record, seconds, sm.rss_gib()[1]))
             print(rows[-1][:3], flush=True)
             del healed
-    lines = [f"Original test perplexity **{reference:.2f}**; {len(names)} Linears of decoder layers "
-             f"{', '.join(map(str, sm.DECODER_LAYERS[profile]))} compressed (old defaults, {calibration_seconds:.0f} s "
-             f"of calibration); {len(calibration)} calibration chunks of {sm.CONTEXT} tokens (8 of 32 held out by "
-             f"`rw.recover`), {len(test)} test chunks; {args.epochs} epoch(s) per healing (per phase for lora); "
-             f"lr {'default rule' if args.lr is None else args.lr}; 1 torch thread.", "",
-             "| removed | healing | test perplexity | x original | validation KL before -> after (kept) | s | peak RSS GiB |",
-             "|---:|---|---:|---:|---|---:|---:|"]
-    for fraction, method, ppl, record, seconds, peak in rows:
-        kl = "" if record is None else (f"{record.validation_before:.4f} -> {record.validation_after:.4f} "
-                                        f"({'kept' if record.kept else 'not kept'})")
-        lines.append(f"| {fraction:.0%} | {method} | {ppl:.2f} | {ppl / reference:.2f}x | {kl} | {seconds:.0f} | {peak:.1f} |")
-    lines += ["", "Targets (issue 22, with healing): within 1.5x of the original at 20%, 2.5x at 40%:"]
-    for fraction, limit in zip(sm.FRACTIONS, (1.5, 2.5)):
-        healed = min((p for g, m, p, *_ in rows if g == fraction and m != "none"), default=float("nan"))
-        lines.append(f"- {fraction:.0%}: best healed {healed:.2f} = {healed / reference:.2f}x: "
-                     f"**{'reached' if healed / reference <= limit else 'NOT reached'}**")
+    text = report(rows, reference, names, profile, len(calibration), len(test), args.epochs, calibration_seconds)
     write_result(args.output or f"bench/results/smollm2_healing{'_quick' if args.quick else ''}.md",
-                 "SmolLM2-135M: healing after compression", "\n".join(lines))
+                 "SmolLM2-135M: healing after compression", text)
 
 
 if __name__ == "__main__":
