@@ -19,7 +19,8 @@ rises (the diverging losses of a fine-tuned compressed CNN). The modes:
     Torch's usual behaviour: BatchNorm in train mode, running statistics updated by momentum.
 ``"auto"`` (the default)
     In :func:`rankwise.fine_tune`: ``"frozen"`` when the training data has fewer than
-    :data:`MIN_SAMPLES_TO_REESTIMATE` samples, else ``"train"``. In :func:`rankwise.recover`,
+    :data:`MIN_SAMPLES_TO_REESTIMATE` samples, else ``"train"`` (also when the samples cannot
+    be counted: :func:`sample_count`). In :func:`rankwise.recover`,
     which has held-out batches and the original to score against, measured instead: ``"train"``
     when statistics re-estimated on the training batches score better on the held-out batches
     than the stored ones (the compression changed what the BatchNorms see), else ``"frozen"``
