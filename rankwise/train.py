@@ -104,7 +104,8 @@ def fine_tune(model: nn.Module, train_data, *, epochs: int, loss_fn=None, lr: fl
         ``"frozen"`` keeps their running statistics (eval mode), ``"reestimate"`` keeps them
         while training and re-estimates them on ``train_data`` after each epoch, ``"train"`` is
         torch's train mode; ``"auto"`` is ``"frozen"`` for fewer than 10,000 samples, else
-        ``"train"`` (also when ``train_data`` cannot be counted without running it). Re-estimating from fewer samples warns.
+        ``"train"`` (also when ``train_data`` cannot be counted without running it).
+        Re-estimating from fewer samples warns.
 
     Returns
     -------
