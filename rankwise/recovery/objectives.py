@@ -60,11 +60,14 @@ def output_divergence(compressed_outputs, original_outputs, batch, kind: str,
 
 
 class OutputDistillation:
-    """``objective(model, batch) -> loss``: output distillation from ``original``."""
+    """``objective(model, batch) -> loss``: output distillation from ``original``.
 
-    def __init__(self, original: nn.Module, forward_fn=None, temperature: float = 1.0):
+    ``kind`` (``"kl"`` or ``"mse"``) follows the held-out score when that is ``"kl"`` or
+    ``"relative_error"``; ``None`` reads it from the first batch (``output_loss``)."""
+
+    def __init__(self, original: nn.Module, forward_fn=None, temperature: float = 1.0, kind: str | None = None):
         self.original, self.forward_fn, self.temperature = original, forward_fn, temperature
-        self.kind = None
+        self.kind = kind
 
     def __call__(self, model: nn.Module, batch) -> torch.Tensor:
         with torch.no_grad():

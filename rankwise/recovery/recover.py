@@ -140,7 +140,9 @@ def recover(compressed: nn.Module, original: nn.Module, data, *, method: str = "
     forward_fn : callable, optional
         ``forward_fn(model, batch) -> outputs``.
     score_fn : "auto", "kl", "relative_error" or callable
-        The held-out score (:mod:`rankwise.divergence`).
+        The held-out score (:mod:`rankwise.divergence`); ``"kl"`` or ``"relative_error"`` also sets
+        the output methods' training loss (pass ``"kl"`` for a classifier fed unlabelled tensors,
+        whose logits ``"auto"`` cannot recognise).
     progress : bool
         Progress bars.
 
@@ -170,7 +172,7 @@ def recover(compressed: nn.Module, original: nn.Module, data, *, method: str = "
             if batchnorm == "auto" else (resolve_batchnorm(batchnorm, compressed, data), "as asked")
         record = RecoveryRecord(method, mode, scorer.name, before, held_out_batches=len(split.held_out),
                                 batchnorm_reason=reason)
-        loop = RecoveryLoop(compressed, _objective(method, compressed, original, forward_fn, temperature),
+        loop = RecoveryLoop(compressed, _objective(method, compressed, original, forward_fn, temperature, scorer.name),
                             scorer, mode, progress)
         try:
             record.best_trained = _train(loop, compressed, split, method, epochs, lr or RELATIVE_LR,
@@ -211,10 +213,11 @@ def measured_batchnorm(compressed, fitted, scorer, before: float, forward_fn) ->
         f"stored ({verdict})")
 
 
-def _objective(method, compressed, original, forward_fn, temperature):
+def _objective(method, compressed, original, forward_fn, temperature, score: str):
     if method == "features":
         return FeatureDistillation(original, compressed, forward_fn)
-    return OutputDistillation(original, forward_fn, temperature)
+    kind = {"kl": "kl", "relative_error": "mse"}.get(score)
+    return OutputDistillation(original, forward_fn, temperature, kind)
 
 
 def _train(loop, compressed, split, method, epochs, relative_lr, lora_rank, sequential, record) -> float:
