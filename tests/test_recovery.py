@@ -229,3 +229,13 @@ def test_incremental_compression_recovers_each_step_the_same_way():
     with pytest.raises(ValueError, match="teacher and recovery are exclusive"):
         rw.compress_incrementally(model, [x for x, _ in train], train_data=train, eval_fn=accuracy,
                                   recovery="logits", teacher=model, verbosity="off")
+
+
+def test_score_fn_kl_makes_unlabelled_classifier_outputs_logits_for_training_too():
+    from rankwise.recovery.recover import _objective
+    model, compressed, data = mlp_and_compressed()
+    damaged(compressed)
+    assert _objective("logits", compressed, model, None, 1.0, "kl").kind == "kl"
+    assert _objective("logits", compressed, model, None, 1.0, "relative_error").kind == "mse"
+    record = rw.recover(compressed, model, data, method="logits", epochs=2, score_fn="kl", progress=False)
+    assert record.score == "kl" and record.kept
