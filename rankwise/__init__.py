@@ -2,6 +2,7 @@
 
 from rankwise._version import __version__
 from rankwise.batchnorm import fold_batchnorm, recalibrate_batchnorm
+from rankwise.batchnorm_modes import SmallBatchNormDataWarning
 from rankwise.decompose import LayerTruncation, TruncatedConv, TruncationInfo, truncate_kernels
 from rankwise.evolve import EvolutionHistory, WidthEvolver, WidthGroup, analyze_widths
 from rankwise.estimate import CostEstimate, estimate_cost
@@ -17,6 +18,7 @@ from rankwise.layers import (ProjectedConv, ProjectedEmbedding, ProjectedGRU, Pr
 from rankwise.learnables import count_learnables
 from rankwise.masks import token_mask
 from rankwise.pca import NeuronPCA, NonFiniteActivationError, ThinDataWarning
+from rankwise.recovery import RecoveryRecord, recover
 from rankwise.projection import (LayerProjection, ProjectionInfo, compress_network_using_projection,
                                  unpack_projected_layers)
 from rankwise.report import AnalysisReport, LayerReport, analyze
@@ -38,4 +40,5 @@ __all__ = [
     "median_latency", "count_flops", "compare_speed", "SpeedComparison", "UnstableTimingWarning",
     "compare_generation_speed", "GenerationSpeed",
     "token_mask", "register_kind", "solver_threads", "estimate_cost", "CostEstimate",
+    "recover", "RecoveryRecord", "SmallBatchNormDataWarning",
 ]

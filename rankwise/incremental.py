@@ -8,8 +8,10 @@ absorb it. :func:`compress_incrementally` instead walks the layers (largest firs
 2. choose the rank of the next layer: with a ``learnables_reduction_goal`` by the global
    allocation of :mod:`rankwise.ranks` over the layers not yet visited, for what is still to
    be removed; with an ``explained_variance_goal`` by that goal;
-3. project that layer, fine-tune the whole network (:func:`rankwise.train.fine_tune`) and
-   evaluate it with ``eval_fn`` (higher is better);
+3. project that layer, fine-tune the whole network (:func:`rankwise.train.fine_tune`; with
+   ``recovery=`` a method of :func:`rankwise.recover` instead: distillation from the original
+   network, kept only when it improves the held-out score) and evaluate it with ``eval_fn``
+   (higher is better);
 4. keep the step if the metric is at least ``original - tolerance``; otherwise roll back to
    the network before the step, bit for bit, and list the layer in ``skipped_layers`` as
    poorly projectable. Later steps make up for the learnables a skipped layer did not give.
@@ -34,6 +36,7 @@ from rankwise.projection import Decisions, build_projected
 from rankwise.ranks import RankChoice, SequenceBound, choose_ranks, measured_options
 from rankwise.tables import format_ranks, format_table
 from rankwise.targets import select_layers
+from rankwise.recovery import RecoveryRecord, recover
 from rankwise.train import FineTuneHistory, fine_tune
 
 ORDERS = ("largest-first", "model-order", "reverse-model-order")
@@ -54,7 +57,7 @@ class IncrementalStep:
     metric_after_fine_tune: float
     kept: bool
     seconds: float
-    fine_tune: FineTuneHistory
+    fine_tune: FineTuneHistory | RecoveryRecord
 
 
 @dataclass
@@ -140,7 +143,8 @@ def compress_incrementally(model: nn.Module, data, *, train_data, eval_fn,
                            explained_variance_goal: float | None = None, tolerance: float = 0.01,
                            fine_tune_epochs: int = 1, order="largest-first", layer_names=None,
                            exclude=None, val_data=None, teacher: nn.Module | None = None, lr: float | None = None,
-                           verbosity: str = "summary", forward_fn=None):
+                           verbosity: str = "summary", forward_fn=None, recovery: str | None = None,
+                           batchnorm: str = "auto"):
     """Project layer by layer with fine-tuning in between, rolling back layers that hurt.
 
     See the module docstring for the procedure.
@@ -176,7 +180,14 @@ def compress_incrementally(model: nn.Module, data, *, train_data, eval_fn,
         Fine-tuning learning rate.
     verbosity : {"off", "summary", "steps", "iterations"}
     forward_fn : callable, optional
-        ``forward_fn(model, batch)`` for the calibration passes.
+        ``forward_fn(model, batch)`` for the calibration passes (and recovery's).
+    recovery : {"logits", "features", "lora"}, optional
+        Recover each step with :func:`rankwise.recover` (distillation from ``model`` on
+        ``train_data``, validated on ``val_data`` or, without it, on every 4th batch of
+        ``train_data``; never worse) instead of :func:`rankwise.fine_tune`; exclusive with
+        ``teacher``.
+    batchnorm : {"auto", "frozen", "reestimate", "train"}
+        What the BatchNorms do while fine-tuning or recovering (:mod:`rankwise.batchnorm_modes`).
 
     Returns
     -------
@@ -188,6 +199,9 @@ def compress_incrementally(model: nn.Module, data, *, train_data, eval_fn,
     goal = check_goals(explained_variance_goal, learnables_reduction_goal)
     if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or tolerance < 0:
         raise ValueError(f"tolerance: expected a number >= 0, got {tolerance!r}.")
+    if recovery is not None and teacher is not None:
+        raise ValueError("teacher and recovery are exclusive: recovery distils from model itself; "
+                         "drop teacher=.")
     names = _ordered(model, layer_names, exclude, order)
     network = copy.deepcopy(model).eval()
     history = IncrementalHistory(float(eval_fn(network)), count_learnables(model), tolerance, goal)
@@ -208,8 +222,11 @@ def compress_incrementally(model: nn.Module, data, *, train_data, eval_fn,
             continue
         candidate, info = build_projected(network, {name: network.get_submodule(name)}, options,
                                           Decisions(history.goal, {name: choice}))
+        recovery_step = None if recovery is None else dict(
+            original=model, method=recovery, validation="auto" if val_data is None else val_data,
+            forward_fn=forward_fn)
         step = _fine_tune_step(candidate, info.layers[name], history, train_data, val_data,
-                               eval_fn, fine_tune_epochs, teacher, lr, verbosity)
+                               eval_fn, fine_tune_epochs, teacher, lr, verbosity, batchnorm, recovery_step)
         network = candidate if step.kept else network
         step.network_learnables = count_learnables(network)
         step.seconds = time.perf_counter() - step_start
@@ -252,10 +269,14 @@ def _choice(options: dict, name: str, goal: Goal, network: nn.Module, needed: in
 
 
 def _fine_tune_step(candidate, projection, history, train_data, val_data, eval_fn, epochs,
-                    teacher, lr, verbosity) -> IncrementalStep:
+                    teacher, lr, verbosity, batchnorm, recovery_step) -> IncrementalStep:
     metric_before = float(eval_fn(candidate.eval()))
-    tuned = fine_tune(candidate, train_data, epochs=epochs, val_data=val_data, teacher=teacher,
-                      lr=lr, progress=verbosity != "off")
+    if recovery_step is None:
+        tuned = fine_tune(candidate, train_data, epochs=epochs, val_data=val_data, teacher=teacher,
+                          lr=lr, progress=verbosity != "off", batchnorm=batchnorm)
+    else:
+        tuned = recover(candidate, data=train_data, epochs=epochs, lr=lr, batchnorm=batchnorm,
+                        progress=verbosity != "off", **recovery_step)
     metric_after = float(eval_fn(candidate.eval()))
     return IncrementalStep(projection.name, projection.side, projection.rank_in, projection.rank_out,
                            projection.learnables_before, projection.learnables_after, 0,

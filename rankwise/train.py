@@ -21,6 +21,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rankwise.batches import move_to
+from rankwise.batchnorm import recalibrate_batchnorm
+from rankwise.batchnorm_modes import resolve_batchnorm, train_mode
 
 DEFAULT_LR = 1e-4
 
@@ -41,6 +43,9 @@ class FineTuneHistory:
         last weights are kept).
     stopped_early : bool
         True when the loop stopped before ``epochs`` because the losses diverged.
+    batchnorm : str
+        The BatchNorm mode that applied (:mod:`rankwise.batchnorm_modes`; ``"none"`` for a
+        model without BatchNorm).
     """
 
     train_loss: list = field(default_factory=list)
@@ -48,6 +53,7 @@ class FineTuneHistory:
     initial_val_loss: float | None = None
     best_epoch: int | None = None
     stopped_early: bool = False
+    batchnorm: str = "none"
 
 
 def distillation_loss(student_logits, teacher_logits, temperature: float = 2.0) -> torch.Tensor:
@@ -61,7 +67,8 @@ def distillation_loss(student_logits, teacher_logits, temperature: float = 2.0) 
 
 def fine_tune(model: nn.Module, train_data, *, epochs: int, loss_fn=None, lr: float | None = None,
               val_data=None, teacher: nn.Module | None = None, temperature: float = 2.0,
-              patience: int = 2, weight_decay: float = 0.0, progress: bool = True) -> FineTuneHistory:
+              patience: int = 2, weight_decay: float = 0.0, progress: bool = True,
+              batchnorm: str = "auto") -> FineTuneHistory:
     """Fine-tune ``model`` in place and return the losses per epoch.
 
     Parameters
@@ -92,18 +99,26 @@ def fine_tune(model: nn.Module, train_data, *, epochs: int, loss_fn=None, lr: fl
         AdamW weight decay.
     progress : bool
         Show a progress bar per epoch.
+    batchnorm : {"auto", "frozen", "reestimate", "train"}
+        What the BatchNorms do while the rest trains (:mod:`rankwise.batchnorm_modes`):
+        ``"frozen"`` keeps their running statistics (eval mode), ``"reestimate"`` keeps them
+        while training and re-estimates them on ``train_data`` after each epoch, ``"train"`` is
+        torch's train mode; ``"auto"`` is ``"frozen"`` for fewer than 10,000 samples, else
+        ``"train"`` (also when ``train_data`` cannot be counted without running it).
+        Re-estimating from fewer samples warns.
 
     Returns
     -------
     FineTuneHistory
     """
     _check_fine_tune_arguments(epochs, lr, patience, teacher, loss_fn)
+    mode = resolve_batchnorm(batchnorm, model, train_data)
     initial_state = copy.deepcopy(model.state_dict())
     teacher_was_training = teacher is not None and teacher.training
     if teacher is not None:
         teacher.eval()
     try:
-        history = _fine_tune_epochs(model, train_data, val_data, epochs, patience, progress,
+        history = _fine_tune_epochs(model, train_data, val_data, epochs, patience, progress, mode,
                                     _batch_loss(model, teacher, loss_fn or nn.functional.cross_entropy,
                                                 temperature),
                                     torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
@@ -119,15 +134,17 @@ def fine_tune(model: nn.Module, train_data, *, epochs: int, loss_fn=None, lr: fl
     return history
 
 
-def _fine_tune_epochs(model, train_data, val_data, epochs, patience, progress, batch_loss,
+def _fine_tune_epochs(model, train_data, val_data, epochs, patience, progress, mode, batch_loss,
                       optimiser) -> FineTuneHistory:
-    history, best_state, best_loss = FineTuneHistory(), None, math.inf
+    history, best_state, best_loss = FineTuneHistory(batchnorm=mode), None, math.inf
     if val_data is not None:
         history.initial_val_loss = best_loss = evaluate_loss(model, val_data, batch_loss)
         history.best_epoch, best_state = 0, copy.deepcopy(model.state_dict())
     for epoch in range(1, epochs + 1):
-        history.train_loss.append(_train_epoch(model, train_data, batch_loss, optimiser,
+        history.train_loss.append(_train_epoch(model, train_data, batch_loss, optimiser, mode,
                                                f"fine-tune epoch {epoch}/{epochs}", progress))
+        if mode == "reestimate":
+            recalibrate_batchnorm(model, train_data)
         if val_data is None:
             continue
         history.val_loss.append(evaluate_loss(model, val_data, batch_loss))
@@ -172,8 +189,8 @@ def _batch_loss(model, teacher, loss_fn, temperature):
     return supervised if teacher is None else distilled
 
 
-def _train_epoch(model, data, batch_loss, optimiser, description, progress) -> float:
-    model.train()
+def _train_epoch(model, data, batch_loss, optimiser, mode, description, progress) -> float:
+    train_mode(model, mode)
     total, count = 0.0, 0
     for batch in tqdm(data, desc=description, disable=not progress, leave=False):
         loss = batch_loss(model, batch)

@@ -35,14 +35,14 @@ MAX_LINES = 400
 
 STAGES = (  # earliest first
     ("foundations", ("_version", "progress", "checks", "goals", "masks", "batches", "threads", "solvers", "moments", "rnn", "learnables",
-                     "tables", "kinds", "ties", "distributed", "metric")),
+                     "tables", "kinds", "ties", "distributed", "metric", "batchnorm_modes")),
     ("layers", ("forms", "layers")),
     ("statistics", ("statistics", "recurrent_statistics", "targets", "holdout", "blockwise", "pca", "divergence",
                     "estimate")),
     ("decisions", ("ranks",)),
     ("construction", ("selection", "info", "projection", "flops", "latency", "throughput", "latency_aware", "batchnorm",
                       "correction")),
-    ("methods", ("decompose", "evolve", "train", "sensitivity", "incremental")),
+    ("methods", ("decompose", "evolve", "train", "recovery", "sensitivity", "incremental")),
     ("outputs", ("report", "io", "export", "hf", "cli", "datasets", "examples", "demo", "__init__")),
 )
 
