@@ -32,7 +32,7 @@ from rankwise.flops import check_round_to, flop_budget, flops_example
 from rankwise.ranks import SequenceBound, choose_ranks, criterion_named, measured_options, unreached_goal
 from rankwise.selection import MeasuredChoice, how_to_decide
 from rankwise.tables import format_ranks
-from rankwise.targets import functional_layers, select_layers, tied_left_out
+from rankwise.targets import functional_layers, select_layers, tie_warnings, tied_left_out
 from rankwise.ties import check_tie_correction
 
 __all__ = ["Decisions", "LayerProjection", "ProjectionInfo", "build_projected", "check_statistics",
@@ -343,11 +343,6 @@ def excluded_layers(model: nn.Module, layer_names, layers: dict, tied=()) -> lis
         left_out |= {name for name in functional_layers(model) if name.rpartition(".")[0] not in layers}
     return [name for name, _ in model.named_modules() if name in left_out]
 
-
-def tie_warnings(tied: dict) -> list[str]:
-    """One warning per layer left dense because its weight is tied (``{layer: why}`` of
-    :func:`~rankwise.targets.tied_left_out`)."""
-    return [f"layer {name!r} was left dense: {why}." for name, why in tied.items()]
 
 
 def unpack_projected_layers(model: nn.Module, inplace: bool = False) -> nn.Module:

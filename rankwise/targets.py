@@ -191,6 +191,12 @@ def tied_left_out(model: nn.Module, layer_names=None, exclude=None) -> dict[str,
     return {name: left[name] for name, _ in model.named_modules() if name in left}
 
 
+def tie_warnings(tied: dict) -> list[str]:
+    """One warning per layer left dense because its weight is tied (``{layer: why}`` of
+    :func:`tied_left_out`)."""
+    return [f"layer {name!r} was left dense: {why}." for name, why in tied.items()]
+
+
 def select_layers(model: nn.Module, layer_names=None, exclude=None) -> dict[str, nn.Module]:
     """The projectable layers named by ``layer_names``, less those named by ``exclude``.
 

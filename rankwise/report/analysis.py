@@ -30,13 +30,13 @@ from rankwise.flops import flop_budget, flops_example
 from rankwise.goals import Goal
 from rankwise.pca import NeuronPCA
 from rankwise.projection import (Decisions, ProjectionInfo, build_projected, check_statistics, excluded_layers,
-                                 tie_warnings, unreached_goal)
+                                 unreached_goal)
 from rankwise.ranks import LayerOptions, SequenceBound, choose_ranks, measured_options, tradeoff_curve
 from rankwise.report.html import report_tables_html, write_html
 from rankwise.report.serialize import report_to_dict, write_json
 from rankwise.report.table import report_table, summary_line
 from rankwise.sensitivity import Sensitivity, probe_sensitivity
-from rankwise.targets import select_layers, tied_layers, tied_left_out, why_not_projectable
+from rankwise.targets import select_layers, tie_warnings, tied_layers, tied_left_out, why_not_projectable
 
 DEFAULT_EXPLAINED_VARIANCE_GOALS = (0.9, 0.95, 0.99)
 DEFAULT_LEARNABLES_REDUCTION_GOALS = (0.5, 0.8, 0.9)
