@@ -93,13 +93,14 @@ def estimate_cost(model: nn.Module, data, layer_names=None, exclude=None, forwar
     first = next(iter(batches), None)
     if first is None:
         raise ValueError("data: no batch to estimate from; pass at least one calibration batch.")
-    gradients = loss_fn is not None and bool(gradient_layers(layers))
+    with_gradients = set(gradient_layers(layers)) if loss_fn is not None else set()
+    gradients = bool(with_gradients)
     count = batch_count(batches)
     copies = 2 if validation == "auto" and (count is None or count >= 2) else 1
     per_layer, widths = {}, {}
     for name, layer in layers.items():
         stats = statistics_for(layer)
-        per_layer[name] = _statistics_bytes(stats, layer, copies, gradients and name in gradient_layers(layers))
+        per_layer[name] = _statistics_bytes(stats, layer, copies, name in with_gradients)
         widths[name] = stats.width
         del stats
     largest = FLOAT64 * max(widths.values(), default=0) ** 2
