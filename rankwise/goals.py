@@ -2,8 +2,9 @@
 
 A :class:`Goal` is a kind and a value: ``explained_variance`` (each layer keeps at least this
 fraction of its output variance), ``learnables_reduction`` (at least this fraction of the
-whole network's learnables removed) or ``flops_reduction`` (at least this fraction of the
-network's FLOPs on an example input removed). :func:`check_goals` makes it from the exclusive
+whole network's learnables removed), ``flops_reduction`` (at least this fraction of the
+network's FLOPs on an example input removed) or ``latency_reduction`` (at least this fraction of
+the network's measured latency on an example input removed). :func:`check_goals` makes it from the exclusive
 arguments; the decisions, the infos, the incremental history and the report carry it as it is,
 and print it as the argument it came from (``learnables_reduction_goal=0.5``).
 """
@@ -18,6 +19,7 @@ LABELS = {  # kind -> (column label, spelled out), formatted with the goal's val
     "explained_variance": ("var>={value:g}", "explained variance \u2265 {value:g}"),
     "learnables_reduction": ("removed>={percent:g}%", "learnables removed \u2265 {percent:g}%"),
     "flops_reduction": ("flops-{percent:g}%", "FLOPs removed \u2265 {percent:g}%"),
+    "latency_reduction": ("latency-{percent:g}%", "latency removed \u2265 {percent:g}%"),
 }
 """Every kind of goal; adding one is an entry here, and its allocation in :mod:`rankwise.ranks`."""
 
@@ -28,7 +30,7 @@ class Goal:
 
     Attributes
     ----------
-    kind : {"explained_variance", "learnables_reduction", "flops_reduction"}
+    kind : {"explained_variance", "learnables_reduction", "flops_reduction", "latency_reduction"}
     value : float in [0, 1]
     """
 
@@ -42,9 +44,15 @@ class Goal:
 
     @property
     def is_budget(self) -> bool:
-        """Whether it is a budget for the whole network, of learnables or of FLOPs (candidates
-        then compare at equal size; :mod:`rankwise.selection`)."""
-        return self.kind in ("learnables_reduction", "flops_reduction")
+        """Whether it is a budget for the whole network, of learnables, FLOPs or latency
+        (candidates then compare at equal size; :mod:`rankwise.selection`)."""
+        return self.kind in ("learnables_reduction", "flops_reduction", "latency_reduction")
+
+    @property
+    def is_cost(self) -> bool:
+        """Whether it is a budget of what running the network costs (FLOPs or latency on an
+        example input), priced by a cost budget (:mod:`rankwise.ranks.costs`)."""
+        return self.kind in ("flops_reduction", "latency_reduction")
 
     def label(self, spelled_out: bool = False) -> str:
         """``"var>=0.95"`` / ``"removed>=50%"``, spelled out ``"explained variance >= 0.95"`` /
@@ -64,12 +72,14 @@ class Goal:
         return cls(argument.removesuffix("_goal"), float(value))
 
 
-def check_goals(explained_variance_goal, learnables_reduction_goal, flops_reduction_goal=None) -> Goal:
+def check_goals(explained_variance_goal, learnables_reduction_goal, flops_reduction_goal=None,
+                latency_reduction_goal=None) -> Goal:
     """The :class:`Goal` of the exclusive goal arguments (the explained variance goal of
     :data:`~rankwise.checks.DEFAULT_EXPLAINED_VARIANCE` when none is given), or a ValueError."""
     given = {name: value for name, value in (("explained_variance_goal", explained_variance_goal),
                                              ("learnables_reduction_goal", learnables_reduction_goal),
-                                             ("flops_reduction_goal", flops_reduction_goal)) if value is not None}
+                                             ("flops_reduction_goal", flops_reduction_goal),
+                                             ("latency_reduction_goal", latency_reduction_goal)) if value is not None}
     if len(given) > 1:
         raise ValueError(f"{' and '.join(given)} are exclusive: give one of them.")
     if not given:
@@ -80,10 +90,10 @@ def check_goals(explained_variance_goal, learnables_reduction_goal, flops_reduct
 
 def check_allocation(allocation, goal: Goal) -> None:
     """``allocation`` must be ``"auto"``, ``"global"`` or ``"uniform"``, and ``"uniform"`` needs a
-    learnables or FLOPs goal."""
+    learnables, FLOPs or latency goal."""
     if allocation not in ("auto", "global", "uniform"):
         raise ValueError(f"allocation: expected 'auto', 'global' or 'uniform', got {allocation!r}.")
     if allocation == "uniform" and not goal.is_budget:
-        raise ValueError("allocation: 'uniform' spreads a learnables_reduction_goal or a flops_reduction_goal over "
+        raise ValueError("allocation: 'uniform' spreads a learnables, FLOPs or latency reduction goal over "
                          "the layers; "
                          "with an explained_variance_goal every layer already gets its own ranks.")

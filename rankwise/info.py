@@ -100,6 +100,10 @@ class ProjectionInfo:
     flops_before, flops_after : int or None
         Under a ``flops_reduction_goal``: the network's FLOPs on the example batch
         (``flops_input``) before and after (``None`` under the other goals).
+    latency_before, latency_after : float or None
+        Under a ``latency_reduction_goal``: the original's and the compressed network's median
+        seconds on ``latency_input``, measured by :func:`rankwise.compare_speed` (``None`` under
+        the other goals).
     """
 
     goal: Goal
@@ -114,11 +118,19 @@ class ProjectionInfo:
     measured: object = None
     flops_before: int | None = None
     flops_after: int | None = None
+    latency_before: float | None = None
+    latency_after: float | None = None
 
     @property
     def flops_reduction(self) -> float | None:
         """Fraction of the network's FLOPs on the example batch removed (``None`` when not counted)."""
         return None if self.flops_before is None else 1.0 - self.flops_after / self.flops_before
+
+    @property
+    def latency_reduction(self) -> float | None:
+        """Fraction of the network's measured latency on ``latency_input`` removed (``None`` when
+        not measured for a latency goal)."""
+        return None if self.latency_before is None else 1.0 - self.latency_after / self.latency_before
 
     @property
     def candidates(self) -> list:
@@ -165,7 +177,8 @@ class ProjectionInfo:
         footer = (f"network: {self.learnables_before:,} -> {self.learnables_after:,} learnables "
                   f"({100 * self.learnables_reduction:.1f}% removed), explained variance "
                   f"{self.explained_variance:.4f}, {self.goal}"
-                  + ("" if self.goal_reached else " (not reachable: the maximum was removed)"))
+                  + ("" if self.goal_reached else " (not reached as measured)" if self.latency_before is not None
+                     else " (not reachable: the maximum was removed)"))
         if self.latency_device is not None:
             header += ("latency dense -> projected",)
             rows = [row + (_format_latency(p, p.name in self.kept_dense_for_latency),)
@@ -176,6 +189,9 @@ class ProjectionInfo:
         if self.flops_before is not None:
             footer += (f"\nFLOPs on the example batch: {self.flops_before:,} -> {self.flops_after:,} "
                        f"({100 * self.flops_reduction:.1f}% removed)")
+        if self.latency_before is not None:
+            footer += (f"\nlatency on latency_input (measured): {latency.format_seconds(self.latency_before)} -> "
+                       f"{latency.format_seconds(self.latency_after)} ({100 * self.latency_reduction:.1f}% removed)")
         footer += self._notes()
         if self.excluded:
             footer += "\nexcluded: " + ", ".join(self.excluded)

@@ -87,7 +87,7 @@ def record_layer_calls(model: nn.Module, layers: dict, latency_input) -> dict[st
 
 def choose_faster_ranks(layers: dict, options: dict[str, LayerOptions], calls: dict, goal: Goal,
                         network_learnables: int, unpack: bool, verbosity: str = "off",
-                        allocation: str = "global", refine=None, flops=None):
+                        allocation: str = "global", refine=None, cost=None):
     """:func:`choose_ranks`, keeping dense the layers whose projected form is not faster.
 
     Each round chooses ranks over the layers not yet excluded, times every layer to be
@@ -102,7 +102,7 @@ def choose_faster_ranks(layers: dict, options: dict[str, LayerOptions], calls: d
     options : dict of str to LayerOptions
     calls : dict of str to (tuple, dict)
         Each layer's recorded arguments (:func:`record_layer_calls`).
-    goal, network_learnables, verbosity, allocation, flops
+    goal, network_learnables, verbosity, allocation, cost
         As for :func:`choose_ranks`.
     unpack : bool
         Time the projected forms as plain torch layers (as they will be built).
@@ -125,7 +125,7 @@ def choose_faster_ranks(layers: dict, options: dict[str, LayerOptions], calls: d
     rejected: dict[str, tuple[float, float]] = {}
     for _ in range(len(options) + 1):  # every round but the last excludes a layer
         active = {name: opts for name, opts in options.items() if name not in rejected}
-        choices, goal_reached = choose_ranks(active, goal, network_learnables, verbosity, allocation, flops)
+        choices, goal_reached = choose_ranks(active, goal, network_learnables, verbosity, allocation, cost)
         if refine is not None:
             choices = refine(choices)
         slower = {}
@@ -135,7 +135,7 @@ def choose_faster_ranks(layers: dict, options: dict[str, LayerOptions], calls: d
             key = (name, choice.side, choice.rank_in, choice.rank_out)
             if key not in measured:
                 projected = project_layer(layers[name], options[name], choice, unpack)
-                measured[key] = _time_layer(layers[name], calls[name]), _time_layer(projected, calls[name])
+                measured[key] = time_layer(layers[name], calls[name]), time_layer(projected, calls[name])
                 if verbosity in ("steps", "iterations"):
                     dense_s, projected_s = measured[key]
                     print(f"latency {name}: dense {latency.format_seconds(dense_s)}, {choice.side} "
@@ -154,7 +154,8 @@ def choose_faster_ranks(layers: dict, options: dict[str, LayerOptions], calls: d
     return choices, goal_reached, timings, [name for name in options if name in rejected]
 
 
-def _time_layer(layer: nn.Module, call: tuple[tuple, dict]) -> float:
+def time_layer(layer: nn.Module, call: tuple[tuple, dict]) -> float:
+    """Median seconds of ``layer(*args, **kwargs)`` on one recorded call (:func:`record_layer_calls`)."""
     args, kwargs = call
     return latency.median_latency(_WithKeywords(layer, kwargs) if kwargs else layer, args)
 

@@ -24,6 +24,7 @@ from rankwise.forms import fused_paths_off, unpack_forms
 from rankwise.info import LayerProjection, ProjectionInfo, describe_choice
 from rankwise.kinds import kind_of
 from rankwise.latency_aware import choose_faster_ranks, record_layer_calls
+from rankwise.latency_budget import check_latency_goal, latency_budget, meet_latency_goal
 from rankwise.layers.build import projected_modules
 from rankwise.learnables import count_learnables
 from rankwise.pca import NeuronPCA
@@ -32,7 +33,7 @@ from rankwise.flops import check_round_to, flop_budget, flops_example
 from rankwise.ranks import SequenceBound, choose_ranks, criterion_named, measured_options, unreached_goal
 from rankwise.selection import MeasuredChoice, how_to_decide
 from rankwise.tables import format_ranks
-from rankwise.targets import functional_layers, select_layers, tie_warnings, tied_left_out
+from rankwise.targets import excluded_layers, select_layers, tie_warnings, tied_left_out
 from rankwise.ties import check_tie_correction
 
 __all__ = ["Decisions", "LayerProjection", "ProjectionInfo", "build_projected", "check_statistics",
@@ -45,8 +46,9 @@ class Decisions:
 
     ``choices`` maps every layer to its :class:`~rankwise.ranks.RankChoice` (``"dense"`` for a
     layer kept as it is), in model order; ``timings`` the measured ``(dense_seconds,
-    projected_seconds)`` of the layers timed; ``flops`` the FlopBudget of a FLOPs goal. The other
-    fields are copied into the :class:`ProjectionInfo` (see there).
+    projected_seconds)`` of the layers timed; ``flops`` the FlopBudget of a FLOPs goal; ``speed``
+    the measured comparison of a latency goal. The other fields are copied into the
+    :class:`ProjectionInfo` (see there).
     """
 
     goal: Goal
@@ -59,13 +61,14 @@ class Decisions:
     warnings: list = field(default_factory=list)
     measured: MeasuredChoice | None = None
     flops: object = None  # a FlopBudget (rankwise.ranks.costs)
+    speed: object = None  # a SpeedComparison (rankwise.latency), under a latency goal
 
 
 def compress_network_using_projection(model: nn.Module, npca_or_data, *,
                                       explained_variance_goal: float | None = None,
                                       learnables_reduction_goal: float | None = None,
                                       flops_reduction_goal: float | None = None, flops_input=None,
-                                      round_to: int | None = None,
+                                      round_to: int | None = None, latency_reduction_goal: float | None = None,
                                       layer_names=None, unpack: bool = False,
                                       verbosity: str = "summary", inplace: bool = False,
                                       forward_fn=None, latency_input=None, exclude=None,
@@ -107,22 +110,13 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
 
     **Latency-aware projection.** Fewer learnables do not always make a layer faster (a
     factored layer runs two or three smaller kernels instead of one). With ``latency_input``,
-    once the ranks are chosen, every layer to be projected is timed in isolation, dense and
-    projected (:func:`rankwise.median_latency`: the median of 20 calls after 3 warm-up calls,
-    in eval mode, on the inputs the layer received when the model ran on ``latency_input``,
-    so at the deployment batch size and device). A layer whose projected form is not faster
-    (projected seconds >= dense seconds) is kept dense and leaves the analysed set; ranks are
-    then chosen again over the remaining layers (a ``learnables_reduction_goal`` is met by
-    the layers that do get faster where possible; ``goal_reached`` is False otherwise), and
-    the newly chosen forms are timed (:mod:`rankwise.latency_aware`), until no layer is excluded (at most one round per
-    layer). Cost: two timings per projected layer per round, a layer at an unchanged choice
-    not being timed again. Measurements on a shared or busy machine are noisy (hence
-    medians); a layer whose two forms take about the same time may fall either way. Time with
-    the torch thread count you deploy with (``torch.set_num_threads``): where other processes
-    keep the cores busy, torch's intra-op threads wait for each other and a layer's latency
-    becomes that of the scheduler, not of its arithmetic. A
-    :class:`~rankwise.layers.ProjectedLSTM` / ``ProjectedGRU`` is timed as built (its
-    ``execution="auto"`` path at that batch and device).
+    every layer to be projected is timed in isolation, dense and projected
+    (:func:`rankwise.median_latency`, on the inputs it received when the model ran on
+    ``latency_input``: the deployment batch size and device); a layer whose projected form is
+    not faster is kept dense and the ranks are chosen again over the others, until none is
+    excluded (:mod:`rankwise.latency_aware`; ``goal_reached`` is False when the layers that do
+    get faster cannot meet the goal). Timings on a busy machine are noisy (hence medians); time
+    with the torch thread count you deploy with. Recurrent layers are timed as built.
 
     Parameters
     ----------
@@ -147,6 +141,12 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
     round_to : int, optional
         With ``flops_reduction_goal``: every projected rank a multiple of it (CPU convolution
         kernels pad channels to blocks of 8 or 16; BENCHMARKS.md, "FLOPs goals and speed").
+    latency_reduction_goal : float in [0, 1], optional
+        Fraction of the network's latency on ``latency_input`` (required) to remove, ranks
+        allocated by estimated error per measured second saved; each decision is built and
+        timed against the original with :func:`rankwise.compare_speed`, the target raised by
+        any shortfall (:mod:`rankwise.latency_budget`; ``info.latency_reduction``). Exclusive
+        with the other goals.
     layer_names : str or list of str, optional
         Project only these layers (qualified module names).
     exclude : str or list of str, optional
@@ -212,7 +212,9 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
         layer. The model is left as it was.
     """
     check_verbosity(verbosity)
-    goal = check_goals(explained_variance_goal, learnables_reduction_goal, flops_reduction_goal)
+    goal = check_goals(explained_variance_goal, learnables_reduction_goal, flops_reduction_goal,
+                       latency_reduction_goal)
+    check_latency_goal(goal, latency_input)
     check_round_to(round_to, goal)
     needs_gradients = criterion == "auto" or criterion_named(criterion).needs_gradients
     check_allocation(allocation, goal)
@@ -228,28 +230,38 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
     check_statistics(npca, layers)
     flops = None if goal.kind != "flops_reduction" else flop_budget(
         model, layers, *flops_example(npca, flops_input), forward_fn=forward_fn, round_to=round_to or 1)
+    cost = flops if goal.kind != "latency_reduction" else latency_budget(
+        model, layers, calls, latency_input, unpack, progress=verbosity != "off")
     build = lambda options, choices: build_projected(  # noqa: E731 (one build per measured candidate)
         model, layers, options, Decisions(goal, choices, flops=flops))
     chosen, measured = how_to_decide(model, npca, layers, goal, build, criterion, allocation,
-                                     forward_fn, score_fn, verbosity, flops)
+                                     forward_fn, score_fn, verbosity, cost)
     criterion, allocation = chosen.criterion, chosen.allocation
     npca = npca.with_regularization(chosen.regularization)
     options = measured_options(model, npca, layers, criterion, progress=verbosity != "off")
     learnables_before = count_learnables(model)
     bound = SequenceBound(layers, options, npca, goal)
-    timings, kept_dense = {}, []
-    if calls is None:
-        choices, goal_reached = choose_ranks(options, goal, learnables_before, verbosity, allocation, flops)
-        choices = bound(choices)
+
+    def decide(goal):  # -> choices, goal_reached, timings, kept dense
+        if calls is None:
+            choices, goal_reached = choose_ranks(options, goal, learnables_before, verbosity, allocation, cost)
+            return bound(choices), goal_reached, {}, []
+        return choose_faster_ranks(layers, options, calls, goal, learnables_before, unpack, verbosity,
+                                   allocation, refine=bound, cost=cost)
+
+    speed = None
+    if goal.kind == "latency_reduction":
+        built = lambda choices: build_projected(  # noqa: E731 (one build per measured round)
+            model, layers, options, Decisions(goal, choices), unpack=unpack)[0]
+        (choices, goal_reached, timings, kept_dense), speed, unreached = meet_latency_goal(
+            goal, decide, built, model, latency_input, verbosity)
     else:
-        choices, goal_reached, timings, kept_dense = choose_faster_ranks(
-            layers, options, calls, goal, learnables_before, unpack, verbosity, allocation,
-            refine=bound, flops=flops)
+        choices, goal_reached, timings, kept_dense = decide(goal)
+        unreached = unreached_goal(goal, goal_reached, options, learnables_before, cost)
     decisions = Decisions(goal, choices, goal_reached, timings, kept_dense,
                           None if calls is None else str(latency.device_of(model, latency_input)),
                           excluded_layers(model, layer_names, layers, tied),
-                          tie_warnings(tied) + unreached_goal(goal, goal_reached, options, learnables_before, flops)
-                          + bound.warnings, measured, flops)
+                          tie_warnings(tied) + unreached + bound.warnings, measured, flops, speed)
     for message in decisions.warnings:
         warnings.warn(message, UserWarning, stacklevel=2)
     compressed, info = build_projected(model, layers, options, decisions, unpack=unpack, inplace=inplace,
@@ -327,22 +339,11 @@ def build_projected(model: nn.Module, layers: dict, options: dict, decisions: De
                           projections, list(decisions.kept_dense_for_latency), decisions.latency_device,
                           list(decisions.excluded), list(decisions.warnings), decisions.measured,
                           *(() if decisions.flops is None else
-                            (decisions.flops.network_flops, decisions.flops.flops_after(decisions.choices))))
+                            (decisions.flops.network_flops, decisions.flops.flops_after(decisions.choices))),
+                          **({} if decisions.speed is None else
+                             {"latency_before": decisions.speed.seconds_before,
+                              "latency_after": decisions.speed.seconds_after}))
     return compressed, info
-
-
-def excluded_layers(model: nn.Module, layer_names, layers: dict, tied=()) -> list[str]:
-    """The layers that ``layer_names`` selects and that are not in ``layers`` (left out by
-    ``exclude``), the ``tied`` layers left out (:func:`~rankwise.targets.tied_left_out`), and
-    by default (``layer_names`` is ``None``) the Linear layers left out because their parent
-    uses their weight functionally (:func:`rankwise.targets.functional_layers`: the
-    ``out_proj`` of an ``nn.MultiheadAttention``) where that parent is not in ``layers``, in
-    model order."""
-    left_out = {name for name in select_layers(model, layer_names) if name not in layers} | set(tied)
-    if layer_names is None:
-        left_out |= {name for name in functional_layers(model) if name.rpartition(".")[0] not in layers}
-    return [name for name, _ in model.named_modules() if name in left_out]
-
 
 
 def unpack_projected_layers(model: nn.Module, inplace: bool = False) -> nn.Module:

@@ -3,7 +3,7 @@
 No single criterion, allocation or shrinkage wins on every network: an allocation driven by
 estimated errors collapses where those estimates do not compare across layers, a uniform ratio
 where layers differ, statistics from thin or shifted data where the weights' own spectrum would
-have held. So under a ``learnables_reduction_goal`` (or a ``flops_reduction_goal``) the library
+have held. So under a ``learnables_reduction_goal`` (or a FLOPs or latency goal) the library
 does not assume; it measures.
 With the statistics of the fitted calibration batches only (:meth:`NeuronPCA.fitted`, the
 held-out batches of :mod:`rankwise.holdout` never seen), each *candidate*
@@ -115,7 +115,7 @@ def fallback(criterion: str, allocation: str, has_gradients: bool, regularizatio
 
 def choose_by_measurement(model: nn.Module, npca, layers: dict, goal: Goal, build,
                           criterion: str = "auto", allocation: str = "auto", forward_fn=None,
-                          score_fn="auto", progress: bool = False, flops=None) -> MeasuredChoice:
+                          score_fn="auto", progress: bool = False, cost=None) -> MeasuredChoice:
     """Build every candidate on the fitted statistics, score it on the held-out batches, keep the best.
 
     Parameters
@@ -139,8 +139,8 @@ def choose_by_measurement(model: nn.Module, npca, layers: dict, goal: Goal, buil
         How outputs are compared (:class:`rankwise.divergence.HeldOutScorer`).
     progress : bool
         Print one line per candidate.
-    flops : FlopBudget, optional
-        The FLOPs of a ``flops_reduction_goal`` (:func:`rankwise.ranks.choose_ranks`).
+    cost : FlopBudget or LatencyBudget, optional
+        The cost budget of a FLOPs or latency goal (:func:`rankwise.ranks.choose_ranks`).
 
     Returns
     -------
@@ -159,7 +159,7 @@ def choose_by_measurement(model: nn.Module, npca, layers: dict, goal: Goal, buil
                 fitted = npca.with_regularization(candidate.regularization).fitted()
                 options_of[key] = (fitted, measured_options(model, fitted, layers, candidate.criterion))
             fitted, options = options_of[key]
-            choices, _ = choose_ranks(options, goal, learnables, "off", candidate.allocation, flops)
+            choices, _ = choose_ranks(options, goal, learnables, "off", candidate.allocation, cost)
             choices = SequenceBound(layers, options, fitted, goal)(choices)
             built, info = build(options, choices)
             result = CandidateScore(candidate, scorer.score(built), info.learnables_after)
@@ -198,10 +198,10 @@ def _best(scores: list[CandidateScore]) -> CandidateScore | None:
 
 def how_to_decide(model: nn.Module, npca, layers: dict, goal: Goal, build,
                   criterion: str = "auto", allocation: str = "auto", forward_fn=None, score_fn="auto",
-                  verbosity: str = "off", flops=None) -> tuple[Candidate, MeasuredChoice | None]:
+                  verbosity: str = "off", cost=None) -> tuple[Candidate, MeasuredChoice | None]:
     """The candidate to decide with, and the measurement behind it (``None`` when there was
     nothing to choose): measured on the held-out batches (:func:`choose_by_measurement`) under a
-    learnables or FLOPs goal when ``criterion`` or ``allocation`` is ``"auto"``; else what was set (the
+    learnables, FLOPs or latency goal when ``criterion`` or ``allocation`` is ``"auto"``; else what was set (the
     variance criterion and the global allocation for ``"auto"`` under an explained variance
     goal); the documented :func:`fallback`, with a warning, when nothing was held out."""
     if not goal.is_budget or "auto" not in (criterion, allocation):
@@ -216,5 +216,5 @@ def how_to_decide(model: nn.Module, npca, layers: dict, goal: Goal, build,
                       UserWarning, stacklevel=4)
         return chosen, MeasuredChoice(chosen, reason="nothing held out to measure on: the documented fallback")
     measured = choose_by_measurement(model, npca, layers, goal, build, criterion, allocation, forward_fn,
-                                     score_fn, progress=verbosity in ("steps", "iterations"), flops=flops)
+                                     score_fn, progress=verbosity in ("steps", "iterations"), cost=cost)
     return measured.chosen, measured

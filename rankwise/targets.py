@@ -323,3 +323,16 @@ def _no_match(model: nn.Module, candidates: SelectableLayers, entry: str, argume
 
 def _is_glob(entry: str) -> bool:
     return any(character in entry for character in GLOB_CHARACTERS)
+
+
+def excluded_layers(model: nn.Module, layer_names, layers: dict, tied=()) -> list[str]:
+    """The layers that ``layer_names`` selects and that are not in ``layers`` (left out by
+    ``exclude``), the ``tied`` layers left out (:func:`~rankwise.targets.tied_left_out`), and
+    by default (``layer_names`` is ``None``) the Linear layers left out because their parent
+    uses their weight functionally (:func:`rankwise.targets.functional_layers`: the
+    ``out_proj`` of an ``nn.MultiheadAttention``) where that parent is not in ``layers``, in
+    model order."""
+    left_out = {name for name in select_layers(model, layer_names) if name not in layers} | set(tied)
+    if layer_names is None:
+        left_out |= {name for name in functional_layers(model) if name.rpartition(".")[0] not in layers}
+    return [name for name, _ in model.named_modules() if name in left_out]

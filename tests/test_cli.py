@@ -124,6 +124,17 @@ def test_compress_to_a_flops_goal_and_info_reports_the_flops(folder):
     assert "projection (flops_reduction_goal=0.4)" in run.stdout and "FLOPs on the example batch" in run.stdout
 
 
+def test_compress_to_a_latency_goal_and_info_reports_the_measured_latency(folder):
+    run = rankwise("compress", "cnn.pt", "--trust-pickle", "--data", "images.pt", "--latency-reduction", "0.2",
+                   "--criterion", "variance", "--allocation", "global", "--output", "faster.safetensors", cwd=folder)
+    assert run.returncode == 0, run.stderr
+    assert "latency_reduction_goal=0.2" in run.stdout and "latency on latency_input (measured)" in run.stdout
+    run = rankwise("info", "faster.safetensors", cwd=folder)
+    assert run.returncode == 0, run.stderr
+    assert "projection (latency_reduction_goal=0.2)" in run.stdout
+    assert "latency on the example batch (measured when compressed)" in run.stdout
+
+
 def test_compress_quietly_unpacked_selected_layers_then_analyze_the_result(folder):
     run = rankwise("compress", "cnn.pt", "--trust-pickle", "--data", "images.npz", "--explained-variance", "0.9",
                    "--layers", "2,5", "--unpack", "--output", "unpacked.safetensors", "--quiet",
@@ -166,7 +177,7 @@ def test_compress_with_the_loss_criterion_uniform_allocation_and_sequential_corr
     torch.testing.assert_close(loaded(x), expected(x), rtol=1e-5, atol=1e-6)
     run = rankwise("compress", "cnn.pt", "--trust-pickle", "--data", "images.pt", "--explained-variance", "0.9",
                    "--allocation", "uniform", "--output", "bad.safetensors", cwd=folder)
-    assert run.returncode == 2 and "--allocation: 'uniform' spreads a learnables_reduction_goal" in run.stderr
+    assert run.returncode == 2 and "--allocation: 'uniform' spreads a learnables, FLOPs or latency reduction goal" in run.stderr
 
 
 TRUSTED = ["--trust-pickle", "cnn.pt"]
@@ -228,7 +239,7 @@ BAD_ARGUMENTS = {  # case -> (arguments, what the one-line message says)
     "html folder missing": ([*ANALYZE, "--html", "nowhere/r.html"],
                             "--html: the folder 'nowhere' does not exist"),
     "json is a folder": ([*ANALYZE, "--json", "folder"], "--json: 'folder' is a folder"),
-    "no goal": (COMPRESS, "one of the arguments --explained-variance --learnables-reduction --flops-reduction is required"),
+    "no goal": (COMPRESS, "one of the arguments --explained-variance --learnables-reduction --flops-reduction --latency-reduction is required"),
     "two goals": ([*COMPRESS, "--explained-variance", "0.9", "--learnables-reduction", "0.5"],
                   "not allowed with argument"),
     "goal above one": ([*COMPRESS, "--explained-variance", "1.5"],

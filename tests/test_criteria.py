@@ -173,6 +173,6 @@ def test_uniform_allocation_keeps_the_same_fraction_of_every_layer():
     with pytest.raises(ValueError, match="allocation: expected 'auto', 'global' or 'uniform'"):
         rw.compress_network_using_projection(net, npca, learnables_reduction_goal=0.4, allocation="greedy",
                                              verbosity="off")
-    with pytest.raises(ValueError, match="allocation: 'uniform' spreads a learnables_reduction_goal"):
+    with pytest.raises(ValueError, match="allocation: 'uniform' spreads a learnables, FLOPs or latency reduction goal"):
         rw.compress_network_using_projection(net, npca, explained_variance_goal=0.9, allocation="uniform",
                                              verbosity="off")

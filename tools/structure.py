@@ -40,7 +40,7 @@ STAGES = (  # earliest first
     ("statistics", ("statistics", "recurrent_statistics", "targets", "holdout", "blockwise", "pca", "divergence",
                     "estimate")),
     ("decisions", ("ranks",)),
-    ("construction", ("selection", "info", "projection", "flops", "latency", "throughput", "latency_aware", "batchnorm",
+    ("construction", ("selection", "info", "projection", "flops", "latency", "throughput", "latency_aware", "latency_budget", "batchnorm",
                       "correction")),
     ("methods", ("decompose", "evolve", "train", "recovery", "sensitivity", "incremental")),
     ("outputs", ("report", "io", "export", "hf", "cli", "datasets", "examples", "demo", "__init__")),

@@ -47,12 +47,17 @@ def run_compress(args) -> None:
     if args.correction and args.world > 1:
         raise UsageError("--correction: the sequential correction does not run across processes yet; "
                          "run it in one process (without torchrun), or drop --correction.")
+    if args.latency_reduction_goal is not None and args.world > 1:
+        raise UsageError("--latency-reduction: each process would time its own machine and decide "
+                         "differently; run it in one process (without torchrun).")
     model, batches = _calibration_inputs(args, (("--output", args.output),))
     options = library_arguments(args)
     if args.criterion != "auto" and not CRITERIA[args.criterion].needs_gradients:
         options["loss_fn"] = None  # --loss counts where a criterion that reads gradients may be used
     if options.get("flops_reduction_goal") is not None and batches:
         options["flops_input"] = batches[0]  # FLOPs counted on one calibration batch, as deployed
+    if options.get("latency_reduction_goal") is not None and batches:
+        options["latency_input"] = batches[0]  # latency measured on one calibration batch, on this machine
     net, info = library(compress_network_using_projection, model, batches, names=option_names(args),
                         verbosity=_verbosity(args), **options)
     if args.rank != 0:
@@ -94,6 +99,9 @@ def run_info(args) -> None:
         if info.flops_before is not None:
             print(f"FLOPs on the example batch: {info.flops_before:,} -> {info.flops_after:,} "
                   f"({info.flops_reduction:.1%} removed)")
+        if info.latency_before is not None:
+            print(f"latency on the example batch (measured when compressed): {info.latency_before * 1e3:.3f} ms -> "
+                  f"{info.latency_after * 1e3:.3f} ms ({info.latency_reduction:.1%} removed)")
         if info.choice:
             print(f"decided with {info.choice}")
 

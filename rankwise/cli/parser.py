@@ -127,6 +127,11 @@ def build_parser() -> Parser:
                                 group=goal, type=_fraction, metavar="X",
                                 help="remove at least this fraction of the network's FLOPs on the first "
                                      "calibration batch (--batch-size inputs)")
+    compress.add_library_option("--latency-reduction", keyword="latency_reduction_goal",
+                                group=goal, type=_fraction, metavar="X",
+                                help="remove at least this fraction of the network's latency on the first "
+                                     "calibration batch, measured on this machine at the torch thread count "
+                                     "of the run")
     compress.add_library_option("--layers", keyword="layer_names", type=_names, metavar="A,B",
                                 help="project only these layers (names, globs or 're:' regular expressions)")
     compress.add_library_option("--unpack", keyword="unpack", action="store_true",
@@ -142,7 +147,7 @@ def build_parser() -> Parser:
                                      "else mse, on every fourth batch (default: auto)")
     compress.add_library_option("--allocation", keyword="allocation", choices=("auto", "global", "uniform"),
                                 default="auto",
-                                help="spread --learnables-reduction (or --flops-reduction) by estimated error, or as the same "
+                                help="spread --learnables-reduction (or --flops-, --latency-reduction) by estimated error, or as the same "
                                      "fraction of every layer; auto: measure both (default: auto)")
     compress.add_library_option("--validation", keyword="validation", type=_validation, default="auto",
                                 metavar="X",

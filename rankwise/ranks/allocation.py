@@ -7,8 +7,9 @@ the layer's output variance lost) and an *error* (the criterion's estimate,
 
 - ``explained_variance_goal = g``: each layer takes its cheapest option with
   ``res <= 1 - g``.
-- ``flops_reduction_goal = f``: as the learnables goal below, on every layer's frontier priced in FLOPs
-  (:mod:`rankwise.ranks.costs`: FLOPs in place of ``L``, error per FLOP saved).
+- ``flops_reduction_goal = f`` / ``latency_reduction_goal = f``: as the learnables goal below, on
+  every layer's frontier priced by a cost budget (:mod:`rankwise.ranks.costs`: FLOPs or measured
+  seconds in place of ``L``, error per FLOP or per second saved).
 - ``learnables_reduction_goal = f``: ranks are allocated globally to minimise the sum of the
   layers' errors while removing at least ``f`` of the network's learnables ``L``,
 
@@ -101,7 +102,7 @@ def allocate_uniformly(options: dict[str, LayerOptions], goal: float, network_le
 
 def choose_ranks(options: dict[str, LayerOptions], goal: Goal,
                  network_learnables: int, verbosity: str = "off",
-                 allocation: str = "global", flops=None) -> tuple[dict[str, RankChoice], bool]:
+                 allocation: str = "global", cost=None) -> tuple[dict[str, RankChoice], bool]:
     """Each layer's option for one goal, and whether the goal was reached.
 
     Parameters
@@ -116,10 +117,11 @@ def choose_ranks(options: dict[str, LayerOptions], goal: Goal,
     allocation : {"global", "uniform"}
         How a learnables or FLOPs reduction goal is spread over the layers (see the module
         docstring).
-    flops : FlopBudget, optional
-        Needed by a ``flops_reduction_goal`` (:mod:`rankwise.ranks.costs`): the allocation then
-        runs on every layer's frontier priced in FLOPs, with the network's FLOPs as the
-        denominator (the error per FLOP saved in place of the error per learnable saved).
+    cost : FlopBudget or LatencyBudget, optional
+        Needed by a ``flops_reduction_goal`` or ``latency_reduction_goal``
+        (:mod:`rankwise.ranks.costs`): the allocation then runs on every layer's frontier priced
+        in FLOPs or measured seconds, with the network's as the denominator (the error per FLOP
+        or second saved in place of the error per learnable saved).
 
     Returns
     -------
@@ -130,14 +132,14 @@ def choose_ranks(options: dict[str, LayerOptions], goal: Goal,
         chosen = choose_by_explained_variance(options, goal.value)
         return {name: options[name].choice(index) for name, index in chosen.items()}, True
     allocate = allocate_uniformly if allocation == "uniform" else allocate_learnables_reduction
-    if goal.kind == "flops_reduction":
-        if flops is None:
-            raise ValueError("flops_reduction_goal needs the network's FLOPs on an example input (flops=).")
-        priced, back = flops.priced(options)
-        outcome = allocate(priced, goal.value, flops.network_flops)
+    if goal.is_cost:
+        if cost is None:
+            raise ValueError(f"{goal.argument} needs the network's cost on an example input (cost=).")
+        priced, back = cost.priced(options)
+        outcome = allocate(priced, goal.value, cost.total)
         chosen = {name: int(back[name][index]) for name, index in outcome.chosen.items()}
         if verbosity == "iterations":
-            _print_allocation(outcome, priced, flops.network_flops, "of the FLOPs ")
+            _print_allocation(outcome, priced, cost.total, f"of the {cost.unit} ")
     else:
         outcome = allocate(options, goal.value, network_learnables)
         chosen = outcome.chosen
@@ -227,13 +229,13 @@ def tradeoff_curve(options: dict[str, LayerOptions], network_learnables: int):
 
 
 def unreached_goal(goal: Goal, goal_reached: bool, options: dict, network_learnables: int,
-                   flops=None) -> list[str]:
+                   cost=None) -> list[str]:
     """``[message]`` naming the maximum when a reduction goal could not be reached, else ``[]``."""
     if goal_reached:
         return []
-    if goal.kind == "flops_reduction":
-        priced, _ = flops.priced(options)
-        most, unit = most_removable(priced) / flops.network_flops, "FLOPs"
+    if goal.is_cost:
+        priced, _ = cost.priced(options)
+        most, unit = most_removable(priced) / cost.total, cost.unit
     else:
         most, unit = most_removable(options) / network_learnables, "learnables"
     return [f"{goal} is above what projection can remove from these layers "

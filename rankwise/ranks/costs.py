@@ -1,5 +1,12 @@
 """What an option costs in FLOPs on an example input, and each layer's frontier priced in them.
 
+A *cost budget* prices every layer's options in what running the network costs, for the
+allocation of :func:`rankwise.ranks.choose_ranks` under a ``flops_reduction_goal`` or a
+``latency_reduction_goal``: it has a ``total`` (the whole network's cost, the goal's
+denominator), a ``unit`` (how that cost is printed) and ``priced(options)`` (below). Two exist:
+:class:`FlopBudget` here, counted, and :class:`rankwise.latency_budget.LatencyBudget`, measured;
+both build their frontiers with :func:`cheaper_frontier` and :func:`priced_subset`.
+
 A ``flops_reduction_goal`` is a budget of floating-point operations (2 per multiply-add, as
 :func:`rankwise.count_flops` counts them) of one forward pass on an example input. What the
 input fixes is, for every analysed layer, how many channel vectors it reads and writes per
@@ -84,6 +91,13 @@ class FlopBudget:
     unpriced: dict = field(default_factory=dict)
     round_to: int = 1
 
+    unit = "FLOPs"
+
+    @property
+    def total(self) -> int:
+        """The network's FLOPs: the goal's denominator."""
+        return self.network_flops
+
     def option_flops(self, options: LayerOptions) -> np.ndarray:
         """FLOPs of every option of ``options`` (dense last); all at the dense FLOPs for an
         unpriced layer."""
@@ -122,9 +136,9 @@ class FlopBudget:
         priced, back = {}, {}
         for name, opts in options.items():
             flops = self.option_flops(opts)
-            keep = _cheaper_frontier(flops, opts.error)
+            keep = cheaper_frontier(flops, opts.error)
             back[name] = keep
-            priced[name] = _subset(opts, keep, flops[keep])
+            priced[name] = priced_subset(opts, keep, flops[keep])
         return priced, back
 
 
@@ -149,20 +163,21 @@ def option_flops(geometry: LayerGeometry, options: LayerOptions) -> np.ndarray:
     return np.where(side == 0, geometry.dense_flops, factored_flops(geometry, r_in, r_out)).astype(np.int64)
 
 
-def _cheaper_frontier(flops: np.ndarray, error: np.ndarray) -> np.ndarray:
-    """Indices of the options cheaper than dense (the last) and beaten by no other on FLOPs and
-    error, FLOPs ascending, then the dense option."""
-    dense = len(flops) - 1
-    cheaper = np.nonzero(flops[:dense] < flops[dense])[0]
-    order = cheaper[np.lexsort((error[cheaper], flops[cheaper]))]
+def cheaper_frontier(cost: np.ndarray, error: np.ndarray) -> np.ndarray:
+    """Indices of the options cheaper than dense (the last) and beaten by no other on cost and
+    error, cost ascending, then the dense option."""
+    dense = len(cost) - 1
+    cheaper = np.nonzero(cost[:dense] < cost[dense])[0]
+    order = cheaper[np.lexsort((error[cheaper], cost[cheaper]))]
     best_before = np.minimum.accumulate(np.concatenate([[np.inf], error[order]]))[:-1]
     return np.append(order[error[order] < best_before], dense)
 
 
-def _subset(options: LayerOptions, keep: np.ndarray, flops: np.ndarray) -> LayerOptions:
-    """``options`` restricted to ``keep``, with ``flops`` in the place of the learnables."""
+def priced_subset(options: LayerOptions, keep: np.ndarray, cost: np.ndarray) -> LayerOptions:
+    """``options`` restricted to ``keep``, with ``cost`` (the kept options' costs) in the place
+    of the learnables."""
     columns = {name: getattr(options, name)[keep] for name in ("side", "rank_in", "rank_out", "residual", "error")}
-    return replace(options, learnables=flops, **columns)
+    return replace(options, learnables=cost, **columns)
 
 
 _DENSE = RankChoice("dense", None, None, 0, 0.0, 0.0)

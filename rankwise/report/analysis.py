@@ -29,14 +29,14 @@ from rankwise.checks import check_fraction, check_verbosity
 from rankwise.flops import flop_budget, flops_example
 from rankwise.goals import Goal
 from rankwise.pca import NeuronPCA
-from rankwise.projection import (Decisions, ProjectionInfo, build_projected, check_statistics, excluded_layers,
-                                 unreached_goal)
+from rankwise.projection import Decisions, ProjectionInfo, build_projected, check_statistics, unreached_goal
 from rankwise.ranks import LayerOptions, SequenceBound, choose_ranks, measured_options, tradeoff_curve
 from rankwise.report.html import report_tables_html, write_html
 from rankwise.report.serialize import report_to_dict, write_json
 from rankwise.report.table import report_table, summary_line
 from rankwise.sensitivity import Sensitivity, probe_sensitivity
-from rankwise.targets import select_layers, tie_warnings, tied_layers, tied_left_out, why_not_projectable
+from rankwise.targets import (excluded_layers, select_layers, tie_warnings, tied_layers, tied_left_out,
+                              why_not_projectable)
 
 DEFAULT_EXPLAINED_VARIANCE_GOALS = (0.9, 0.95, 0.99)
 DEFAULT_LEARNABLES_REDUCTION_GOALS = (0.5, 0.8, 0.9)
@@ -329,7 +329,7 @@ def _goal_outcome(model: nn.Module, goal: Goal, layers: dict, options: dict,
     """The :class:`ProjectionInfo` that compressing with this goal would return (a dry run of
     :func:`~rankwise.projection.build_projected`: no network is built; a recurrent layer's
     projected form is, to measure its output sequence, :class:`~rankwise.ranks.SequenceBound`)."""
-    choices, goal_reached = choose_ranks(options, goal, count_learnables(model), flops=flops)
+    choices, goal_reached = choose_ranks(options, goal, count_learnables(model), cost=flops)
     bound = SequenceBound(layers, options, npca, goal)
     flops = flops if goal.kind == "flops_reduction" else None
     decisions = Decisions(goal, bound(choices), goal_reached, excluded=excluded, flops=flops,
