@@ -18,9 +18,13 @@ when the model ran on ``latency_input`` (:func:`rankwise.latency_aware.record_la
 
 Every other option of a side is priced by linear interpolation of seconds in learnables between
 the timed options of that side: for one side a factored layer runs the
-same kernels at every rank, whose work grows with the ranks as its learnables do. Options
-priced at ``t >= t_dense`` leave the frontier (:func:`rankwise.ranks.costs.cheaper_frontier`):
-a latency goal never makes a layer slower by its own estimate. The network's total is its
+same kernels at every rank, whose work grows with the ranks as its learnables do. Prices are
+then rounded to a grid of :data:`TIMING_RESOLUTION` ``x t_dense``: differences below it are
+noise, and, on a frontier, the least lossy option of each step of the grid is kept, so a layer
+is not cut to a lower rank that saves no time that can be measured (at batch 1 a small
+``Linear`` runs as fast at rank 1 as at rank 20). Options priced at ``t >= t_dense`` leave the
+frontier (:func:`rankwise.ranks.costs.cheaper_frontier`): a latency goal never makes a layer
+slower by its own estimate. The network's total is its
 median latency on ``latency_input``; seconds outside the analysed layers (activations,
 normalisations, attention products) count in the total but cannot be saved. Timings are kept
 by shape, so the candidates of a measured choice (:mod:`rankwise.selection`) and the rounds below
@@ -55,6 +59,9 @@ from rankwise.ranks.options import LayerOptions
 SAMPLE_FRACTIONS = (0.25, 0.5, 0.75)
 """Learnables (fractions of the dense layer's) of the options timed per layer and side, besides
 the side's cheapest and largest."""
+TIMING_RESOLUTION = 0.05
+"""Prices are rounded to this fraction of the layer's dense seconds (the spread of median timings
+on a busy machine)."""
 MEASURED_ROUNDS = 3
 """Decisions built and measured at most, the target raised by the shortfall after each."""
 
@@ -96,6 +103,8 @@ class LatencyBudget:
                      leave=False, disable=not self.progress)
         for name in names:
             seconds = self.option_seconds(options[name])
+            step = TIMING_RESOLUTION * seconds[-1]
+            seconds = np.round(seconds / step) * step
             keep = cheaper_frontier(seconds, options[name].error)
             back[name] = keep
             priced[name] = priced_subset(options[name], keep, _nanoseconds(seconds[keep]))

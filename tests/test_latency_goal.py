@@ -55,7 +55,10 @@ def test_options_are_priced_by_interpolating_the_timed_ones(name, stand_in_clock
         np.testing.assert_allclose(seconds, CALL_SECONDS + SECONDS_PER_LEARNABLE * opts.learnables, rtol=1e-9)
     priced, back = budget.priced(options)
     for layer_name, opts in priced.items():
-        assert opts.learnables[-1] == round(1e9 * stand_in_seconds(layers[layer_name]))
+        dense = stand_in_seconds(layers[layer_name])
+        assert opts.learnables[-1] == round(1e9 * dense)
+        step = 1e9 * rankwise.latency_budget.TIMING_RESOLUTION * dense
+        np.testing.assert_allclose(opts.learnables / step, np.round(opts.learnables / step), atol=0.01)  # whole ns
         assert (opts.learnables[:-1] < opts.learnables[-1]).all()  # only options faster than dense
         assert (np.diff(opts.error) < 0).all() and back[layer_name][-1] == options[layer_name].dense_index
 
