@@ -5,9 +5,11 @@ absorb it. :func:`compress_incrementally` instead walks the layers (largest firs
 
 1. recompute the statistics of the layers not yet visited on the *current* network (their
    inputs changed with every projected and fine-tuned layer upstream);
-2. choose the rank of the next layer: with a ``learnables_reduction_goal`` by the global
-   allocation of :mod:`rankwise.ranks` over the layers not yet visited, for what is still to
-   be removed; with an ``explained_variance_goal`` by that goal;
+2. choose the rank of the next layer: with a ``learnables_reduction_goal`` (or a
+   ``flops_reduction_goal``, FLOPs counted on ``flops_input`` for the current network,
+   :func:`rankwise.flops.flop_budget`) by the global allocation of :mod:`rankwise.ranks` over
+   the layers not yet visited, for what is still to be removed; with an
+   ``explained_variance_goal`` by that goal;
 3. project that layer, fine-tune the whole network (:func:`rankwise.train.fine_tune`; with
    ``recovery=`` a method of :func:`rankwise.recover` instead: distillation from the original
    network, kept only when it improves the held-out score) and evaluate it with ``eval_fn``
@@ -16,7 +18,7 @@ absorb it. :func:`compress_incrementally` instead walks the layers (largest firs
    the network before the step, bit for bit, and list the layer in ``skipped_layers`` as
    poorly projectable. Later steps make up for the learnables a skipped layer did not give.
 
-It stops once a learnables goal is met.
+It stops once a learnables or FLOPs goal is met.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch import nn
 
 from rankwise.learnables import count_learnables
 from rankwise.checks import check_verbosity
+from rankwise.flops import flop_budget
 from rankwise.goals import Goal, check_goals
 from rankwise.pca import NeuronPCA
 from rankwise.projection import Decisions, build_projected
@@ -65,7 +68,8 @@ class IncrementalHistory:
     """Every step of :func:`compress_incrementally`, and the outcome.
 
     ``network_learnables`` of a step is the network's size after it (after the roll-back
-    when the step was not kept).
+    when the step was not kept). ``flops_before`` / ``flops_after``: under a
+    ``flops_reduction_goal``, the network's FLOPs on ``flops_input`` before and after.
     """
 
     original_metric: float
@@ -74,6 +78,8 @@ class IncrementalHistory:
     goal: Goal
     steps: list = field(default_factory=list)
     goal_reached: bool = True
+    flops_before: int | None = None
+    flops_after: int | None = None
 
     @property
     def skipped_layers(self) -> list[str]:
@@ -105,6 +111,9 @@ class IncrementalHistory:
             f"original metric {self.original_metric:.4f}, tolerance {self.tolerance:g}; "
             f"{self.original_learnables:,} -> {self.final_learnables:,} learnables "
             f"({self.learnables_reduction:.1%} removed), {self.goal}"
+            + ("" if self.flops_before is None else
+               f"; FLOPs {self.flops_before:,} -> {self.flops_after:,} "
+               f"({1 - self.flops_after / self.flops_before:.1%} removed)")
             + ("" if self.goal_reached else " (not reached)")
             + (f"; skipped: {', '.join(self.skipped_layers)}" if self.skipped_layers else "")))
 
@@ -140,7 +149,8 @@ class IncrementalHistory:
 
 def compress_incrementally(model: nn.Module, data, *, train_data, eval_fn,
                            learnables_reduction_goal: float | None = None,
-                           explained_variance_goal: float | None = None, tolerance: float = 0.01,
+                           explained_variance_goal: float | None = None,
+                           flops_reduction_goal: float | None = None, flops_input=None, tolerance: float = 0.01,
                            fine_tune_epochs: int = 1, order="largest-first", layer_names=None,
                            exclude=None, val_data=None, teacher: nn.Module | None = None, lr: float | None = None,
                            verbosity: str = "summary", forward_fn=None, recovery: str | None = None,
@@ -159,9 +169,12 @@ def compress_incrementally(model: nn.Module, data, *, train_data, eval_fn,
         Fine-tuning batches ``(inputs, targets)`` (inputs alone with ``teacher``).
     eval_fn : callable
         ``eval_fn(model) -> float``, higher is better (e.g. validation accuracy).
-    learnables_reduction_goal, explained_variance_goal : float in [0, 1], optional
+    learnables_reduction_goal, explained_variance_goal, flops_reduction_goal : float in [0, 1], optional
         As in :func:`compress_network_using_projection` (exclusive; default explained
         variance 0.95).
+    flops_input : torch.Tensor, tuple, list or dict, optional
+        The example batch a ``flops_reduction_goal`` counts FLOPs on (default: the first batch
+        of ``data``), run as a calibration batch is.
     tolerance : float
         Largest drop of ``eval_fn`` below the original's that a step may cause.
     fine_tune_epochs : int
@@ -196,7 +209,12 @@ def compress_incrementally(model: nn.Module, data, *, train_data, eval_fn,
     history : IncrementalHistory
     """
     check_verbosity(verbosity)
-    goal = check_goals(explained_variance_goal, learnables_reduction_goal)
+    goal = check_goals(explained_variance_goal, learnables_reduction_goal, flops_reduction_goal)
+    if goal.kind == "flops_reduction" and flops_input is None:
+        flops_input = next(iter(data), None)
+        if flops_input is None:
+            raise ValueError("flops_input: a flops_reduction_goal counts FLOPs on an example batch and data "
+                             "has no batch; pass calibration batches, or flops_input=<one batch as deployed>.")
     if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or tolerance < 0:
         raise ValueError(f"tolerance: expected a number >= 0, got {tolerance!r}.")
     if recovery is not None and teacher is not None:
@@ -204,18 +222,20 @@ def compress_incrementally(model: nn.Module, data, *, train_data, eval_fn,
                          "drop teacher=.")
     names = _ordered(model, layer_names, exclude, order)
     network = copy.deepcopy(model).eval()
+    size = lambda network, layers: _size(goal, network, layers, flops_input, forward_fn)  # noqa: E731
     history = IncrementalHistory(float(eval_fn(network)), count_learnables(model), tolerance, goal)
-    needed = math.ceil(goal.value * history.original_learnables - 1e-9)
+    original_size = size(network, {})[0]
+    needed = math.ceil(goal.value * original_size - 1e-9)
     for position, name in enumerate(names):
-        if goal.is_budget and \
-                history.original_learnables - count_learnables(network) >= needed:
+        candidates = {n: network.get_submodule(n) for n in (names[position:] if goal.is_budget else [name])}
+        current_size, cost = size(network, candidates)
+        if goal.is_budget and original_size - current_size >= needed:
             break
         step_start = time.perf_counter()
         npca = NeuronPCA(network, data, layer_names=names[position:], verbosity="off",
                          forward_fn=forward_fn, loss_fn=None, validation=None)
-        candidates = names[position:] if goal.is_budget else [name]
-        options = measured_options(network, npca, {n: network.get_submodule(n) for n in candidates})
-        choice = _choice(options, name, goal, network, needed, history.original_learnables)
+        options = measured_options(network, npca, candidates)
+        choice = _choice(options, name, goal, current_size, needed - (original_size - current_size), cost)
         choice = SequenceBound({name: network.get_submodule(name)}, options, npca, goal)(
             {name: choice})[name]
         if choice.side == "dense":
@@ -234,7 +254,10 @@ def compress_incrementally(model: nn.Module, data, *, train_data, eval_fn,
         if verbosity in ("steps", "iterations"):
             print(history.table().splitlines()[len(history.steps) + 1].rstrip())
     if goal.is_budget:
-        history.goal_reached = history.original_learnables - count_learnables(network) >= needed
+        final_size = size(network, {})[0]
+        history.goal_reached = original_size - final_size >= needed
+        if goal.kind == "flops_reduction":
+            history.flops_before, history.flops_after = original_size, final_size
     if verbosity != "off":
         print(history.table())
     return network, history
@@ -257,15 +280,23 @@ def _ordered(model: nn.Module, layer_names, exclude, order) -> list[str]:
     return names if order == "model-order" else names[::-1]
 
 
-def _choice(options: dict, name: str, goal: Goal, network: nn.Module, needed: int,
-            original_learnables: int) -> RankChoice:
+def _size(goal: Goal, network: nn.Module, layers: dict, flops_input, forward_fn):
+    """``(size, cost)``: the network's FLOPs on ``flops_input`` and the FlopBudget of ``layers``
+    under a FLOPs goal, else its learnables and ``None``."""
+    if goal.kind != "flops_reduction":
+        return count_learnables(network), None
+    budget = flop_budget(network, layers, flops_input, "flops_input", forward_fn=forward_fn)
+    return budget.network_flops, budget
+
+
+def _choice(options: dict, name: str, goal: Goal, current_size: int, still_needed: int, cost) -> RankChoice:
     """Layer ``name``'s option: by the explained variance goal, or the one the global allocation
-    over ``options`` (the layers not yet visited) gives it for the learnables still to be removed,
-    ``(needed - removed) / L_current`` of the current network (``"dense"`` when it keeps it dense)."""
-    current = count_learnables(network)
+    over ``options`` (the layers not yet visited) gives it for what is still to be removed,
+    ``still_needed / S_current`` of the current network's size ``S`` (learnables or FLOPs;
+    ``"dense"`` when it keeps the layer dense)."""
     if goal.is_budget:
-        goal = Goal(goal.kind, (needed - (original_learnables - current)) / current)
-    return choose_ranks(options, goal, current)[0][name]
+        goal = Goal(goal.kind, min(1.0, max(0.0, still_needed / current_size)))
+    return choose_ranks(options, goal, current_size, cost=cost)[0][name]
 
 
 def _fine_tune_step(candidate, projection, history, train_data, val_data, eval_fn, epochs,

@@ -27,6 +27,18 @@ def test_history_is_complete_and_the_goal_is_met():
     assert str(history).splitlines()[0].startswith("layer")
 
 
+def test_a_flops_goal_is_counted_on_the_current_network():
+    model, train, val, accuracy = blob_task()
+    example = calibration(train)[0]
+    net, history = rw.compress_incrementally(model, calibration(train), train_data=train, eval_fn=accuracy,
+                                             flops_reduction_goal=0.4, tolerance=0.5, val_data=val,
+                                             verbosity="off")
+    assert (history.flops_before, history.flops_after) == (rw.count_flops(model, example),
+                                                           rw.count_flops(net, example))
+    assert history.goal_reached and history.flops_after <= 0.6 * history.flops_before
+    assert "FLOPs" in history.table() and "flops_reduction_goal=0.4" in history.table()
+
+
 def test_tolerance_decides_what_is_kept():
     model, train, val, accuracy = blob_task()
     _, history = rw.compress_incrementally(model, calibration(train), train_data=train,
