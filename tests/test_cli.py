@@ -124,6 +124,19 @@ def test_compress_to_a_flops_goal_and_info_reports_the_flops(folder):
     assert "projection (flops_reduction_goal=0.4)" in run.stdout and "FLOPs on the example batch" in run.stdout
 
 
+def test_analyze_reports_flops_goals(folder):
+    run = rankwise("analyze", "cnn.pt", "--trust-pickle", "--data", "images.pt", "--flops-reductions", "0.25,0.5",
+                   "--json", "flops.json", cwd=folder)
+    assert run.returncode == 0, run.stderr
+    goals = {g["goal"]: g for g in json.loads((folder / "flops.json").read_text())["goals"]}
+    for value in (0.25, 0.5):
+        goal = goals[f"flops_reduction_goal={value:g}"]
+        assert goal["flops_after"] <= (1 - value) * goal["flops_before"]
+    run = rankwise("analyze", "cnn.pt", "--trust-pickle", "--data", "images.pt", "--flops-reductions", "0.25,2",
+                   cwd=folder)
+    assert run.returncode == 2 and "argument --flops-reductions: expected a number in [0, 1], got '2'" in run.stderr
+
+
 def test_compress_to_a_latency_goal_and_info_reports_the_measured_latency(folder):
     run = rankwise("compress", "cnn.pt", "--trust-pickle", "--data", "images.pt", "--latency-reduction", "0.2",
                    "--criterion", "variance", "--allocation", "global", "--output", "faster.safetensors", cwd=folder)

@@ -111,6 +111,10 @@ def build_parser() -> Parser:
                                   help="how far each layer can be compressed, and why not")
     analyse.add_argument("--html", metavar="FILE", help="write the report as one HTML page")
     analyse.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    analyse.add_library_option("--flops-reductions", keyword="flops_reduction_goals", type=_fractions,
+                               default=(), metavar="X,Y",
+                               help="also report these FLOPs goals, counted on the first calibration batch "
+                                    "(e.g. 0.25,0.5)")
 
     compress = commands.add_parser("compress", parents=[calibrated],
                                    help="compress by projection and save with rankwise.save (with the "
@@ -171,6 +175,10 @@ def _fraction(text: str) -> float:
     if value is None or not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
     return value
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    return tuple(_fraction(part.strip()) for part in text.split(","))
 
 
 def _positive_int(text: str) -> int:
