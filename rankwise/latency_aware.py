@@ -3,7 +3,8 @@
 Fewer learnables do not always make a layer faster (a factored layer runs two or three
 smaller kernels instead of one). Once the ranks are chosen, every layer to be projected is
 timed in isolation, dense and projected (:func:`rankwise.median_latency`, on the arguments the
-layer received when the model ran on ``latency_input``). A layer with ``t_projected >= t_dense``
+layer received when the model ran on ``latency_input``; a tied token table and output head
+timed at both ends, :func:`form_seconds`). A layer with ``t_projected >= t_dense``
 is kept dense and leaves the analysed set; ranks are chosen again over the remaining layers and
 the newly chosen forms timed, until no layer is excluded (at most one round per layer). See
 :func:`rankwise.compress_network_using_projection` for the user's side of it.
@@ -18,17 +19,19 @@ from torch.nn.utils.rnn import PackedSequence
 from rankwise import latency
 from rankwise.batches import as_call, eval_mode
 from rankwise.goals import Goal
-from rankwise.layers.build import project_layer
+from rankwise.layers.build import projected_modules
 from rankwise.ranks import LayerOptions, choose_ranks
 from rankwise.tables import format_ranks
+from rankwise.ties import tied_pairs
 
 
 def record_layer_calls(model: nn.Module, layers: dict, latency_input) -> dict[str, tuple[tuple, dict]]:
     """The arguments each layer receives when ``model`` runs on ``latency_input``.
 
     The model runs once in eval mode under ``torch.no_grad()`` with forward hooks on
-    ``layers``; each layer's positional and keyword arguments at its first call are kept
-    (tensors detached and copied; an LSTM's ``hx`` or a ``PackedSequence`` as they come).
+    ``layers`` (and on the output head of each tied token table among them); each layer's
+    positional and keyword arguments at its first call are kept (tensors detached and copied;
+    an LSTM's ``hx`` or a ``PackedSequence`` as they come).
 
     Parameters
     ----------
@@ -67,7 +70,9 @@ def record_layer_calls(model: nn.Module, layers: dict, latency_input) -> dict[st
             calls.setdefault(name, (_detached(args), _detached(kwargs)))
         return hook
 
-    handles = [layer.register_forward_hook(recorder(name), with_kwargs=True) for name, layer in layers.items()]
+    heads = {head: model.get_submodule(head) for table, head in tied_pairs(model).items() if table in layers}
+    handles = [layer.register_forward_hook(recorder(name), with_kwargs=True)
+               for name, layer in {**layers, **heads}.items()]
     try:
         with eval_mode(model), torch.no_grad():
             model(*args, **kwargs)
@@ -77,7 +82,7 @@ def record_layer_calls(model: nn.Module, layers: dict, latency_input) -> dict[st
     finally:
         for handle in handles:
             handle.remove()
-    missing = [name for name in layers if name not in calls]
+    missing = [name for name in {**layers, **heads} if name not in calls]
     if missing:
         raise ValueError(f"latency_input: the model's forward on it does not call layer(s) "
                          f"{', '.join(map(repr, missing))}, so their latency cannot be measured; pass a "
@@ -85,7 +90,7 @@ def record_layer_calls(model: nn.Module, layers: dict, latency_input) -> dict[st
     return calls
 
 
-def choose_faster_ranks(layers: dict, options: dict[str, LayerOptions], calls: dict, goal: Goal,
+def choose_faster_ranks(model: nn.Module, layers: dict, options: dict[str, LayerOptions], calls: dict, goal: Goal,
                         network_learnables: int, unpack: bool, verbosity: str = "off",
                         allocation: str = "global", refine=None, cost=None):
     """:func:`choose_ranks`, keeping dense the layers whose projected form is not faster.
@@ -97,6 +102,8 @@ def choose_faster_ranks(layers: dict, options: dict[str, LayerOptions], calls: d
 
     Parameters
     ----------
+    model : torch.nn.Module
+        The network holding ``layers``.
     layers : dict of str to torch.nn.Module
         The analysed dense layers.
     options : dict of str to LayerOptions
@@ -134,8 +141,9 @@ def choose_faster_ranks(layers: dict, options: dict[str, LayerOptions], calls: d
                 continue
             key = (name, choice.side, choice.rank_in, choice.rank_out)
             if key not in measured:
-                projected = project_layer(layers[name], options[name], choice, unpack)
-                measured[key] = time_layer(layers[name], calls[name]), time_layer(projected, calls[name])
+                dense = options[name].choice(options[name].dense_index)
+                measured[key] = tuple(form_seconds(model, name, layers[name], options[name], form, calls, unpack)
+                                      for form in (dense, choice))
                 if verbosity in ("steps", "iterations"):
                     dense_s, projected_s = measured[key]
                     print(f"latency {name}: dense {latency.format_seconds(dense_s)}, {choice.side} "
@@ -152,6 +160,18 @@ def choose_faster_ranks(layers: dict, options: dict[str, LayerOptions], calls: d
     timings.update(rejected)
     choices = {name: choices[name] if name in choices else options[name].choice(options[name].dense_index) for name in options}
     return choices, goal_reached, timings, [name for name in options if name in rejected]
+
+
+def form_seconds(model: nn.Module, name: str, layer: nn.Module, options: LayerOptions, choice, calls: dict,
+                 unpack: bool = False) -> float:
+    """Median seconds of layer ``name`` in the form of ``choice`` (dense or projected) on its
+    recorded call; a tied token table's also those of its output head, the two summed."""
+    if choice.side != "dense":
+        ends = projected_modules(model, name, layer, options, choice, unpack)
+    else:
+        head = getattr(options, "head", "")
+        ends = {name: layer, **({head: model.get_submodule(head)} if head else {})}
+    return sum(time_layer(module, calls[end]) for end, module in ends.items())
 
 
 def time_layer(layer: nn.Module, call: tuple[tuple, dict]) -> float:

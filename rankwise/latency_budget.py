@@ -11,7 +11,8 @@ measurements, so each layer is timed a few times, in isolation, on the arguments
 when the model ran on ``latency_input`` (:func:`rankwise.latency_aware.record_layer_calls`;
 :func:`rankwise.median_latency`: median of 20 calls after 3 warm-up calls):
 
-- dense, ``t_dense``;
+- dense, ``t_dense`` (a tied token table: its lookup plus its output head,
+  :func:`rankwise.latency_aware.form_seconds`);
 - for each side of its frontier (input, output, both projected), its cheapest and its largest
   option and those whose learnables are nearest to the fractions :data:`SAMPLE_FRACTIONS` of
   the dense layer's, built as they will be built (:func:`rankwise.layers.build.project_layer`).
@@ -50,8 +51,7 @@ from tqdm import tqdm
 
 from rankwise import latency
 from rankwise.goals import Goal
-from rankwise.latency_aware import time_layer
-from rankwise.layers.build import project_layer
+from rankwise.latency_aware import form_seconds
 from rankwise.progress import PROGRESS_DELAY_SECONDS
 from rankwise.ranks.costs import cheaper_frontier, priced_subset
 from rankwise.ranks.options import LayerOptions
@@ -84,9 +84,9 @@ class LatencyBudget:
 
     unit = "measured latency"
 
-    def __init__(self, layers: dict, calls: dict, network_seconds: float, unpack: bool = False,
+    def __init__(self, model: nn.Module, layers: dict, calls: dict, network_seconds: float, unpack: bool = False,
                  progress: bool = False):
-        self.layers, self.calls, self.unpack, self.progress = layers, calls, unpack, progress
+        self.model, self.layers, self.calls, self.unpack, self.progress = model, layers, calls, unpack, progress
         self.network_seconds = network_seconds
         self.timings: dict[tuple, float] = {}
 
@@ -135,9 +135,8 @@ class LatencyBudget:
         choice = options.choice(index)
         key = (options.name, choice.side, choice.rank_in, choice.rank_out)
         if key not in self.timings:
-            layer = self.layers[options.name]
-            form = layer if choice.side == "dense" else project_layer(layer, options, choice, self.unpack)
-            self.timings[key] = time_layer(form, self.calls[options.name])
+            self.timings[key] = form_seconds(self.model, options.name, self.layers[options.name], options, choice,
+                                             self.calls, self.unpack)
         return self.timings[key]
 
 
@@ -145,7 +144,7 @@ def latency_budget(model: nn.Module, layers: dict, calls: dict, latency_input, u
                    progress: bool = False) -> LatencyBudget:
     """The :class:`LatencyBudget` of ``model`` on ``latency_input`` (its median latency measured
     now; the layers' forms timed when first priced)."""
-    return LatencyBudget(layers, calls, latency.median_latency(model, latency_input), unpack, progress)
+    return LatencyBudget(model, layers, calls, latency.median_latency(model, latency_input), unpack, progress)
 
 
 def check_latency_goal(goal: Goal, latency_input) -> None:

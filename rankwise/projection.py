@@ -246,7 +246,7 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
         if calls is None:
             choices, goal_reached = choose_ranks(options, goal, learnables_before, verbosity, allocation, cost)
             return bound(choices), goal_reached, {}, []
-        return choose_faster_ranks(layers, options, calls, goal, learnables_before, unpack, verbosity,
+        return choose_faster_ranks(model, layers, options, calls, goal, learnables_before, unpack, verbosity,
                                    allocation, refine=bound, cost=cost)
 
     speed = None

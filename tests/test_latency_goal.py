@@ -29,7 +29,6 @@ def stand_in_seconds(module, *_):
 
 @pytest.fixture
 def stand_in_clock(monkeypatch):
-    monkeypatch.setattr(rankwise.latency_budget, "time_layer", stand_in_seconds)
     monkeypatch.setattr(rankwise.latency_aware, "time_layer", stand_in_seconds)
     monkeypatch.setattr(rankwise.latency, "median_latency", stand_in_seconds)
     monkeypatch.setattr(rankwise.latency, "compare_speed", lambda original, compressed, x: SpeedComparison(
@@ -48,7 +47,7 @@ def test_options_are_priced_by_interpolating_the_timed_ones(name, stand_in_clock
     npca = rw.NeuronPCA(model, batches, verbosity="off", loss_fn=None)
     layers = {n: model.get_submodule(n) for n in npca.layer_names}
     options = measured_options(model, npca, layers)
-    budget = LatencyBudget(layers, {n: ((), {}) for n in layers}, stand_in_seconds(model))
+    budget = LatencyBudget(model, layers, {n: ((), {}) for n in layers}, stand_in_seconds(model))
     for layer_name, opts in options.items():
         seconds = budget.option_seconds(opts)
         # a form's learnables are its option's learnables, so the interpolation is exact here

@@ -12,10 +12,11 @@ from torch import nn
 
 import rankwise as rw
 from conftest import assert_unchanged, state_of
-from rankwise import hf
+from rankwise import hf, latency_aware
 from rankwise.cli import main
 from rankwise.goals import Goal
 from rankwise.layers import TiedEmbedding, TiedHead
+from rankwise.layers.build import projected_modules
 from rankwise.projection import Decisions, build_projected
 from rankwise.ranks import RankChoice, measured_options
 from rankwise.ranks.tied import _error_curve
@@ -209,3 +210,20 @@ def test_the_factored_ends_export_as_dense_layers():
     torch.testing.assert_close(embeddings.to_dense()(ids), embeddings(ids), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(head.to_dense()(x), head(x), atol=1e-5, rtol=1e-5)
     assert np.isclose(rw.count_learnables(net), rw.count_learnables(model) - 120 * WIDTH + 5 * (120 + WIDTH))
+
+
+def test_a_tied_table_is_timed_at_both_ends(calibrated, monkeypatch):
+    name, model, data, npca = calibrated
+    table, head = TABLES[name]
+    monkeypatch.setattr(latency_aware, "time_layer", lambda module, call: float(rw.count_learnables(module)))
+    layers = {table: model.get_submodule(table)}
+    calls = latency_aware.record_layer_calls(model, layers, data[0])
+    assert set(calls) == {table, head}
+    options = measured_options(model, npca, layers)[table]
+    dense, factored = options.choice(options.dense_index), options.choice(0)
+    assert latency_aware.form_seconds(model, table, layers[table], options, dense, calls) == (
+        rw.count_learnables(layers[table]) + rw.count_learnables(model.get_submodule(head)))
+    ends = projected_modules(model, table, layers[table], options, factored)
+    assert set(ends) == {table, head}
+    assert latency_aware.form_seconds(model, table, layers[table], options, factored, calls) == sum(
+        rw.count_learnables(module) for module in ends.values())
