@@ -1,0 +1,72 @@
+"""Prefill and decode tokens per second of the library's own SmolLM2 compressions, against the original.
+
+:mod:`lm_speed` times uniform-rank SVD factorizations (the shapes ``allocation="uniform"`` gives);
+this script times the models the library actually decided: the files ``bench/smollm2.py --save``
+writes with :func:`rankwise.save` (``~/.cache/rankwise-bench/smollm2-compressed/<method>-<fraction>
+.safetensors``; ``--pattern`` picks them), each read back with ``rw.load(path, model=original)``
+(nothing unpickled). Speed by :func:`rankwise.compare_generation_speed`: a prompt of
+:data:`lm_speed.PROMPT_TOKENS` tokens of the test split at batch 1 and 8, :data:`lm_speed.NEW_TOKENS`
+greedy decode steps on the KV cache, median of :data:`lm_speed.REPEATS`, ``--threads`` torch
+threads (default 2).
+
+    python bench/lm_speed_saved.py [--pattern 'rw-defaults-*.safetensors']   # -> bench/results/lm_speed_saved.{json,md}
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import rankwise as rw  # noqa: E402
+from environment import write_result  # noqa: E402
+from lm_speed import BATCHES, NEW_TOKENS, PROMPT_TOKENS, REPEATS  # noqa: E402
+from smollm2 import CACHE, decoder_linear_names, learnables_of, smollm2, splits  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+SAVED = CACHE.parent / "smollm2-compressed"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pattern", default="rw-defaults-*.safetensors")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    model, tokenizer = smollm2()
+    batches, _ = splits(tokenizer, {"calibration": 1, "test": 1})
+    prompt = batches["test"][0]["input_ids"][:, :PROMPT_TOKENS]
+    decoder = learnables_of(model, decoder_linear_names(model))
+    rows = []
+    for path in sorted(SAVED.glob(args.pattern)):
+        net = rw.load(path, model=model).eval()
+        removed = (rw.count_learnables(model) - rw.count_learnables(net)) / decoder
+        for batch in BATCHES:
+            speed = rw.compare_generation_speed(model, net, prompt.repeat(batch, 1), new_tokens=NEW_TOKENS,
+                                                repeats=REPEATS)
+            rows.append({"file": path.name, "decoder_removed": removed, "batch": batch, "threads": args.threads,
+                         **{k: getattr(speed, k) for k in ("prefill_before", "prefill_after", "decode_before",
+                                                           "decode_after", "prefill_speedup", "decode_speedup")}})
+            print(path.name, speed, flush=True)
+        del net
+    if not rows:
+        raise SystemExit(f"no file matches {args.pattern!r} in {SAVED}: run bench/smollm2.py --save first")
+    with open(os.path.join(RESULTS, "lm_speed_saved.json"), "w") as stream:
+        json.dump(rows, stream, indent=1)
+    lines = ["| file | learnables removed / decoder Linears' | batch | prefill tokens/s original -> compressed | "
+             "prefill speedup | decode tokens/s original -> compressed | decode speedup |",
+             "|---|---:|---:|---|---:|---|---:|"]
+    lines += [f"| {r['file']} | {r['decoder_removed']:.1%} | {r['batch']} | "
+              f"{r['prefill_before']:,.0f} -> {r['prefill_after']:,.0f} | {r['prefill_speedup']:.2f}x | "
+              f"{r['decode_before']:.1f} -> {r['decode_after']:.1f} | {r['decode_speedup']:.2f}x |" for r in rows]
+    write_result(os.path.join(RESULTS, "lm_speed_saved.md"), "SmolLM2-135M: the library's compressions, tokens/s",
+                 "\n".join(lines) + f"\n\n{args.threads} torch thread(s); prompt {PROMPT_TOKENS} tokens, "
+                 f"{NEW_TOKENS} decode steps, median of {REPEATS}.\n")
+
+
+if __name__ == "__main__":
+    main()
