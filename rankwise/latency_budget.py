@@ -13,7 +13,8 @@ when the model ran on ``latency_input`` (:func:`rankwise.latency_aware.record_la
 
 - dense, ``t_dense`` (a tied token table: its lookup plus its output head,
   :func:`rankwise.latency_aware.form_seconds`);
-- for each side of its frontier (input, output, both projected), its cheapest and its largest
+- for each side of its frontier (input, output, both projected; for a recurrent or attention
+  layer, each combination of its cells' or parts' sides), its cheapest and its largest
   option and those whose learnables are nearest to the fractions :data:`SAMPLE_FRACTIONS` of
   the dense layer's, built as they will be built (:func:`rankwise.layers.build.project_layer`).
 
@@ -114,8 +115,10 @@ class LatencyBudget:
         """Estimated seconds of every option of ``options`` (dense last, measured)."""
         seconds = np.empty(len(options.learnables))
         seconds[-1] = self._measure(options, options.dense_index)
-        for code in np.unique(options.side[:-1]):
-            of_side = np.nonzero(options.side[:-1] == code)[0]
+        sides = options.side[:-1].reshape(len(seconds) - 1, -1)  # a row per option (per cell: recurrent)
+        group = np.unique(sides, axis=0, return_inverse=True)[1].ravel()
+        for code in np.unique(group):
+            of_side = np.nonzero(group == code)[0]
             timed = self._sampled(options, of_side)
             measured = np.array([self._measure(options, index) for index in timed])
             seconds[of_side] = np.interp(options.learnables[of_side], options.learnables[timed], measured)

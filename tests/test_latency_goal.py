@@ -5,6 +5,8 @@ learnables plus a fixed cost per call), so that every assertion is an identity; 
 the real clock and asserts only what holds whatever the machine's speed.
 """
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -41,7 +43,7 @@ def tiny(name="mlp"):
     return factory().eval(), make_batches(shape)
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn"])
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
 def test_options_are_priced_by_interpolating_the_timed_ones(name, stand_in_clock):
     model, batches = tiny(name)
     npca = rw.NeuronPCA(model, batches, verbosity="off", loss_fn=None)
@@ -62,15 +64,22 @@ def test_options_are_priced_by_interpolating_the_timed_ones(name, stand_in_clock
         assert (np.diff(opts.error) < 0).all() and back[layer_name][-1] == options[layer_name].dense_index
 
 
-def test_the_goal_is_met_as_measured(stand_in_clock):
-    model, batches = tiny("cnn")
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+def test_the_outcome_is_the_measured_one(name, stand_in_clock):
+    model, batches = tiny(name)
     x = batches[0]
-    net, info = rw.compress_network_using_projection(model, batches, latency_reduction_goal=0.3, latency_input=x,
-                                                     criterion="variance", allocation="global", verbosity="off")
-    assert info.goal == Goal("latency_reduction", 0.3) and info.goal_reached
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        net, info = rw.compress_network_using_projection(model, batches, latency_reduction_goal=0.3, latency_input=x,
+                                                         criterion="variance", allocation="global", verbosity="off")
+    assert info.goal == Goal("latency_reduction", 0.3)
     assert info.latency_before == stand_in_seconds(model) and info.latency_after == stand_in_seconds(net)
-    assert info.latency_reduction >= 0.3
+    assert info.goal_reached == (info.latency_reduction >= 0.3)
+    unreached = [str(w.message) for w in caught if "was not reached as measured" in str(w.message)]
+    assert len(unreached) == (not info.goal_reached)
     assert "latency on latency_input (measured)" in info.table()
+    if name != "sequence":  # its three small layers' fixed cost per call keeps it under 30%
+        assert info.goal_reached
 
 
 def test_a_raised_target_follows_the_shortfall(monkeypatch):
