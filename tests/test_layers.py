@@ -128,3 +128,31 @@ def test_spec_rebuilds_the_same_structure(factory, rank_in, rank_out):
     assert torch.equal(rebuilt(x), projected(x))
     with pytest.raises(ValueError, match="spec: describes a 'ProjectedLinear'"):
         rw.ProjectedConv.from_spec(factory(), {**projected.spec(), "type": "ProjectedLinear"})
+
+
+def test_plain_linear_parts_run_as_products_and_anything_else_as_modules():
+    torch.manual_seed(0)
+    layer = nn.Linear(12, 10)
+    basis = torch.linalg.qr(torch.randn(12, 12))[0]
+    wrapper = rw.ProjectedLinear.from_dense(layer, input_basis=basis[:, :4], output_basis=torch.eye(10)[:, :6])
+    x = torch.randn(3, 12)
+    assert torch.equal(wrapper(x), wrapper.unpack()(x))  # the same products, bit for bit
+
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, output: seen.append(module))
+    try:
+        assert torch.equal(wrapper(x), wrapper.unpack()(x))
+    finally:
+        handle.remove()
+    assert [m for m in seen if m in (wrapper.in_proj, wrapper.core, wrapper.out_proj)][:3] == [
+        wrapper.in_proj, wrapper.core, wrapper.out_proj]  # a global hook sees every part called
+
+    class Doubled(nn.Module):
+        def forward(self, weight):
+            return 2 * weight
+
+    core_weight = wrapper.core.weight.detach().clone()
+    torch.nn.utils.parametrize.register_parametrization(wrapper.core, "weight", Doubled())
+    with torch.no_grad():
+        expected = wrapper.out_proj(nn.functional.linear(wrapper.in_proj(x), 2 * core_weight, wrapper.core.bias))
+        torch.testing.assert_close(wrapper(x), expected)  # a parametrized part is called as a module
