@@ -84,7 +84,7 @@ class ProjectedLayer(CompressedForm, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         modules = self._modules  # read once: nn.Module's attribute lookup costs a call
         parts = [part for part in (modules.get("in_proj"), modules["core"], modules.get("out_proj")) if part is not None]
-        if all(type(part) is nn.Linear for part in parts) and not _global_hooks():
+        if all(type(part) is nn.Linear for part in parts) and not global_hooks_registered():
             for part in parts:  # the products alone (see the class docstring)
                 x = F.linear(x, part.weight, part.bias)
             return x
@@ -223,7 +223,7 @@ def _as_vector(vector, dim: int, argument: str, like: torch.Tensor) -> torch.Ten
     return vector
 
 
-def _global_hooks() -> bool:
+def global_hooks_registered() -> bool:
     """Whether any module hook is registered globally (``torch.nn.modules.module.register_module_*``,
     as the FLOP counter's module tracker does): every part's call must then be a module call."""
     return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks

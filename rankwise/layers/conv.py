@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from rankwise.kinds import CONVOLUTIONS
-from rankwise.layers.base import ProjectedLayer, fill
+from rankwise.layers.base import ProjectedLayer, fill, global_hooks_registered
 
 
 class ProjectedConv(ProjectedLayer):
@@ -33,11 +33,14 @@ class ProjectedConv(ProjectedLayer):
         return module.out_channels if end == "out" else module.in_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.in_proj is not None:
-            x = pointwise(self.in_proj, x)
-        x = self.core(x)
-        if self.out_proj is not None:
-            x = pointwise(self.out_proj, x)
+        modules = self._modules  # read once (see ProjectedLayer: module calls dominate at batch 1)
+        in_proj, core, out_proj = modules.get("in_proj"), modules["core"], modules.get("out_proj")
+        if in_proj is not None:
+            x = pointwise(in_proj, x)
+        plain = type(core) in CONVOLUTIONS.values() and not global_hooks_registered()
+        x = core._conv_forward(x, core.weight, core.bias) if plain else core(x)
+        if out_proj is not None:
+            x = pointwise(out_proj, x)
         return x
 
     @classmethod
