@@ -115,6 +115,8 @@ class LatencyBudget:
         """Estimated seconds of every option of ``options`` (dense last, measured)."""
         seconds = np.empty(len(options.learnables))
         seconds[-1] = self._measure(options, options.dense_index)
+        if len(seconds) == 1:  # the dense option only
+            return seconds
         sides = options.side[:-1].reshape(len(seconds) - 1, -1)  # a row per option (per cell: recurrent)
         group = np.unique(sides, axis=0, return_inverse=True)[1].ravel()
         for code in np.unique(group):

@@ -20,6 +20,7 @@ from rankwise.goals import Goal
 from rankwise.latency import SpeedComparison
 from rankwise.latency_budget import LatencyBudget, meet_latency_goal
 from rankwise.ranks import measured_options
+from rankwise.ranks.costs import priced_subset
 
 CALL_SECONDS, SECONDS_PER_LEARNABLE = 1e-6, 1e-9
 
@@ -54,6 +55,8 @@ def test_options_are_priced_by_interpolating_the_timed_ones(name, stand_in_clock
         seconds = budget.option_seconds(opts)
         # a form's learnables are its option's learnables, so the interpolation is exact here
         np.testing.assert_allclose(seconds, CALL_SECONDS + SECONDS_PER_LEARNABLE * opts.learnables, rtol=1e-9)
+    dense_only = priced_subset(opts, np.array([opts.dense_index]), opts.learnables[[opts.dense_index]])
+    assert budget.option_seconds(dense_only).tolist() == [CALL_SECONDS + SECONDS_PER_LEARNABLE * opts.dense_learnables]
     priced, back = budget.priced(options)
     for layer_name, opts in priced.items():
         dense = stand_in_seconds(layers[layer_name])
