@@ -191,7 +191,7 @@ def meet_latency_goal(goal: Goal, decide, build, model: nn.Module, latency_input
     target, rounds = goal.value, []
     for round_number in range(1, MEASURED_ROUNDS + 1):
         outcome = decide(dataclasses.replace(goal, value=target))
-        comparison = latency.compare_speed(model, build(outcome[0]), latency_input)
+        comparison = _measured(model, outcome[0], build, latency_input)
         achieved = 1.0 - comparison.seconds_after / comparison.seconds_before
         rounds.append((achieved, outcome, comparison))
         if verbosity != "off":
@@ -203,12 +203,27 @@ def meet_latency_goal(goal: Goal, decide, build, model: nn.Module, latency_input
         target = min(1.0, target + goal.value - achieved)
     achieved, outcome, comparison = next((r for r in rounds if r[0] >= goal.value), max(rounds, key=lambda r: r[0]))
     reached = achieved >= goal.value
-    message = [] if reached else [
-        f"{goal} was not reached as measured: {achieved:.1%} of the latency on latency_input removed "
-        f"(best of {len(rounds)} round(s) of decisions built and timed with compare_speed); the layers "
-        "that remain cannot be made faster by projection at this batch size, or timings on this "
-        "machine are too noisy. That compression was kept."]
+    message = [] if reached else [_unreached(goal, achieved, len(rounds), outcome[0])]
     return (outcome[0], reached, *outcome[2:]), comparison, message
+
+
+def _measured(model: nn.Module, choices: dict, build, latency_input) -> latency.SpeedComparison:
+    """The compressed network of ``choices`` against ``model`` (:func:`rankwise.compare_speed`);
+    when every layer stays dense the network is the original, and its one latency is both."""
+    if any(choice.side != "dense" for choice in choices.values()):
+        return latency.compare_speed(model, build(choices), latency_input)
+    seconds = latency.median_latency(model, latency_input)
+    return latency.SpeedComparison(0, 0, seconds, seconds)
+
+
+def _unreached(goal: Goal, achieved: float, rounds: int, choices: dict) -> str:
+    if all(choice.side == "dense" for choice in choices.values()):
+        return (f"{goal} was not reached: no layer's projected form is faster than its dense form on "
+                "latency_input (at this batch size and on this device), so every layer was kept dense.")
+    return (f"{goal} was not reached as measured: {achieved:.1%} of the latency on latency_input removed "
+            f"(best of {rounds} round(s) of decisions built and timed with compare_speed); the layers "
+            "that remain cannot be made faster by projection at this batch size, or timings on this "
+            "machine are too noisy. That compression was kept.")
 
 
 def _nanoseconds(seconds):

@@ -19,7 +19,7 @@ from conftest import TINY_MODELS, assert_unchanged, make_batches, state_of
 from rankwise.goals import Goal
 from rankwise.latency import SpeedComparison
 from rankwise.latency_budget import LatencyBudget, meet_latency_goal
-from rankwise.ranks import measured_options
+from rankwise.ranks import RankChoice, measured_options
 from rankwise.ranks.costs import priced_subset
 
 CALL_SECONDS, SECONDS_PER_LEARNABLE = 1e-6, 1e-9
@@ -85,6 +85,11 @@ def test_the_outcome_is_the_measured_one(name, stand_in_clock):
         assert info.goal_reached
 
 
+def projected_at(goal):
+    """A stand-in decision: one projected layer, its rank telling the target it was decided at."""
+    return {"layer": RankChoice("output", None, round(100 * goal.value), 0, 0.0, 0.0)}
+
+
 def test_a_raised_target_follows_the_shortfall(monkeypatch):
     measured = iter([0.10, 0.25, 0.31])
     monkeypatch.setattr(rankwise.latency, "compare_speed",
@@ -93,12 +98,12 @@ def test_a_raised_target_follows_the_shortfall(monkeypatch):
 
     def decide(goal):
         targets.append(goal.value)
-        return f"choices at {goal.value:.2f}", True, {}, []
+        return projected_at(goal), True, {}, []
 
     outcome, comparison, warnings = meet_latency_goal(Goal("latency_reduction", 0.3), decide, lambda c: c,
                                                       None, None)
     np.testing.assert_allclose(targets, [0.3, 0.5, 0.55])
-    assert outcome == ("choices at 0.55", True, {}, []) and warnings == []
+    assert outcome[0]["layer"].rank_out == 55 and outcome[1:] == (True, {}, []) and warnings == []
     assert comparison.seconds_after == pytest.approx(0.69)
 
 
@@ -107,17 +112,27 @@ def test_an_unreached_goal_keeps_the_best_round_and_says_so(monkeypatch):
     monkeypatch.setattr(rankwise.latency, "compare_speed",
                         lambda *_: SpeedComparison(0, 0, 1.0, 1.0 - next(measured)))
     outcome, comparison, warnings = meet_latency_goal(
-        Goal("latency_reduction", 0.3), lambda goal: (goal.value, True, {}, []), lambda c: c, None, None)
-    assert outcome[0] == pytest.approx(0.5) and outcome[1] is False
+        Goal("latency_reduction", 0.3), lambda goal: (projected_at(goal), True, {}, []), lambda c: c, None, None)
+    assert outcome[0]["layer"].rank_out == 50 and outcome[1] is False
     assert len(warnings) == 1 and "20.0% of the latency" in warnings[0] and "3 round(s)" in warnings[0]
 
 
 def test_rounds_stop_once_the_allocation_is_at_its_maximum(monkeypatch):
     monkeypatch.setattr(rankwise.latency, "compare_speed", lambda *_: SpeedComparison(0, 0, 1.0, 0.9))
     calls = []
-    meet_latency_goal(Goal("latency_reduction", 0.5), lambda goal: calls.append(goal) or ({}, False, {}, []),
-                      lambda c: c, None, None)
+    meet_latency_goal(Goal("latency_reduction", 0.5),
+                      lambda goal: calls.append(goal) or (projected_at(goal), False, {}, []), lambda c: c, None, None)
     assert len(calls) == 1
+
+
+def test_when_no_layer_gets_faster_nothing_is_built_or_compared(monkeypatch):
+    monkeypatch.setattr(rankwise.latency, "compare_speed", lambda *_: pytest.fail("nothing to compare"))
+    monkeypatch.setattr(rankwise.latency, "median_latency", lambda *_: 2e-3)
+    dense = {"layer": RankChoice("dense", None, None, 0, 0.0, 0.0)}
+    outcome, comparison, warnings = meet_latency_goal(Goal("latency_reduction", 0.3), lambda goal: (dense, False, {}, []),
+                                                      lambda c: pytest.fail("nothing to build"), None, None)
+    assert (comparison.seconds_before, comparison.seconds_after) == (2e-3, 2e-3) and outcome[1] is False
+    assert len(warnings) == 1 and "every layer was kept dense" in warnings[0]
 
 
 def test_zero_goal_keeps_the_outputs(stand_in_clock):
