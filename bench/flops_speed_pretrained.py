@@ -68,6 +68,9 @@ LARGE = {"cnn": 256, "mobilenetv2": 32, "minilm": 32, "smollm2": 8}
 TIMING = {"small": dict(repeats=20, max_rounds=6), "large": dict(repeats=5, max_rounds=5)}
 """compare_speed's rounds at batch 1 and at the large batch (the MNIST CNN: :data:`flops_speed.SPEED`)."""
 LM_PROMPT, LM_NEW_TOKENS, LM_REPEATS = 64, 16, 3
+LM_BISECTION_STEPS, LM_BRACKET = 4, 0.2
+"""SmolLM2's learnables goal is searched in the FLOPs-goal network's learnables removed +- LM_BRACKET
+(4 steps: to 0.025), each step a decision over 210 Linears (about a minute)."""
 LM_MEMORY_GIB = 9                # wait for this much available memory before the LM rows
 
 
@@ -77,17 +80,18 @@ def quiet(function, *args, **kwargs):
         return function(*args, **kwargs)
 
 
-def matching_learnables_goal(compress_with, validation_score, target, high):
-    """``(goal, net, info)``: the largest learnables goal whose validation score is >= ``target``."""
-    low, best = 0.0, None
-    for _ in range(BISECTION_STEPS):
+def matching_learnables_goal(compress_with, validation_score, target, high, low=0.0, steps=BISECTION_STEPS):
+    """``(goal, net, info)``: the largest learnables goal in ``[low, high]`` whose validation score is
+    >= ``target`` (bisection; ``low`` when none is found)."""
+    start, best = low, None
+    for _ in range(steps):
         middle = (low + high) / 2
         net, info = compress_with(learnables_reduction_goal=middle)
         if validation_score(net) >= target:
             low, best = middle, (middle, net, info)
         else:
             high = middle
-    return best or (0.0, *compress_with(learnables_reduction_goal=0.0))
+    return best or (start, *compress_with(learnables_reduction_goal=start))
 
 
 class Embedder(torch.nn.Module):
@@ -162,10 +166,11 @@ class Setting:
     """One network's calibration, goals, quality scores and timed inputs."""
 
     def __init__(self, name, model, compress_with, validation, test, inputs, latency_input, backends,
-                 wrap=lambda m: m, high=0.95, compile_backends=("torch.compile",), timing=None):
+                 wrap=lambda m: m, high=0.95, compile_backends=("torch.compile",), timing=None, extra_goals=()):
         self.name, self.model, self.compress_with = name, model, compress_with
         self.validation, self.test, self.inputs, self.latency_input = validation, test, inputs, latency_input
         self.backends, self.wrap, self.high, self.compile_backends = backends, wrap, high, compile_backends
+        self.extra_goals = extra_goals  # (label, goal): a goal row and its latency-aware rows, no learnables match
         self.timing = timing or {b: TIMING["small" if b == 1 else "large"] for b in inputs}
 
 
@@ -182,7 +187,9 @@ def cnn_setting():
                    lambda net: accuracy(net, test_images[5000:], test_labels[5000:]),
                    {1: test_images[:1], 256: test_images[:256]},
                    {1: test_images[:1], 256: test_images[:256]},
-                   ("eager", "eager channels-last", "onnxruntime"), high=0.99, timing=SPEED)
+                   ("eager", "eager channels-last", "onnxruntime"), high=0.99, timing=SPEED,
+                   extra_goals=[("flops -70%, round_to=8 (chosen on validation by flops_speed.py)",
+                                 dict(flops_reduction_goal=0.7, round_to=8))])
 
 
 def mobilenet_setting():
@@ -204,8 +211,8 @@ def minilm_setting():
     options = library_options(network)
     npca = rw.NeuronPCA(network.model, network.calibration, verbosity="off", **options)
     _, tokenizer = data.minilm()
-    ids = {split: fixed_length_ids(tokenizer, data.sentence_split(split, 256 if split != "validation" else 128, seed=i))
-           for i, split in enumerate(("calibration", "validation", "test"))}
+    ids = {split: fixed_length_ids(tokenizer, data.sentence_split(split, 256, seed=seed))  # minilm_network's seeds
+           for split, seed in (("calibration", 0), ("test", 2))}
     as_batch = lambda x: {"input_ids": x, "attention_mask": torch.ones_like(x),  # noqa: E731
                           "token_type_ids": torch.zeros_like(x)}
     flops_input = as_batch(ids["calibration"][:LARGE["minilm"]])
@@ -239,24 +246,25 @@ def network_rows(setting, compile_too):
         wrapped = setting.wrap(net)
         row = dict(network=setting.name, goal=label, quality=setting.test(net),
                    flops_reduction=1 - rw.count_flops(wrapped, setting.inputs[max(setting.inputs)]) / flops[max(flops)],
-                   learnables_reduction=info.learnables_reduction,
-                   kept_dense=list(getattr(info, "kept_dense_for_latency", [])))
+                   learnables_reduction=info.learnables_reduction, goal_reached=info.goal_reached,
+                   kept_dense=list(info.kept_dense_for_latency))
         print(f"{setting.name} {label}: test quality {row['quality']:.4f}, FLOPs removed {row['flops_reduction']:.1%}, "
               f"learnables removed {row['learnables_reduction']:.1%}, kept dense {len(row['kept_dense'])}", flush=True)
         backends = setting.backends + (setting.compile_backends if compiled else ())
         row["speed"] = speed_rows(setting.wrap(setting.model), wrapped, setting.inputs, backends, setting.timing)
         rows.append(row)
 
-    for fraction in FLOPS_GOALS:
-        label = f"flops -{fraction:.0%}"
-        net, info = setting.compress_with(flops_reduction_goal=fraction)
-        add(label, net, info, compile_too)
-        target = setting.validation(net)
-        goal, same, same_info = matching_learnables_goal(setting.compress_with, setting.validation, target,
-                                                         setting.high)
-        add(f"learnables -{goal:.1%} (same validation quality as {label})", same, same_info)
+    goals = [(f"flops -{f:.0%}", dict(flops_reduction_goal=f), True) for f in FLOPS_GOALS]
+    for label, goal, match in goals + [(label, goal, False) for label, goal in setting.extra_goals]:
+        net, info = setting.compress_with(**goal)
+        add(label, net, info, compile_too and match)
+        if match:
+            target = setting.validation(net)
+            learnables, same, same_info = matching_learnables_goal(setting.compress_with, setting.validation,
+                                                                   target, setting.high)
+            add(f"learnables -{learnables:.1%} (same validation quality as {label})", same, same_info)
         for batch, latency_input in setting.latency_input.items():
-            net, info = setting.compress_with(flops_reduction_goal=fraction, latency_input=latency_input)
+            net, info = setting.compress_with(**goal, latency_input=latency_input)
             add(f"{label} + latency_input batch {batch}", net, info)
     return rows
 
@@ -314,8 +322,11 @@ def smollm2_rows():
         add(label, net, info)
         target = -perplexity(net, batches["validation"])
         del net
+        bracket = max(0.0, info.learnables_reduction - LM_BRACKET), min(npca.learnables_reduction_range[1],
+                                                                          info.learnables_reduction + LM_BRACKET)
+        del info
         goal, same, same_info = matching_learnables_goal(compress_with, lambda n: -perplexity(n, batches["validation"]),
-                                                         target, npca.learnables_reduction_range[1])
+                                                         target, bracket[1], bracket[0], LM_BISECTION_STEPS)
         add(f"learnables -{goal:.1%} (same validation perplexity as {label})", same, same_info)
         del same
         net, info = compress_with(flops_reduction_goal=fraction, latency_input={"input_ids": prompt})
@@ -353,7 +364,8 @@ def table(rows):
     for r in rows:
         quality = f"{r['quality']:.2f}" if name == "smollm2" else f"{r['quality']:.4f}"
         cells = [r["goal"], quality, f"{r['flops_reduction']:.1%}", f"{r['learnables_reduction']:.1%}",
-                 str(len(r.get("kept_dense", []))) if "latency" in r["goal"] else "-"]
+                 (str(len(r.get("kept_dense", []))) if "latency" in r["goal"] else "-")
+                 + ("" if r.get("goal_reached", True) else ", goal not reached")]
         for s in settings:
             for b in batches:
                 speeds = r.get("speed", {}).get(s, {})
