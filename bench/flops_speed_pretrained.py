@@ -61,7 +61,7 @@ from environment import environment_markdown, write_result  # noqa: E402
 from flops_speed import SPEED, OnnxRuntime, compress  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-FLOPS_GOALS = (0.25, 0.5)
+FLOPS_GOALS = [0.25, 0.5]
 BISECTION_STEPS = 6
 TOKENS = 32                      # MiniLM's timed sequence length
 LARGE = {"cnn": 256, "mobilenetv2": 32, "minilm": 32, "smollm2": 8}
@@ -235,10 +235,11 @@ def fixed_length_ids(tokenizer, sentences):
 SETTINGS = {"cnn": cnn_setting, "mobilenetv2": mobilenet_setting, "minilm": minilm_setting}
 
 
-def network_rows(setting, compile_too):
-    """The original row, then per FLOPs goal: the goal, its learnables match, the latency-aware rows."""
-    rows = [dict(network=setting.name, goal="original", quality=setting.test(setting.model),
-                 flops_reduction=0.0, learnables_reduction=0.0)]
+def network_rows(setting, compile_too, rows, save):
+    """Appends to ``rows`` (calling ``save()`` after each) the original row, then per FLOPs goal:
+    the goal, its learnables match, the latency-aware rows."""
+    rows.append(dict(network=setting.name, goal="original", quality=setting.test(setting.model),
+                     flops_reduction=0.0, learnables_reduction=0.0))
     flops = {b: rw.count_flops(setting.wrap(setting.model), x) for b, x in setting.inputs.items()}
     print(f"{setting.name} original: test quality {rows[0]['quality']:.4f}, FLOPs {flops}", flush=True)
 
@@ -253,6 +254,7 @@ def network_rows(setting, compile_too):
         backends = setting.backends + (setting.compile_backends if compiled else ())
         row["speed"] = speed_rows(setting.wrap(setting.model), wrapped, setting.inputs, backends, setting.timing)
         rows.append(row)
+        save()
 
     goals = [(f"flops -{f:.0%}", dict(flops_reduction_goal=f), True) for f in FLOPS_GOALS]
     for label, goal, match in goals + [(label, goal, False) for label, goal in setting.extra_goals]:
@@ -266,7 +268,6 @@ def network_rows(setting, compile_too):
         for batch, latency_input in setting.latency_input.items():
             net, info = setting.compress_with(**goal, latency_input=latency_input)
             add(f"{label} + latency_input batch {batch}", net, info)
-    return rows
 
 
 # --- SmolLM2 ----------------------------------------------------------------------------------------
@@ -276,14 +277,15 @@ def available_gib():
         return next(int(line.split()[1]) for line in stream if line.startswith("MemAvailable")) / 2 ** 20
 
 
-def smollm2_rows():
-    from smollm2 import PROFILES, decoder_linear_names, perplexity, rss_gib, smollm2, splits
+def smollm2_rows(rows, save, quick=False):
+    from smollm2 import PROFILES, decoder_linear_names, learnables_of, perplexity, rss_gib, smollm2, splits
     while available_gib() < LM_MEMORY_GIB:
         print(f"waiting: {available_gib():.1f} GiB available, {LM_MEMORY_GIB} needed", flush=True)
         time.sleep(60)
     model, tokenizer = smollm2()
-    batches, _ = splits(tokenizer, PROFILES["full"])
-    names = decoder_linear_names(model)
+    batches, _ = splits(tokenizer, PROFILES["quick" if quick else "full"])
+    names = decoder_linear_names(model, (0,) if quick else None)
+    most = learnables_of(model, names) / rw.count_learnables(model)  # the most a learnables goal can remove
     start = time.perf_counter()
     npca = rw.NeuronPCA(model, batches["calibration"], layer_names=names, loss_fn=None, validation=None,
                         verbosity="off")
@@ -294,14 +296,15 @@ def smollm2_rows():
                                allocation="global")
 
     flops = rw.count_flops(model, {"input_ids": prompt})
-    rows = [dict(network="smollm2", goal="original", quality=perplexity(model, batches["test"]),
-                 flops_reduction=0.0, learnables_reduction=0.0)]
+    rows.append(dict(network="smollm2", goal="original", quality=perplexity(model, batches["test"]),
+                     flops_reduction=0.0, learnables_reduction=0.0))
     print(f"smollm2 original: test perplexity {rows[0]['quality']:.2f}", flush=True)
 
     def add(label, net, info):
         after = rw.count_flops(net, {"input_ids": prompt})
         row = dict(network="smollm2", goal=label, quality=perplexity(net, batches["test"]),
                    flops_reduction=1 - after / flops, learnables_reduction=info.learnables_reduction,
+                   goal_reached=info.goal_reached,
                    kept_dense=list(info.kept_dense_for_latency), speed={"eager": {}})
         for batch in (1, LARGE["smollm2"]):
             speed = rw.compare_generation_speed(model, net, prompt.repeat(batch, 1), new_tokens=LM_NEW_TOKENS,
@@ -314,7 +317,9 @@ def smollm2_rows():
                 stable=True)
         print(f"smollm2 {label}: perplexity {row['quality']:.2f}, FLOPs removed {row['flops_reduction']:.1%}, "
               f"kept dense {len(row['kept_dense'])}, speed {row['speed']}, rss {rss_gib()}", flush=True)
+        row["peak_rss_gib"] = rss_gib()[1]
         rows.append(row)
+        save()
 
     for fraction in FLOPS_GOALS:
         label = f"flops -{fraction:.0%}"
@@ -322,8 +327,7 @@ def smollm2_rows():
         add(label, net, info)
         target = -perplexity(net, batches["validation"])
         del net
-        bracket = max(0.0, info.learnables_reduction - LM_BRACKET), min(npca.learnables_reduction_range[1],
-                                                                          info.learnables_reduction + LM_BRACKET)
+        bracket = max(0.0, info.learnables_reduction - LM_BRACKET), min(most, info.learnables_reduction + LM_BRACKET)
         del info
         goal, same, same_info = matching_learnables_goal(compress_with, lambda n: -perplexity(n, batches["validation"]),
                                                          target, bracket[1], bracket[0], LM_BISECTION_STEPS)
@@ -332,8 +336,6 @@ def smollm2_rows():
         net, info = compress_with(flops_reduction_goal=fraction, latency_input={"input_ids": prompt})
         add(f"{label} + latency_input batch 1", net, info)
         del net
-    rows[0]["peak_rss_gib"] = rss_gib()[1]
-    return rows
 
 
 # --- the table ---------------------------------------------------------------------------------------
@@ -393,15 +395,26 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--networks", default="cnn,mobilenetv2,minilm,smollm2")
     parser.add_argument("--compile", action="store_true", help="also torch.compile the FLOPs-goal rows")
+    parser.add_argument("--lm-quick", action="store_true", help="smoke run: SmolLM2 decoder layer 0, "
+                        "the quick splits (pass small --flops-goals)")
+    parser.add_argument("--flops-goals", default=",".join(map(str, FLOPS_GOALS)))
     args = parser.parse_args()
+    FLOPS_GOALS[:] = [float(g) for g in args.flops_goals.split(",")]
     for name in args.networks.split(","):
         torch.manual_seed(0)
         start = time.perf_counter()
-        rows = smollm2_rows() if name == "smollm2" else network_rows(SETTINGS[name](), args.compile)
-        with open(os.path.join(RESULTS, f"flops_speed_pretrained-{name}.json"), "w") as stream:
-            json.dump({"environment": environment_markdown() + f"\n- wall: {time.perf_counter() - start:.0f} s",
-                       "rows": rows}, stream, indent=1, default=str)
-        write_markdown()
+        rows = []
+        file_name = name + ("-quick" if name == "smollm2" and args.lm_quick else "")
+        save = lambda: save_rows(file_name, rows, start)  # noqa: E731 (after every row: a cut run keeps its rows)
+        smollm2_rows(rows, save, args.lm_quick) if name == "smollm2" else network_rows(SETTINGS[name](), args.compile, rows, save)
+        save()
+
+
+def save_rows(name, rows, start):
+    with open(os.path.join(RESULTS, f"flops_speed_pretrained-{name}.json"), "w") as stream:
+        json.dump({"environment": environment_markdown() + f"\n- wall: {time.perf_counter() - start:.0f} s",
+                   "rows": rows}, stream, indent=1, default=str)
+    write_markdown()
 
 
 if __name__ == "__main__":
