@@ -45,6 +45,7 @@ Each network writes ``bench/results/flops_speed_pretrained-<network>.json``; the
 
 import argparse
 import copy
+import gc
 import glob
 import json
 import os
@@ -83,15 +84,15 @@ def quiet(function, *args, **kwargs):
 def matching_learnables_goal(compress_with, validation_score, target, high, low=0.0, steps=BISECTION_STEPS):
     """``(goal, net, info)``: the largest learnables goal in ``[low, high]`` whose validation score is
     >= ``target`` (bisection; ``low`` when none is found)."""
-    start, best = low, None
+    best = low
     for _ in range(steps):
         middle = (low + high) / 2
-        net, info = compress_with(learnables_reduction_goal=middle)
-        if validation_score(net) >= target:
-            low, best = middle, (middle, net, info)
-        else:
-            high = middle
-    return best or (start, *compress_with(learnables_reduction_goal=start))
+        net, _ = compress_with(learnables_reduction_goal=middle)
+        passed = validation_score(net) >= target
+        del net  # one compressed copy at a time (SmolLM2: 0.5 GiB each)
+        gc.collect()
+        low, high, best = (middle, high, middle) if passed else (low, middle, best)
+    return (best, *compress_with(learnables_reduction_goal=best))
 
 
 class Embedder(torch.nn.Module):
@@ -327,12 +328,14 @@ def smollm2_rows(rows, save, quick=False):
         add(label, net, info)
         target = -perplexity(net, batches["validation"])
         del net
+        gc.collect()
         bracket = max(0.0, info.learnables_reduction - LM_BRACKET), min(most, info.learnables_reduction + LM_BRACKET)
         del info
         goal, same, same_info = matching_learnables_goal(compress_with, lambda n: -perplexity(n, batches["validation"]),
                                                          target, bracket[1], bracket[0], LM_BISECTION_STEPS)
         add(f"learnables -{goal:.1%} (same validation perplexity as {label})", same, same_info)
         del same
+        gc.collect()
         net, info = compress_with(flops_reduction_goal=fraction, latency_input={"input_ids": prompt})
         add(f"{label} + latency_input batch 1", net, info)
         del net
