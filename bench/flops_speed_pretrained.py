@@ -14,12 +14,15 @@ SmolLM2-135M (test perplexity, :mod:`smollm2`: calibration 32 chunks of 256 toke
 at the timed (large) shape, each next to the ``learnables_reduction_goal`` of the same quality:
 the largest learnables goal (bisection, :data:`BISECTION_STEPS` steps) whose quality on the
 *validation* split is at least the FLOPs-goal network's there; qualities are reported on the
-*test* split, which chose nothing. MobileNetV2 and MiniLM use the library's defaults
+*test* split, which chose nothing (SmolLM2: :data:`LM_BISECTION_STEPS` steps within
+:data:`LM_BRACKET` of the FLOPs-goal network's learnables removed). MobileNetV2 and MiniLM use the library's defaults
 (``NeuronPCA`` with ``loss_fn="auto"``, ``validation="auto"``; the measured choice of criterion
 and allocation; MiniLM with the encoder Linears and the mean-pooling ``forward_fn``). SmolLM2 uses
 ``criterion="variance", allocation="global"`` on the 210 Linears of all 30 decoder layers (tied
 table and head dense; ``NeuronPCA(..., loss_fn=None, validation=None)``), the cheap setting that
-fits the shared machine's memory. The MNIST CNN rows repeat :mod:`flops_speed`'s calibration.
+fits the shared machine's memory. The MNIST CNN rows repeat :mod:`flops_speed`'s calibration and
+timing rounds, and add the goal ``flops_reduction_goal=0.7, round_to=8`` that :mod:`flops_speed`
+chose on validation (no learnables match).
 
 **Latency-aware rows.** The same FLOPs goal with ``latency_input=`` a batch of 1 test input
 (the deployment batch where the MNIST CNN was slower), and for the MNIST CNN also a batch of
@@ -29,10 +32,10 @@ fits the shared machine's memory. The MNIST CNN rows repeat :mod:`flops_speed`'s
 **Speed.** :func:`rankwise.compare_speed` (the library's settling rule), original against
 compressed on the same input, at batch 1 and a large batch: 256 for the MNIST CNN, 32 for
 MobileNetV2 (224x224) and MiniLM (32 tokens; attention mask of ones, the embeddings' mean), the
-largest that keeps a row within about a minute at 1 thread. Backends: PyTorch eager (for the
+largest that keeps one comparison within about a minute at 1 thread. Backends: PyTorch eager (for the
 convolutional networks also channels-last), ONNX Runtime (1 intra-op thread, the file of
 :func:`rankwise.export_onnx`, via :class:`flops_speed.OnnxRuntime`) and, with ``--compile``,
-``torch.compile`` (FLOPs-goal rows of MobileNetV2 and MiniLM; compilation not timed). SmolLM2:
+``torch.compile`` (the 25 / 50% FLOPs-goal rows; compilation not timed). SmolLM2:
 :func:`rankwise.compare_generation_speed`, prompt of 64 test tokens, batch 1 and 8, 16 greedy
 decode steps, prefill and decode tokens/s (eager only). Efficiency = speedup / (FLOPs before /
 FLOPs after) on the timed input.
