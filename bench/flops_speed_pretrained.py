@@ -239,9 +239,9 @@ def fixed_length_ids(tokenizer, sentences):
 SETTINGS = {"cnn": cnn_setting, "mobilenetv2": mobilenet_setting, "minilm": minilm_setting}
 
 
-def network_rows(setting, compile_too, rows, save):
+def network_rows(setting, compile_too, rows, save, compile_only=False):
     """Appends to ``rows`` (calling ``save()`` after each) the original row, then per FLOPs goal:
-    the goal, its learnables match, the latency-aware rows."""
+    the goal, its learnables match, the latency-aware rows (``compile_only``: the goal, torch.compile only)."""
     rows.append(dict(network=setting.name, goal="original", quality=setting.test(setting.model),
                      flops_reduction=0.0, learnables_reduction=0.0))
     flops = {b: rw.count_flops(setting.wrap(setting.model), x) for b, x in setting.inputs.items()}
@@ -261,9 +261,12 @@ def network_rows(setting, compile_too, rows, save):
         save()
 
     goals = [(f"flops -{f:.0%}", dict(flops_reduction_goal=f), True) for f in FLOPS_GOALS]
+    if compile_only:
+        setting.backends, goals = (), [(label, goal, False) for label, goal, _ in goals]
+        setting.latency_input, setting.extra_goals = {}, ()
     for label, goal, match in goals + [(label, goal, False) for label, goal in setting.extra_goals]:
         net, info = setting.compress_with(**goal)
-        add(label, net, info, compile_too and match)
+        add(label, net, info, compile_too and (match or compile_only))
         if match:
             target = setting.validation(net)
             learnables, same, same_info = matching_learnables_goal(setting.compress_with, setting.validation,
@@ -403,6 +406,8 @@ def main():
     parser.add_argument("--compile", action="store_true", help="also torch.compile the FLOPs-goal rows")
     parser.add_argument("--lm-quick", action="store_true", help="smoke run: SmolLM2 decoder layer 0, "
                         "the quick splits (pass small --flops-goals)")
+    parser.add_argument("--compile-only", action="store_true", help="only the FLOPs-goal rows, timed "
+                        "under torch.compile only (-> flops_speed_pretrained-<network>-compile.json)")
     parser.add_argument("--flops-goals", default=",".join(map(str, FLOPS_GOALS)))
     args = parser.parse_args()
     FLOPS_GOALS[:] = [float(g) for g in args.flops_goals.split(",")]
@@ -410,9 +415,13 @@ def main():
         torch.manual_seed(0)
         start = time.perf_counter()
         rows = []
-        file_name = name + ("-quick" if name == "smollm2" and args.lm_quick else "")
+        file_name = name + ("-quick" if name == "smollm2" and args.lm_quick else "") + (
+            "-compile" if args.compile_only else "")
         save = lambda: save_rows(file_name, rows, start)  # noqa: E731 (after every row: a cut run keeps its rows)
-        smollm2_rows(rows, save, args.lm_quick) if name == "smollm2" else network_rows(SETTINGS[name](), args.compile, rows, save)
+        if name == "smollm2":
+            smollm2_rows(rows, save, args.lm_quick)
+        else:
+            network_rows(SETTINGS[name](), args.compile or args.compile_only, rows, save, args.compile_only)
         save()
 
 
