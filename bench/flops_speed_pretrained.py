@@ -392,7 +392,8 @@ def write_markdown():
     for path in sorted(glob.glob(os.path.join(RESULTS, "flops_speed_pretrained-*.json"))):
         with open(path) as stream:
             record = json.load(stream)
-        parts.append(f"## {record['rows'][0]['network']}\n\n{record['environment']}\n\n{table(record['rows'])}")
+        heading = os.path.basename(path)[len("flops_speed_pretrained-"):-len(".json")]
+        parts.append(f"## {heading}\n\n{record['environment']}\n\n{table(record['rows'])}")
     write_result(os.path.join(RESULTS, "flops_speed_pretrained.md"),
                  "FLOPs goals and speed: MobileNetV2, MiniLM, SmolLM2, and the latency-aware path",
                  "Cells: speedup = original seconds / compressed seconds (rankwise.compare_speed; for smollm2 "
