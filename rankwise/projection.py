@@ -257,7 +257,8 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
             goal, decide, built, model, latency_input, verbosity)
     else:
         choices, goal_reached, timings, kept_dense = decide(goal)
-        unreached = unreached_goal(goal, goal_reached, options, learnables_before, cost)
+        left = {name: opts for name, opts in options.items() if name not in kept_dense}  # not kept for latency
+        unreached = unreached_goal(goal, goal_reached, left, learnables_before, cost)
     decisions = Decisions(goal, choices, goal_reached, timings, kept_dense,
                           None if calls is None else str(latency.device_of(model, latency_input)),
                           excluded_layers(model, layer_names, layers, tied),

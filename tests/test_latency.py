@@ -263,6 +263,9 @@ def test_goal_not_reachable_by_the_faster_layers_is_reported(monkeypatch, mlp_an
                                                      verbosity="off", latency_input=data[0])
     assert not info.goal_reached and info.kept_dense_for_latency == ["2"]
     assert type(net[2]) is nn.Linear and "not reachable" in info.table()
+    # the maximum named is that of the layers left once layer 2 was kept dense
+    left = rw.NeuronPCA(model, data, layer_names=["0", "4"], verbosity="off").learnables_reduction_range[1]
+    assert any(f"({left:.2%} of the network's learnables" in message for message in info.warnings)
 
 
 def test_measurements_are_saved_with_the_info(monkeypatch, mlp_and_data, tmp_path):
