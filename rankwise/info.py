@@ -178,6 +178,7 @@ class ProjectionInfo:
                   f"({100 * self.learnables_reduction:.1f}% removed), explained variance "
                   f"{self.explained_variance:.4f}, {self.goal}"
                   + ("" if self.goal_reached else " (not reached as measured)" if self.latency_before is not None
+                     else " (not reachable by the layers that get faster)" if self.kept_dense_for_latency
                      else " (not reachable: the maximum was removed)"))
         if self.latency_device is not None:
             header += ("latency dense -> projected",)

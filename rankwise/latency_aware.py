@@ -95,7 +95,9 @@ def choose_faster_ranks(model: nn.Module, layers: dict, options: dict[str, Layer
                         allocation: str = "global", refine=None, cost=None):
     """:func:`choose_ranks`, keeping dense the layers whose projected form is not faster.
 
-    Each round chooses ranks over the layers not yet excluded, times every layer to be
+    Each round chooses ranks over the layers not yet excluded (when those cannot reach the
+    goal, each keeps its choice of the first round instead of being cut to its smallest form:
+    the goal of the excluded layers is not moved onto them), times every layer to be
     projected (dense and projected, on its recorded arguments, unless it was timed at the same
     choice before) and excludes those whose projected form takes at least as long; rounds stop
     when none is excluded.
@@ -130,11 +132,16 @@ def choose_faster_ranks(model: nn.Module, layers: dict, options: dict[str, Layer
     """
     measured: dict[tuple, tuple[float, float]] = {}
     rejected: dict[str, tuple[float, float]] = {}
+    first = None
     for _ in range(len(options) + 1):  # every round but the last excludes a layer
         active = {name: opts for name, opts in options.items() if name not in rejected}
         choices, goal_reached = choose_ranks(active, goal, network_learnables, verbosity, allocation, cost)
         if refine is not None:
             choices = refine(choices)
+        if first is None:
+            first = choices
+        elif not goal_reached:  # the layers left cannot reach the goal: no deeper cut than their first
+            choices = {name: first[name] for name in active}
         slower = {}
         for name, choice in choices.items():
             if choice.side == "dense":

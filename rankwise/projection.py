@@ -114,8 +114,8 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
     (:func:`rankwise.median_latency`, on the inputs it received when the model ran on
     ``latency_input``: the deployment batch size and device); a layer whose projected form is
     not faster is kept dense and the ranks are chosen again over the others, until none is
-    excluded (:mod:`rankwise.latency_aware`; ``goal_reached`` is False when the layers that do
-    get faster cannot meet the goal). Timings on a busy machine are noisy (hence medians); time
+    excluded (:mod:`rankwise.latency_aware`; when the layers that do get faster cannot meet the
+    goal they keep their first choices and ``goal_reached`` is False). Timings are noisy; time
     with the torch thread count you deploy with. Recurrent layers are timed as built.
 
     Parameters
@@ -258,7 +258,7 @@ def compress_network_using_projection(model: nn.Module, npca_or_data, *,
     else:
         choices, goal_reached, timings, kept_dense = decide(goal)
         left = {name: opts for name, opts in options.items() if name not in kept_dense}  # not kept for latency
-        unreached = unreached_goal(goal, goal_reached, left, learnables_before, cost)
+        unreached = unreached_goal(goal, goal_reached, left, learnables_before, cost, kept_dense)
     decisions = Decisions(goal, choices, goal_reached, timings, kept_dense,
                           None if calls is None else str(latency.device_of(model, latency_input)),
                           excluded_layers(model, layer_names, layers, tied),

@@ -262,10 +262,16 @@ def test_goal_not_reachable_by_the_faster_layers_is_reported(monkeypatch, mlp_an
     net, info = rw.compress_network_using_projection(model, data, learnables_reduction_goal=0.6,
                                                      verbosity="off", latency_input=data[0])
     assert not info.goal_reached and info.kept_dense_for_latency == ["2"]
-    assert type(net[2]) is nn.Linear and "not reachable" in info.table()
-    # the maximum named is that of the layers left once layer 2 was kept dense
+    assert type(net[2]) is nn.Linear and "not reachable by the layers that get faster" in info.table()
+    # the maximum named is that of the layers left once layer 2 was kept dense; they keep their
+    # first choices (at the goal over all three layers), not their smallest forms
     left = rw.NeuronPCA(model, data, layer_names=["0", "4"], verbosity="off").learnables_reduction_range[1]
-    assert any(f"({left:.2%} of the network's learnables" in message for message in info.warnings)
+    assert any(f"({left:.2%} of the network's learnables" in message and "keep the forms first chosen" in message
+               for message in info.warnings)
+    _, untimed = rw.compress_network_using_projection(model, data, learnables_reduction_goal=0.6, verbosity="off")
+    for name in ("0", "4"):
+        assert (info.layers[name].rank_in, info.layers[name].rank_out) == (untimed.layers[name].rank_in,
+                                                                           untimed.layers[name].rank_out)
 
 
 def test_measurements_are_saved_with_the_info(monkeypatch, mlp_and_data, tmp_path):

@@ -229,8 +229,10 @@ def tradeoff_curve(options: dict[str, LayerOptions], network_learnables: int):
 
 
 def unreached_goal(goal: Goal, goal_reached: bool, options: dict, network_learnables: int,
-                   cost=None) -> list[str]:
-    """``[message]`` naming the maximum when a reduction goal could not be reached, else ``[]``."""
+                   cost=None, kept_dense=()) -> list[str]:
+    """``[message]`` naming the maximum when a reduction goal could not be reached, else ``[]``;
+    ``options`` are the layers decided on, ``kept_dense`` those left out of them because their
+    projected form was not faster (:mod:`rankwise.latency_aware`)."""
     if goal_reached:
         return []
     if goal.is_cost:
@@ -238,6 +240,10 @@ def unreached_goal(goal: Goal, goal_reached: bool, options: dict, network_learna
         most, unit = most_removable(priced) / cost.total, cost.unit
     else:
         most, unit = most_removable(options) / network_learnables, "learnables"
+    if kept_dense:
+        return [f"{goal} is above what the layers left once {', '.join(kept_dense)} were kept dense (not "
+                f"faster on latency_input) can remove ({most:.2%} of the network's {unit}, every one at its "
+                "smallest useful form); they keep the forms first chosen for them, not their smallest"]
     return [f"{goal} is above what projection can remove from these layers "
             f"({most:.2%} of the network's {unit}, every layer at its smallest useful form); "
             "that maximum was removed"]
