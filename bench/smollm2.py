@@ -99,8 +99,10 @@ DOCUMENT_TOKENS = 1024
 PROFILES = {"full": {"calibration": 32, "validation": 8, "test": 16},
             "quick": {"calibration": 8, "validation": 2, "test": 4}}
 """Chunks of :data:`CONTEXT` tokens per split; documents are dealt in this order."""
-FRACTIONS = (0.2, 0.4)
-"""Fractions of the decoder layers' Linear learnables to remove."""
+FRACTIONS = (0.2, 0.4, 0.6)
+"""Fractions of the decoder layers' Linear learnables to remove (``--fractions`` runs a subset)."""
+SAVED = CACHE.parent / "smollm2-compressed"
+"""Where ``--save`` writes each compressed model (``rw.save``), for :mod:`smollm2_healing_all`."""
 DECODER_LAYERS = {"full": (0, 5, 10, 15, 20, 25), "quick": (0, 15)}
 """The decoder layers whose Linears are compressed (``--decoder-layers all``: every one; see the
 module docstring for why not by default)."""
@@ -263,9 +265,9 @@ def lean_candidate_measurement(enabled=True):
 
 
 class Bench:
-    def __init__(self, model, tokenizer, batches, decoder_layers, lean_candidates=False):
+    def __init__(self, model, tokenizer, batches, decoder_layers, lean_candidates=False, save=False):
         self.model, self.tokenizer, self.batches = model, tokenizer, batches
-        self.lean_candidates = lean_candidates
+        self.lean_candidates, self.save = lean_candidates, save
         self.learnables = rw.count_learnables(model)
         self.names = decoder_linear_names(model, decoder_layers)
         self.compressible = learnables_of(model, self.names)
@@ -274,8 +276,14 @@ class Bench:
         """The goal as a fraction of all learnables: `fraction` of the compressed Linears'."""
         return fraction * self.compressible / self.learnables
 
-    def row(self, method, fraction, compressed, calibration_seconds, decision_seconds, split, **extra):
+    def row(self, method, fraction, compressed, calibration_seconds, decision_seconds, split, info=None, **extra):
         after = rw.count_learnables(compressed)
+        if self.save and fraction:
+            SAVED.mkdir(parents=True, exist_ok=True)
+            extra["saved"] = str(SAVED / f"{method}-{fraction:g}{self.suffix}.safetensors")
+            rw.save(compressed, extra["saved"], info=info)
+        if "continuation" not in extra:
+            extra["continuation"] = continuation(compressed, self.tokenizer)
         ppl = perplexity(compressed, self.batches[split])
         row = {"method": method, "fraction": fraction, "goal": self.goal(fraction) if fraction else 0.0,
                split: ppl, "learnables_after": after,
@@ -319,9 +327,7 @@ class Bench:
             extra = {"lean_candidates": lean, "warnings": sorted({str(w.message)[:300] for w in caught}), "choice": info.choice,
                      "candidates": [s.as_dict() for s in info.candidates],
                      "measuring_seconds": info.measured.seconds if info.measured is not None else None}
-            if method == "rw-defaults":
-                extra["continuation"] = continuation(compressed, self.tokenizer)
-            rows.append(self.row(method, fraction, compressed, self._npca_seconds, seconds, split, **extra))
+            rows.append(self.row(method, fraction, compressed, self._npca_seconds, seconds, split, info=info, **extra))
             del compressed
         return rows
 
@@ -434,6 +440,10 @@ def main():
                              "quick: 0,15)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--split", default="test", choices=("test", "validation"))
+    parser.add_argument("--fractions", default=",".join(map(str, FRACTIONS)),
+                        help="comma-separated fractions of the compressed Linears' learnables to remove")
+    parser.add_argument("--save", action="store_true",
+                        help=f"rw.save every compressed model to {SAVED} (for smollm2_healing_all.py)")
     parser.add_argument("--convert-only", action="store_true")
     parser.add_argument("--lean-candidates", action="store_true",
                         help="rw-defaults: free each (criterion, shrinkage) pair's options once the "
@@ -454,13 +464,15 @@ def main():
         suffix = "_layers" + "-".join(map(str, decoder_layers))
     suffix = ("_quick" if args.quick else "") + suffix + ("" if args.split == "test" else f"_{args.split}")
     batches, names = splits(tokenizer, PROFILES[profile])
-    bench = Bench(model, tokenizer, batches, decoder_layers, args.lean_candidates)
+    bench = Bench(model, tokenizer, batches, decoder_layers, args.lean_candidates, args.save)
+    bench.suffix = suffix
+    fractions = tuple(float(f) for f in args.fractions.split(","))
     path = os.path.join(RESULTS, f"smollm2{suffix}.json")
     rows = load_rows(path)
     start, failure = time.perf_counter(), None
     try:
         for method in filter(None, args.methods.split(",")):
-            rows = save_rows(path, rows, bench.run(method, FRACTIONS, args.split))
+            rows = save_rows(path, rows, bench.run(method, fractions, args.split))
     except (Exception, MemoryError) as error:  # the results so far are written, with the error
         failure = f"{method}: {type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
         traceback.print_exc()
