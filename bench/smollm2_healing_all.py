@@ -93,7 +93,7 @@ def main():
     calibration, test = texts["calibration"][:args.calibration], texts["test"]
     reference = sm.perplexity(model, test)
     print(f"original test perplexity {reference:.2f}", flush=True)
-    path = os.path.join(sm.RESULTS, f"smollm2_healing{suffix}.json")
+    path = os.path.join(sm.RESULTS, f"smollm2_healing_all{'_quick' if args.quick else ''}.json")
     rows = load_rows(path)
     for key in filter(None, args.models.split(",")):
         row, healed = heal(model, calibration, test, key, suffix, args.epochs)
