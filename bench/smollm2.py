@@ -226,7 +226,7 @@ def continuation(model, tokenizer):
 # --- methods -------------------------------------------------------------------------------
 
 class Bench:
-    def __init__(self, model, tokenizer, batches, decoder_layers, lean_candidates=False, save=False):
+    def __init__(self, model, tokenizer, batches, decoder_layers, lean_candidates=False, save=""):
         self.model, self.tokenizer, self.batches = model, tokenizer, batches
         self.lean_candidates, self.save = lean_candidates, save
         self.learnables = rw.count_learnables(model)
@@ -239,7 +239,7 @@ class Bench:
 
     def row(self, method, fraction, compressed, calibration_seconds, decision_seconds, split, info=None, **extra):
         after = rw.count_learnables(compressed)
-        if self.save and fraction:
+        if fraction and (self.save == "all" or method in self.save.split(",")):
             SAVED.mkdir(parents=True, exist_ok=True)
             extra["saved"] = str(SAVED / f"{method}-{fraction:g}{self.suffix}.safetensors")
             # the baselines' output-side forms have no bias (rankwise's own always do): their file
@@ -294,23 +294,33 @@ class Bench:
             del compressed
         return rows
 
+    def input_statistics(self):
+        """``(statistics, seconds)``: the layers' input statistics, computed once per invocation and
+        shared by the baselines that run in it (each row counts their seconds in its calibration)."""
+        if getattr(self, "_statistics", None) is None:
+            start = time.perf_counter()
+            self._statistics = lb.input_statistics(self.model, self.names, self.batches["calibration"],
+                                                   lambda model, batch: model(**batch, use_cache=False))
+            self._statistics_seconds = time.perf_counter() - start
+        return self._statistics, self._statistics_seconds
+
     def baseline(self, method, fractions, split):
         start = time.perf_counter()
-        statistics = gradients = None
+        statistics, gradients, shared = None, None, 0.0
         if method != "svd":
-            statistics = lb.input_statistics(self.model, self.names, self.batches["calibration"],
-                                             lambda model, batch: model(**batch, use_cache=False))
+            statistics, shared = self.input_statistics()
+            start = time.perf_counter()
         if method == "kfac":
             gradients = lmb.output_gradient_statistics(self.model, self.names, self.batches["calibration"])
         svds = lmb.decompositions(self.model, self.names, method, statistics, gradients)
         del gradients
-        calibration_seconds = time.perf_counter() - start
+        calibration_seconds = shared + time.perf_counter() - start
         rows = []
         for fraction in fractions:
             start = time.perf_counter()
             compressed, ranks = lmb.compress(self.model, self.goal(fraction), svds, method, statistics)
             rows.append(self.row(method, fraction, compressed, calibration_seconds,
-                                 time.perf_counter() - start, split, ranks=ranks))
+                                 time.perf_counter() - start, split, ranks=ranks, input_statistics_seconds=shared))
             del compressed
         return rows
 
@@ -337,8 +347,9 @@ def main():
     parser.add_argument("--split", default="test", choices=("test", "validation"))
     parser.add_argument("--fractions", default=",".join(map(str, FRACTIONS)),
                         help="comma-separated fractions of the compressed Linears' learnables to remove")
-    parser.add_argument("--save", action="store_true",
-                        help=f"rw.save every compressed model to {SAVED} (for smollm2_healing_all.py)")
+    parser.add_argument("--save", nargs="?", const="all", default="",
+                        help=f"rw.save the compressed models of these comma-separated methods (alone: every "
+                             f"method) to {SAVED} (for smollm2_healing_all.py)")
     parser.add_argument("--convert-only", action="store_true")
     parser.add_argument("--lean-candidates", action="store_true",
                         help="rw-defaults: free each (criterion, shrinkage) pair's options once the "
