@@ -23,24 +23,16 @@ of the test chunks (the first token of a chunk is not predicted). Nothing is tun
 library's defaults are what is measured), so the validation split is dealt but only evaluated
 with ``--split validation``.
 
-**Budgets.** 20% and 40% of the compressed Linear layers' learnables. The library's goal is a
+**Budgets.** 20%, 40% and 60% of the compressed Linear layers' learnables (``--fractions``). The library's goal is a
 fraction of the *whole* network's learnables, so ``goal = fraction x compressed / 134 515 008``;
 every method factors the same Linear layers (the tied table and head stay dense) and gets the
 same goal. The removed fractions are reported as measured.
 
 **Which layers.** By default the Linears of every fifth decoder layer, ``0, 5, 10, 15, 20, 25``
-(42 Linears, 21 233 664 learnables: goals 0.03157 and 0.06314), not all 30
-(``--decoder-layers all``; goals 0.1579 and 0.3157). On all 30, the measured decisions do not
-fit this machine (23 GiB, shared with other jobs): they need about 1.3 GiB per decoder layer at
-the peak of the candidate measurement (6 decoder layers: 2.7 GiB resident after the
-``NeuronPCA``, 9.1 GiB at the peak; the float64 moments of the fitted and held-out parts, the
-gradient moments, the derived output moments and weight Grams, and the spectra and options of
-the (criterion, shrinkage) pairs). The first attempt, ``layer_names="model.layers.*"``, was
-killed by the kernel's OOM killer at 15.0 GiB; under a 20 GiB address-space limit
-(``ulimit -v``) ``rw-defaults`` on all 30 failed twice at 17.0 GiB resident, in the loss
-criterion's whitening of the statistics, also with ``--lean-candidates``. The baselines and the
-other rankwise settings do run on all 30 (``bench/results/smollm2_all.*``; peak 12.3 GiB for
-``rw-loss-global``). The subset was chosen before any result and not tuned.
+(42 Linears, 21 233 664 learnables), or all 30 (``--decoder-layers all``: goals 0.1579, 0.3157
+and 0.4736). ``rw-defaults`` on all 30 peaks at about 15 GiB resident (the float64 moments of
+the fitted and held-out parts, the gradient moments and the candidates' spectra; BENCHMARKS.md
+tells the earlier attempts); the subset was chosen before any result and not tuned.
 
 **Methods.**
 
@@ -50,7 +42,7 @@ other rankwise settings do run on all 30 (``bench/results/smollm2_all.*``; peak 
   listed by name; with ``--decoder-layers all`` the same layers as ``"model.layers.*"``): every
   option at its default (``loss_fn="auto"``, ``validation="auto"``, ``criterion="auto"``,
   ``allocation="auto"``), which is what passing the batches directly does; the NeuronPCA is
-  computed once and used for both goals. ``info.choice`` and every ``info.candidates`` score are
+  computed once and used for every goal. ``info.choice`` and every ``info.candidates`` score are
   recorded.
 - ``rw-variance-global`` (the old defaults): ``NeuronPCA(..., loss_fn=None, validation=None)``,
   ``criterion="variance", allocation="global"``.
@@ -66,8 +58,10 @@ other rankwise settings do run on all 30 (``bench/results/smollm2_all.*``; peak 
   moments). Every baseline's factored layers are rankwise ``ProjectedLinear`` forms (same
   function as a two-Linear pair), so ``--save`` and LoRA healing apply to them.
 
-Seconds are wall-clock on a shared machine: calibration (the statistics, shared by both goals
-of a method and counted in both rows) plus the decision and build of that goal.
+Seconds are wall-clock on a shared machine: calibration (the statistics, shared by every goal
+of a method and counted in each row; the baselines of one invocation also share the input
+statistics, whose seconds each of them counts) plus the decision and build of that goal.
+``--save`` writes the compressed models for :mod:`smollm2_healing_all`.
 
     python bench/smollm2.py --quick      # smoke run: 8 calibration / 4 test chunks, decoder layers 0, 15
     python bench/smollm2.py              # -> bench/results/smollm2.{json,md} (1 torch thread)
