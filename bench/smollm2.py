@@ -236,8 +236,7 @@ class Bench:
         if fraction and (self.save == "all" or method in self.save.split(",")):
             SAVED.mkdir(parents=True, exist_ok=True)
             extra["saved"] = str(SAVED / f"{method}-{fraction:g}{self.suffix}.safetensors")
-            # the baselines' output-side forms have no bias (rankwise's own always do): their file
-            # keeps the architecture (read back with rw.load(path, trust_pickle=True))
+            # baselines' forms have no bias (rankwise's do): keep the architecture (trust_pickle=True)
             rw.save(compressed, extra["saved"], info=info, include_architecture=method in BASELINES)
         if "continuation" not in extra:
             extra["continuation"] = continuation(compressed, self.tokenizer)
@@ -289,8 +288,7 @@ class Bench:
         return rows
 
     def input_statistics(self):
-        """``(statistics, seconds)``: the layers' input statistics, computed once per invocation and
-        shared by the baselines that run in it (each row counts their seconds in its calibration)."""
+        """``(statistics, seconds)``: the input statistics, once per invocation for every baseline."""
         if getattr(self, "_statistics", None) is None:
             start = time.perf_counter()
             self._statistics = lb.input_statistics(self.model, self.names, self.batches["calibration"],
