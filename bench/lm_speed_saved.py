@@ -24,10 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import rankwise as rw  # noqa: E402
 from environment import write_result  # noqa: E402
 from lm_speed import BATCHES, NEW_TOKENS, PROMPT_TOKENS, REPEATS  # noqa: E402
-from smollm2 import CACHE, decoder_linear_names, learnables_of, smollm2, splits  # noqa: E402
+from smollm2 import SAVED, decoder_linear_names, learnables_of, smollm2, splits  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-SAVED = CACHE.parent / "smollm2-compressed"
 
 
 def main():

@@ -37,6 +37,9 @@ import rankwise as rw
 import smollm2 as sm
 from environment import write_result
 
+FRACTIONS = (0.2, 0.4)
+"""The budgets healed here (the issue's targets are set at 20% and 40%)."""
+
 
 def compress(model, names, batches, fraction, total, npca):
     goal = fraction * sm.learnables_of(model, names) / total
@@ -63,7 +66,7 @@ def report(rows, reference, names, profile, calibration, test, epochs, calibrati
                                         f"({'kept' if record.kept else 'not kept'})")
         lines.append(f"| {fraction:.0%} | {method} | {ppl:.2f} | {ppl / reference:.2f}x | {kl} | {seconds:.0f} | {peak:.1f} |")
     lines += ["", "Targets (issue 22, with healing): within 1.5x of the original at 20%, 2.5x at 40%:"]
-    for fraction, limit in zip(sm.FRACTIONS, (1.5, 2.5)):
+    for fraction, limit in zip(FRACTIONS, (1.5, 2.5)):
         healed = min((p for g, m, p, *_ in rows if g == fraction and m != "none"), default=float("nan"))
         lines.append(f"- {fraction:.0%}: best healed {healed:.2f} = {healed / reference:.2f}x: "
                      f"**{'reached' if healed / reference <= limit else 'NOT reached'}**")
@@ -95,7 +98,7 @@ def main():
     npca = rw.NeuronPCA(model, calibration, layer_names=names, loss_fn=None, validation=None, verbosity="off")
     calibration_seconds = time.perf_counter() - start
     rows = []
-    for fraction in sm.FRACTIONS:
+    for fraction in FRACTIONS:
         compressed, info = compress(model, names, calibration, fraction, total, npca)
         before = sm.perplexity(compressed, test)
         rows.append((fraction, "none", before, None, 0.0, sm.rss_gib()[1]))
