@@ -77,6 +77,29 @@ def latency_aware_kinds(model, calibration, prompt, fraction=0.4):
     return tuple(name.rsplit(".", 1)[-1] for name in info.kept_dense_for_latency), timings
 
 
+def speed_rows(model, net, prompt, label, threads, **extra):
+    """One row per batch of :data:`BATCHES`: ``rw.compare_generation_speed`` of ``net`` against ``model``."""
+    rows = []
+    for batch in BATCHES:
+        speed = rw.compare_generation_speed(model, net, prompt.repeat(batch, 1), new_tokens=NEW_TOKENS,
+                                            repeats=REPEATS)
+        rows.append({**extra, "batch": batch, "threads": threads,
+                     **{k: getattr(speed, k) for k in ("prefill_before", "prefill_after", "decode_before",
+                                                       "decode_after", "prefill_speedup", "decode_speedup")}})
+        print(label, speed, flush=True)
+    return rows
+
+
+def speed_table(rows, key, header, removed_header="decoder Linears removed"):
+    """The markdown table of :func:`speed_rows`' rows, ``rows[i][key]`` in the first column."""
+    lines = [f"| {header} | {removed_header} | batch | prefill tokens/s original -> compressed | "
+             "prefill speedup | decode tokens/s original -> compressed | decode speedup |",
+             "|---|---:|---:|---|---:|---|---:|"]
+    return lines + [f"| {r[key]} | {r['decoder_removed']:.1%} | {r['batch']} | "
+                    f"{r['prefill_before']:,.0f} -> {r['prefill_after']:,.0f} | {r['prefill_speedup']:.2f}x | "
+                    f"{r['decode_before']:.1f} -> {r['decode_after']:.1f} | {r['decode_speedup']:.2f}x |" for r in rows]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.2, 0.4, 0.6])
@@ -94,23 +117,12 @@ def main():
     for label, fraction, keep_dense in variants:
         net = factored(model, fraction, keep_dense)
         removed = (rw.count_learnables(model) - rw.count_learnables(net)) / decoder
-        for batch in BATCHES:
-            speed = rw.compare_generation_speed(model, net, prompt.repeat(batch, 1), new_tokens=NEW_TOKENS,
-                                                repeats=REPEATS)
-            rows.append({"compressed": label, "decoder_removed": removed, "kept_dense": list(keep_dense),
-                         "batch": batch, "threads": args.threads,
-                         **{k: getattr(speed, k) for k in ("prefill_before", "prefill_after", "decode_before",
-                                                           "decode_after", "prefill_speedup", "decode_speedup")}})
-            print(label, speed, flush=True)
+        rows += speed_rows(model, net, prompt, label, args.threads, compressed=label, decoder_removed=removed,
+                           kept_dense=list(keep_dense))
         del net
     with open(os.path.join(RESULTS, "lm_speed.json"), "w") as stream:
         json.dump({"latency_aware_kept_dense": kept, "layer0_timings": timings, "rows": rows}, stream, indent=1)
-    lines = ["| compressed | decoder Linears removed | batch | prefill tokens/s original -> compressed | "
-             "prefill speedup | decode tokens/s original -> compressed | decode speedup |",
-             "|---|---:|---:|---|---:|---|---:|"]
-    lines += [f"| {r['compressed']} | {r['decoder_removed']:.1%} | {r['batch']} | "
-              f"{r['prefill_before']:,.0f} -> {r['prefill_after']:,.0f} | {r['prefill_speedup']:.2f}x | "
-              f"{r['decode_before']:.1f} -> {r['decode_after']:.1f} | {r['decode_speedup']:.2f}x |" for r in rows]
+    lines = speed_table(rows, "compressed", "compressed")
     lines += ["", f"Latency-aware on decoder layer 0 at 40%, batch 1: kept dense {', '.join(kept) or 'none'}; "
               "dense -> projected seconds per layer: " + ", ".join(
                   f"{k} {d * 1e3:.2f} -> {p * 1e3:.2f} ms" for k, (d, p) in timings.items() if d is not None)]

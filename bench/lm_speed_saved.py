@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import rankwise as rw  # noqa: E402
 from environment import write_result  # noqa: E402
-from lm_speed import BATCHES, NEW_TOKENS, PROMPT_TOKENS, REPEATS  # noqa: E402
+from lm_speed import NEW_TOKENS, PROMPT_TOKENS, REPEATS, speed_rows, speed_table  # noqa: E402
 from smollm2 import SAVED, decoder_linear_names, learnables_of, smollm2, splits  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -44,24 +44,13 @@ def main():
     for path in sorted(SAVED.glob(args.pattern)):
         net = rw.load(path, model=model).eval()
         removed = (rw.count_learnables(model) - rw.count_learnables(net)) / decoder
-        for batch in BATCHES:
-            speed = rw.compare_generation_speed(model, net, prompt.repeat(batch, 1), new_tokens=NEW_TOKENS,
-                                                repeats=REPEATS)
-            rows.append({"file": path.name, "decoder_removed": removed, "batch": batch, "threads": args.threads,
-                         **{k: getattr(speed, k) for k in ("prefill_before", "prefill_after", "decode_before",
-                                                           "decode_after", "prefill_speedup", "decode_speedup")}})
-            print(path.name, speed, flush=True)
+        rows += speed_rows(model, net, prompt, path.name, args.threads, file=path.name, decoder_removed=removed)
         del net
     if not rows:
         raise SystemExit(f"no file matches {args.pattern!r} in {SAVED}: run bench/smollm2.py --save first")
     with open(os.path.join(RESULTS, "lm_speed_saved.json"), "w") as stream:
         json.dump(rows, stream, indent=1)
-    lines = ["| file | learnables removed / decoder Linears' | batch | prefill tokens/s original -> compressed | "
-             "prefill speedup | decode tokens/s original -> compressed | decode speedup |",
-             "|---|---:|---:|---|---:|---|---:|"]
-    lines += [f"| {r['file']} | {r['decoder_removed']:.1%} | {r['batch']} | "
-              f"{r['prefill_before']:,.0f} -> {r['prefill_after']:,.0f} | {r['prefill_speedup']:.2f}x | "
-              f"{r['decode_before']:.1f} -> {r['decode_after']:.1f} | {r['decode_speedup']:.2f}x |" for r in rows]
+    lines = speed_table(rows, "file", "file", "learnables removed / decoder Linears'")
     write_result(os.path.join(RESULTS, "lm_speed_saved.md"), "SmolLM2-135M: the library's compressions, tokens/s",
                  "\n".join(lines) + f"\n\n{args.threads} torch thread(s); prompt {PROMPT_TOKENS} tokens, "
                  f"{NEW_TOKENS} decode steps, median of {REPEATS}.\n")
