@@ -203,7 +203,7 @@ def meet_latency_goal(goal: Goal, decide, build, model: nn.Module, latency_input
         target = min(1.0, target + goal.value - achieved)
     achieved, outcome, comparison = next((r for r in rounds if r[0] >= goal.value), max(rounds, key=lambda r: r[0]))
     reached = achieved >= goal.value
-    message = [] if reached else [_unreached(goal, achieved, len(rounds), outcome[0])]
+    message = [] if reached else [_unreached(goal, achieved, len(rounds), outcome[0], outcome[1])]
     return (outcome[0], reached, *outcome[2:]), comparison, message
 
 
@@ -216,14 +216,17 @@ def _measured(model: nn.Module, choices: dict, build, latency_input) -> latency.
     return latency.SpeedComparison(0, 0, seconds, seconds)
 
 
-def _unreached(goal: Goal, achieved: float, rounds: int, choices: dict) -> str:
+def _unreached(goal: Goal, achieved: float, rounds: int, choices: dict, allocated: bool) -> str:
     if all(choice.side == "dense" for choice in choices.values()):
         return (f"{goal} was not reached: no layer's projected form is faster than its dense form on "
                 "latency_input (at this batch size and on this device), so every layer was kept dense.")
+    why = ("the layers that remain cannot be made faster by projection at this batch size, or timings on "
+           "this machine are too noisy" if allocated else
+           "the goal is above what the layers' timed forms can save, so every layer took its fastest form, "
+           "which can cost much accuracy: check it, or ask for less")
     return (f"{goal} was not reached as measured: {achieved:.1%} of the latency on latency_input removed "
-            f"(best of {rounds} round(s) of decisions built and timed with compare_speed); the layers "
-            "that remain cannot be made faster by projection at this batch size, or timings on this "
-            "machine are too noisy. That compression was kept.")
+            f"(best of {rounds} round(s) of decisions built and timed with compare_speed); {why}. "
+            "That compression was kept.")
 
 
 def _nanoseconds(seconds):

@@ -115,14 +115,16 @@ def test_an_unreached_goal_keeps_the_best_round_and_says_so(monkeypatch):
         Goal("latency_reduction", 0.3), lambda goal: (projected_at(goal), True, {}, []), lambda c: c, None, None)
     assert outcome[0]["layer"].rank_out == 50 and outcome[1] is False
     assert len(warnings) == 1 and "20.0% of the latency" in warnings[0] and "3 round(s)" in warnings[0]
+    assert "cannot be made faster" in warnings[0]
 
 
 def test_rounds_stop_once_the_allocation_is_at_its_maximum(monkeypatch):
     monkeypatch.setattr(rankwise.latency, "compare_speed", lambda *_: SpeedComparison(0, 0, 1.0, 0.9))
     calls = []
-    meet_latency_goal(Goal("latency_reduction", 0.5),
-                      lambda goal: calls.append(goal) or (projected_at(goal), False, {}, []), lambda c: c, None, None)
-    assert len(calls) == 1
+    _, _, warnings = meet_latency_goal(Goal("latency_reduction", 0.5),
+                                       lambda goal: calls.append(goal) or (projected_at(goal), False, {}, []),
+                                       lambda c: c, None, None)
+    assert len(calls) == 1 and "every layer took its fastest form" in warnings[0]
 
 
 def test_when_no_layer_gets_faster_nothing_is_built_or_compared(monkeypatch):
