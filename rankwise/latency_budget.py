@@ -54,7 +54,7 @@ from rankwise import latency
 from rankwise.goals import Goal
 from rankwise.latency_aware import form_seconds
 from rankwise.progress import PROGRESS_DELAY_SECONDS
-from rankwise.ranks.costs import cheaper_frontier, priced_subset
+from rankwise.ranks.costs import priced_frontiers
 from rankwise.ranks.options import LayerOptions
 
 SAMPLE_FRACTIONS = (0.25, 0.5, 0.75)
@@ -99,17 +99,15 @@ class LatencyBudget:
     def priced(self, options: dict[str, LayerOptions]):
         """Every layer's frontier in nanoseconds, and the map back to the options' own indices
         (as :meth:`rankwise.ranks.costs.FlopBudget.priced`)."""
-        priced, back = {}, {}
         names = tqdm(options, desc="timing layer forms", unit="layer", delay=PROGRESS_DELAY_SECONDS,
                      leave=False, disable=not self.progress)
-        for name in names:
-            seconds = self.option_seconds(options[name])
-            step = TIMING_RESOLUTION * seconds[-1]
-            seconds = np.round(seconds / step) * step
-            keep = cheaper_frontier(seconds, options[name].error)
-            back[name] = keep
-            priced[name] = priced_subset(options[name], keep, _nanoseconds(seconds[keep]))
-        return priced, back
+        return priced_frontiers(options, self._grid_nanoseconds, names)
+
+    def _grid_nanoseconds(self, options: LayerOptions) -> np.ndarray:
+        """:meth:`option_seconds` on the grid of :data:`TIMING_RESOLUTION` ``x t_dense``, in nanoseconds."""
+        seconds = self.option_seconds(options)
+        step = TIMING_RESOLUTION * seconds[-1]
+        return _nanoseconds(np.round(seconds / step) * step)
 
     def option_seconds(self, options: LayerOptions) -> np.ndarray:
         """Estimated seconds of every option of ``options`` (dense last, measured)."""

@@ -5,7 +5,7 @@ allocation of :func:`rankwise.ranks.choose_ranks` under a ``flops_reduction_goal
 ``latency_reduction_goal``: it has a ``total`` (the whole network's cost, the goal's
 denominator), a ``unit`` (how that cost is printed) and ``priced(options)`` (below). Two exist:
 :class:`FlopBudget` here, counted, and :class:`rankwise.latency_budget.LatencyBudget`, measured;
-both build their frontiers with :func:`cheaper_frontier` and :func:`priced_subset`.
+both build their frontiers with :func:`priced_frontiers`.
 
 A ``flops_reduction_goal`` is a budget of floating-point operations (2 per multiply-add, as
 :func:`rankwise.count_flops` counts them) of one forward pass on an example input. What the
@@ -133,13 +133,7 @@ class FlopBudget:
         back : dict of str to numpy.ndarray
             ``back[name][i]`` is the index in ``options[name]`` of ``priced[name]``'s option ``i``.
         """
-        priced, back = {}, {}
-        for name, opts in options.items():
-            flops = self.option_flops(opts)
-            keep = cheaper_frontier(flops, opts.error)
-            back[name] = keep
-            priced[name] = priced_subset(opts, keep, flops[keep])
-        return priced, back
+        return priced_frontiers(options, self.option_flops)
 
 
 def factored_flops(geometry: LayerGeometry, rank_in, rank_out):
@@ -161,6 +155,22 @@ def option_flops(geometry: LayerGeometry, options: LayerOptions) -> np.ndarray:
     r_in = np.where((side == 1) | (side == 3), options.rank_in, 0)
     r_out = np.where((side == 2) | (side == 3), options.rank_out, 0)
     return np.where(side == 0, geometry.dense_flops, factored_flops(geometry, r_in, r_out)).astype(np.int64)
+
+
+def priced_frontiers(options: dict[str, LayerOptions], option_costs, names=None):
+    """Every layer's frontier priced by ``option_costs(layer_options)`` (the cost of each option,
+    dense last): the options cheaper than dense and beaten by no other on cost and error, cost
+    ascending, then dense (:func:`cheaper_frontier`), with their costs in the place of the
+    learnables; and ``back[name]``, the indices in ``options[name]`` of the priced options.
+    ``names``: the layers in the order to price them (default: ``options``; e.g. a progress bar
+    over it)."""
+    priced, back = {}, {}
+    for name in options if names is None else names:
+        cost = option_costs(options[name])
+        keep = cheaper_frontier(cost, options[name].error)
+        back[name] = keep
+        priced[name] = priced_subset(options[name], keep, cost[keep])
+    return priced, back
 
 
 def cheaper_frontier(cost: np.ndarray, error: np.ndarray) -> np.ndarray:
