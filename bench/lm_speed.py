@@ -77,6 +77,16 @@ def latency_aware_kinds(model, calibration, prompt, fraction=0.4):
     return tuple(name.rsplit(".", 1)[-1] for name in info.kept_dense_for_latency), timings
 
 
+def model_and_prompt(threads, calibration_chunks):
+    """SmolLM2, its split's batches (``calibration_chunks`` calibration chunks, one test chunk) and
+    the prompt (the first :data:`PROMPT_TOKENS` test tokens), with ``threads`` torch threads."""
+    torch.manual_seed(0)
+    torch.set_num_threads(threads)
+    model, tokenizer = smollm2()
+    batches, _ = splits(tokenizer, {"calibration": calibration_chunks, "test": 1})
+    return model, batches, batches["test"][0]["input_ids"][:, :PROMPT_TOKENS]
+
+
 def speed_rows(model, net, prompt, label, threads, **extra):
     """One row per batch of :data:`BATCHES`: ``rw.compare_generation_speed`` of ``net`` against ``model``."""
     rows = []
@@ -105,11 +115,7 @@ def main():
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.2, 0.4, 0.6])
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
-    model, tokenizer = smollm2()
-    batches, _ = splits(tokenizer, {"calibration": 2, "test": 1})
-    prompt = batches["test"][0]["input_ids"][:, :PROMPT_TOKENS]
+    model, batches, prompt = model_and_prompt(args.threads, 2)
     kept, timings = latency_aware_kinds(model, batches["calibration"], prompt)
     print("latency-aware keeps dense:", kept, timings, flush=True)
     variants = [(f"{f:.0%}", f, ()) for f in args.fractions] + [("40% latency-aware", 0.4, kept)]

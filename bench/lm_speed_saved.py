@@ -17,14 +17,12 @@ import json
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import rankwise as rw  # noqa: E402
 from environment import write_result  # noqa: E402
-from lm_speed import NEW_TOKENS, PROMPT_TOKENS, REPEATS, speed_rows, speed_table  # noqa: E402
-from smollm2 import SAVED, decoder_linear_names, learnables_of, smollm2, splits  # noqa: E402
+from lm_speed import NEW_TOKENS, PROMPT_TOKENS, REPEATS, model_and_prompt, speed_rows, speed_table  # noqa: E402
+from smollm2 import SAVED, decoder_linear_names, learnables_of  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -34,11 +32,7 @@ def main():
     parser.add_argument("--pattern", default="rw-defaults-*.safetensors")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
-    model, tokenizer = smollm2()
-    batches, _ = splits(tokenizer, {"calibration": 1, "test": 1})
-    prompt = batches["test"][0]["input_ids"][:, :PROMPT_TOKENS]
+    model, _, prompt = model_and_prompt(args.threads, 1)
     decoder = learnables_of(model, decoder_linear_names(model))
     rows = []
     for path in sorted(SAVED.glob(args.pattern)):
